@@ -1,0 +1,12 @@
+//! The frontend of mmc: the model DSL, the InternVL3.5 / Qwen3-MoE model definitions, and
+//! configuration loading. The frontend says what a model computes, never how to run it fast:
+//! it emits primitive ops only.
+
+pub mod config;
+pub mod dsl;
+pub mod loss;
+pub mod models;
+
+pub use config::{Config, ConfigError, TextConfig};
+pub use dsl::{BuildError, ModelBuilder, Sym};
+pub use models::{forward_graph, ForwardOptions};

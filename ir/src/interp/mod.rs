@@ -1,0 +1,595 @@
+//! The reference interpreter: a plain implementation of every op, the oracle for every pass
+//! and every generated kernel.
+//!
+//! Floats are computed in f64. With [`Precision::Declared`] each op's result is rounded to its
+//! declared dtype (f32, bf16, f16), so an f32 graph behaves like an f32 program whose every op
+//! is exactly rounded; with [`Precision::F64`] nothing is rounded, which is what finite-difference
+//! gradient checks need.
+
+mod kernels;
+
+use crate::graph::Graph;
+use crate::op::{BinaryOp, CmpOp, FusedOp, Op, ReduceKind, UnaryOp};
+use crate::tensor::{Tensor, TensorData};
+use crate::verify::{verify, VerifyError};
+use crate::{DType, Shape, TensorType};
+use half::{bf16, f16};
+use kernels::{strides, view_buf, Buf};
+use std::collections::{BTreeMap, HashMap};
+
+/// How the interpreter treats floating-point dtypes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Round every float result to its declared dtype.
+    #[default]
+    Declared,
+    /// Keep every float in f64, whatever its declared dtype.
+    F64,
+}
+
+/// Where the interpreter finds the tensors bound to parameters and inputs.
+pub trait Bindings {
+    fn lookup(&self, name: &str) -> Option<&Tensor>;
+}
+
+impl Bindings for HashMap<String, Tensor> {
+    fn lookup(&self, name: &str) -> Option<&Tensor> {
+        self.get(name)
+    }
+}
+
+impl Bindings for BTreeMap<String, Tensor> {
+    fn lookup(&self, name: &str) -> Option<&Tensor> {
+        self.get(name)
+    }
+}
+
+/// Looks a name up in each binding set in turn (for example weights, then batch data).
+impl Bindings for [&dyn Bindings] {
+    fn lookup(&self, name: &str) -> Option<&Tensor> {
+        self.iter().find_map(|b| b.lookup(name))
+    }
+}
+
+/// Errors of a run.
+#[derive(Debug, thiserror::Error)]
+pub enum InterpError {
+    #[error(transparent)]
+    Malformed(#[from] VerifyError),
+    #[error("nothing is bound to {kind} \"{name}\"")]
+    Unbound { kind: &'static str, name: String },
+    #[error("{kind} \"{name}\" is declared {expected}, but the bound tensor is {got}")]
+    Mismatch {
+        kind: &'static str,
+        name: String,
+        expected: TensorType,
+        got: TensorType,
+    },
+    #[error("node {node} (`{op}`): {message}")]
+    Op {
+        node: usize,
+        op: &'static str,
+        message: String,
+    },
+}
+
+/// The named results of a run, in the graph's output order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outputs(pub Vec<(String, Tensor)>);
+
+impl Outputs {
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+}
+
+/// A value inside the interpreter.
+#[derive(Clone, Debug)]
+struct Val {
+    ty: TensorType,
+    buf: Buf,
+}
+
+impl Val {
+    fn f(&self) -> &[f64] {
+        match &self.buf {
+            Buf::F(v) => v,
+            Buf::I(_) => unreachable!("the verifier guarantees a float operand"),
+        }
+    }
+
+    fn i(&self) -> &[i64] {
+        match &self.buf {
+            Buf::I(v) => v,
+            Buf::F(_) => unreachable!("the verifier guarantees an integer operand"),
+        }
+    }
+}
+
+/// Runs verified graphs.
+pub struct Interpreter<'g> {
+    graph: &'g Graph,
+    precision: Precision,
+    last_use: Vec<Option<usize>>,
+}
+
+impl<'g> Interpreter<'g> {
+    /// Verifies `graph` and prepares to run it.
+    pub fn new(graph: &'g Graph, precision: Precision) -> Result<Self, InterpError> {
+        verify(graph)?;
+        let mut last_use = graph.last_uses();
+        for (_, v) in graph.outputs() {
+            last_use[v.0 as usize] = Some(usize::MAX);
+        }
+        Ok(Interpreter {
+            graph,
+            precision,
+            last_use,
+        })
+    }
+
+    /// Runs the graph once and returns its outputs.
+    pub fn run<B: Bindings + ?Sized>(&self, bindings: &B) -> Result<Outputs, InterpError> {
+        let mut vals: Vec<Option<Val>> = vec![None; self.graph.num_values()];
+        for (i, node) in self.graph.nodes().iter().enumerate() {
+            let args: Vec<&Val> = node
+                .inputs
+                .iter()
+                .map(|v| {
+                    vals[v.0 as usize]
+                        .as_ref()
+                        .expect("verified: defined before use")
+                })
+                .collect();
+            let out_ty = self.graph.ty(node.outputs[0]).clone();
+            let result = self
+                .eval(&node.op, &args, &out_ty, &Dyn(bindings))
+                .map_err(|e| match e {
+                    EvalError::Msg(message) => InterpError::Op {
+                        node: i,
+                        op: node.op.name(),
+                        message,
+                    },
+                    EvalError::Binding(b) => b,
+                })?;
+            drop(args);
+            vals[node.outputs[0].0 as usize] = Some(result);
+            for v in &node.inputs {
+                if self.last_use[v.0 as usize] == Some(i) {
+                    vals[v.0 as usize] = None;
+                }
+            }
+        }
+        let mut outs = Vec::new();
+        for (name, v) in self.graph.outputs() {
+            let val = vals[v.0 as usize].as_ref().expect("outputs are kept alive");
+            outs.push((name.clone(), self.to_tensor(val)));
+        }
+        Ok(Outputs(outs))
+    }
+
+    fn round(&self, dtype: DType, mut v: Vec<f64>) -> Vec<f64> {
+        if self.precision == Precision::F64 {
+            return v;
+        }
+        match dtype {
+            DType::F32 => v.iter_mut().for_each(|x| *x = *x as f32 as f64),
+            DType::BF16 => v.iter_mut().for_each(|x| *x = bf16::from_f64(*x).to_f64()),
+            DType::F16 => v.iter_mut().for_each(|x| *x = f16::from_f64(*x).to_f64()),
+            _ => {}
+        }
+        v
+    }
+
+    fn wrap_int(dtype: DType, mut v: Vec<i64>) -> Vec<i64> {
+        match dtype {
+            DType::I32 => v.iter_mut().for_each(|x| *x = *x as i32 as i64),
+            DType::Bool => v.iter_mut().for_each(|x| *x = (*x != 0) as i64),
+            _ => {}
+        }
+        v
+    }
+
+    /// A result buffer of type `ty`, rounded or wrapped to it.
+    fn make(&self, ty: &TensorType, buf: Buf) -> Val {
+        let buf = match buf {
+            Buf::F(v) if ty.dtype.is_float() => Buf::F(self.round(ty.dtype, v)),
+            Buf::I(v) if !ty.dtype.is_float() => Buf::I(Self::wrap_int(ty.dtype, v)),
+            Buf::F(v) => Buf::I(Self::wrap_int(
+                ty.dtype,
+                v.iter().map(|&x| x as i64).collect(),
+            )),
+            Buf::I(v) => Buf::F(self.round(ty.dtype, v.iter().map(|&x| x as f64).collect())),
+        };
+        Val {
+            ty: ty.clone(),
+            buf,
+        }
+    }
+
+    fn load_tensor(&self, t: &Tensor, ty: &TensorType) -> Val {
+        let buf = match t.data() {
+            TensorData::I64(v) => Buf::I(v.clone()),
+            TensorData::I32(v) => Buf::I(v.iter().map(|&x| x as i64).collect()),
+            TensorData::Bool(v) => Buf::I(v.iter().map(|&x| x as i64).collect()),
+            _ => Buf::F(t.to_f64_vec()),
+        };
+        self.make(ty, buf)
+    }
+
+    fn to_tensor(&self, v: &Val) -> Tensor {
+        let dtype = match (self.precision, v.ty.dtype.is_float()) {
+            (Precision::F64, true) => DType::F64,
+            _ => v.ty.dtype,
+        };
+        let data = match (&v.buf, dtype) {
+            (Buf::I(x), DType::I64) => TensorData::I64(x.clone()),
+            (Buf::I(x), DType::I32) => TensorData::I32(x.iter().map(|&e| e as i32).collect()),
+            (Buf::I(x), _) => TensorData::Bool(x.iter().map(|&e| e != 0).collect()),
+            (Buf::F(x), _) => {
+                return Tensor::from_f64(dtype, v.ty.shape.clone(), x).expect("sizes agree")
+            }
+        };
+        Tensor::new(v.ty.shape.clone(), data).expect("sizes agree")
+    }
+
+    fn bind(
+        &self,
+        kind: &'static str,
+        name: &str,
+        ty: &TensorType,
+        bindings: &dyn Bindings,
+    ) -> Result<Val, EvalError> {
+        let t = bindings.lookup(name).ok_or_else(|| {
+            EvalError::Binding(InterpError::Unbound {
+                kind,
+                name: name.to_string(),
+            })
+        })?;
+        let dtype_ok = t.dtype() == ty.dtype
+            || (self.precision == Precision::F64 && ty.dtype.is_float() && t.dtype() == DType::F64);
+        if !dtype_ok || t.shape() != ty.shape.as_slice() {
+            return Err(EvalError::Binding(InterpError::Mismatch {
+                kind,
+                name: name.to_string(),
+                expected: ty.clone(),
+                got: t.ty(),
+            }));
+        }
+        Ok(self.load_tensor(t, ty))
+    }
+
+    fn eval(
+        &self,
+        op: &Op,
+        a: &[&Val],
+        ty: &TensorType,
+        bindings: &dyn Bindings,
+    ) -> Result<Val, EvalError> {
+        let float = |v: Vec<f64>| Ok(self.make(ty, Buf::F(v)));
+        let int = |v: Vec<i64>| Ok(self.make(ty, Buf::I(v)));
+        match op {
+            Op::Param { name, ty } => self.bind("parameter", name, ty, bindings),
+            Op::Input { name, ty } => self.bind("input", name, ty, bindings),
+            Op::Const { value, .. } => {
+                let n = ty.numel();
+                if ty.dtype.is_float() {
+                    float(vec![*value; n])
+                } else {
+                    int(vec![*value as i64; n])
+                }
+            }
+            Op::Iota { axis, .. } => {
+                let inner: usize = ty.shape[axis + 1..].iter().product();
+                let dim = ty.shape[*axis];
+                let v: Vec<i64> = (0..ty.numel())
+                    .map(|k| ((k / inner) % dim) as i64)
+                    .collect();
+                int(v)
+            }
+            Op::Unary(u) => match &a[0].buf {
+                Buf::F(x) => {
+                    let f: fn(f64) -> f64 = match u {
+                        UnaryOp::Neg => |x| -x,
+                        UnaryOp::Abs => f64::abs,
+                        UnaryOp::Exp => f64::exp,
+                        UnaryOp::Log => f64::ln,
+                        UnaryOp::Sqrt => f64::sqrt,
+                        UnaryOp::Rsqrt => |x| 1.0 / x.sqrt(),
+                        UnaryOp::Recip => |x| 1.0 / x,
+                        UnaryOp::Tanh => f64::tanh,
+                        UnaryOp::Erf => libm::erf,
+                        UnaryOp::Sin => f64::sin,
+                        UnaryOp::Cos => f64::cos,
+                        UnaryOp::Not => unreachable!("verified: not is bool-only"),
+                    };
+                    float(x.iter().map(|&x| f(x)).collect())
+                }
+                Buf::I(x) => {
+                    let f: fn(i64) -> i64 = match u {
+                        UnaryOp::Neg => i64::wrapping_neg,
+                        UnaryOp::Abs => i64::wrapping_abs,
+                        UnaryOp::Not => |x| (x == 0) as i64,
+                        _ => unreachable!("verified: float-only op"),
+                    };
+                    int(x.iter().map(|&x| f(x)).collect())
+                }
+            },
+            Op::Binary(b) => match (&a[0].buf, &a[1].buf) {
+                (Buf::F(x), Buf::F(y)) => {
+                    let f: fn(f64, f64) -> f64 = match b {
+                        BinaryOp::Add => |x, y| x + y,
+                        BinaryOp::Sub => |x, y| x - y,
+                        BinaryOp::Mul => |x, y| x * y,
+                        BinaryOp::Div => |x, y| x / y,
+                        BinaryOp::Max => nan_max,
+                        BinaryOp::Min => nan_min,
+                        BinaryOp::Pow => f64::powf,
+                        BinaryOp::And | BinaryOp::Or => unreachable!("verified: bool-only op"),
+                    };
+                    float(x.iter().zip(y).map(|(&x, &y)| f(x, y)).collect())
+                }
+                (Buf::I(x), Buf::I(y)) => {
+                    let f: fn(i64, i64) -> i64 = match b {
+                        BinaryOp::Add => i64::wrapping_add,
+                        BinaryOp::Sub => i64::wrapping_sub,
+                        BinaryOp::Mul => i64::wrapping_mul,
+                        BinaryOp::Max => i64::max,
+                        BinaryOp::Min => i64::min,
+                        BinaryOp::And => |x, y| (x != 0 && y != 0) as i64,
+                        BinaryOp::Or => |x, y| (x != 0 || y != 0) as i64,
+                        BinaryOp::Div | BinaryOp::Pow => unreachable!("verified: float-only op"),
+                    };
+                    int(x.iter().zip(y).map(|(&x, &y)| f(x, y)).collect())
+                }
+                _ => unreachable!("verified: operands of one dtype"),
+            },
+            Op::Compare(c) => {
+                let cmp = |o: Option<std::cmp::Ordering>| -> i64 {
+                    use std::cmp::Ordering::*;
+                    (match c {
+                        CmpOp::Eq => o == Some(Equal),
+                        CmpOp::Ne => o != Some(Equal),
+                        CmpOp::Lt => o == Some(Less),
+                        CmpOp::Le => matches!(o, Some(Less | Equal)),
+                        CmpOp::Gt => o == Some(Greater),
+                        CmpOp::Ge => matches!(o, Some(Greater | Equal)),
+                    }) as i64
+                };
+                let v = match (&a[0].buf, &a[1].buf) {
+                    (Buf::F(x), Buf::F(y)) => x
+                        .iter()
+                        .zip(y)
+                        .map(|(x, y)| cmp(x.partial_cmp(y)))
+                        .collect(),
+                    (Buf::I(x), Buf::I(y)) => {
+                        x.iter().zip(y).map(|(x, y)| cmp(Some(x.cmp(y)))).collect()
+                    }
+                    _ => unreachable!("verified: operands of one dtype"),
+                };
+                int(v)
+            }
+            Op::Select => {
+                let c = a[0].i();
+                match (&a[1].buf, &a[2].buf) {
+                    (Buf::F(x), Buf::F(y)) => float(
+                        c.iter()
+                            .zip(x.iter().zip(y))
+                            .map(|(&c, (&x, &y))| if c != 0 { x } else { y })
+                            .collect(),
+                    ),
+                    (Buf::I(x), Buf::I(y)) => int(c
+                        .iter()
+                        .zip(x.iter().zip(y))
+                        .map(|(&c, (&x, &y))| if c != 0 { x } else { y })
+                        .collect()),
+                    _ => unreachable!("verified: operands of one dtype"),
+                }
+            }
+            Op::Cast { to } => Ok(match (&a[0].buf, to.is_float()) {
+                (Buf::F(x), false) if *to == DType::Bool => {
+                    self.make(ty, Buf::I(x.iter().map(|&x| (x != 0.0) as i64).collect()))
+                }
+                (buf, _) => self.make(ty, buf.clone()),
+            }),
+            Op::Reduce { kind, .. } => {
+                let (ishape, oshape) = (&a[0].ty.shape, &ty.shape);
+                match (&a[0].buf, kind) {
+                    (Buf::F(x), ReduceKind::Sum) => {
+                        float(kernels::reduce(x, ishape, oshape, 0.0, |p, q| p + q))
+                    }
+                    (Buf::F(x), ReduceKind::Max) => float(kernels::reduce(
+                        x,
+                        ishape,
+                        oshape,
+                        f64::NEG_INFINITY,
+                        nan_max,
+                    )),
+                    (Buf::I(x), ReduceKind::Sum) => {
+                        int(kernels::reduce(x, ishape, oshape, 0, i64::wrapping_add))
+                    }
+                    (Buf::I(x), ReduceKind::Max) => {
+                        int(kernels::reduce(x, ishape, oshape, i64::MIN, i64::max))
+                    }
+                }
+            }
+            Op::Broadcast { shape } => {
+                let src = &a[0].ty.shape;
+                let s = strides(src);
+                let bs: Vec<usize> = (0..shape.len())
+                    .map(|i| if src[i] == 1 { 0 } else { s[i] })
+                    .collect();
+                Ok(self.make(ty, view_buf(&a[0].buf, shape, &bs, 0)))
+            }
+            Op::Reshape { .. } => Ok(self.make(ty, a[0].buf.clone())),
+            Op::Permute { perm } => {
+                let s = strides(&a[0].ty.shape);
+                let ps: Vec<usize> = perm.iter().map(|&p| s[p]).collect();
+                Ok(self.make(ty, view_buf(&a[0].buf, &ty.shape, &ps, 0)))
+            }
+            Op::Slice { start, .. } => {
+                let s = strides(&a[0].ty.shape);
+                let base: usize = start.iter().zip(&s).map(|(a, b)| a * b).sum();
+                Ok(self.make(ty, view_buf(&a[0].buf, &ty.shape, &s, base)))
+            }
+            Op::Pad { low, .. } => {
+                let os = strides(&ty.shape);
+                let base: usize = low.iter().zip(&os).map(|(a, b)| a * b).sum();
+                let shape = &a[0].ty.shape;
+                Ok(match &a[0].buf {
+                    Buf::F(x) => {
+                        let mut out = vec![0.0; ty.numel()];
+                        kernels::write_view(&mut out, x, shape, &os, base);
+                        self.make(ty, Buf::F(out))
+                    }
+                    Buf::I(x) => {
+                        let mut out = vec![0; ty.numel()];
+                        kernels::write_view(&mut out, x, shape, &os, base);
+                        self.make(ty, Buf::I(out))
+                    }
+                })
+            }
+            Op::Concat { axis } => {
+                let os = strides(&ty.shape);
+                let mut at = 0;
+                let mut fout = vec![0.0; if ty.dtype.is_float() { ty.numel() } else { 0 }];
+                let mut iout = vec![0; if ty.dtype.is_float() { 0 } else { ty.numel() }];
+                for v in a {
+                    let base = at * os[*axis];
+                    match &v.buf {
+                        Buf::F(x) => kernels::write_view(&mut fout, x, &v.ty.shape, &os, base),
+                        Buf::I(x) => kernels::write_view(&mut iout, x, &v.ty.shape, &os, base),
+                    }
+                    at += v.ty.shape[*axis];
+                }
+                Ok(if ty.dtype.is_float() {
+                    self.make(ty, Buf::F(fout))
+                } else {
+                    self.make(ty, Buf::I(iout))
+                })
+            }
+            Op::MatMul => {
+                let (x, y) = (&a[0].ty.shape, &a[1].ty.shape);
+                let r = x.len();
+                let batch: usize = x[..r - 2].iter().product();
+                float(kernels::matmul(
+                    a[0].f(),
+                    a[1].f(),
+                    batch,
+                    x[r - 2],
+                    x[r - 1],
+                    y[r - 1],
+                ))
+            }
+            Op::Gather { axis } => {
+                let offs = index_offsets(&a[0].ty.shape, &a[1].ty.shape, a[1].i(), *axis)?;
+                Ok(match &a[0].buf {
+                    Buf::F(x) => self.make(ty, Buf::F(offs.iter().map(|&o| x[o]).collect())),
+                    Buf::I(x) => self.make(ty, Buf::I(offs.iter().map(|&o| x[o]).collect())),
+                })
+            }
+            Op::ScatterAdd { axis } => {
+                let offs = index_offsets(&a[0].ty.shape, &a[1].ty.shape, a[1].i(), *axis)?;
+                Ok(match (&a[0].buf, &a[2].buf) {
+                    (Buf::F(x), Buf::F(s)) => {
+                        let mut out = x.clone();
+                        offs.iter().zip(s).for_each(|(&o, &s)| out[o] += s);
+                        self.make(ty, Buf::F(out))
+                    }
+                    (Buf::I(x), Buf::I(s)) => {
+                        let mut out = x.clone();
+                        offs.iter()
+                            .zip(s)
+                            .for_each(|(&o, &s)| out[o] = out[o].wrapping_add(s));
+                        self.make(ty, Buf::I(out))
+                    }
+                    _ => unreachable!("verified: source has the dtype of x"),
+                })
+            }
+            Op::TopK { k } => {
+                let n = *a[0].ty.shape.last().expect("verified rank >= 1");
+                let order = argsort(&a[0].buf, n, true);
+                int(order
+                    .chunks(n.max(1))
+                    .flat_map(|row| row[..*k].to_vec())
+                    .collect())
+            }
+            Op::ArgSort { descending } => {
+                let n = *a[0].ty.shape.last().expect("verified rank >= 1");
+                int(argsort(&a[0].buf, n, *descending))
+            }
+            Op::CumSum { axis } => {
+                let shape: &Shape = &a[0].ty.shape;
+                match &a[0].buf {
+                    Buf::F(x) => float(kernels::cumsum(x, shape, *axis, |p, q| p + q)),
+                    Buf::I(x) => int(kernels::cumsum(x, shape, *axis, i64::wrapping_add)),
+                }
+            }
+            Op::Fused(FusedOp::RmsNorm { eps }) => {
+                let (x, w) = (a[0].f(), a[1].f());
+                let n = w.len();
+                let mut out = Vec::with_capacity(x.len());
+                for row in x.chunks(n.max(1)) {
+                    let ms = row.iter().map(|v| v * v).sum::<f64>() / n as f64;
+                    let r = 1.0 / (ms + eps).sqrt();
+                    out.extend(row.iter().zip(w).map(|(v, w)| w * (v * r)));
+                }
+                float(out)
+            }
+        }
+    }
+}
+
+/// Adapts any bindings (including unsized slices) to `&dyn Bindings`.
+struct Dyn<'a, B: ?Sized>(&'a B);
+
+impl<B: Bindings + ?Sized> Bindings for Dyn<'_, B> {
+    fn lookup(&self, name: &str) -> Option<&Tensor> {
+        self.0.lookup(name)
+    }
+}
+
+enum EvalError {
+    Msg(String),
+    Binding(InterpError),
+}
+
+fn index_offsets(
+    x_shape: &[usize],
+    idx_shape: &[usize],
+    idx: &[i64],
+    axis: usize,
+) -> Result<Vec<usize>, EvalError> {
+    kernels::index_offsets(x_shape, idx_shape, idx, axis).map_err(|(k, i)| {
+        EvalError::Msg(format!(
+            "index {i} (element {k}) is out of range 0..{} on axis {axis}",
+            x_shape[axis]
+        ))
+    })
+}
+
+/// Sort order of the last axis of a buffer: floats by value with NaN largest, ints by value.
+fn argsort(buf: &Buf, n: usize, descending: bool) -> Vec<i64> {
+    match buf {
+        Buf::F(v) => kernels::argsort_rows(v, n, descending, kernels::float_order),
+        Buf::I(v) => kernels::argsort_rows(v, n, descending, i64::cmp),
+    }
+}
+
+/// Maximum that propagates NaN, as torch.maximum does.
+fn nan_max(x: f64, y: f64) -> f64 {
+    if x.is_nan() || y.is_nan() {
+        f64::NAN
+    } else {
+        x.max(y)
+    }
+}
+
+/// Minimum that propagates NaN, as torch.minimum does.
+fn nan_min(x: f64, y: f64) -> f64 {
+    if x.is_nan() || y.is_nan() {
+        f64::NAN
+    } else {
+        x.min(y)
+    }
+}

@@ -1,0 +1,24 @@
+//! The tensor IR of mmc: a typed SSA graph of a small op set, its verifier and shape inference,
+//! a text format that round-trips, Graphviz output, and the reference interpreter that every
+//! pass and kernel is checked against.
+
+pub mod dot;
+mod dtype;
+pub mod graph;
+pub mod infer;
+pub mod interp;
+pub mod op;
+pub mod summary;
+pub mod tensor;
+pub mod text;
+mod types;
+pub mod verify;
+
+pub use dtype::{DType, UnknownDType};
+pub use graph::{Graph, GraphError, Node, NodeId, ScopeId, Stage, Value};
+pub use infer::TypeError;
+pub use interp::{Interpreter, Outputs, Precision};
+pub use op::{BinaryOp, CmpOp, FusedOp, Op, OpClass, ReduceKind, UnaryOp};
+pub use tensor::{relative_error, Tensor, TensorData};
+pub use types::{DisplayShape, Shape, TensorType};
+pub use verify::{verify, VerifyError};

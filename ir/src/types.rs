@@ -1,0 +1,71 @@
+//! Tensor types: a dtype and a static shape.
+
+use crate::DType;
+use std::fmt;
+
+/// The static shape of a tensor, outermost dimension first. A scalar has an empty shape.
+pub type Shape = Vec<usize>;
+
+/// The type of an SSA value: element type plus static shape.
+///
+/// Shapes are static by design: a plan is compiled for fixed batch, sequence and tile counts.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TensorType {
+    pub dtype: DType,
+    pub shape: Shape,
+}
+
+impl TensorType {
+    pub fn new(dtype: DType, shape: impl Into<Shape>) -> Self {
+        TensorType {
+            dtype,
+            shape: shape.into(),
+        }
+    }
+
+    /// A 0-d tensor of the given dtype.
+    pub fn scalar(dtype: DType) -> Self {
+        TensorType::new(dtype, Vec::new())
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    /// Number of elements (1 for a scalar).
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Bytes that one value of this type occupies.
+    pub fn size_bytes(&self) -> usize {
+        self.numel() * self.dtype.size_bytes()
+    }
+
+    /// The same shape with another dtype.
+    pub fn with_dtype(&self, dtype: DType) -> Self {
+        TensorType::new(dtype, self.shape.clone())
+    }
+}
+
+/// Writes a shape as `[2, 3, 4]`.
+pub struct DisplayShape<'a>(pub &'a [usize]);
+
+impl fmt::Display for DisplayShape<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[")?;
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{d}")?;
+        }
+        f.write_str("]")
+    }
+}
+
+impl fmt::Display for TensorType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.dtype, DisplayShape(&self.shape))
+    }
+}

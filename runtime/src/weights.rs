@@ -1,0 +1,362 @@
+//! Safetensors checkpoints: single files or shards with `model.safetensors.index.json`,
+//! memory-mapped, checked against the model's parameters before anything is read.
+
+use memmap2::Mmap;
+use mmc_ir::{DType, DisplayShape, Tensor, TensorType};
+use safetensors::tensor::{Dtype as StDtype, Metadata};
+use safetensors::SafeTensors;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// One problem with a checkpoint. Each names the file or tensor concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: not a valid safetensors file: {message}", path.display())]
+    Format { path: PathBuf, message: String },
+    #[error("{}: {message}", path.display())]
+    Index { path: PathBuf, message: String },
+    #[error("{}: no model.safetensors.index.json and no .safetensors file", dir.display())]
+    Empty { dir: PathBuf },
+    #[error("checkpoint {}: tensor `{name}` is missing (parameter `{param}` needs it)", dir.display())]
+    Missing {
+        dir: PathBuf,
+        name: String,
+        param: String,
+    },
+    #[error("{}: tensor `{name}` is not a parameter of this model", file.display())]
+    Unexpected { file: PathBuf, name: String },
+    #[error("{}: tensor `{name}` has shape {got}, but parameter `{param}` needs {expected}", file.display(), got = DisplayShape(.got), expected = DisplayShape(.expected))]
+    Shape {
+        file: PathBuf,
+        name: String,
+        param: String,
+        got: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("{}: tensor `{name}` has dtype {dtype}, which mmc cannot load", file.display())]
+    Dtype {
+        file: PathBuf,
+        name: String,
+        dtype: String,
+    },
+    #[error("{first} (and {more} more problems)")]
+    Several {
+        first: Box<WeightError>,
+        more: usize,
+    },
+}
+
+/// Where a tensor lives.
+#[derive(Clone, Debug)]
+struct Entry {
+    file: usize,
+    dtype: StDtype,
+    shape: Vec<usize>,
+    /// Byte range inside the file.
+    range: (usize, usize),
+}
+
+struct Shard {
+    path: PathBuf,
+    map: Mmap,
+}
+
+/// An opened checkpoint folder (or single file): tensor names, types and memory-mapped data.
+pub struct Checkpoint {
+    dir: PathBuf,
+    shards: Vec<Shard>,
+    entries: BTreeMap<String, Entry>,
+}
+
+impl fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("dir", &self.dir)
+            .field("tensors", &self.entries.len())
+            .finish()
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WeightError + '_ {
+    move |source| WeightError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn map_file(path: &Path) -> Result<Mmap, WeightError> {
+    let file = File::open(path).map_err(io(path))?;
+    // SAFETY: the map is read-only; a checkpoint changed by another process while training
+    // reads it is outside what any framework can guard against.
+    unsafe { Mmap::map(&file) }.map_err(io(path))
+}
+
+fn read_header(path: &Path, map: &[u8]) -> Result<(usize, Metadata), WeightError> {
+    SafeTensors::read_metadata(map).map_err(|e| WeightError::Format {
+        path: path.to_path_buf(),
+        message: match e {
+            safetensors::SafeTensorError::MetadataIncompleteBuffer => {
+                "the file is shorter or longer than its header says (truncated?)".to_string()
+            }
+            e => e.to_string(),
+        },
+    })
+}
+
+fn ir_dtype(d: StDtype) -> Option<DType> {
+    Some(match d {
+        StDtype::F64 => DType::F64,
+        StDtype::F32 => DType::F32,
+        StDtype::BF16 => DType::BF16,
+        StDtype::F16 => DType::F16,
+        StDtype::I64 => DType::I64,
+        StDtype::I32 => DType::I32,
+        StDtype::BOOL => DType::Bool,
+        _ => return None,
+    })
+}
+
+impl Checkpoint {
+    /// Opens a folder holding `model.safetensors.index.json` and its shards, or a single
+    /// `.safetensors` file, or a folder with exactly one `.safetensors` file.
+    pub fn open(path: &Path) -> Result<Checkpoint, WeightError> {
+        if path.is_file() {
+            let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            return Self::from_files(dir, &[name], None);
+        }
+        let index = path.join("model.safetensors.index.json");
+        if index.is_file() {
+            let text = std::fs::read_to_string(&index).map_err(io(&index))?;
+            let bad = |message: String| WeightError::Index {
+                path: index.clone(),
+                message,
+            };
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| bad("no `weight_map` object".into()))?;
+            let mut weight_map = BTreeMap::new();
+            for (name, file) in map {
+                let file = file
+                    .as_str()
+                    .ok_or_else(|| bad(format!("the file of `{name}` is not a string")))?;
+                weight_map.insert(name.clone(), file.to_string());
+            }
+            let files: Vec<String> = weight_map
+                .values()
+                .cloned()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            return Self::from_files(path.to_path_buf(), &files, Some((index, weight_map)));
+        }
+        let mut files: Vec<String> = std::fs::read_dir(path)
+            .map_err(io(path))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".safetensors"))
+            .collect();
+        files.sort();
+        match files.len() {
+            0 => Err(WeightError::Empty {
+                dir: path.to_path_buf(),
+            }),
+            1 => Self::from_files(path.to_path_buf(), &files, None),
+            _ => Err(WeightError::Index {
+                path: path.to_path_buf(),
+                message: format!(
+                    "{} .safetensors files but no model.safetensors.index.json to say which tensor is where",
+                    files.len()
+                ),
+            }),
+        }
+    }
+
+    fn from_files(
+        dir: PathBuf,
+        files: &[String],
+        index: Option<(PathBuf, BTreeMap<String, String>)>,
+    ) -> Result<Checkpoint, WeightError> {
+        let mut shards = Vec::new();
+        let mut entries = BTreeMap::new();
+        for (fi, name) in files.iter().enumerate() {
+            let path = dir.join(name);
+            let map = map_file(&path)?;
+            let (n, meta) = read_header(&path, &map)?;
+            let start = 8 + n;
+            for (tname, info) in meta.tensors() {
+                if let Some((ipath, wm)) = &index {
+                    if wm.get(&tname) != Some(name) {
+                        return Err(WeightError::Index {
+                            path: ipath.clone(),
+                            message: format!(
+                                "tensor `{tname}` is in {name} but the index does not say so"
+                            ),
+                        });
+                    }
+                }
+                entries.insert(
+                    tname,
+                    Entry {
+                        file: fi,
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        range: (start + info.data_offsets.0, start + info.data_offsets.1),
+                    },
+                );
+            }
+            shards.push(Shard { path, map });
+        }
+        if let Some((ipath, wm)) = &index {
+            if let Some((tname, file)) = wm.iter().find(|(t, _)| !entries.contains_key(*t)) {
+                return Err(WeightError::Index {
+                    path: ipath.clone(),
+                    message: format!(
+                        "the index puts `{tname}` in {file}, but that file does not hold it"
+                    ),
+                });
+            }
+        }
+        Ok(Checkpoint {
+            dir,
+            shards,
+            entries,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Names of all tensors, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(|s| s.as_str())
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The shape of a tensor, if present.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
+    }
+
+    fn file_of(&self, e: &Entry) -> PathBuf {
+        self.shards[e.file].path.clone()
+    }
+
+    /// Checks that the checkpoint holds exactly the tensors `params` need, with the right
+    /// shapes and loadable dtypes. `params` maps parameter name to (checkpoint name, type).
+    pub fn check(&self, params: &[(String, String, TensorType)]) -> Result<(), WeightError> {
+        let mut problems = Vec::new();
+        let mut used = BTreeSet::new();
+        for (param, name, ty) in params {
+            used.insert(name.as_str());
+            let Some(e) = self.entries.get(name) else {
+                problems.push(WeightError::Missing {
+                    dir: self.dir.clone(),
+                    name: name.clone(),
+                    param: param.clone(),
+                });
+                continue;
+            };
+            if e.shape != ty.shape {
+                problems.push(WeightError::Shape {
+                    name: name.clone(),
+                    file: self.file_of(e),
+                    param: param.clone(),
+                    got: e.shape.clone(),
+                    expected: ty.shape.clone(),
+                });
+            } else if ir_dtype(e.dtype).is_none() {
+                problems.push(WeightError::Dtype {
+                    name: name.clone(),
+                    file: self.file_of(e),
+                    dtype: format!("{:?}", e.dtype),
+                });
+            }
+        }
+        for (name, e) in &self.entries {
+            if !used.contains(name.as_str()) {
+                problems.push(WeightError::Unexpected {
+                    name: name.clone(),
+                    file: self.file_of(e),
+                });
+            }
+        }
+        let more = problems.len().saturating_sub(1);
+        match problems.into_iter().next() {
+            None => Ok(()),
+            Some(first) if more == 0 => Err(first),
+            Some(first) => Err(WeightError::Several {
+                first: Box::new(first),
+                more,
+            }),
+        }
+    }
+
+    /// Reads one tensor, converted to `dtype`.
+    pub fn read(&self, name: &str, dtype: DType) -> Result<Tensor, WeightError> {
+        let e = self.entries.get(name).ok_or_else(|| WeightError::Missing {
+            dir: self.dir.clone(),
+            name: name.to_string(),
+            param: name.to_string(),
+        })?;
+        let src = ir_dtype(e.dtype).ok_or_else(|| WeightError::Dtype {
+            name: name.to_string(),
+            file: self.file_of(e),
+            dtype: format!("{:?}", e.dtype),
+        })?;
+        let shard = &self.shards[e.file];
+        let bytes = &shard.map[e.range.0..e.range.1];
+        let t = Tensor::from_le_bytes(src, e.shape.clone(), bytes).map_err(|err| {
+            WeightError::Format {
+                path: shard.path.clone(),
+                message: format!("tensor `{name}`: {err}"),
+            }
+        })?;
+        Ok(t.cast(dtype))
+    }
+
+    /// Checks, then reads, every parameter: returns parameter name -> tensor in its dtype.
+    pub fn load(
+        &self,
+        params: &[(String, String, TensorType)],
+    ) -> Result<BTreeMap<String, Tensor>, WeightError> {
+        self.check(params)?;
+        params
+            .iter()
+            .map(|(param, name, ty)| Ok((param.clone(), self.read(name, ty.dtype)?)))
+            .collect()
+    }
+}
+
+/// The parameter list of a graph in the form [`Checkpoint::check`] takes, with checkpoint
+/// names given by `name_of` (the identity for checkpoints in the model's own naming).
+pub fn param_specs(
+    graph: &mmc_ir::Graph,
+    name_of: impl Fn(&str) -> String,
+) -> Vec<(String, String, TensorType)> {
+    graph
+        .params()
+        .map(|(name, ty, _)| (name.to_string(), name_of(name), ty.clone()))
+        .collect()
+}

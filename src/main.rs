@@ -1,0 +1,212 @@
+//! The `mmc` command line: parses arguments and calls the crates. No logic lives here.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use mmc_frontend::{forward_graph, Config, ForwardOptions};
+use mmc_ir::summary::GraphSummary;
+use mmc_ir::Stage;
+use mmc_runtime::weights::param_specs;
+use mmc_runtime::Checkpoint;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// mmc compiles InternVL3.5 / Qwen3-MoE fine-tuning into a static plan and runs it.
+#[derive(Parser)]
+#[command(name = "mmc", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compile a model TOML into an execution plan.
+    Compile {
+        /// The model TOML (architecture, [train], [parallel], [target]).
+        model: PathBuf,
+        /// Where to write the plan.
+        #[arg(short, long, default_value = "plan.bin")]
+        output: PathBuf,
+        /// The target to generate kernels for.
+        #[arg(long, value_enum, default_value_t = Target::Cpu)]
+        target: Target,
+        /// Also write the generated kernel sources into this folder.
+        #[arg(long)]
+        emit_dir: Option<PathBuf>,
+    },
+    /// Train with a compiled plan.
+    Run {
+        /// The plan written by `mmc compile`.
+        plan: PathBuf,
+        /// The data.json describing the training data.
+        #[arg(long)]
+        data: PathBuf,
+        /// Number of optimizer steps.
+        #[arg(long)]
+        train_iters: Option<u64>,
+        /// Folder for checkpoints.
+        #[arg(long)]
+        save: Option<PathBuf>,
+        /// Save every N steps.
+        #[arg(long)]
+        save_interval: Option<u64>,
+        /// Resume from this checkpoint folder.
+        #[arg(long)]
+        load: Option<PathBuf>,
+        /// Log every N steps.
+        #[arg(long, default_value_t = 1)]
+        log_interval: u64,
+        /// Write one JSON object per step to this file.
+        #[arg(long)]
+        metrics: Option<PathBuf>,
+    },
+    /// Print the IR of a model at a pipeline stage, with a size summary.
+    DumpIr {
+        /// The model TOML.
+        model: PathBuf,
+        /// Which stage of the pipeline to print.
+        #[arg(long, value_enum, default_value_t = StageArg::Frontend)]
+        stage: StageArg,
+        /// Text (the IR's own format) or Graphviz dot.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Convert checkpoints between the Hugging Face layout and mmc's.
+    #[command(subcommand)]
+    Convert(Convert),
+}
+
+#[derive(Subcommand)]
+enum Convert {
+    /// HF checkpoint to mmc checkpoint (experts merged).
+    HfToMmc {
+        #[arg(long)]
+        hf_dir: PathBuf,
+        #[arg(long)]
+        save_dir: PathBuf,
+    },
+    /// mmc checkpoint back to the HF layout, loadable by transformers.
+    MmcToHf {
+        #[arg(long)]
+        hf_dir: PathBuf,
+        #[arg(long)]
+        ckpt_dir: PathBuf,
+        #[arg(long)]
+        save_dir: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Target {
+    Cpu,
+    Ascend,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Text,
+    Dot,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StageArg {
+    Frontend,
+    Fused,
+    Parallel,
+    Autodiff,
+    Optimizer,
+    Scheduled,
+}
+
+impl StageArg {
+    fn stage(self) -> Stage {
+        match self {
+            StageArg::Frontend => Stage::Frontend,
+            StageArg::Fused => Stage::Fused,
+            StageArg::Parallel => Stage::Parallel,
+            StageArg::Autodiff => Stage::Autodiff,
+            StageArg::Optimizer => Stage::Optimizer,
+            StageArg::Scheduled => Stage::Scheduled,
+        }
+    }
+}
+
+fn not_built(what: &str) -> Result<()> {
+    bail!(
+        "{what} is not built yet; this version of mmc can only run `mmc dump-ir --stage frontend`"
+    )
+}
+
+fn dump_ir(model: &Path, stage: StageArg, format: Format) -> Result<()> {
+    let stage = stage.stage();
+    if stage != Stage::Frontend {
+        bail!("stage `{stage}` is not built yet; this version of mmc prints the `frontend` stage only");
+    }
+    let cfg = Config::load(model)?;
+    let graph = forward_graph(&cfg, ForwardOptions::default())?;
+    mmc_ir::verify(&graph).context("internal error: the model graph does not verify")?;
+
+    let mut notes = Vec::new();
+    if let Some(init) = &cfg.model.init_from_hf_path {
+        let dir = cfg.resolve_path(init, "init_from_hf_path")?;
+        let ckpt = Checkpoint::open(&dir)?;
+        ckpt.check(&param_specs(&graph, str::to_string))?;
+        notes.push(format!(
+            "checkpoint {}: all {} tensors present with matching shapes",
+            dir.display(),
+            ckpt.len()
+        ));
+    }
+
+    let (body, comment) = match format {
+        Format::Text => (mmc_ir::text::print(&graph), ";"),
+        Format::Dot => (mmc_ir::dot::to_dot(&graph), "//"),
+    };
+    let summary = GraphSummary::of(&graph).to_string();
+    let mut out = std::io::stdout().lock();
+    let write = |out: &mut std::io::StdoutLock| -> std::io::Result<()> {
+        out.write_all(body.as_bytes())?;
+        writeln!(
+            out,
+            "{comment} summary of {} ({stage} stage)",
+            model.display()
+        )?;
+        for line in summary
+            .lines()
+            .map(String::from)
+            .chain(notes.iter().cloned())
+        {
+            writeln!(out, "{comment} {line}")?;
+        }
+        out.flush()
+    };
+    match write(&mut out) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.context("cannot write to standard output"),
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::DumpIr {
+            model,
+            stage,
+            format,
+        } => dump_ir(&model, stage, format),
+        Command::Compile { .. } => not_built("`mmc compile`"),
+        Command::Run { .. } => not_built("`mmc run`"),
+        Command::Convert(_) => not_built("`mmc convert`"),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

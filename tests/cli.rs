@@ -1,0 +1,158 @@
+//! The `mmc` command line: what works prints what it should, and bad input gives one clear
+//! error line and a non-zero exit.
+
+mod common;
+
+use assert_cmd::Command;
+use common::fixture;
+use std::path::Path;
+
+fn mmc() -> Command {
+    Command::cargo_bin("mmc").expect("the mmc binary is built")
+}
+
+/// Runs mmc expecting failure; returns stderr, asserting it is one line.
+fn fails(args: &[&str]) -> String {
+    let out = mmc().args(args).output().unwrap();
+    assert!(!out.status.success(), "mmc {args:?} should fail");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+#[test]
+fn dump_ir_prints_the_graph_and_its_summary() {
+    let out = mmc()
+        .args([
+            "dump-ir",
+            fixture("qwen3_moe_tiny/model.toml").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("graph frontend {\n"));
+    assert!(text.contains("param \"model.layers.1.mlp.experts.7.down_proj.weight\" : f32[64, 32]"));
+    assert!(text.contains("; parameters: 255,360 in 69 tensors"));
+    assert!(text.contains(";   f32               1,021,440"));
+    assert!(text.contains(";   model.layers.*.mlp.experts.*.gate_proj"));
+    assert!(text.contains("all 69 tensors present with matching shapes"));
+    // The summary is a comment: the whole output still parses as a graph.
+    let g = mmc_ir::text::parse(&text).unwrap();
+    mmc_ir::verify(&g).unwrap();
+}
+
+#[test]
+fn dump_ir_writes_graphviz() {
+    let out = mmc()
+        .args(["dump-ir", "configs/qwen3-moe-tiny.toml", "--format", "dot"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("digraph {"));
+    assert!(text.contains("// parameters:"));
+}
+
+#[test]
+fn stages_not_built_yet_are_an_error() {
+    let e = fails(&["dump-ir", "configs/qwen3-moe-tiny.toml", "--stage", "fused"]);
+    assert!(e.contains("`fused` is not built yet"), "{e}");
+}
+
+#[test]
+fn commands_not_built_yet_say_so() {
+    for args in [
+        &["compile", "configs/qwen3-moe-tiny.toml", "-o", "plan.bin"][..],
+        &["run", "plan.bin", "--data", "data.json"][..],
+        &["convert", "hf-to-mmc", "--hf-dir", "a", "--save-dir", "b"][..],
+    ] {
+        let e = fails(args);
+        assert!(e.contains("is not built yet"), "{e}");
+    }
+}
+
+#[test]
+fn malformed_toml_is_one_line_with_its_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.toml");
+    std::fs::write(&p, "[model]\n[model.text\nvocab_size = 3\n").unwrap();
+    let e = fails(&["dump-ir", p.to_str().unwrap()]);
+    assert!(e.contains("bad.toml:2:"), "{e}");
+}
+
+#[test]
+fn a_missing_key_is_one_line_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.toml");
+    let text = std::fs::read_to_string("configs/qwen3-moe-tiny.toml").unwrap();
+    std::fs::write(&p, text.replace("num_experts_per_tok = 2\n", "")).unwrap();
+    let e = fails(&["dump-ir", p.to_str().unwrap()]);
+    assert!(e.contains("missing key `num_experts_per_tok`"), "{e}");
+}
+
+/// Copies the tiny checkpoint into a single safetensors file, with one tensor given the wrong
+/// shape (or dropped), and returns the model TOML that points at it.
+fn broken_checkpoint(dir: &Path, break_it: &str, drop_it: bool) -> std::path::PathBuf {
+    use mmc_runtime::Checkpoint;
+    let src = Checkpoint::open(&fixture("qwen3_moe_tiny/checkpoint")).unwrap();
+    let ck = dir.join("ckpt");
+    std::fs::create_dir_all(&ck).unwrap();
+    std::fs::copy(
+        fixture("qwen3_moe_tiny/checkpoint/config.json"),
+        ck.join("config.json"),
+    )
+    .unwrap();
+    let mut tensors = Vec::new();
+    for name in src.names() {
+        if drop_it && name == break_it {
+            continue;
+        }
+        let t = src.read(name, mmc_ir::DType::F32).unwrap();
+        let mut shape = t.shape().to_vec();
+        if name == break_it {
+            shape.reverse();
+        }
+        tensors.push((name.to_string(), shape, t.to_le_bytes()));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &ck.join("model.safetensors")).unwrap();
+    let toml = dir.join("model.toml");
+    std::fs::write(
+        &toml,
+        "[model]\nhf_config = \"ckpt/config.json\"\ninit_from_hf_path = \"ckpt\"\n[train]\nseq_length = 8\n",
+    )
+    .unwrap();
+    toml
+}
+
+#[test]
+fn a_misshapen_tensor_is_one_line_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = broken_checkpoint(dir.path(), "model.layers.1.mlp.gate.weight", false);
+    let e = fails(&["dump-ir", toml.to_str().unwrap()]);
+    assert!(
+        e.contains("`model.layers.1.mlp.gate.weight`")
+            && e.contains("[64, 8]")
+            && e.contains("[8, 64]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_missing_tensor_is_one_line_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = broken_checkpoint(dir.path(), "model.norm.weight", true);
+    let e = fails(&["dump-ir", toml.to_str().unwrap()]);
+    assert!(e.contains("`model.norm.weight` is missing"), "{e}");
+}
