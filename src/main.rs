@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use mmc_frontend::{forward_graph, Config, ForwardOptions};
+use mmc_frontend::{forward_graph, CheckpointLayout, Config, ForwardOptions};
 use mmc_ir::summary::GraphSummary;
 use mmc_ir::Stage;
 use mmc_runtime::weights::param_specs;
@@ -151,9 +151,14 @@ fn dump_ir(model: &Path, stage: StageArg, format: Format) -> Result<()> {
     if let Some(init) = &cfg.model.init_from_hf_path {
         let dir = cfg.resolve_path(init, "init_from_hf_path")?;
         let ckpt = Checkpoint::open(&dir)?;
-        ckpt.check(&param_specs(&graph, str::to_string))?;
+        let layout = CheckpointLayout::detect(ckpt.names());
+        ckpt.check(&param_specs(&graph, |n| layout.source(n)))?;
+        let layout_name = match layout {
+            CheckpointLayout::Native => "the model's own layout",
+            CheckpointLayout::Transformers { .. } => "the transformers-native InternVL layout",
+        };
         notes.push(format!(
-            "checkpoint {}: all {} tensors present with matching shapes",
+            "checkpoint {} ({layout_name}): all {} tensors present with matching shapes",
             dir.display(),
             ckpt.len()
         ));

@@ -156,3 +156,49 @@ fn a_missing_tensor_is_one_line_naming_it() {
     let e = fails(&["dump-ir", toml.to_str().unwrap()]);
     assert!(e.contains("`model.norm.weight` is missing"), "{e}");
 }
+
+#[test]
+fn dump_ir_prints_the_internvl_models() {
+    let out = mmc()
+        .args(["dump-ir", "configs/internvl35-tiny.toml"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("input \"pixel_values\" : f32[7, 3, 56, 56]"));
+    assert!(text.contains("param \"vision_model.encoder.layers.1.attn.qkv.weight\" : f32[96, 32]"));
+    assert!(text.contains("param \"mlp1.1.weight\" : f32[32, 128]"));
+
+    let out = mmc()
+        .args(["dump-ir", "configs/internvl35-30b-a3b.toml"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("; parameters: 30,848,730,112 in 19,213 tensors"),
+        "{}",
+        &text[text.len().saturating_sub(3000)..]
+    );
+}
+
+#[test]
+fn dump_ir_checks_both_internvl_checkpoint_layouts() {
+    for (toml, layout) in [
+        ("model_ogv.toml", "the model's own layout"),
+        ("model_hf.toml", "the transformers-native InternVL layout"),
+    ] {
+        let path = fixture(&format!("internvl35_tiny/{toml}"));
+        let out = mmc()
+            .args(["dump-ir", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(text.contains(layout), "{toml}");
+    }
+}

@@ -28,7 +28,9 @@ fn run_with(reduction: LossReduction, edit: impl FnOnce(&mut BTreeMap<String, Te
     let graph = forward_graph(&cfg, ForwardOptions { logits: true }).expect("model builds");
     let ckpt = Checkpoint::open(&fixture("qwen3_moe_tiny/checkpoint")).expect("checkpoint opens");
     let mut weights = ckpt
-        .load(&param_specs(&graph, str::to_string))
+        .load(&param_specs(&graph, |n| {
+            mmc_ir::WeightSource::Tensor(n.into())
+        }))
         .expect("weights load");
     edit(&mut weights);
 

@@ -34,6 +34,8 @@ pub struct ModelBuilder {
     scope: ScopeId,
     param_dtype: DType,
     compute_dtype: DType,
+    /// Parameters declared so far: declaring a name again reuses it (tied weights).
+    params: std::collections::HashMap<String, Value>,
 }
 
 impl Default for ModelBuilder {
@@ -51,6 +53,7 @@ impl ModelBuilder {
             scope: ScopeId::default(),
             param_dtype,
             compute_dtype,
+            params: Default::default(),
         }
     }
 
@@ -119,20 +122,36 @@ impl ModelBuilder {
 
     // ---- sources ----
 
-    /// A parameter named `<scope>.<name>`, returned in the compute dtype.
+    /// A parameter named `<scope>.<name>`, returned in the compute dtype. Declaring the same
+    /// name again returns the same parameter (tied weights); with another shape it is an error.
     pub fn param(&mut self, name: &str, shape: &[usize]) -> BuildResult {
         let full = if self.path.is_empty() {
             name.to_string()
         } else {
             format!("{}.{name}", self.scope_path())
         };
-        let p = self.op(
-            Op::Param {
-                name: full,
-                ty: TensorType::new(self.param_dtype, shape),
-            },
-            &[],
-        )?;
+        let ty = TensorType::new(self.param_dtype, shape);
+        let p = match self.params.get(&full) {
+            Some(&v) if self.graph.ty(v) == &ty => Sym(v),
+            Some(&v) => {
+                let had = self.graph.ty(v).clone();
+                return Err(self.error(
+                    "param",
+                    format!("parameter `{full}` is declared as {had} and again as {ty}"),
+                ));
+            }
+            None => {
+                let p = self.op(
+                    Op::Param {
+                        name: full.clone(),
+                        ty,
+                    },
+                    &[],
+                )?;
+                self.params.insert(full, p.0);
+                p
+            }
+        };
         self.cast(p, self.compute_dtype)
     }
 
@@ -516,6 +535,11 @@ impl ModelBuilder {
         self.reshape(rows, &out)
     }
 
+    /// Inclusive prefix sum along `axis`.
+    pub fn cumsum(&mut self, x: Sym, axis: usize) -> BuildResult {
+        self.op(Op::CumSum { axis }, &[x])
+    }
+
     pub fn topk(&mut self, x: Sym, k: usize) -> BuildResult {
         self.op(Op::TopK { k }, &[x])
     }
@@ -578,23 +602,29 @@ impl ModelBuilder {
         })
     }
 
-    /// LayerNorm over the last axis with `<scope>.<name>.weight` and `.bias`.
+    /// LayerNorm over the last axis with `<scope>.<name>.weight` and `.bias`, computed in f32
+    /// and cast back, as torch's LayerNorm does for half-precision inputs.
     pub fn layer_norm(&mut self, name: &str, x: Sym, eps: f64) -> BuildResult {
         let shape = self.shape(x);
         let d = shape.last().copied().unwrap_or(1);
+        let dtype = self.dtype(x);
         let axis = shape.len().saturating_sub(1);
         self.scope(name, |b| {
             let w = b.param("weight", &[d])?;
             let bias = b.param("bias", &[d])?;
-            let mu = b.mean(x, &[axis], true)?;
-            let c = b.sub(x, mu)?;
+            let xf = b.cast(x, DType::F32)?;
+            let mu = b.mean(xf, &[axis], true)?;
+            let c = b.sub(xf, mu)?;
             let sq = b.mul(c, c)?;
             let var = b.mean(sq, &[axis], true)?;
             let var = b.add_scalar(var, eps)?;
             let r = b.rsqrt(var)?;
             let y = b.mul(c, r)?;
+            let w = b.cast(w, DType::F32)?;
+            let bias = b.cast(bias, DType::F32)?;
             let y = b.mul(y, w)?;
-            b.add(y, bias)
+            let y = b.add(y, bias)?;
+            b.cast(y, dtype)
         })
     }
 }

@@ -6,7 +6,9 @@ pub mod config;
 pub mod dsl;
 pub mod loss;
 pub mod models;
+pub mod names;
 
 pub use config::{Config, ConfigError, TextConfig};
 pub use dsl::{BuildError, ModelBuilder, Sym};
 pub use models::{forward_graph, ForwardOptions};
+pub use names::CheckpointLayout;

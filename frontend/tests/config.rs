@@ -148,3 +148,101 @@ fn malformed_hf_json_names_file_and_line() {
     let e = Config::load(&toml).unwrap_err().to_string();
     assert!(e.contains("config.json:2:"), "{e}");
 }
+
+const VISION: &str = r#"
+[model.vision]
+hidden_size = 16
+num_hidden_layers = 1
+num_attention_heads = 2
+intermediate_size = 32
+image_size = 28
+patch_size = 14
+"#;
+
+#[test]
+fn vision_tables_make_an_internvl_model() {
+    let cfg = parse(&format!(
+        "[model]\nimg_context_token_id = 99\n{TEXT}{VISION}[train]\nmax_tiles = 2\n"
+    ))
+    .unwrap();
+    let vl = cfg.model.vision_language.expect("a vision model");
+    assert_eq!(
+        (vl.tile_size, vl.patches_per_side(), vl.tokens_per_tile()),
+        (28, 2, 1)
+    );
+    assert!(vl.vision.qkv_bias && !vl.vision.use_qk_norm);
+    assert_eq!(vl.projector.downsample_ratio, 0.5);
+}
+
+#[test]
+fn both_internvl_config_forms_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let llm = r#"{"vocab_size": 151936, "hidden_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "num_experts": 4,
+        "num_experts_per_tok": 1, "moe_intermediate_size": 8, "rope_theta": 1000000.0}"#;
+    let ogv = format!(
+        r#"{{"llm_config": {llm}, "force_image_size": 56, "downsample_ratio": 0.5,
+        "ps_version": "v2", "template": "internvl2_5", "select_layer": -1,
+        "vision_config": {{"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 32, "image_size": 28, "patch_size": 14, "qkv_bias": false,
+        "qk_normalization": true, "initializer_factor": 0.5}}}}"#
+    );
+    let native = format!(
+        r#"{{"text_config": {llm}, "downsample_ratio": 0.5, "image_token_id": 99,
+        "vision_feature_layer": -1, "vision_feature_select_strategy": "default",
+        "vision_config": {{"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 32, "image_size": [28, 28], "patch_size": [14, 14],
+        "attention_bias": false, "use_qk_norm": true, "layer_scale_init_value": 0.5,
+        "use_mean_pooling": true}}}}"#
+    );
+    std::fs::write(dir.path().join("ogv.json"), ogv).unwrap();
+    std::fs::write(dir.path().join("native.json"), native).unwrap();
+    let toml = dir.path().join("m.toml");
+    let load = |json: &str, extra: &str| {
+        std::fs::write(&toml, format!("[model]\nhf_config = \"{json}\"\n{extra}")).unwrap();
+        Config::load(&toml)
+    };
+    let a = load("ogv.json", "").unwrap().model;
+    let b = load("native.json", "").unwrap().model;
+    let (va, vb) = (a.vision_language.unwrap(), b.vision_language.unwrap());
+    assert_eq!(va.vision, vb.vision);
+    assert_eq!((va.tile_size, vb.tile_size), (56, 28));
+    assert_eq!(a.template.as_deref(), Some("internvl2_5"));
+    assert_eq!(
+        (a.img_context_token_id, b.img_context_token_id),
+        (151671, 99)
+    );
+    // The TOML wins over the file.
+    let c = load(
+        "native.json",
+        "img_context_token_id = 98\n[model.vision]\nnum_hidden_layers = 3\n",
+    )
+    .unwrap();
+    assert_eq!(c.model.img_context_token_id, 98);
+    assert_eq!(c.model.vision_language.unwrap().vision.num_hidden_layers, 3);
+}
+
+#[test]
+fn unsupported_internvl_variants_are_named() {
+    let e = err(&format!(
+        "[model]\nimg_context_token_id = 99\n{TEXT}{VISION}[model.projector]\nps_version = \"v1\"\n"
+    ));
+    assert!(e.contains("[model.projector]") && e.contains("v1"), "{e}");
+    let e = err(&format!(
+        "[model]\nimg_context_token_id = 99\n{TEXT}{}",
+        VISION.replace("image_size = 28", "image_size = 30")
+    ));
+    assert!(e.contains("multiple of `patch_size`"), "{e}");
+    let e = err(&format!(
+        "[model]\nimg_context_token_id = 500\n{TEXT}{VISION}"
+    ));
+    assert!(e.contains("outside the vocabulary"), "{e}");
+    let e = err(&format!(
+        "[model]\n{TEXT}[model.projector]\ndownsample_ratio = 0.5\n"
+    ));
+    assert!(e.contains("need a vision model"), "{e}");
+    let e = err(&format!(
+        "[model]\nimg_context_token_id = 99\n{TEXT}{VISION}[train]\nmax_tiles = 0\n"
+    ));
+    assert!(e.contains("max_tiles"), "{e}");
+}

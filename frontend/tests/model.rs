@@ -112,3 +112,14 @@ fn printed_graph_parses_back() {
     verify(&back).unwrap();
     assert_eq!(mmc_ir::text::print(&back), text);
 }
+
+#[test]
+fn tied_embeddings_share_one_parameter() {
+    let mut cfg = tiny(1, 2);
+    cfg.model.text.tie_word_embeddings = true;
+    let g = forward_graph(&cfg, ForwardOptions::default()).unwrap();
+    verify(&g).unwrap();
+    let names: Vec<&str> = g.params().map(|(n, _, _)| n).collect();
+    assert!(names.contains(&"model.embed_tokens.weight"));
+    assert!(!names.contains(&"lm_head.weight"));
+}

@@ -13,6 +13,7 @@ pub mod tensor;
 pub mod text;
 mod types;
 pub mod verify;
+mod weight_source;
 
 pub use dtype::{DType, UnknownDType};
 pub use graph::{Graph, GraphError, Node, NodeId, ScopeId, Stage, Value};
@@ -22,3 +23,4 @@ pub use op::{BinaryOp, CmpOp, FusedOp, Op, OpClass, ReduceKind, UnaryOp};
 pub use tensor::{relative_error, Tensor, TensorData};
 pub use types::{DisplayShape, Shape, TensorType};
 pub use verify::{verify, VerifyError};
+pub use weight_source::WeightSource;

@@ -210,6 +210,40 @@ impl Tensor {
     }
 }
 
+impl Tensor {
+    /// Concatenates tensors of one dtype along `axis`; `None` when their dtypes, ranks or other
+    /// dimensions differ.
+    pub fn concat(parts: &[Tensor], axis: usize) -> Option<Tensor> {
+        let first = parts.first()?;
+        let rank = first.shape.len();
+        let dtype = first.dtype();
+        let same = parts.iter().all(|t| {
+            t.dtype() == dtype
+                && t.shape.len() == rank
+                && axis < rank
+                && (0..rank).all(|i| i == axis || t.shape[i] == first.shape[i])
+        });
+        if !same {
+            return None;
+        }
+        let outer: usize = first.shape[..axis].iter().product();
+        let bytes: Vec<Vec<u8>> = parts.iter().map(|t| t.to_le_bytes()).collect();
+        let chunk: Vec<usize> = parts
+            .iter()
+            .map(|t| t.shape[axis..].iter().product::<usize>() * dtype.size_bytes())
+            .collect();
+        let mut out = Vec::with_capacity(bytes.iter().map(|b| b.len()).sum());
+        for o in 0..outer {
+            for (b, &c) in bytes.iter().zip(&chunk) {
+                out.extend_from_slice(&b[o * c..(o + 1) * c]);
+            }
+        }
+        let mut shape = first.shape.clone();
+        shape[axis] = parts.iter().map(|t| t.shape[axis]).sum();
+        Tensor::from_le_bytes(dtype, shape, &out).ok()
+    }
+}
+
 /// The relative error ‖a − b‖ / ‖b‖ (Euclidean norms over all elements), the measure every
 /// parity test uses. Returns the absolute norm ‖a − b‖ when b is all zeros.
 pub fn relative_error(a: &Tensor, b: &Tensor) -> f64 {

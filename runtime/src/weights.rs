@@ -2,7 +2,7 @@
 //! memory-mapped, checked against the model's parameters before anything is read.
 
 use memmap2::Mmap;
-use mmc_ir::{DType, DisplayShape, Tensor, TensorType};
+use mmc_ir::{DType, DisplayShape, Tensor, TensorType, WeightSource};
 use safetensors::tensor::{Dtype as StDtype, Metadata};
 use safetensors::SafeTensors;
 use std::collections::{BTreeMap, BTreeSet};
@@ -264,33 +264,50 @@ impl Checkpoint {
     }
 
     /// Checks that the checkpoint holds exactly the tensors `params` need, with the right
-    /// shapes and loadable dtypes. `params` maps parameter name to (checkpoint name, type).
-    pub fn check(&self, params: &[(String, String, TensorType)]) -> Result<(), WeightError> {
+    /// shapes and loadable dtypes; every problem found is reported (the first in full).
+    pub fn check(&self, params: &[ParamSpec]) -> Result<(), WeightError> {
         let mut problems = Vec::new();
         let mut used = BTreeSet::new();
-        for (param, name, ty) in params {
-            used.insert(name.as_str());
-            let Some(e) = self.entries.get(name) else {
-                problems.push(WeightError::Missing {
-                    dir: self.dir.clone(),
-                    name: name.clone(),
-                    param: param.clone(),
-                });
+        for p in params {
+            let mut shapes = Vec::new();
+            for name in p.source.tensors() {
+                used.insert(name);
+                match self.entries.get(name) {
+                    None => problems.push(WeightError::Missing {
+                        dir: self.dir.clone(),
+                        name: name.to_string(),
+                        param: p.name.clone(),
+                    }),
+                    Some(e) if ir_dtype(e.dtype).is_none() => problems.push(WeightError::Dtype {
+                        name: name.to_string(),
+                        file: self.file_of(e),
+                        dtype: format!("{:?}", e.dtype),
+                    }),
+                    Some(e) => shapes.push((name, e)),
+                }
+            }
+            if shapes.len() != p.source.tensors().len() {
                 continue;
+            }
+            let combined = match &p.source {
+                WeightSource::Tensor(_) => Some(shapes[0].1.shape.clone()),
+                WeightSource::Concat { axis, .. } => concat_shape(&shapes, *axis),
             };
-            if e.shape != ty.shape {
+            if combined.as_deref() != Some(p.ty.shape.as_slice()) {
+                let (name, e) = shapes[0];
+                let got = match &p.source {
+                    WeightSource::Tensor(_) => e.shape.clone(),
+                    WeightSource::Concat { .. } => combined.unwrap_or_else(|| e.shape.clone()),
+                };
                 problems.push(WeightError::Shape {
-                    name: name.clone(),
+                    name: match &p.source {
+                        WeightSource::Tensor(_) => name.to_string(),
+                        WeightSource::Concat { parts, .. } => parts.join(" ++ "),
+                    },
                     file: self.file_of(e),
-                    param: param.clone(),
-                    got: e.shape.clone(),
-                    expected: ty.shape.clone(),
-                });
-            } else if ir_dtype(e.dtype).is_none() {
-                problems.push(WeightError::Dtype {
-                    name: name.clone(),
-                    file: self.file_of(e),
-                    dtype: format!("{:?}", e.dtype),
+                    param: p.name.clone(),
+                    got,
+                    expected: p.ty.shape.clone(),
                 });
             }
         }
@@ -337,26 +354,61 @@ impl Checkpoint {
     }
 
     /// Checks, then reads, every parameter: returns parameter name -> tensor in its dtype.
-    pub fn load(
-        &self,
-        params: &[(String, String, TensorType)],
-    ) -> Result<BTreeMap<String, Tensor>, WeightError> {
+    pub fn load(&self, params: &[ParamSpec]) -> Result<BTreeMap<String, Tensor>, WeightError> {
         self.check(params)?;
-        params
-            .iter()
-            .map(|(param, name, ty)| Ok((param.clone(), self.read(name, ty.dtype)?)))
-            .collect()
+        let mut out = BTreeMap::new();
+        for p in params {
+            let t = match &p.source {
+                WeightSource::Tensor(name) => self.read(name, p.ty.dtype)?,
+                WeightSource::Concat { parts, axis } => {
+                    let parts = parts
+                        .iter()
+                        .map(|n| self.read(n, p.ty.dtype))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Tensor::concat(&parts, *axis).expect("shapes were checked")
+                }
+            };
+            out.insert(p.name.clone(), t);
+        }
+        Ok(out)
     }
 }
 
-/// The parameter list of a graph in the form [`Checkpoint::check`] takes, with checkpoint
-/// names given by `name_of` (the identity for checkpoints in the model's own naming).
+/// The shape of tensors concatenated along `axis`, if they fit together.
+fn concat_shape(parts: &[(&str, &Entry)], axis: usize) -> Option<Vec<usize>> {
+    let first = &parts.first()?.1.shape;
+    let fits = parts.iter().all(|(_, e)| {
+        e.shape.len() == first.len()
+            && axis < first.len()
+            && (0..first.len()).all(|i| i == axis || e.shape[i] == first[i])
+    });
+    fits.then(|| {
+        let mut s = first.clone();
+        s[axis] = parts.iter().map(|(_, e)| e.shape[axis]).sum();
+        s
+    })
+}
+
+/// One parameter the model needs: its name, where its value comes from, and its type.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub source: WeightSource,
+    pub ty: TensorType,
+}
+
+/// The parameters of a graph with their sources in a checkpoint, given by `source_of`
+/// (`|n| WeightSource::Tensor(n.into())` for checkpoints in the model's own naming).
 pub fn param_specs(
     graph: &mmc_ir::Graph,
-    name_of: impl Fn(&str) -> String,
-) -> Vec<(String, String, TensorType)> {
+    source_of: impl Fn(&str) -> WeightSource,
+) -> Vec<ParamSpec> {
     graph
         .params()
-        .map(|(name, ty, _)| (name.to_string(), name_of(name), ty.clone()))
+        .map(|(name, ty, _)| ParamSpec {
+            name: name.to_string(),
+            source: source_of(name),
+            ty: ty.clone(),
+        })
         .collect()
 }

@@ -1,7 +1,8 @@
 //! Checkpoint reading: sharded and single-file layouts, and a clear error for every kind of
 //! damage (missing, extra, misshapen tensors; truncated files; inconsistent index).
 
-use mmc_ir::{DType, Tensor, TensorData, TensorType};
+use mmc_ir::{DType, Tensor, TensorData, TensorType, WeightSource};
+use mmc_runtime::weights::ParamSpec;
 use mmc_runtime::{Checkpoint, WeightError};
 use safetensors::tensor::TensorView;
 use std::path::Path;
@@ -29,8 +30,12 @@ fn write(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
 
-fn spec(name: &str, shape: &[usize]) -> (String, String, TensorType) {
-    (name.into(), name.into(), TensorType::new(DType::F32, shape))
+fn spec(name: &str, shape: &[usize]) -> ParamSpec {
+    ParamSpec {
+        name: name.into(),
+        source: WeightSource::Tensor(name.into()),
+        ty: TensorType::new(DType::F32, shape),
+    }
 }
 
 fn sharded(dir: &Path) {
@@ -150,6 +155,35 @@ fn a_single_file_and_a_folder_with_one_file_both_open() {
         .to_string();
     assert!(
         e.contains("garbage.safetensors: not a valid safetensors file"),
+        "{e}"
+    );
+}
+
+#[test]
+fn concatenated_sources_join_tensors_and_check_the_joined_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("model.safetensors");
+    write(
+        &f,
+        &[
+            ("q", vec![1, 2], vec![1.0, 2.0]),
+            ("k", vec![2, 2], vec![3.0, 4.0, 5.0, 6.0]),
+        ],
+    );
+    let ck = Checkpoint::open(&f).unwrap();
+    let spec = |rows: usize| ParamSpec {
+        name: "qk".into(),
+        source: WeightSource::Concat {
+            parts: vec!["q".into(), "k".into()],
+            axis: 0,
+        },
+        ty: TensorType::new(DType::F32, [rows, 2]),
+    };
+    let w = ck.load(&[spec(3)]).unwrap();
+    assert_eq!(w["qk"].to_f64_vec(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    let e = ck.check(&[spec(4)]).unwrap_err().to_string();
+    assert!(
+        e.contains("`q ++ k` has shape [3, 2], but parameter `qk` needs [4, 2]"),
         "{e}"
     );
 }

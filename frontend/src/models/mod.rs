@@ -1,5 +1,7 @@
 //! Model definitions, declared with the DSL.
 
+pub mod internvit;
+pub mod internvl;
 pub mod qwen3_moe;
 
 use crate::config::{ComputeDType, Config};
@@ -14,7 +16,10 @@ pub struct ForwardOptions {
 }
 
 /// Declares the model a config describes as a frontend-stage graph for one micro-batch of
-/// the configured shape. Outputs: `loss`, `lm_loss`, `aux_loss` and optionally `logits`.
+/// the configured shape: InternVL3.5 when the config has a vision model, else the Qwen3-MoE
+/// causal LM. Inputs: `input_ids`, `position_ids`, `segment_ids`, `labels`, `loss_weights`
+/// (all [micro_batch_size, seq_length]) and for InternVL `pixel_values` [max_tiles, channels,
+/// tile, tile] (f32). Outputs: `loss`, `lm_loss`, `aux_loss` and optionally `logits`.
 pub fn forward_graph(cfg: &Config, opts: ForwardOptions) -> Result<Graph, BuildError> {
     let compute = match cfg.train.dtype {
         ComputeDType::F32 => DType::F32,
@@ -23,7 +28,15 @@ pub fn forward_graph(cfg: &Config, opts: ForwardOptions) -> Result<Graph, BuildE
     let mut b = ModelBuilder::new(DType::F32, compute);
     let inputs =
         qwen3_moe::TextInputs::declare(&mut b, cfg.train.micro_batch_size, cfg.train.seq_length)?;
-    let out = qwen3_moe::causal_lm(&mut b, &cfg.model.text, &inputs)?;
+    let out = match &cfg.model.vision_language {
+        Some(vl) => {
+            let size = vl.tile_size;
+            let shape = [cfg.train.max_tiles, vl.vision.num_channels, size, size];
+            let pixels = b.input("pixel_values", DType::F32, &shape)?;
+            internvl::internvl(&mut b, &cfg.model, vl, &inputs, pixels)?
+        }
+        None => qwen3_moe::causal_lm(&mut b, &cfg.model.text, &inputs)?,
+    };
     b.output("loss", out.loss);
     b.output("lm_loss", out.lm_loss);
     b.output("aux_loss", out.aux_loss);

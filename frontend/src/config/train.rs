@@ -1,0 +1,145 @@
+//! `[train]`, `[parallel]` and `[target]`: how the model is trained and where.
+
+use serde::Deserialize;
+
+/// Number formats for compute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDType {
+    F32,
+    #[default]
+    Bf16,
+}
+
+/// How the learning rate decays after warm-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LrDecayStyle {
+    #[default]
+    Constant,
+    Cosine,
+    Linear,
+}
+
+/// Which activations are recomputed in the backward pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    #[default]
+    None,
+    Selective,
+    Full,
+}
+
+/// How per-token losses are averaged over the global batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LossReduction {
+    /// Every labelled token weighs the same.
+    #[default]
+    Token,
+    /// Every sample weighs the same (MindSpeed-MM's per_sample_loss).
+    Sample,
+    /// A sample of n labelled tokens weighs 1/sqrt(n) per token (InternVL).
+    Square,
+}
+
+/// `[train]`: batch geometry and optimizer settings (Megatron's argument names).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub micro_batch_size: usize,
+    pub global_batch_size: usize,
+    pub seq_length: usize,
+    pub max_tiles: usize,
+    pub dtype: ComputeDType,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub lr_warmup_iters: usize,
+    pub lr_warmup_fraction: Option<f64>,
+    pub lr_decay_style: LrDecayStyle,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+    pub clip_grad: f64,
+    pub seed: u64,
+    pub freeze: Vec<String>,
+    pub recompute: Recompute,
+    pub loss_reduction: LossReduction,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            micro_batch_size: 1,
+            global_batch_size: 1,
+            seq_length: 4096,
+            max_tiles: 12,
+            dtype: ComputeDType::Bf16,
+            lr: 1e-5,
+            min_lr: 0.0,
+            lr_warmup_iters: 0,
+            lr_warmup_fraction: None,
+            lr_decay_style: LrDecayStyle::Constant,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            clip_grad: 1.0,
+            seed: 1234,
+            freeze: Vec::new(),
+            recompute: Recompute::None,
+            loss_reduction: LossReduction::Token,
+        }
+    }
+}
+
+/// `[parallel]`: world size = tp x dp; ep divides dp.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParallelConfig {
+    pub tp: usize,
+    pub ep: usize,
+    pub dp: usize,
+    pub zero: u8,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        ParallelConfig {
+            tp: 1,
+            ep: 1,
+            dp: 1,
+            zero: 0,
+        }
+    }
+}
+
+/// Which machine the plan is compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetKind {
+    #[default]
+    Cpu,
+    Ascend,
+}
+
+/// `[target]`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TargetConfig {
+    pub kind: TargetKind,
+    pub devices: usize,
+    pub device_memory_gb: f64,
+}
+
+impl Default for TargetConfig {
+    fn default() -> Self {
+        TargetConfig {
+            kind: TargetKind::Cpu,
+            devices: 1,
+            device_memory_gb: 64.0,
+        }
+    }
+}
