@@ -210,6 +210,11 @@ impl Graph {
         self.outputs.push((name.into(), value));
     }
 
+    /// Keeps only the outputs for which `keep` returns true.
+    pub fn retain_outputs(&mut self, mut keep: impl FnMut(&str, Value) -> bool) {
+        self.outputs.retain(|(n, v)| keep(n, *v));
+    }
+
     pub fn node(&self, id: NodeId) -> &Node {
         &self.nodes[id.0 as usize]
     }

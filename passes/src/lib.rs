@@ -1,1 +1,7 @@
+//! The passes of mmc: plain functions from graph to graph, each checked by the verifier.
 
+pub mod autodiff;
+pub mod emit;
+
+pub use autodiff::{autodiff, grad_output, AutodiffError, GRAD_PREFIX};
+pub use emit::{Emitter, PassError};
