@@ -1,5 +1,8 @@
 //! The `mmc` command line: parses arguments and calls the crates. No logic lives here.
 
+mod compile;
+mod run;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use mmc_frontend::{forward_graph, CheckpointLayout, Config, ForwardOptions};
@@ -144,7 +147,7 @@ fn dump_ir(model: &Path, stage: StageArg, format: Format) -> Result<()> {
         bail!("stage `{stage}` is not built yet; this version of mmc prints the `frontend` stage only");
     }
     let cfg = Config::load(model)?;
-    let graph = forward_graph(&cfg, ForwardOptions::default())?;
+    let graph = forward_graph(&cfg, ForwardOptions::default())?.graph;
     mmc_ir::verify(&graph).context("internal error: the model graph does not verify")?;
 
     let mut notes = Vec::new();
@@ -199,8 +202,38 @@ fn run(cli: Cli) -> Result<()> {
             stage,
             format,
         } => dump_ir(&model, stage, format),
-        Command::Compile { .. } => not_built("`mmc compile`"),
-        Command::Run { .. } => not_built("`mmc run`"),
+        Command::Compile {
+            model,
+            output,
+            target,
+            emit_dir,
+        } => {
+            if let Target::Ascend = target {
+                bail!("the Ascend target is not built yet; compile with `--target cpu`");
+            }
+            compile::compile(&model, &output, emit_dir.as_deref())
+        }
+        Command::Run {
+            plan,
+            data,
+            train_iters,
+            save,
+            save_interval,
+            load,
+            log_interval,
+            metrics,
+        } => {
+            if save.is_some() || save_interval.is_some() || load.is_some() {
+                bail!("saving and loading checkpoints (--save, --save-interval, --load) is not built yet");
+            }
+            run::run(&run::RunArgs {
+                plan,
+                data,
+                train_iters,
+                log_interval: log_interval.max(1),
+                metrics,
+            })
+        }
         Command::Convert(_) => not_built("`mmc convert`"),
     }
 }

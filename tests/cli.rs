@@ -64,8 +64,12 @@ fn stages_not_built_yet_are_an_error() {
 #[test]
 fn commands_not_built_yet_say_so() {
     for args in [
-        &["compile", "configs/qwen3-moe-tiny.toml", "-o", "plan.bin"][..],
-        &["run", "plan.bin", "--data", "data.json"][..],
+        &[
+            "compile",
+            "configs/qwen3-moe-tiny.toml",
+            "--target",
+            "ascend",
+        ][..],
         &["convert", "hf-to-mmc", "--hf-dir", "a", "--save-dir", "b"][..],
     ] {
         let e = fails(args);
@@ -201,4 +205,217 @@ fn dump_ir_checks_both_internvl_checkpoint_layouts() {
         let text = String::from_utf8(out.stdout).unwrap();
         assert!(text.contains(layout), "{toml}");
     }
+}
+
+/// Writes the tiny InternVL fixture's sample as a tensor data file for `mmc run`.
+fn internvl_data(dir: &Path) -> std::path::PathBuf {
+    use safetensors::tensor::TensorView;
+    let inputs = fixture("internvl35_tiny/inputs.safetensors");
+    let ck = mmc_runtime::Checkpoint::open(&inputs).unwrap();
+    let ids = ck.read("input_ids", mmc_ir::DType::I64).unwrap();
+    let labels = ck.read("labels", mmc_ir::DType::I64).unwrap();
+    let px = ck.read("pixel_values", mmc_ir::DType::F32).unwrap();
+    let mut tiles = px.to_le_bytes();
+    tiles.resize(4 * 3 * 56 * 56 * 4, 0);
+    let tensors = [
+        (
+            "input_ids",
+            safetensors::Dtype::I64,
+            vec![1, 48],
+            ids.to_le_bytes(),
+        ),
+        (
+            "labels",
+            safetensors::Dtype::I64,
+            vec![1, 48],
+            labels.to_le_bytes(),
+        ),
+        (
+            "pixel_values",
+            safetensors::Dtype::F32,
+            vec![1, 4, 3, 56, 56],
+            tiles,
+        ),
+    ];
+    let views: Vec<(&str, TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| (*n, TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    let path = dir.join("data.safetensors");
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    path
+}
+
+#[test]
+fn compile_and_run_train_the_tiny_internvl_for_five_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.bin");
+    let emit = dir.path().join("ir");
+    let toml = fixture("internvl35_tiny/model_ogv.toml");
+    let out = mmc()
+        .args([
+            "compile",
+            toml.to_str().unwrap(),
+            "-o",
+            plan.to_str().unwrap(),
+        ])
+        .args(["--emit-dir", emit.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        said.contains("micro_step") && said.contains("304,672 parameters"),
+        "{said}"
+    );
+    assert!(emit.join("micro_step.mmcir").is_file() && emit.join("apply.mmcir").is_file());
+
+    let data = internvl_data(dir.path());
+    let metrics = dir.path().join("metrics.jsonl");
+    let out = mmc()
+        .args([
+            "run",
+            plan.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ])
+        .args(["--train-iters", "5", "--metrics", metrics.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        log.lines().filter(|l| l.starts_with("step ")).count(),
+        5,
+        "{log}"
+    );
+    assert!(log.contains("step 1/5 | loss 7.4900"), "{log}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5);
+    for key in [
+        "step",
+        "loss",
+        "grad_norm",
+        "lr",
+        "tokens",
+        "tokens_per_s",
+        "step_ms",
+        "peak_memory_bytes",
+    ] {
+        assert!(lines[4].get(key).is_some(), "metrics lack {key}");
+    }
+    let first = lines[0]["loss"].as_f64().unwrap();
+    let last = lines[4]["loss"].as_f64().unwrap();
+    assert!((first - 7.49004793).abs() < 1e-5, "{first}");
+    assert!(last < first, "the loss did not fall: {first} -> {last}");
+
+    // The fixture file itself: one micro-batch whose 3 tiles are padded to the 4 slots.
+    let out = mmc()
+        .args(["run", plan.to_str().unwrap(), "--data"])
+        .arg(fixture("internvl35_tiny/inputs.safetensors"))
+        .args(["--train-iters", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8(out.stdout)
+        .unwrap()
+        .contains("step 1/1 | loss 7.4900"));
+}
+
+#[test]
+fn bad_plans_are_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("plan.bin");
+    std::fs::write(&p, "mmc-plan 999\n{}").unwrap();
+    let e = fails(&["run", p.to_str().unwrap(), "--data", "x.safetensors"]);
+    assert!(
+        e.contains("plan format 999") && e.contains("recompile"),
+        "{e}"
+    );
+    std::fs::write(&p, "hello").unwrap();
+    let e = fails(&["run", p.to_str().unwrap(), "--data", "x.safetensors"]);
+    assert!(e.contains("not an mmc plan"), "{e}");
+    std::fs::write(&p, "mmc-plan 1\n{\"settings\": ").unwrap();
+    let e = fails(&["run", p.to_str().unwrap(), "--data", "x.safetensors"]);
+    assert!(e.contains("damaged"), "{e}");
+}
+
+#[test]
+fn run_rejects_data_that_does_not_fit_the_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.bin");
+    let out = mmc()
+        .args([
+            "compile",
+            "configs/qwen3-moe-tiny.toml",
+            "-o",
+            plan.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // seq_length is 64 there; the fixture's rows have 24 tokens.
+    let data = fixture("qwen3_moe_tiny/inputs.safetensors");
+    let e = fails(&[
+        "run",
+        plan.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("`input_ids` has shape [2, 24]") && e.contains("seq_length"),
+        "{e}"
+    );
+    let e = fails(&[
+        "run",
+        plan.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--save",
+        "out",
+    ]);
+    assert!(e.contains("not built yet"), "{e}");
+}
+
+#[test]
+fn compile_rejects_what_it_cannot_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("m.toml");
+    let base = std::fs::read_to_string("configs/qwen3-moe-tiny.toml").unwrap();
+    std::fs::write(&toml, format!("{base}freeze = [\"visionmodel\"]\n")).unwrap();
+    let e = fails(&[
+        "compile",
+        toml.to_str().unwrap(),
+        "-o",
+        dir.path().join("p").to_str().unwrap(),
+    ]);
+    assert!(e.contains("`visionmodel` matches no parameter"), "{e}");
+    std::fs::write(&toml, format!("{}\n[parallel]\ntp = 2\n", base)).unwrap();
+    let e = fails(&[
+        "compile",
+        toml.to_str().unwrap(),
+        "-o",
+        dir.path().join("p").to_str().unwrap(),
+    ]);
+    assert!(e.contains("not built yet"), "{e}");
 }

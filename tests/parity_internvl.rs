@@ -7,11 +7,12 @@
 mod common;
 
 use common::{assert_close, fixture, read};
-use mmc_frontend::config::{LossReduction, NormType, VisionConfig};
-use mmc_frontend::loss::{loss_weights, Row};
+use mmc_frontend::config::{NormType, VisionConfig};
 use mmc_frontend::models::internvit;
 use mmc_frontend::{forward_graph, CheckpointLayout, Config, ForwardOptions, ModelBuilder};
+use mmc_ir::plan::LossReduction;
 use mmc_ir::{DType, Interpreter, Precision, Tensor, TensorData, WeightSource};
+use mmc_runtime::loss::{loss_weights, Row};
 use mmc_runtime::weights::param_specs;
 use mmc_runtime::Checkpoint;
 use std::collections::BTreeMap;
@@ -22,7 +23,15 @@ const TOL: f64 = 1e-5;
 /// with `junk` to show that it does not leak into the result.
 fn run(toml: &str, junk: f64) -> mmc_ir::Outputs {
     let cfg = Config::load(&fixture(&format!("internvl35_tiny/{toml}"))).expect("config loads");
-    let graph = forward_graph(&cfg, ForwardOptions { logits: true }).expect("model builds");
+    let graph = forward_graph(
+        &cfg,
+        ForwardOptions {
+            logits: true,
+            ..Default::default()
+        },
+    )
+    .expect("model builds")
+    .graph;
     let dir = cfg
         .resolve_path(cfg.model.init_from_hf_path.as_deref().unwrap(), "init")
         .unwrap();
@@ -216,7 +225,9 @@ fn the_30b_parameter_count_equals_transformers() {
         Some(INTERNVL35_30B_PARAMETERS)
     );
     let cfg = Config::load(std::path::Path::new("configs/internvl35-30b-a3b.toml")).unwrap();
-    let graph = forward_graph(&cfg, ForwardOptions::default()).unwrap();
+    let graph = forward_graph(&cfg, ForwardOptions::default())
+        .unwrap()
+        .graph;
     let summary = mmc_ir::summary::GraphSummary::of(&graph);
     assert_eq!(summary.param_count, INTERNVL35_30B_PARAMETERS);
 }

@@ -5,10 +5,10 @@
 mod common;
 
 use common::{assert_close, fixture, read};
-use mmc_frontend::config::LossReduction;
-use mmc_frontend::loss::{loss_weights, Row};
 use mmc_frontend::{forward_graph, Config, ForwardOptions};
+use mmc_ir::plan::LossReduction;
 use mmc_ir::{DType, Interpreter, Precision, Tensor, TensorData};
+use mmc_runtime::loss::{loss_weights, Row};
 use mmc_runtime::weights::param_specs;
 use mmc_runtime::Checkpoint;
 use std::collections::BTreeMap;
@@ -25,7 +25,15 @@ fn run(reduction: LossReduction) -> Run {
 
 fn run_with(reduction: LossReduction, edit: impl FnOnce(&mut BTreeMap<String, Tensor>)) -> Run {
     let cfg = Config::load(&fixture("qwen3_moe_tiny/model.toml")).expect("config loads");
-    let graph = forward_graph(&cfg, ForwardOptions { logits: true }).expect("model builds");
+    let graph = forward_graph(
+        &cfg,
+        ForwardOptions {
+            logits: true,
+            ..Default::default()
+        },
+    )
+    .expect("model builds")
+    .graph;
     let ckpt = Checkpoint::open(&fixture("qwen3_moe_tiny/checkpoint")).expect("checkpoint opens");
     let mut weights = ckpt
         .load(&param_specs(&graph, |n| {

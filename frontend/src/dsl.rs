@@ -5,10 +5,12 @@
 //! Every method returns `Result`: a shape error while declaring a model (say, a config whose
 //! head count does not divide the hidden size) becomes an error naming the scope, never a panic.
 
+use mmc_ir::plan::Init;
 use mmc_ir::{
     BinaryOp, CmpOp, DType, Graph, GraphError, Op, ReduceKind, ScopeId, Stage, TensorType, UnaryOp,
     Value,
 };
+use std::collections::BTreeMap;
 
 /// A symbolic tensor: a value of the graph under construction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -36,6 +38,17 @@ pub struct ModelBuilder {
     compute_dtype: DType,
     /// Parameters declared so far: declaring a name again reuses it (tied weights).
     params: std::collections::HashMap<String, Value>,
+    /// How each parameter is initialised when training starts from scratch.
+    inits: BTreeMap<String, Init>,
+    /// Standard deviation of the normal init of linear and embedding weights.
+    init_std: f64,
+}
+
+/// A declared model: its forward graph and how to initialise its parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Model {
+    pub graph: Graph,
+    pub inits: BTreeMap<String, Init>,
 }
 
 impl Default for ModelBuilder {
@@ -54,6 +67,8 @@ impl ModelBuilder {
             param_dtype,
             compute_dtype,
             params: Default::default(),
+            inits: BTreeMap::new(),
+            init_std: 0.02,
         }
     }
 
@@ -62,9 +77,27 @@ impl ModelBuilder {
         self.compute_dtype
     }
 
+    /// Sets the standard deviation of the random init of linear and embedding weights.
+    pub fn set_init_std(&mut self, std: f64) {
+        self.init_std = std;
+    }
+
+    /// The standard deviation of the random init of linear and embedding weights.
+    pub fn init_std(&self) -> f64 {
+        self.init_std
+    }
+
     /// The finished graph.
     pub fn finish(self) -> Graph {
         self.graph
+    }
+
+    /// The finished graph with its parameters' initialisers.
+    pub fn finish_model(self) -> Model {
+        Model {
+            graph: self.graph,
+            inits: self.inits,
+        }
     }
 
     pub fn graph(&self) -> &Graph {
@@ -122,9 +155,10 @@ impl ModelBuilder {
 
     // ---- sources ----
 
-    /// A parameter named `<scope>.<name>`, returned in the compute dtype. Declaring the same
-    /// name again returns the same parameter (tied weights); with another shape it is an error.
-    pub fn param(&mut self, name: &str, shape: &[usize]) -> BuildResult {
+    /// A parameter named `<scope>.<name>`, initialised by `init` when training starts from
+    /// scratch, returned in the compute dtype. Declaring the same name again returns the same
+    /// parameter (tied weights); with another shape it is an error.
+    pub fn param(&mut self, name: &str, shape: &[usize], init: Init) -> BuildResult {
         let full = if self.path.is_empty() {
             name.to_string()
         } else {
@@ -148,7 +182,8 @@ impl ModelBuilder {
                     },
                     &[],
                 )?;
-                self.params.insert(full, p.0);
+                self.params.insert(full.clone(), p.0);
+                self.inits.insert(full, init);
                 p
             }
         };
@@ -501,10 +536,11 @@ impl ModelBuilder {
         let shape = self.shape(x);
         let inp = shape.last().copied().unwrap_or(1);
         self.scope(name, |b| {
-            let w = b.param("weight", &[out, inp])?;
+            let std = b.init_std;
+            let w = b.param("weight", &[out, inp], Init::Normal { std })?;
             let y = b.linear_with(x, w)?;
             if bias {
-                let bv = b.param("bias", &[out])?;
+                let bv = b.param("bias", &[out], Init::Const(0.0))?;
                 b.add(y, bv)
             } else {
                 Ok(y)
@@ -590,7 +626,7 @@ impl ModelBuilder {
         let dtype = self.dtype(x);
         let axis = shape.len().saturating_sub(1);
         self.scope(name, |b| {
-            let w = b.param("weight", &[d])?;
+            let w = b.param("weight", &[d], Init::Const(1.0))?;
             let xf = b.cast(x, DType::F32)?;
             let sq = b.mul(xf, xf)?;
             let ms = b.mean(sq, &[axis], true)?;
@@ -610,8 +646,8 @@ impl ModelBuilder {
         let dtype = self.dtype(x);
         let axis = shape.len().saturating_sub(1);
         self.scope(name, |b| {
-            let w = b.param("weight", &[d])?;
-            let bias = b.param("bias", &[d])?;
+            let w = b.param("weight", &[d], Init::Const(1.0))?;
+            let bias = b.param("bias", &[d], Init::Const(0.0))?;
             let xf = b.cast(x, DType::F32)?;
             let mu = b.mean(xf, &[axis], true)?;
             let c = b.sub(xf, mu)?;

@@ -4,11 +4,10 @@
 
 pub mod config;
 pub mod dsl;
-pub mod loss;
 pub mod models;
 pub mod names;
 
 pub use config::{Config, ConfigError, TextConfig};
-pub use dsl::{BuildError, ModelBuilder, Sym};
+pub use dsl::{BuildError, Model, ModelBuilder, Sym};
 pub use models::{forward_graph, ForwardOptions};
 pub use names::CheckpointLayout;

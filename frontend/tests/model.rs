@@ -32,7 +32,9 @@ dtype = "f32"
 
 #[test]
 fn parameter_names_are_the_checkpoint_names() {
-    let g = forward_graph(&tiny(2, 2), ForwardOptions::default()).unwrap();
+    let g = forward_graph(&tiny(2, 2), ForwardOptions::default())
+        .unwrap()
+        .graph;
     let names: BTreeSet<String> = g.params().map(|(n, _, _)| n.to_string()).collect();
     let mut want: BTreeSet<String> = [
         "model.embed_tokens.weight",
@@ -67,7 +69,15 @@ fn parameter_names_are_the_checkpoint_names() {
 
 #[test]
 fn the_frontend_emits_primitive_ops_only_and_verifies() {
-    let g = forward_graph(&tiny(2, 3), ForwardOptions { logits: true }).unwrap();
+    let g = forward_graph(
+        &tiny(2, 3),
+        ForwardOptions {
+            logits: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .graph;
     verify(&g).unwrap();
     assert!(g.nodes().iter().all(|n| n.op.class() != OpClass::Fused));
     let outs: Vec<&str> = g.outputs().iter().map(|(n, _)| n.as_str()).collect();
@@ -78,7 +88,9 @@ fn the_frontend_emits_primitive_ops_only_and_verifies() {
 fn bf16_compute_casts_every_parameter_read() {
     let mut cfg = tiny(1, 2);
     cfg.train.dtype = mmc_frontend::config::ComputeDType::Bf16;
-    let g = forward_graph(&cfg, ForwardOptions::default()).unwrap();
+    let g = forward_graph(&cfg, ForwardOptions::default())
+        .unwrap()
+        .graph;
     verify(&g).unwrap();
     for (name, ty, v) in g.params() {
         assert_eq!(
@@ -100,13 +112,23 @@ fn bf16_compute_casts_every_parameter_read() {
 
 #[test]
 fn printed_graph_is_stable() {
-    let g = forward_graph(&tiny(1, 2), ForwardOptions::default()).unwrap();
+    let g = forward_graph(&tiny(1, 2), ForwardOptions::default())
+        .unwrap()
+        .graph;
     insta::assert_snapshot!(mmc_ir::text::print(&g));
 }
 
 #[test]
 fn printed_graph_parses_back() {
-    let g = forward_graph(&tiny(1, 2), ForwardOptions { logits: true }).unwrap();
+    let g = forward_graph(
+        &tiny(1, 2),
+        ForwardOptions {
+            logits: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .graph;
     let text = mmc_ir::text::print(&g);
     let back = mmc_ir::text::parse(&text).unwrap();
     verify(&back).unwrap();
@@ -117,7 +139,9 @@ fn printed_graph_parses_back() {
 fn tied_embeddings_share_one_parameter() {
     let mut cfg = tiny(1, 2);
     cfg.model.text.tie_word_embeddings = true;
-    let g = forward_graph(&cfg, ForwardOptions::default()).unwrap();
+    let g = forward_graph(&cfg, ForwardOptions::default())
+        .unwrap()
+        .graph;
     verify(&g).unwrap();
     let names: Vec<&str> = g.params().map(|(n, _, _)| n).collect();
     assert!(names.contains(&"model.embed_tokens.weight"));

@@ -8,6 +8,7 @@ pub mod graph;
 pub mod infer;
 pub mod interp;
 pub mod op;
+pub mod plan;
 pub mod summary;
 pub mod tensor;
 pub mod text;

@@ -69,3 +69,23 @@ impl fmt::Display for TensorType {
         write!(f, "{}{}", self.dtype, DisplayShape(&self.shape))
     }
 }
+
+impl std::str::FromStr for TensorType {
+    type Err = String;
+
+    /// Parses the display form, `f32[2, 3]` (`f32[]` for a scalar).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("`{s}` is not a tensor type such as f32[2, 3]");
+        let (dtype, rest) = s.trim().split_once('[').ok_or_else(bad)?;
+        let dims = rest.strip_suffix(']').ok_or_else(bad)?;
+        let dtype: DType = dtype.parse().map_err(|_| bad())?;
+        let shape = if dims.trim().is_empty() {
+            Vec::new()
+        } else {
+            dims.split(',')
+                .map(|d| d.trim().parse::<usize>().map_err(|_| bad()))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        Ok(TensorType::new(dtype, shape))
+    }
+}

@@ -9,7 +9,8 @@
 use std::fmt;
 
 /// Where the value of one parameter comes from.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum WeightSource {
     /// One checkpoint tensor, by name.
     Tensor(String),

@@ -249,7 +249,11 @@ fn vjp(e: &mut Emitter, node: &Node, i: usize, g: Value, out: Value) -> EmitResu
                 }
                 BinaryOp::Max | BinaryOp::Min => {
                     // The winner takes the gradient; ties split it evenly (as torch does).
-                    let wins = if *b == BinaryOp::Max { CmpOp::Gt } else { CmpOp::Lt };
+                    let wins = if *b == BinaryOp::Max {
+                        CmpOp::Gt
+                    } else {
+                        CmpOp::Lt
+                    };
                     let win = e.compare(wins, this, other)?;
                     let tie = e.compare(CmpOp::Eq, this, other)?;
                     let zero = e.konst(0.0, g)?;
@@ -342,10 +346,7 @@ fn vjp(e: &mut Emitter, node: &Node, i: usize, g: Value, out: Value) -> EmitResu
             )?
         }
         Op::Concat { axis } => {
-            let offset: usize = node.inputs[..i]
-                .iter()
-                .map(|v| e.ty(*v).shape[*axis])
-                .sum();
+            let offset: usize = node.inputs[..i].iter().map(|v| e.ty(*v).shape[*axis]).sum();
             let this = e.ty(node.inputs[i]);
             let mut start = vec![0; this.rank()];
             let mut end = e.ty(out).shape;

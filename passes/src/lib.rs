@@ -2,6 +2,9 @@
 
 pub mod autodiff;
 pub mod emit;
+pub mod optimizer;
+pub mod train_step;
 
 pub use autodiff::{autodiff, grad_output, AutodiffError, GRAD_PREFIX};
 pub use emit::{Emitter, PassError};
+pub use train_step::{train_step, TrainStep, TrainStepSpec};

@@ -1,5 +1,11 @@
-//! The mmc runtime: checkpoints (and, with later stages, plan execution and the data pipeline).
+//! The mmc runtime: replays a compiled plan (state, programs, optimizer steps), reads
+//! checkpoints and training data, and reports metrics.
 
+pub mod loss;
+pub mod metrics;
+pub mod tensor_batches;
+pub mod trainer;
 pub mod weights;
 
+pub use trainer::{MicroBatch, StepOutcome, TrainError, Trainer};
 pub use weights::{Checkpoint, WeightError};

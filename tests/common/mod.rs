@@ -29,3 +29,81 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) -> f64 {
     eprintln!("{what}: relative error {err:.3e}");
     err
 }
+
+/// A micro-batch of the tiny InternVL fixture: token ids and labels [1, 48] with position ids
+/// from 0, one sample, token-mean loss weights, and 4 tile slots (the image's 3 tiles, if any,
+/// then zeros).
+pub fn internvl_batch(
+    ids: &Tensor,
+    labels: &Tensor,
+    tiles: Option<&Tensor>,
+) -> mmc_runtime::MicroBatch {
+    internvl_batch_with(ids, labels, tiles, mmc_ir::plan::LossReduction::Token)
+}
+
+/// [`internvl_batch`] with another loss reduction.
+pub fn internvl_batch_with(
+    ids: &Tensor,
+    labels: &Tensor,
+    tiles: Option<&Tensor>,
+    reduction: mmc_ir::plan::LossReduction,
+) -> mmc_runtime::MicroBatch {
+    use mmc_ir::TensorData;
+    let s = ids.shape()[1];
+    let lv: Vec<i64> = labels.to_f64_vec().iter().map(|&x| x as i64).collect();
+    let seg = vec![1i64; s];
+    let w = mmc_runtime::loss::loss_weights(
+        reduction,
+        &[mmc_runtime::loss::Row {
+            labels: &lv,
+            segment_ids: &seg,
+        }],
+    );
+    let slot: usize = 3 * 56 * 56;
+    let mut px = vec![0.0f32; 4 * slot];
+    if let Some(t) = tiles {
+        for (d, v) in px.iter_mut().zip(t.to_f64_vec()) {
+            *d = v as f32;
+        }
+    }
+    let mut m = std::collections::BTreeMap::new();
+    m.insert("input_ids".to_string(), ids.clone());
+    m.insert("labels".to_string(), labels.clone());
+    m.insert(
+        "position_ids".to_string(),
+        Tensor::new(vec![1, s], TensorData::I64((0..s as i64).collect())).unwrap(),
+    );
+    m.insert(
+        "segment_ids".to_string(),
+        Tensor::new(vec![1, s], TensorData::I64(seg)).unwrap(),
+    );
+    m.insert(
+        "loss_weights".to_string(),
+        Tensor::new(vec![1, s], TensorData::F32(w.concat())).unwrap(),
+    );
+    m.insert(
+        "pixel_values".to_string(),
+        Tensor::new(vec![4, 3, 56, 56], TensorData::F32(px)).unwrap(),
+    );
+    mmc_runtime::MicroBatch(m)
+}
+
+/// The fixture's image batch.
+pub fn internvl_image_batch() -> mmc_runtime::MicroBatch {
+    let inputs = fixture("internvl35_tiny/inputs.safetensors");
+    internvl_batch(
+        &read(&inputs, "input_ids", DType::I64),
+        &read(&inputs, "labels", DType::I64),
+        Some(&read(&inputs, "pixel_values", DType::F32)),
+    )
+}
+
+/// The text-only batch of the zero-gradient scenario (no image tokens, empty tile slots).
+pub fn internvl_text_batch() -> mmc_runtime::MicroBatch {
+    let f = fixture("internvl35_train/zero_grad.safetensors");
+    internvl_batch(
+        &read(&f, "text_input_ids", DType::I64),
+        &read(&f, "text_labels", DType::I64),
+        None,
+    )
+}

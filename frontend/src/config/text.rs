@@ -41,6 +41,13 @@ pub struct TextConfig {
     pub hidden_act: String,
     #[serde(default)]
     pub attention_bias: bool,
+    /// Standard deviation of the random init of linear and embedding weights.
+    #[serde(default = "default_init_range")]
+    pub initializer_range: f64,
+}
+
+fn default_init_range() -> f64 {
+    0.02
 }
 
 fn default_rope_theta() -> f64 {
@@ -157,6 +164,7 @@ impl Section for TextConfig {
         "mlp_only_layers",
         "hidden_act",
         "attention_bias",
+        "initializer_range",
     ];
     const ALIASES: &'static [(&'static str, &'static str)] =
         &[("num_local_experts", "num_experts")];

@@ -1,5 +1,6 @@
 //! `[train]`, `[parallel]` and `[target]`: how the model is trained and where.
 
+pub use mmc_ir::plan::{LossReduction, LrDecayStyle};
 use serde::Deserialize;
 
 /// Number formats for compute.
@@ -11,16 +12,6 @@ pub enum ComputeDType {
     Bf16,
 }
 
-/// How the learning rate decays after warm-up.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LrDecayStyle {
-    #[default]
-    Constant,
-    Cosine,
-    Linear,
-}
-
 /// Which activations are recomputed in the backward pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -29,19 +20,6 @@ pub enum Recompute {
     None,
     Selective,
     Full,
-}
-
-/// How per-token losses are averaged over the global batch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LossReduction {
-    /// Every labelled token weighs the same.
-    #[default]
-    Token,
-    /// Every sample weighs the same (MindSpeed-MM's per_sample_loss).
-    Sample,
-    /// A sample of n labelled tokens weighs 1/sqrt(n) per token (InternVL).
-    Square,
 }
 
 /// `[train]`: batch geometry and optimizer settings (Megatron's argument names).
@@ -59,6 +37,8 @@ pub struct TrainConfig {
     pub lr_warmup_fraction: Option<f64>,
     pub lr_decay_style: LrDecayStyle,
     pub weight_decay: f64,
+    /// Also decay 1-D parameters (norm weights, biases, layer scales); Megatron does not.
+    pub weight_decay_1d: bool,
     pub adam_beta1: f64,
     pub adam_beta2: f64,
     pub adam_eps: f64,
@@ -83,6 +63,7 @@ impl Default for TrainConfig {
             lr_warmup_fraction: None,
             lr_decay_style: LrDecayStyle::Constant,
             weight_decay: 0.0,
+            weight_decay_1d: false,
             adam_beta1: 0.9,
             adam_beta2: 0.999,
             adam_eps: 1e-8,

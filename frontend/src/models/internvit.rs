@@ -9,6 +9,7 @@
 
 use crate::config::{NormType, VisionConfig};
 use crate::dsl::{BuildResult, ModelBuilder, Sym};
+use mmc_ir::plan::Init;
 use mmc_ir::{BinaryOp, DType};
 
 /// torch's bicubic kernel parameter.
@@ -93,7 +94,12 @@ fn resize_grid(b: &mut ModelBuilder, grid: Sym, g_in: usize, g_out: usize) -> Bu
 pub fn position_embedding(b: &mut ModelBuilder, cfg: &VisionConfig, g: usize) -> BuildResult {
     let grid = cfg.grid();
     let c = cfg.hidden_size;
-    let pos = b.param("position_embedding", &[1, grid * grid + 1, c])?;
+    // InternViT initialises its class and position embeddings from a standard normal.
+    let pos = b.param(
+        "position_embedding",
+        &[1, grid * grid + 1, c],
+        Init::Normal { std: 1.0 },
+    )?;
     if grid == g {
         return Ok(pos);
     }
@@ -113,8 +119,13 @@ fn embeddings(b: &mut ModelBuilder, cfg: &VisionConfig, pixels: Sym) -> BuildRes
     let (p, c) = (cfg.patch_size, cfg.hidden_size);
     let g = size / p;
     b.scope("embeddings", |b| {
-        let w = b.param("patch_embedding.weight", &[c, ch, p, p])?;
-        let bias = b.param("patch_embedding.bias", &[c])?;
+        let std = b.init_std();
+        let w = b.param(
+            "patch_embedding.weight",
+            &[c, ch, p, p],
+            Init::Normal { std },
+        )?;
+        let bias = b.param("patch_embedding.bias", &[c], Init::Const(0.0))?;
         let x = b.reshape(pixels, &[tiles, ch, g, p, g, p])?;
         let x = b.permute(x, &[0, 2, 4, 1, 3, 5])?;
         let x = b.reshape(x, &[tiles * g * g, ch * p * p])?;
@@ -122,7 +133,7 @@ fn embeddings(b: &mut ModelBuilder, cfg: &VisionConfig, pixels: Sym) -> BuildRes
         let x = b.linear_with(x, w)?;
         let x = b.add(x, bias)?;
         let x = b.reshape(x, &[tiles, g * g, c])?;
-        let cls = b.param("class_embedding", &[1, 1, c])?;
+        let cls = b.param("class_embedding", &[1, 1, c], Init::Normal { std: 1.0 })?;
         let cls = b.broadcast_to(cls, &[tiles, 1, c])?;
         let x = b.concat(&[cls, x], 1)?;
         let pos = position_embedding(b, cfg, g)?;
@@ -172,7 +183,7 @@ fn block(b: &mut ModelBuilder, cfg: &VisionConfig, x: Sym) -> BuildResult {
     let c = cfg.hidden_size;
     let h = norm(b, cfg, "norm1", x)?;
     let a = attention(b, cfg, h)?;
-    let ls1 = b.param("ls1", &[c])?;
+    let ls1 = b.param("ls1", &[c], Init::Const(cfg.layer_scale_init_value))?;
     let a = b.mul(a, ls1)?;
     let x = b.add(x, a)?;
     let h = norm(b, cfg, "norm2", x)?;
@@ -181,7 +192,7 @@ fn block(b: &mut ModelBuilder, cfg: &VisionConfig, x: Sym) -> BuildResult {
         let h = b.gelu(h)?;
         b.linear("fc2", h, c, true)
     })?;
-    let ls2 = b.param("ls2", &[c])?;
+    let ls2 = b.param("ls2", &[c], Init::Const(cfg.layer_scale_init_value))?;
     let m = b.mul(m, ls2)?;
     b.add(x, m)
 }

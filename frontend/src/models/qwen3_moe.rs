@@ -6,6 +6,7 @@
 
 use crate::config::TextConfig;
 use crate::dsl::{BuildResult, ModelBuilder, Sym};
+use mmc_ir::plan::Init;
 use mmc_ir::{CmpOp, DType};
 
 /// The per-step inputs of the language model, all [batch, seq].
@@ -328,7 +329,12 @@ fn decoder(
 /// The token embedding table `<scope>.embed_tokens.weight` looked up at `ids`.
 pub fn embed_tokens(b: &mut ModelBuilder, cfg: &TextConfig, ids: Sym) -> BuildResult {
     b.scope("embed_tokens", |b| {
-        let table = b.param("weight", &[cfg.vocab_size, cfg.hidden_size])?;
+        let std = b.init_std();
+        let table = b.param(
+            "weight",
+            &[cfg.vocab_size, cfg.hidden_size],
+            Init::Normal { std },
+        )?;
         b.embedding(table, ids)
     })
 }
@@ -344,7 +350,12 @@ pub fn causal_lm_from_embeds(
     let (hidden, stats) = b.scope("model", |b| decoder(b, cfg, embeds, inputs))?;
     let logits = if cfg.tie_word_embeddings {
         let table = b.scope("model.embed_tokens", |b| {
-            b.param("weight", &[cfg.vocab_size, cfg.hidden_size])
+            let std = b.init_std();
+            b.param(
+                "weight",
+                &[cfg.vocab_size, cfg.hidden_size],
+                Init::Normal { std },
+            )
         })?;
         b.linear_with(hidden, table)?
     } else {

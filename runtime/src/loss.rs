@@ -6,7 +6,7 @@
 //! weights are normalised over the global batch, which is what this module does. This keeps the
 //! graph independent of the reduction and makes gradient accumulation a plain sum.
 
-use crate::config::LossReduction;
+use mmc_ir::plan::LossReduction;
 
 /// One packed row of a micro-batch: labels aligned with the input ids, and segment ids
 /// (0 = padding, k = the k-th sample of the row).

@@ -1,0 +1,299 @@
+//! The execution plan: what `mmc compile` writes and `mmc run` replays.
+//!
+//! A plan is the lowest form of a training job: the persistent state (parameters, optimizer
+//! moments, gradient accumulators) with how each is initialised, the programs that run every
+//! step (a micro-step that adds one micro-batch's gradients to the accumulators, and an apply
+//! step that clips and updates), which program outputs overwrite which state, and the settings
+//! the runtime needs (batch geometry, learning-rate schedule, loss reduction). Programs are IR
+//! graphs; kernels for them arrive with code generation. The file starts with a version line so
+//! that a plan from another version of mmc is rejected with a clear message.
+
+use crate::text;
+use crate::verify::verify;
+use crate::{Graph, TensorType, WeightSource};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The plan format this build reads and writes.
+pub const PLAN_FORMAT_VERSION: u32 = 1;
+
+const MAGIC: &str = "mmc-plan";
+
+/// The per-step scalar inputs of the apply program: the optimizer step (from 1) and the
+/// learning rate, both f32 scalars.
+pub const STEP_INPUT: &str = "step";
+pub const LR_INPUT: &str = "lr";
+/// The apply program's report of the global gradient norm before clipping.
+pub const GRAD_NORM_OUTPUT: &str = "grad_norm";
+
+/// How per-token losses are averaged over the global batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LossReduction {
+    /// Every labelled token weighs the same.
+    #[default]
+    Token,
+    /// Every sample weighs the same (MindSpeed-MM's per_sample_loss).
+    Sample,
+    /// A sample of n labelled tokens weighs 1/sqrt(n) per token (InternVL).
+    Square,
+}
+
+/// How the learning rate decays after warm-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LrDecayStyle {
+    #[default]
+    Constant,
+    Cosine,
+    Linear,
+}
+
+/// Megatron's learning-rate schedule: linear warm-up, then constant, linear or cosine decay
+/// to `min_lr` over the run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LrSchedule {
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_iters: usize,
+    /// Warm-up as a fraction of the run; takes precedence over `warmup_iters` when set.
+    pub warmup_fraction: Option<f64>,
+    pub decay_style: LrDecayStyle,
+}
+
+impl LrSchedule {
+    /// The learning rate Megatron's `OptimizerParamScheduler.get_lr` gives after `n` scheduler
+    /// steps of a run of `train_iters` (warm-up while `n <= warmup`, then decay to `min_lr`).
+    pub fn megatron_lr(&self, n: u64, train_iters: u64) -> f64 {
+        let decay_steps = train_iters as f64;
+        let warmup = match self.warmup_fraction {
+            Some(f) => (f * decay_steps).floor(),
+            None => self.warmup_iters as f64,
+        };
+        let s = n as f64;
+        if warmup > 0.0 && s <= warmup {
+            return self.lr * s / warmup;
+        }
+        if self.decay_style == LrDecayStyle::Constant {
+            return self.lr;
+        }
+        if s > decay_steps {
+            return self.min_lr;
+        }
+        let ratio = (s - warmup) / (decay_steps - warmup);
+        let coeff = match self.decay_style {
+            LrDecayStyle::Linear => 1.0 - ratio,
+            LrDecayStyle::Cosine => 0.5 * ((std::f64::consts::PI * ratio).cos() + 1.0),
+            LrDecayStyle::Constant => 1.0,
+        };
+        self.min_lr + coeff * (self.lr - self.min_lr)
+    }
+
+    /// The learning rate applied by optimizer step `step` (counted from 1). Megatron steps its
+    /// scheduler after each update, so update `k` uses the rate of `k - 1` scheduler steps
+    /// (0 for the first update of a warm-up, as in MindSpeed-MM).
+    pub fn lr_at(&self, step: u64, train_iters: u64) -> f64 {
+        self.megatron_lr(step.saturating_sub(1), train_iters)
+    }
+}
+
+/// What the data pipeline must know about the model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelFacts {
+    pub vocab_size: usize,
+    /// `<IMG_CONTEXT>`; `None` for a text-only model.
+    pub img_context_token_id: Option<i64>,
+    /// Tile side in pixels and language tokens per tile (vision models only).
+    pub tile_size: Option<usize>,
+    pub tokens_per_tile: Option<usize>,
+    pub template: Option<String>,
+}
+
+/// Settings the runtime applies around the programs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainSettings {
+    pub micro_batch_size: usize,
+    pub seq_length: usize,
+    /// Image tile slots per micro-batch (0 for a text-only model).
+    pub max_tiles: usize,
+    /// Micro-batches per optimizer step on each data-parallel rank.
+    pub grad_accum_steps: usize,
+    pub data_parallel: usize,
+    pub schedule: LrSchedule,
+    pub loss_reduction: LossReduction,
+    pub seed: u64,
+    pub model: ModelFacts,
+}
+
+/// How a piece of state gets its first value.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Init {
+    /// Read from the plan's checkpoint.
+    Checkpoint(WeightSource),
+    /// Normal with mean 0, seeded by the plan's seed and the state's name.
+    Normal { std: f64 },
+    /// Every element equal (zeros, ones, a layer-scale value).
+    Const(f64),
+}
+
+/// What a piece of state is, for checkpoints and reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateKind {
+    Parameter {
+        trainable: bool,
+    },
+    /// AdamW first or second moment.
+    OptimizerMoment,
+    GradAccumulator,
+}
+
+/// One persistent tensor.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StateSpec {
+    pub name: String,
+    #[serde(with = "type_text")]
+    pub ty: TensorType,
+    pub init: Init,
+    pub kind: StateKind,
+}
+
+/// A program output that becomes the new value of a state tensor after the program runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateUpdate {
+    pub output: String,
+    pub state: String,
+}
+
+/// One graph the runtime runs, with the state it overwrites. Its params and inputs are bound by
+/// name: to state first, then to per-step data and scalars.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Program {
+    pub name: String,
+    #[serde(with = "graph_text")]
+    pub graph: Graph,
+    pub updates: Vec<StateUpdate>,
+}
+
+/// A whole training plan.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub settings: TrainSettings,
+    /// The checkpoint folder `Init::Checkpoint` reads from, as resolved at compile time.
+    pub checkpoint: Option<PathBuf>,
+    pub state: Vec<StateSpec>,
+    pub programs: Vec<Program>,
+}
+
+/// Why a plan could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: not an mmc plan (it does not start with `{MAGIC}`); write one with `mmc compile`", path.display())]
+    NotAPlan { path: PathBuf },
+    #[error("{}: written in plan format {found}, but this mmc reads format {PLAN_FORMAT_VERSION}; recompile it with this version's `mmc compile`", path.display())]
+    Version { path: PathBuf, found: String },
+    #[error("{}: the plan is damaged: {message}", path.display())]
+    Malformed { path: PathBuf, message: String },
+}
+
+impl Plan {
+    /// The program called `name`.
+    pub fn program(&self, name: &str) -> Option<&Program> {
+        self.programs.iter().find(|p| p.name == name)
+    }
+
+    /// Serialises the plan with its version header.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = format!("{MAGIC} {PLAN_FORMAT_VERSION}\n").into_bytes();
+        out.extend(serde_json::to_vec(self).expect("plans serialise"));
+        out
+    }
+
+    /// Writes the plan; the file appears complete or not at all.
+    pub fn write(&self, path: &Path) -> Result<(), PlanError> {
+        let io = |source| PlanError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let tmp = path.with_extension("partial");
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(&self.to_bytes()).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    /// Reads and verifies a plan written by [`Plan::write`].
+    pub fn read(path: &Path) -> Result<Plan, PlanError> {
+        let bytes = std::fs::read(path).map_err(|source| PlanError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_bytes(path, &bytes)
+    }
+
+    /// Parses plan bytes; `path` names the plan in errors.
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Plan, PlanError> {
+        let newline = bytes.iter().position(|&b| b == b'\n');
+        let header = newline.map(|i| String::from_utf8_lossy(&bytes[..i]).to_string());
+        let Some(version) = header.as_deref().and_then(|h| h.strip_prefix(MAGIC)) else {
+            return Err(PlanError::NotAPlan {
+                path: path.to_path_buf(),
+            });
+        };
+        let version = version.trim();
+        if version != PLAN_FORMAT_VERSION.to_string() {
+            return Err(PlanError::Version {
+                path: path.to_path_buf(),
+                found: version.to_string(),
+            });
+        }
+        let body = &bytes[newline.map_or(0, |i| i + 1)..];
+        let plan: Plan = serde_json::from_slice(body).map_err(|e| PlanError::Malformed {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        for p in &plan.programs {
+            verify(&p.graph).map_err(|e| PlanError::Malformed {
+                path: path.to_path_buf(),
+                message: format!("program `{}`: {e}", p.name),
+            })?;
+        }
+        Ok(plan)
+    }
+}
+
+mod type_text {
+    use crate::TensorType;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &TensorType, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&t.to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<TensorType, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+mod graph_text {
+    use super::text;
+    use crate::Graph;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(g: &Graph, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&text::print(g))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Graph, D::Error> {
+        let s = String::deserialize(d)?;
+        text::parse(&s).map_err(serde::de::Error::custom)
+    }
+}

@@ -1,0 +1,234 @@
+//! Replays a plan: holds the persistent state, runs the micro-step program once per
+//! micro-batch and the apply program once per optimizer step, and writes program outputs back
+//! into the state as the plan says.
+//!
+//! Programs run on the reference interpreter until code generation lands; the plan, the state
+//! and this loop stay the same when they run as kernels.
+
+use crate::weights::{Checkpoint, ParamSpec, WeightError};
+use mmc_ir::interp::{Bindings, InterpError, Precision};
+use mmc_ir::plan::{Init, Plan, Program, GRAD_NORM_OUTPUT, LR_INPUT, STEP_INPUT};
+use mmc_ir::{DType, Interpreter, Tensor, TensorData};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+use std::collections::{BTreeMap, HashMap};
+
+/// Why a training step could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Weights(#[from] WeightError),
+    #[error("program `{program}`: {source}")]
+    Program {
+        program: String,
+        source: Box<InterpError>,
+    },
+    #[error("the plan has no `{0}` program; recompile it with `mmc compile`")]
+    MissingProgram(&'static str),
+    #[error("the plan's checkpoint {0} is needed but the plan does not name a folder")]
+    NoCheckpoint(String),
+    #[error("invalid initialiser for `{name}`: {reason}")]
+    BadInit { name: String, reason: String },
+}
+
+/// One micro-batch: the data inputs of the micro-step program, by name.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MicroBatch(pub BTreeMap<String, Tensor>);
+
+/// What one optimizer step reports.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepOutcome {
+    /// The loss of the global batch (sum over micro-batches, whose weights are normalised over
+    /// the global batch), before this step's update.
+    pub loss: f64,
+    pub lm_loss: f64,
+    /// Mean load-balancing loss over the micro-batches.
+    pub aux_loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// A plan with its live state.
+pub struct Trainer {
+    plan: Plan,
+    state: HashMap<String, Tensor>,
+    /// Optimizer steps taken.
+    step: u64,
+}
+
+/// A stable 64-bit hash of a name (FNV-1a), so random init does not depend on state order.
+fn name_seed(seed: u64, name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
+    for b in name.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+struct Layered<'a>(&'a HashMap<String, Tensor>, &'a BTreeMap<String, Tensor>);
+
+impl Bindings for Layered<'_> {
+    fn lookup(&self, name: &str) -> Option<&Tensor> {
+        self.0.get(name).or_else(|| self.1.get(name))
+    }
+}
+
+impl Trainer {
+    /// Creates the state: parameters from the plan's checkpoint or seeded random init,
+    /// optimizer state zeroed.
+    pub fn new(plan: Plan) -> Result<Trainer, TrainError> {
+        let mut state = HashMap::new();
+        let from_checkpoint: Vec<ParamSpec> = plan
+            .state
+            .iter()
+            .filter_map(|s| match &s.init {
+                Init::Checkpoint(src) => Some(ParamSpec {
+                    name: s.name.clone(),
+                    source: src.clone(),
+                    ty: s.ty.clone(),
+                }),
+                _ => None,
+            })
+            .collect();
+        if !from_checkpoint.is_empty() {
+            let dir = plan
+                .checkpoint
+                .as_ref()
+                .ok_or_else(|| TrainError::NoCheckpoint(from_checkpoint[0].name.clone()))?;
+            let ckpt = Checkpoint::open(dir)?;
+            state.extend(ckpt.load(&from_checkpoint)?);
+        }
+        for s in &plan.state {
+            let n = s.ty.numel();
+            let values = match &s.init {
+                Init::Checkpoint(_) => continue,
+                Init::Const(c) => vec![*c; n],
+                Init::Normal { std } => {
+                    let normal = Normal::new(0.0, *std).map_err(|e| TrainError::BadInit {
+                        name: s.name.clone(),
+                        reason: e.to_string(),
+                    })?;
+                    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(name_seed(
+                        plan.settings.seed,
+                        &s.name,
+                    ));
+                    (0..n).map(|_| normal.sample(&mut rng)).collect()
+                }
+            };
+            let t = Tensor::from_f64(s.ty.dtype, s.ty.shape.clone(), &values)
+                .expect("sizes come from the type");
+            state.insert(s.name.clone(), t);
+        }
+        Ok(Trainer {
+            plan,
+            state,
+            step: 0,
+        })
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn steps_done(&self) -> u64 {
+        self.step
+    }
+
+    /// The current value of a state tensor (a parameter, `adam_m:<p>`, ...).
+    pub fn state(&self, name: &str) -> Option<&Tensor> {
+        self.state.get(name)
+    }
+
+    /// Bytes of persistent state.
+    pub fn state_bytes(&self) -> u64 {
+        self.state
+            .values()
+            .map(|t| (t.numel() * t.dtype().size_bytes()) as u64)
+            .sum()
+    }
+
+    fn program(&self, name: &'static str) -> Result<&Program, TrainError> {
+        self.plan
+            .program(name)
+            .ok_or(TrainError::MissingProgram(name))
+    }
+
+    /// Runs a program and writes its state updates back; returns its other outputs.
+    fn run(
+        &mut self,
+        name: &'static str,
+        data: &BTreeMap<String, Tensor>,
+    ) -> Result<BTreeMap<String, Tensor>, TrainError> {
+        let program = self.program(name)?;
+        let err = |source| TrainError::Program {
+            program: name.to_string(),
+            source: Box::new(source),
+        };
+        let interp = Interpreter::new(&program.graph, Precision::Declared).map_err(err)?;
+        let outputs = interp.run(&Layered(&self.state, data)).map_err(err)?;
+        let mut rest: BTreeMap<String, Tensor> = outputs.0.into_iter().collect();
+        let updates = program.updates.clone();
+        for u in &updates {
+            if let Some(t) = rest.remove(&u.output) {
+                self.state.insert(u.state.clone(), t);
+            }
+        }
+        Ok(rest)
+    }
+
+    /// One optimizer step over the micro-batches of a global batch, at learning rate `lr`.
+    pub fn train_step(
+        &mut self,
+        micro_batches: &[MicroBatch],
+        lr: f64,
+    ) -> Result<StepOutcome, TrainError> {
+        let scalar = |name: &str, out: &BTreeMap<String, Tensor>| -> f64 {
+            out.get(name).map_or(0.0, |t| t.to_f64_vec()[0])
+        };
+        let (mut loss, mut lm_loss, mut aux) = (0.0, 0.0, 0.0);
+        for mb in micro_batches {
+            let out = self.run("micro_step", &mb.0)?;
+            loss += scalar("loss", &out);
+            lm_loss += scalar("lm_loss", &out);
+            aux += scalar("aux_loss", &out);
+        }
+        self.step += 1;
+        let mut scalars = BTreeMap::new();
+        let s = |v: f64| Tensor::new(vec![], TensorData::F32(vec![v as f32])).expect("scalar");
+        scalars.insert(STEP_INPUT.to_string(), s(self.step as f64));
+        scalars.insert(LR_INPUT.to_string(), s(lr));
+        let out = self.run("apply", &scalars)?;
+        Ok(StepOutcome {
+            loss,
+            lm_loss,
+            aux_loss: aux / micro_batches.len().max(1) as f64,
+            grad_norm: scalar(GRAD_NORM_OUTPUT, &out),
+        })
+    }
+
+    /// The current parameters (trainable or frozen), by name.
+    pub fn parameters(&self) -> BTreeMap<String, Tensor> {
+        self.plan
+            .state
+            .iter()
+            .filter(|s| matches!(s.kind, mmc_ir::plan::StateKind::Parameter { .. }))
+            .filter_map(|s| self.state.get(&s.name).map(|t| (s.name.clone(), t.clone())))
+            .collect()
+    }
+
+    /// Replaces a state tensor (tests and resumption); the type must match the plan.
+    pub fn set_state(&mut self, name: &str, value: Tensor) -> bool {
+        match self.plan.state.iter().find(|s| s.name == name) {
+            Some(s)
+                if s.ty == value.ty()
+                    || (s.ty.shape == value.shape() && value.dtype() == DType::F32) =>
+            {
+                self.state.insert(name.to_string(), value.cast(s.ty.dtype));
+                true
+            }
+            _ => false,
+        }
+    }
+}

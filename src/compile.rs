@@ -1,0 +1,60 @@
+//! `mmc compile`: model TOML to plan.
+
+use anyhow::{Context, Result};
+use mmc::driver::compile_plan;
+use mmc_frontend::Config;
+use mmc_ir::plan::StateKind;
+use mmc_ir::summary::grouped;
+use std::path::Path;
+
+pub fn compile(model: &Path, output: &Path, emit_dir: Option<&Path>) -> Result<()> {
+    let cfg = Config::load(model)?;
+    let plan = compile_plan(&cfg)?;
+    let train = &cfg.train;
+    let accum = plan.settings.grad_accum_steps;
+    plan.write(output)?;
+
+    if let Some(dir) = emit_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        for p in &plan.programs {
+            let path = dir.join(format!("{}.mmcir", p.name));
+            std::fs::write(&path, mmc_ir::text::print(&p.graph))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+    }
+
+    let (mut params, mut trained, mut state_bytes) = (0u64, 0u64, 0u64);
+    for s in &plan.state {
+        state_bytes += s.ty.size_bytes() as u64;
+        if let StateKind::Parameter { trainable } = s.kind {
+            params += s.ty.numel() as u64;
+            if trainable {
+                trained += s.ty.numel() as u64;
+            }
+        }
+    }
+    let programs: Vec<String> = plan
+        .programs
+        .iter()
+        .map(|p| {
+            format!(
+                "{} ({} nodes)",
+                p.name,
+                grouped(p.graph.nodes().len() as u64)
+            )
+        })
+        .collect();
+    println!(
+        "compiled {} -> {}: {}; {} parameters ({} trained), {} MiB of state, {} micro-batch(es) of {} x {} per step",
+        model.display(),
+        output.display(),
+        programs.join(", "),
+        grouped(params),
+        grouped(trained),
+        state_bytes / (1 << 20),
+        accum,
+        train.micro_batch_size,
+        train.seq_length
+    );
+    Ok(())
+}
