@@ -1,6 +1,7 @@
 //! The `mmc` command line: parses arguments and calls the crates. No logic lives here.
 
 mod compile;
+mod plot;
 mod run;
 
 use anyhow::{bail, Context, Result};
@@ -42,7 +43,7 @@ enum Command {
     Run {
         /// The plan written by `mmc compile`.
         plan: PathBuf,
-        /// The data.json describing the training data.
+        /// The training data: a MindSpeed-MM data.json, or a .safetensors file of token rows.
         #[arg(long)]
         data: PathBuf,
         /// Number of optimizer steps.
@@ -63,6 +64,9 @@ enum Command {
         /// Write one JSON object per step to this file.
         #[arg(long)]
         metrics: Option<PathBuf>,
+        /// Draw the loss curve to this SVG file at the end.
+        #[arg(long)]
+        plot: Option<PathBuf>,
     },
     /// Print the IR of a model at a pipeline stage, with a size summary.
     DumpIr {
@@ -222,6 +226,7 @@ fn run(cli: Cli) -> Result<()> {
             load,
             log_interval,
             metrics,
+            plot,
         } => {
             if save.is_some() || save_interval.is_some() || load.is_some() {
                 bail!("saving and loading checkpoints (--save, --save-interval, --load) is not built yet");
@@ -232,6 +237,7 @@ fn run(cli: Cli) -> Result<()> {
                 train_iters,
                 log_interval: log_interval.max(1),
                 metrics,
+                plot,
             })
         }
         Command::Convert(_) => not_built("`mmc convert`"),

@@ -8,12 +8,12 @@
 //! [tiles, channels, tile, tile] when the file holds one micro-batch; default: empty slots).
 //! Rows are used in file order, wrapping around.
 
-use crate::loss::{loss_weights, Row};
+use crate::data::loader::assemble;
+use crate::data::pack::PackedMicroBatch;
 use crate::trainer::MicroBatch;
 use crate::weights::{Checkpoint, WeightError};
 use mmc_ir::plan::TrainSettings;
 use mmc_ir::{DType, Tensor, TensorData};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Why a tensor data file cannot be used with a plan.
@@ -182,58 +182,39 @@ impl TensorBatches {
         let per_step = self.micro * self.accum;
         let first_row = (index as usize * per_step) % self.rows;
         let row_ids: Vec<usize> = (0..per_step).map(|i| (first_row + i) % self.rows).collect();
-        let slice = |v: &[i64], r: usize| v[r * self.seq..(r + 1) * self.seq].to_vec();
-        let label_rows: Vec<Vec<i64>> = row_ids.iter().map(|&r| slice(&self.labels, r)).collect();
-        let seg_rows: Vec<Vec<i64>> = row_ids
-            .iter()
-            .map(|&r| slice(&self.segment_ids, r))
-            .collect();
-        let weights = loss_weights(
-            self.reduction,
-            &label_rows
-                .iter()
-                .zip(&seg_rows)
-                .map(|(l, s)| Row {
-                    labels: l,
-                    segment_ids: s,
-                })
-                .collect::<Vec<_>>(),
-        );
-        let tokens = seg_rows.iter().flatten().filter(|&&s| s != 0).count();
-        let mut out = Vec::with_capacity(self.accum);
-        for m in 0..self.accum {
-            let rows = &row_ids[m * self.micro..(m + 1) * self.micro];
-            let shape = vec![self.micro, self.seq];
-            let gather =
-                |v: &[i64]| -> Vec<i64> { rows.iter().flat_map(|&r| slice(v, r)).collect() };
-            let mut t = BTreeMap::new();
-            let int = |v: Vec<i64>| Tensor::new(shape.clone(), TensorData::I64(v)).expect("sizes");
-            t.insert("input_ids".into(), int(gather(&self.input_ids)));
-            t.insert("labels".into(), int(gather(&self.labels)));
-            t.insert("position_ids".into(), int(gather(&self.position_ids)));
-            t.insert("segment_ids".into(), int(gather(&self.segment_ids)));
-            let w: Vec<f32> = (m * self.micro..(m + 1) * self.micro)
-                .flat_map(|i| weights[i].clone())
-                .collect();
-            t.insert(
-                "loss_weights".into(),
-                Tensor::new(shape.clone(), TensorData::F32(w)).expect("sizes"),
-            );
-            if let Some((per_mb, px)) = &self.pixels {
-                let n: usize = per_mb.iter().product();
-                let mb_index = rows[0] / self.micro;
-                let values = if px.is_empty() {
-                    vec![0.0; n]
-                } else {
-                    px[mb_index * n..(mb_index + 1) * n].to_vec()
+        let packed: Vec<PackedMicroBatch> = row_ids
+            .chunks(self.micro)
+            .map(|rows| {
+                let gather = |v: &[i64]| -> Vec<i64> {
+                    rows.iter()
+                        .flat_map(|&r| v[r * self.seq..(r + 1) * self.seq].iter().copied())
+                        .collect()
                 };
-                t.insert(
-                    "pixel_values".into(),
-                    Tensor::new(per_mb.clone(), TensorData::F32(values)).expect("sizes"),
-                );
-            }
-            out.push(MicroBatch(t));
-        }
-        (out, tokens)
+                let pixel_values = match &self.pixels {
+                    Some((per_mb, px)) => {
+                        let n: usize = per_mb.iter().product();
+                        let mb = rows[0] / self.micro;
+                        if px.is_empty() {
+                            vec![0.0; n]
+                        } else {
+                            px[mb * n..(mb + 1) * n].to_vec()
+                        }
+                    }
+                    None => Vec::new(),
+                };
+                PackedMicroBatch {
+                    input_ids: gather(&self.input_ids),
+                    labels: gather(&self.labels),
+                    position_ids: gather(&self.position_ids),
+                    segment_ids: gather(&self.segment_ids),
+                    pixel_values,
+                    samples: rows.len(),
+                    tiles_used: 0,
+                }
+            })
+            .collect();
+        let max_tiles = self.pixels.as_ref().map_or(0, |(p, _)| p[0]);
+        let tile = self.pixels.as_ref().map(|(p, _)| [p[1], p[2], p[3]]);
+        assemble(&packed, self.micro, self.seq, max_tiles, tile, self.reduction)
     }
 }

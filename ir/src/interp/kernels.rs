@@ -96,25 +96,35 @@ pub fn reduce<T: Copy>(
     acc
 }
 
-/// `[.., m, k] x [.., k, n]` with f64 accumulation.
+/// `[.., m, k] x [.., k, n]` in f64 (the well-tested `matrixmultiply` dgemm).
 pub fn matmul(a: &[f64], b: &[f64], batch: usize, m: usize, k: usize, n: usize) -> Vec<f64> {
     let mut out = vec![0.0; batch * m * n];
     for bi in 0..batch {
         let a = &a[bi * m * k..(bi + 1) * m * k];
         let b = &b[bi * k * n..(bi + 1) * k * n];
         let o = &mut out[bi * m * n..(bi + 1) * m * n];
-        for i in 0..m {
-            let row = &mut o[i * n..(i + 1) * n];
-            for p in 0..k {
-                let x = a[i * k + p];
-                if x == 0.0 {
-                    continue;
-                }
-                let brow = &b[p * n..(p + 1) * n];
-                for (r, &y) in row.iter_mut().zip(brow) {
-                    *r += x * y;
-                }
-            }
+        if m == 0 || n == 0 || k == 0 {
+            continue;
+        }
+        // SAFETY: the slices hold exactly m*k, k*n and m*n elements laid out row-major, which
+        // is what the strides below describe; `o` does not alias `a` or `b`.
+        unsafe {
+            matrixmultiply::dgemm(
+                m,
+                k,
+                n,
+                1.0,
+                a.as_ptr(),
+                k as isize,
+                1,
+                b.as_ptr(),
+                n as isize,
+                1,
+                0.0,
+                o.as_mut_ptr(),
+                n as isize,
+                1,
+            );
         }
     }
     out

@@ -132,6 +132,15 @@ impl<'g> Interpreter<'g> {
     pub fn run<B: Bindings + ?Sized>(&self, bindings: &B) -> Result<Outputs, InterpError> {
         let mut vals: Vec<Option<Val>> = vec![None; self.graph.num_values()];
         for (i, node) in self.graph.nodes().iter().enumerate() {
+            let out = node.outputs[0];
+            let out_ty = self.graph.ty(out);
+            // A value read for the last time by a reshape or an elementwise op is updated in
+            // place instead of copied: the same results, without a fresh buffer per op.
+            if let Some(val) = self.reuse(node, i, &mut vals, out_ty) {
+                vals[out.0 as usize] = Some(val);
+                self.free_dead(node, i, &mut vals);
+                continue;
+            }
             let args: Vec<&Val> = node
                 .inputs
                 .iter()
@@ -141,9 +150,8 @@ impl<'g> Interpreter<'g> {
                         .expect("verified: defined before use")
                 })
                 .collect();
-            let out_ty = self.graph.ty(node.outputs[0]).clone();
             let result = self
-                .eval(&node.op, &args, &out_ty, &Dyn(bindings))
+                .eval(&node.op, &args, out_ty, &Dyn(bindings))
                 .map_err(|e| match e {
                     EvalError::Msg(message) => InterpError::Op {
                         node: i,
@@ -153,12 +161,8 @@ impl<'g> Interpreter<'g> {
                     EvalError::Binding(b) => b,
                 })?;
             drop(args);
-            vals[node.outputs[0].0 as usize] = Some(result);
-            for v in &node.inputs {
-                if self.last_use[v.0 as usize] == Some(i) {
-                    vals[v.0 as usize] = None;
-                }
-            }
+            vals[out.0 as usize] = Some(result);
+            self.free_dead(node, i, &mut vals);
         }
         let mut outs = Vec::new();
         for (name, v) in self.graph.outputs() {
@@ -166,6 +170,61 @@ impl<'g> Interpreter<'g> {
             outs.push((name.clone(), self.to_tensor(val)));
         }
         Ok(Outputs(outs))
+    }
+
+    /// Drops the operands of node `i` that no later node reads.
+    fn free_dead(&self, node: &crate::graph::Node, i: usize, vals: &mut [Option<Val>]) {
+        for v in &node.inputs {
+            if self.last_use[v.0 as usize] == Some(i) {
+                vals[v.0 as usize] = None;
+            }
+        }
+    }
+
+    /// Computes node `i` in the buffer of its first operand when that operand dies here and the
+    /// op is a reshape or a float elementwise op; `None` when the general path must run.
+    fn reuse(
+        &self,
+        node: &crate::graph::Node,
+        i: usize,
+        vals: &mut [Option<Val>],
+        out_ty: &TensorType,
+    ) -> Option<Val> {
+        let x = *node.inputs.first()?;
+        let dies = self.last_use[x.0 as usize] == Some(i) && node.inputs[1..].iter().all(|&v| v != x);
+        if !dies {
+            return None;
+        }
+        let float_in_out = |v: &Val| matches!(v.buf, Buf::F(_)) && out_ty.dtype.is_float();
+        match &node.op {
+            Op::Reshape { .. } => {
+                let mut val = vals[x.0 as usize].take()?;
+                val.ty = out_ty.clone();
+                Some(val)
+            }
+            Op::Unary(u) if *u != UnaryOp::Not && float_in_out(vals[x.0 as usize].as_ref()?) => {
+                let mut val = vals[x.0 as usize].take()?;
+                let f = unary_f(*u);
+                if let Buf::F(b) = &mut val.buf {
+                    b.iter_mut().for_each(|e| *e = f(*e));
+                }
+                Some(self.make(out_ty, val.buf))
+            }
+            Op::Binary(b) if !matches!(b, BinaryOp::And | BinaryOp::Or) => {
+                let y = node.inputs[1];
+                let yv = vals[y.0 as usize].as_ref()?;
+                if !matches!(yv.buf, Buf::F(_)) || !float_in_out(vals[x.0 as usize].as_ref()?) {
+                    return None;
+                }
+                let mut val = vals[x.0 as usize].take()?;
+                let f = binary_f(*b);
+                if let (Buf::F(dst), Some(Val { buf: Buf::F(src), .. })) = (&mut val.buf, vals[y.0 as usize].as_ref()) {
+                    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = f(*d, s));
+                }
+                Some(self.make(out_ty, val.buf))
+            }
+            _ => None,
+        }
     }
 
     fn round(&self, dtype: DType, mut v: Vec<f64>) -> Vec<f64> {
@@ -289,20 +348,7 @@ impl<'g> Interpreter<'g> {
             }
             Op::Unary(u) => match &a[0].buf {
                 Buf::F(x) => {
-                    let f: fn(f64) -> f64 = match u {
-                        UnaryOp::Neg => |x| -x,
-                        UnaryOp::Abs => f64::abs,
-                        UnaryOp::Exp => f64::exp,
-                        UnaryOp::Log => f64::ln,
-                        UnaryOp::Sqrt => f64::sqrt,
-                        UnaryOp::Rsqrt => |x| 1.0 / x.sqrt(),
-                        UnaryOp::Recip => |x| 1.0 / x,
-                        UnaryOp::Tanh => f64::tanh,
-                        UnaryOp::Erf => libm::erf,
-                        UnaryOp::Sin => f64::sin,
-                        UnaryOp::Cos => f64::cos,
-                        UnaryOp::Not => unreachable!("verified: not is bool-only"),
-                    };
+                    let f = unary_f(*u);
                     float(x.iter().map(|&x| f(x)).collect())
                 }
                 Buf::I(x) => {
@@ -317,16 +363,7 @@ impl<'g> Interpreter<'g> {
             },
             Op::Binary(b) => match (&a[0].buf, &a[1].buf) {
                 (Buf::F(x), Buf::F(y)) => {
-                    let f: fn(f64, f64) -> f64 = match b {
-                        BinaryOp::Add => |x, y| x + y,
-                        BinaryOp::Sub => |x, y| x - y,
-                        BinaryOp::Mul => |x, y| x * y,
-                        BinaryOp::Div => |x, y| x / y,
-                        BinaryOp::Max => nan_max,
-                        BinaryOp::Min => nan_min,
-                        BinaryOp::Pow => f64::powf,
-                        BinaryOp::And | BinaryOp::Or => unreachable!("verified: bool-only op"),
-                    };
+                    let f = binary_f(*b);
                     float(x.iter().zip(y).map(|(&x, &y)| f(x, y)).collect())
                 }
                 (Buf::I(x), Buf::I(y)) => {
@@ -573,6 +610,38 @@ fn argsort(buf: &Buf, n: usize, descending: bool) -> Vec<i64> {
     match buf {
         Buf::F(v) => kernels::argsort_rows(v, n, descending, kernels::float_order),
         Buf::I(v) => kernels::argsort_rows(v, n, descending, i64::cmp),
+    }
+}
+
+/// The float function of a unary op.
+fn unary_f(u: UnaryOp) -> fn(f64) -> f64 {
+    match u {
+        UnaryOp::Neg => |x| -x,
+        UnaryOp::Abs => f64::abs,
+        UnaryOp::Exp => f64::exp,
+        UnaryOp::Log => f64::ln,
+        UnaryOp::Sqrt => f64::sqrt,
+        UnaryOp::Rsqrt => |x| 1.0 / x.sqrt(),
+        UnaryOp::Recip => |x| 1.0 / x,
+        UnaryOp::Tanh => f64::tanh,
+        UnaryOp::Erf => libm::erf,
+        UnaryOp::Sin => f64::sin,
+        UnaryOp::Cos => f64::cos,
+        UnaryOp::Not => unreachable!("verified: not is bool-only"),
+    }
+}
+
+/// The float function of a binary op.
+fn binary_f(b: BinaryOp) -> fn(f64, f64) -> f64 {
+    match b {
+        BinaryOp::Add => |x, y| x + y,
+        BinaryOp::Sub => |x, y| x - y,
+        BinaryOp::Mul => |x, y| x * y,
+        BinaryOp::Div => |x, y| x / y,
+        BinaryOp::Max => nan_max,
+        BinaryOp::Min => nan_min,
+        BinaryOp::Pow => f64::powf,
+        BinaryOp::And | BinaryOp::Or => unreachable!("verified: bool-only op"),
     }
 }
 

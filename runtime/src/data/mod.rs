@@ -1,0 +1,14 @@
+//! The data pipeline: MindSpeed-MM's data.json and InternVL chat JSONL in, the plan's static
+//! micro-batches out.
+
+pub mod chat;
+pub mod config;
+pub mod image;
+pub mod loader;
+pub mod pack;
+pub mod sample;
+pub mod template;
+pub mod tokenizer;
+pub mod video;
+
+pub use loader::{DataCounts, DataError, DataLoader, DataPosition};

@@ -1,0 +1,191 @@
+//! The data loader's contract: order, packing, resumption, static shapes, and a clear error (or
+//! a count, with skip_bad_samples) for every kind of bad input.
+
+mod common;
+
+use common::{repo, settings};
+use mmc_runtime::data::{DataLoader, DataPosition};
+use mmc_runtime::MicroBatch;
+use std::path::{Path, PathBuf};
+
+/// Writes a data.json and its JSONL into `dir`; `lines` are the JSONL lines.
+fn dataset(dir: &Path, lines: &[&str], extra_dataset: &str, extra_loader: &str) -> PathBuf {
+    std::fs::write(dir.join("data.jsonl"), lines.join("\n")).unwrap();
+    let tokenizer = repo("configs/tokenizer/qwen3-internvl35");
+    let images = repo("configs/demo");
+    let json = format!(
+        r#"{{"dataset_param": {{"dataset_type": "multimodal",
+            "basic_parameters": {{"data_path": "data.jsonl", "data_folder": "{}", "repeat_time": 1}},
+            "preprocess_parameters": {{"image_reader_type": "torchvision"}},
+            "tokenizer_config": {{"from_pretrained": "{}", "use_fast": false, "hub_backend": "hf"}},
+            "template_name": "internvl2_5", "patch_size": 14, "image_size": 56, "down_sample_ratio": 0.5,
+            "dynamic_image_size": true, "use_thumbnail": true, "min_dynamic_patch": 1, "max_dynamic_patch": 6,
+            "group_by_length": true {extra_dataset}}},
+          "dataloader_param": {{"shuffle": false, "drop_last": true, "collate_param": {{"pad_id": 151643}} {extra_loader}}}}}"#,
+        images.display(),
+        tokenizer.display()
+    );
+    let p = dir.join("data.json");
+    std::fs::write(&p, json).unwrap();
+    p
+}
+
+fn text(q: &str, a: &str) -> String {
+    format!(r#"{{"conversations": [{{"from": "human", "value": "{q}"}}, {{"from": "gpt", "value": "{a}"}}]}}"#)
+}
+
+fn ids(b: &MicroBatch) -> Vec<i64> {
+    b.0["input_ids"].to_f64_vec().iter().map(|&x| x as i64).collect()
+}
+
+fn open(p: &Path, micro: usize, seq: usize, accum: usize) -> Result<DataLoader, String> {
+    DataLoader::open(p, &settings(micro, seq, 7, accum), DataPosition { sample: 0 }).map_err(|e| e.to_string())
+}
+
+#[test]
+fn file_order_packing_and_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines: Vec<String> = (0..6).map(|i| text(&format!("q{i}"), &format!("a{i}"))).collect();
+    let refs: Vec<&str> = lines.iter().map(|s| s.as_str()).collect();
+    let p = dataset(dir.path(), &refs, "", r#", "packing": true"#);
+    let mut l = open(&p, 1, 256, 1).unwrap();
+    let (mbs, tokens) = l.next_global_batch().unwrap();
+    let seg: Vec<i64> = mbs[0].0["segment_ids"].to_f64_vec().iter().map(|&x| x as i64).collect();
+    let pos: Vec<i64> = mbs[0].0["position_ids"].to_f64_vec().iter().map(|&x| x as i64).collect();
+    let samples = *seg.iter().max().unwrap();
+    assert!(samples >= 2, "packing put {samples} sample(s) in a row");
+    assert_eq!(tokens, seg.iter().filter(|&&s| s != 0).count());
+    // Each sample restarts its positions.
+    for s in 1..=samples {
+        let first = seg.iter().position(|&x| x == s).unwrap();
+        assert_eq!(pos[first], 0);
+    }
+    // The first packed sample is the first line of the file.
+    let decoded = ids(&mbs[0]);
+    let q0 = l.config().sources[0].annotation.clone();
+    assert!(q0.ends_with("data.jsonl"));
+    assert_eq!(l.counts().used as i64, samples);
+    assert!(decoded.contains(&151644));
+}
+
+#[test]
+fn shuffle_follows_the_seed_and_resumption_repeats_the_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines: Vec<String> = (0..9).map(|i| text(&format!("question {i}"), &format!("answer {i}"))).collect();
+    let refs: Vec<&str> = lines.iter().map(|s| s.as_str()).collect();
+    let plain = dataset(dir.path(), &refs, "", "");
+    let a: Vec<Vec<i64>> = {
+        let mut l = open(&plain, 1, 128, 1).unwrap();
+        (0..9).map(|_| ids(&l.next_global_batch().unwrap().0[0])).collect()
+    };
+    let shuffled_dir = tempfile::tempdir().unwrap();
+    let shuffled = dataset(shuffled_dir.path(), &refs, "", r#", "shuffle": true, "seed": 3"#);
+    let mut l = open(&shuffled, 1, 128, 1).unwrap();
+    let b: Vec<Vec<i64>> = (0..9).map(|_| ids(&l.next_global_batch().unwrap().0[0])).collect();
+    assert_ne!(a, b, "shuffle changed nothing");
+    let mut sorted_a = a.clone();
+    let mut sorted_b = b.clone();
+    sorted_a.sort();
+    sorted_b.sort();
+    assert_eq!(sorted_a, sorted_b, "one epoch holds every sample once");
+    // Same seed, same order.
+    let mut again = open(&shuffled, 1, 128, 1).unwrap();
+    let c: Vec<Vec<i64>> = (0..9).map(|_| ids(&again.next_global_batch().unwrap().0[0])).collect();
+    assert_eq!(b, c);
+    // Resume after 4 batches.
+    let mut l = open(&shuffled, 1, 128, 1).unwrap();
+    for _ in 0..4 {
+        l.next_global_batch().unwrap();
+    }
+    let pos = l.position();
+    let next = ids(&l.next_global_batch().unwrap().0[0]);
+    let mut resumed = DataLoader::open(&shuffled, &settings(1, 128, 7, 1), pos).unwrap();
+    assert_eq!(ids(&resumed.next_global_batch().unwrap().0[0]), next);
+}
+
+#[test]
+fn samples_that_do_not_fit_are_skipped_or_truncated_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = "word ".repeat(200);
+    let lines = [
+        text("short", "ok"),
+        text(&long, "long"),
+        r#"{"image": "images/shapes_00_56x56.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}"#.to_string(),
+    ];
+    let refs: Vec<&str> = lines.iter().map(|s| s.as_str()).collect();
+    // 64 tokens cannot hold the image sample (the system prompt alone is ~30 tokens plus tiles).
+    let p = dataset(dir.path(), &refs, "", "");
+    let mut l = open(&p, 1, 64, 1).unwrap();
+    for _ in 0..2 {
+        l.next_global_batch().unwrap();
+    }
+    let c = l.counts();
+    assert_eq!(c.truncated, 1, "{c:?}");
+    assert!(c.skipped_too_long >= 1, "{c:?}");
+    let p = dataset(dir.path(), &refs, r#", "text_over_length": "skip""#, "");
+    let mut l = open(&p, 1, 64, 1).unwrap();
+    for _ in 0..2 {
+        l.next_global_batch().unwrap();
+    }
+    assert_eq!(l.counts().truncated, 0);
+    assert!(l.counts().skipped_too_long >= 2);
+}
+
+#[test]
+fn bad_input_names_the_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = text("hi", "yo");
+    let p = dataset(dir.path(), &[&good, "{not json"], "", "");
+    let e = open(&p, 1, 128, 1).err().unwrap();
+    assert!(e.contains("data.jsonl:2") && e.contains("not a valid chat sample"), "{e}");
+
+    let missing = r#"{"image": "nowhere.png", "conversations": [{"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": "y"}]}"#;
+    let p = dataset(dir.path(), &[missing], "", "");
+    let e = open(&p, 1, 256, 1).unwrap().next_global_batch().err().unwrap().to_string();
+    assert!(e.contains("data.jsonl:1") && e.contains("nowhere.png"), "{e}");
+
+    let corrupt_path = dir.path().join("corrupt.png");
+    std::fs::write(&corrupt_path, b"\x89PNG\r\n\x1a\nthis is not a png").unwrap();
+    let corrupt = format!(
+        r#"{{"image": "{}", "conversations": [{{"from": "human", "value": "<image>\nx"}}, {{"from": "gpt", "value": "y"}}]}}"#,
+        corrupt_path.display()
+    );
+    let p = dataset(dir.path(), &[&corrupt], "", "");
+    let e = open(&p, 1, 256, 1).unwrap().next_global_batch().err().unwrap().to_string();
+    assert!(e.contains("data.jsonl:1") && e.contains("corrupt.png"), "{e}");
+
+    let two = r#"{"image": ["images/shapes_00_56x56.png", "images/shapes_01_84x84.png"], "conversations": [{"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": "y"}]}"#;
+    let p = dataset(dir.path(), &[two], "", "");
+    let e = open(&p, 1, 512, 1).unwrap().next_global_batch().err().unwrap().to_string();
+    assert!(e.contains("data.jsonl:1") && e.contains("2 image(s) but 1"), "{e}");
+
+    let p = dataset(dir.path(), &[&good], r#", "template_name": "chatml""#, "");
+    let e = open(&p, 1, 128, 1).err().unwrap();
+    assert!(e.contains("data.json") && e.contains("unknown template"), "{e}");
+
+    let p = dataset(dir.path(), &[], "", "");
+    let e = open(&p, 1, 128, 1).err().unwrap();
+    assert!(e.contains("empty"), "{e}");
+
+    // With skip_bad_samples the same problems are counted instead.
+    let p = dataset(dir.path(), &[missing, &good, &good], r#", "skip_bad_samples": true"#, "");
+    let mut l = open(&p, 1, 256, 1).unwrap();
+    l.next_global_batch().unwrap();
+    assert_eq!(l.counts().bad, 1);
+    assert!(l.warnings[0].contains("nowhere.png"));
+}
+
+#[test]
+fn the_data_must_fit_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = text("hi", "yo");
+    let p = dataset(dir.path(), &[&good], "", "");
+    let mut s = settings(1, 128, 7, 1);
+    s.model.tile_size = Some(448);
+    let e = DataLoader::open(&p, &s, DataPosition { sample: 0 }).err().unwrap().to_string();
+    assert!(e.contains("image_size") && e.contains("448"), "{e}");
+    let mut s = settings(1, 128, 7, 1);
+    s.model.img_context_token_id = Some(5);
+    let e = DataLoader::open(&p, &s, DataPosition { sample: 0 }).err().unwrap().to_string();
+    assert!(e.contains("<IMG_CONTEXT>") && e.contains("151671"), "{e}");
+}
