@@ -41,7 +41,8 @@ impl Source {
         match self {
             Source::Tensors(t) => t.batches_per_epoch(),
             Source::Chat(l) => {
-                let per_step = (plan.settings.micro_batch_size * plan.settings.grad_accum_steps) as u64;
+                let per_step =
+                    (plan.settings.micro_batch_size * plan.settings.grad_accum_steps) as u64;
                 l.samples_per_epoch().div_ceil(per_step).max(1)
             }
         }
@@ -75,13 +76,17 @@ pub fn run(args: &RunArgs) -> Result<()> {
         );
         Source::Chat(Box::new(loader))
     };
-    let train_iters = args.train_iters.unwrap_or_else(|| source.steps_per_epoch(&plan));
+    let train_iters = args
+        .train_iters
+        .unwrap_or_else(|| source.steps_per_epoch(&plan));
     if train_iters == 0 {
         bail!("--train-iters must be at least 1");
     }
     let schedule = plan.settings.schedule.clone();
     let mut metrics = match &args.metrics {
-        Some(p) => Some(MetricsWriter::create(p).with_context(|| format!("cannot create {}", p.display()))?),
+        Some(p) => Some(
+            MetricsWriter::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        ),
         None => None,
     };
 
@@ -96,8 +101,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let bar = if std::io::stderr().is_terminal() {
         let b = ProgressBar::new(train_iters);
         b.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-                .expect("valid template"),
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .expect("valid template"),
         );
         b
     } else {
@@ -109,7 +116,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
         let step = i + 1;
         let lr = schedule.lr_at(step, train_iters);
         let t0 = Instant::now();
-        let (micro_batches, tokens) = source.next(i).with_context(|| format!("step {step}: reading data"))?;
+        let (micro_batches, tokens) = source
+            .next(i)
+            .with_context(|| format!("step {step}: reading data"))?;
         let out = trainer
             .train_step(&micro_batches, lr)
             .with_context(|| format!("step {step}"))?;

@@ -34,7 +34,8 @@ fn settings() -> TrainSettings {
 
 fn loader(c: &mut Criterion) {
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/demo/data.json");
-    let mut l = DataLoader::open(&data, &settings(), DataPosition { sample: 0 }).expect("the demo data loads");
+    let mut l = DataLoader::open(&data, &settings(), DataPosition { sample: 0 })
+        .expect("the demo data loads");
     let epoch = l.samples_per_epoch();
     let mut g = c.benchmark_group("loader");
     g.sample_size(10);

@@ -215,6 +215,13 @@ impl TensorBatches {
             .collect();
         let max_tiles = self.pixels.as_ref().map_or(0, |(p, _)| p[0]);
         let tile = self.pixels.as_ref().map(|(p, _)| [p[1], p[2], p[3]]);
-        assemble(&packed, self.micro, self.seq, max_tiles, tile, self.reduction)
+        assemble(
+            &packed,
+            self.micro,
+            self.seq,
+            max_tiles,
+            tile,
+            self.reduction,
+        )
     }
 }

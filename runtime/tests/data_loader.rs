@@ -31,27 +31,48 @@ fn dataset(dir: &Path, lines: &[&str], extra_dataset: &str, extra_loader: &str) 
 }
 
 fn text(q: &str, a: &str) -> String {
-    format!(r#"{{"conversations": [{{"from": "human", "value": "{q}"}}, {{"from": "gpt", "value": "{a}"}}]}}"#)
+    format!(
+        r#"{{"conversations": [{{"from": "human", "value": "{q}"}}, {{"from": "gpt", "value": "{a}"}}]}}"#
+    )
 }
 
 fn ids(b: &MicroBatch) -> Vec<i64> {
-    b.0["input_ids"].to_f64_vec().iter().map(|&x| x as i64).collect()
+    b.0["input_ids"]
+        .to_f64_vec()
+        .iter()
+        .map(|&x| x as i64)
+        .collect()
 }
 
 fn open(p: &Path, micro: usize, seq: usize, accum: usize) -> Result<DataLoader, String> {
-    DataLoader::open(p, &settings(micro, seq, 7, accum), DataPosition { sample: 0 }).map_err(|e| e.to_string())
+    DataLoader::open(
+        p,
+        &settings(micro, seq, 7, accum),
+        DataPosition { sample: 0 },
+    )
+    .map_err(|e| e.to_string())
 }
 
 #[test]
 fn file_order_packing_and_segments() {
     let dir = tempfile::tempdir().unwrap();
-    let lines: Vec<String> = (0..6).map(|i| text(&format!("q{i}"), &format!("a{i}"))).collect();
+    let lines: Vec<String> = (0..6)
+        .map(|i| text(&format!("q{i}"), &format!("a{i}")))
+        .collect();
     let refs: Vec<&str> = lines.iter().map(|s| s.as_str()).collect();
     let p = dataset(dir.path(), &refs, "", r#", "packing": true"#);
     let mut l = open(&p, 1, 256, 1).unwrap();
     let (mbs, tokens) = l.next_global_batch().unwrap();
-    let seg: Vec<i64> = mbs[0].0["segment_ids"].to_f64_vec().iter().map(|&x| x as i64).collect();
-    let pos: Vec<i64> = mbs[0].0["position_ids"].to_f64_vec().iter().map(|&x| x as i64).collect();
+    let seg: Vec<i64> = mbs[0].0["segment_ids"]
+        .to_f64_vec()
+        .iter()
+        .map(|&x| x as i64)
+        .collect();
+    let pos: Vec<i64> = mbs[0].0["position_ids"]
+        .to_f64_vec()
+        .iter()
+        .map(|&x| x as i64)
+        .collect();
     let samples = *seg.iter().max().unwrap();
     assert!(samples >= 2, "packing put {samples} sample(s) in a row");
     assert_eq!(tokens, seg.iter().filter(|&&s| s != 0).count());
@@ -71,17 +92,28 @@ fn file_order_packing_and_segments() {
 #[test]
 fn shuffle_follows_the_seed_and_resumption_repeats_the_stream() {
     let dir = tempfile::tempdir().unwrap();
-    let lines: Vec<String> = (0..9).map(|i| text(&format!("question {i}"), &format!("answer {i}"))).collect();
+    let lines: Vec<String> = (0..9)
+        .map(|i| text(&format!("question {i}"), &format!("answer {i}")))
+        .collect();
     let refs: Vec<&str> = lines.iter().map(|s| s.as_str()).collect();
     let plain = dataset(dir.path(), &refs, "", "");
     let a: Vec<Vec<i64>> = {
         let mut l = open(&plain, 1, 128, 1).unwrap();
-        (0..9).map(|_| ids(&l.next_global_batch().unwrap().0[0])).collect()
+        (0..9)
+            .map(|_| ids(&l.next_global_batch().unwrap().0[0]))
+            .collect()
     };
     let shuffled_dir = tempfile::tempdir().unwrap();
-    let shuffled = dataset(shuffled_dir.path(), &refs, "", r#", "shuffle": true, "seed": 3"#);
+    let shuffled = dataset(
+        shuffled_dir.path(),
+        &refs,
+        "",
+        r#", "shuffle": true, "seed": 3"#,
+    );
     let mut l = open(&shuffled, 1, 128, 1).unwrap();
-    let b: Vec<Vec<i64>> = (0..9).map(|_| ids(&l.next_global_batch().unwrap().0[0])).collect();
+    let b: Vec<Vec<i64>> = (0..9)
+        .map(|_| ids(&l.next_global_batch().unwrap().0[0]))
+        .collect();
     assert_ne!(a, b, "shuffle changed nothing");
     let mut sorted_a = a.clone();
     let mut sorted_b = b.clone();
@@ -90,7 +122,9 @@ fn shuffle_follows_the_seed_and_resumption_repeats_the_stream() {
     assert_eq!(sorted_a, sorted_b, "one epoch holds every sample once");
     // Same seed, same order.
     let mut again = open(&shuffled, 1, 128, 1).unwrap();
-    let c: Vec<Vec<i64>> = (0..9).map(|_| ids(&again.next_global_batch().unwrap().0[0])).collect();
+    let c: Vec<Vec<i64>> = (0..9)
+        .map(|_| ids(&again.next_global_batch().unwrap().0[0]))
+        .collect();
     assert_eq!(b, c);
     // Resume after 4 batches.
     let mut l = open(&shuffled, 1, 128, 1).unwrap();
@@ -110,13 +144,14 @@ fn samples_that_do_not_fit_are_skipped_or_truncated_and_counted() {
     let lines = [
         text("short", "ok"),
         text(&long, "long"),
-        r#"{"image": "images/shapes_00_56x56.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}"#.to_string(),
+        r#"{"image": "images/shapes_08_140x100.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}"#.to_string(),
     ];
     let refs: Vec<&str> = lines.iter().map(|s| s.as_str()).collect();
-    // 64 tokens cannot hold the image sample (the system prompt alone is ~30 tokens plus tiles).
+    // 64 tokens cannot hold the image sample (about 30 tokens of system prompt plus 7 tiles of
+    // 4 tokens and the turns), and an image is never cut: it is skipped.
     let p = dataset(dir.path(), &refs, "", "");
     let mut l = open(&p, 1, 64, 1).unwrap();
-    for _ in 0..2 {
+    for _ in 0..3 {
         l.next_global_batch().unwrap();
     }
     let c = l.counts();
@@ -137,12 +172,23 @@ fn bad_input_names_the_file_and_line() {
     let good = text("hi", "yo");
     let p = dataset(dir.path(), &[&good, "{not json"], "", "");
     let e = open(&p, 1, 128, 1).err().unwrap();
-    assert!(e.contains("data.jsonl:2") && e.contains("not a valid chat sample"), "{e}");
+    assert!(
+        e.contains("data.jsonl:2") && e.contains("not a valid chat sample"),
+        "{e}"
+    );
 
     let missing = r#"{"image": "nowhere.png", "conversations": [{"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": "y"}]}"#;
     let p = dataset(dir.path(), &[missing], "", "");
-    let e = open(&p, 1, 256, 1).unwrap().next_global_batch().err().unwrap().to_string();
-    assert!(e.contains("data.jsonl:1") && e.contains("nowhere.png"), "{e}");
+    let e = open(&p, 1, 256, 1)
+        .unwrap()
+        .next_global_batch()
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("data.jsonl:1") && e.contains("nowhere.png"),
+        "{e}"
+    );
 
     let corrupt_path = dir.path().join("corrupt.png");
     std::fs::write(&corrupt_path, b"\x89PNG\r\n\x1a\nthis is not a png").unwrap();
@@ -151,24 +197,48 @@ fn bad_input_names_the_file_and_line() {
         corrupt_path.display()
     );
     let p = dataset(dir.path(), &[&corrupt], "", "");
-    let e = open(&p, 1, 256, 1).unwrap().next_global_batch().err().unwrap().to_string();
-    assert!(e.contains("data.jsonl:1") && e.contains("corrupt.png"), "{e}");
+    let e = open(&p, 1, 256, 1)
+        .unwrap()
+        .next_global_batch()
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("data.jsonl:1") && e.contains("corrupt.png"),
+        "{e}"
+    );
 
     let two = r#"{"image": ["images/shapes_00_56x56.png", "images/shapes_01_84x84.png"], "conversations": [{"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": "y"}]}"#;
     let p = dataset(dir.path(), &[two], "", "");
-    let e = open(&p, 1, 512, 1).unwrap().next_global_batch().err().unwrap().to_string();
-    assert!(e.contains("data.jsonl:1") && e.contains("2 image(s) but 1"), "{e}");
+    let e = open(&p, 1, 512, 1)
+        .unwrap()
+        .next_global_batch()
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("data.jsonl:1") && e.contains("2 image(s) but 1"),
+        "{e}"
+    );
 
     let p = dataset(dir.path(), &[&good], r#", "template_name": "chatml""#, "");
     let e = open(&p, 1, 128, 1).err().unwrap();
-    assert!(e.contains("data.json") && e.contains("unknown template"), "{e}");
+    assert!(
+        e.contains("data.json") && e.contains("unknown template"),
+        "{e}"
+    );
 
     let p = dataset(dir.path(), &[], "", "");
     let e = open(&p, 1, 128, 1).err().unwrap();
     assert!(e.contains("empty"), "{e}");
 
     // With skip_bad_samples the same problems are counted instead.
-    let p = dataset(dir.path(), &[missing, &good, &good], r#", "skip_bad_samples": true"#, "");
+    let p = dataset(
+        dir.path(),
+        &[missing, &good, &good],
+        r#", "skip_bad_samples": true"#,
+        "",
+    );
     let mut l = open(&p, 1, 256, 1).unwrap();
     l.next_global_batch().unwrap();
     assert_eq!(l.counts().bad, 1);
@@ -182,10 +252,16 @@ fn the_data_must_fit_the_model() {
     let p = dataset(dir.path(), &[&good], "", "");
     let mut s = settings(1, 128, 7, 1);
     s.model.tile_size = Some(448);
-    let e = DataLoader::open(&p, &s, DataPosition { sample: 0 }).err().unwrap().to_string();
+    let e = DataLoader::open(&p, &s, DataPosition { sample: 0 })
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("image_size") && e.contains("448"), "{e}");
     let mut s = settings(1, 128, 7, 1);
     s.model.img_context_token_id = Some(5);
-    let e = DataLoader::open(&p, &s, DataPosition { sample: 0 }).err().unwrap().to_string();
+    let e = DataLoader::open(&p, &s, DataPosition { sample: 0 })
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("<IMG_CONTEXT>") && e.contains("151671"), "{e}");
 }

@@ -13,14 +13,20 @@ use mmc_runtime::Checkpoint;
 #[test]
 fn every_sample_matches_the_python_pipeline() {
     let dir = repo("tests/fixtures/data_parity");
-    let loader = DataLoader::open(&dir.join("data.json"), &settings(1, 1024, 7, 1), DataPosition { sample: 0 })
-        .unwrap_or_else(|e| panic!("{e}"));
+    let loader = DataLoader::open(
+        &dir.join("data.json"),
+        &settings(1, 1024, 7, 1),
+        DataPosition { sample: 0 },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let reference = Checkpoint::open(&dir.join("reference.safetensors")).unwrap();
     let n = loader.samples_per_epoch() as usize;
     assert!(n >= 20, "only {n} samples");
     let mut worst_pixel = 0.0f64;
     for i in 0..n {
-        let Outcome::Ready { sample, truncated } = loader.prepare(i).unwrap_or_else(|e| panic!("{e}")) else {
+        let Outcome::Ready { sample, truncated } =
+            loader.prepare(i).unwrap_or_else(|e| panic!("{e}"))
+        else {
             panic!("sample {i} does not fit");
         };
         assert!(!truncated);

@@ -150,16 +150,16 @@ impl<'g> Interpreter<'g> {
                         .expect("verified: defined before use")
                 })
                 .collect();
-            let result = self
-                .eval(&node.op, &args, out_ty, &Dyn(bindings))
-                .map_err(|e| match e {
-                    EvalError::Msg(message) => InterpError::Op {
-                        node: i,
-                        op: node.op.name(),
-                        message,
-                    },
-                    EvalError::Binding(b) => b,
-                })?;
+            let result =
+                self.eval(&node.op, &args, out_ty, &Dyn(bindings))
+                    .map_err(|e| match e {
+                        EvalError::Msg(message) => InterpError::Op {
+                            node: i,
+                            op: node.op.name(),
+                            message,
+                        },
+                        EvalError::Binding(b) => b,
+                    })?;
             drop(args);
             vals[out.0 as usize] = Some(result);
             self.free_dead(node, i, &mut vals);
@@ -191,7 +191,8 @@ impl<'g> Interpreter<'g> {
         out_ty: &TensorType,
     ) -> Option<Val> {
         let x = *node.inputs.first()?;
-        let dies = self.last_use[x.0 as usize] == Some(i) && node.inputs[1..].iter().all(|&v| v != x);
+        let dies =
+            self.last_use[x.0 as usize] == Some(i) && node.inputs[1..].iter().all(|&v| v != x);
         if !dies {
             return None;
         }
@@ -218,7 +219,13 @@ impl<'g> Interpreter<'g> {
                 }
                 let mut val = vals[x.0 as usize].take()?;
                 let f = binary_f(*b);
-                if let (Buf::F(dst), Some(Val { buf: Buf::F(src), .. })) = (&mut val.buf, vals[y.0 as usize].as_ref()) {
+                if let (
+                    Buf::F(dst),
+                    Some(Val {
+                        buf: Buf::F(src), ..
+                    }),
+                ) = (&mut val.buf, vals[y.0 as usize].as_ref())
+                {
                     dst.iter_mut().zip(src).for_each(|(d, &s)| *d = f(*d, s));
                 }
                 Some(self.make(out_ty, val.buf))

@@ -67,7 +67,10 @@ impl ChatSample {
     /// Parses one JSONL line; the error says what is wrong with it (the caller adds file:line).
     pub fn parse(line: &str) -> Result<ChatSample, String> {
         let raw: RawSample = serde_json::from_str(line).map_err(|e| {
-            format!("not a valid chat sample: {}", e.to_string().split(" at line").next().unwrap_or_default())
+            format!(
+                "not a valid chat sample: {}",
+                e.to_string().split(" at line").next().unwrap_or_default()
+            )
         })?;
         if raw.conversations.is_empty() {
             return Err("`conversations` is empty".into());
@@ -92,7 +95,9 @@ impl ChatSample {
             });
         }
         let media = match (raw.image, raw.video) {
-            (Some(_), Some(_)) => return Err("a sample cannot have both `image` and `video`".into()),
+            (Some(_), Some(_)) => {
+                return Err("a sample cannot have both `image` and `video`".into())
+            }
             (Some(RawImage::One(p)), None) if !p.is_empty() => Media::Image(p),
             (Some(RawImage::Many(v)), None) if !v.is_empty() => Media::Images(v),
             (Some(_), None) => Media::Text,
@@ -134,8 +139,11 @@ pub enum AnnotationError {
     Line { origin: Origin, message: String },
 }
 
+/// A line of an annotation file: the sample, or why it is bad, with its origin.
+pub type AnnotationLine = (Origin, Result<ChatSample, String>);
+
 /// The lines of one annotation file: parsed samples (or why a line is bad) with their origin.
-pub fn read_annotations(file: &Path) -> Result<Vec<(Origin, Result<ChatSample, String>)>, AnnotationError> {
+pub fn read_annotations(file: &Path) -> Result<Vec<AnnotationLine>, AnnotationError> {
     let text = std::fs::read_to_string(file).map_err(|source| AnnotationError::Read {
         file: file.to_path_buf(),
         source,
@@ -164,20 +172,43 @@ mod tests {
     fn every_kind_of_sample_parses() {
         let text = ChatSample::parse(r#"{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}"#).unwrap();
         assert_eq!(text.media, Media::Text);
-        let one = ChatSample::parse(r#"{"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nwhat"}]}"#).unwrap();
+        let one = ChatSample::parse(
+            r#"{"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nwhat"}]}"#,
+        )
+        .unwrap();
         assert_eq!(one.media, Media::Image("a.jpg".into()));
-        let many = ChatSample::parse(r#"{"image": ["a.jpg", "b.png"], "conversations": [{"from": "human", "value": "x"}]}"#).unwrap();
-        assert_eq!(many.media, Media::Images(vec!["a.jpg".into(), "b.png".into()]));
+        let many = ChatSample::parse(
+            r#"{"image": ["a.jpg", "b.png"], "conversations": [{"from": "human", "value": "x"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            many.media,
+            Media::Images(vec!["a.jpg".into(), "b.png".into()])
+        );
         let video = ChatSample::parse(r#"{"video": "v.mp4", "clip": [1.0, 2.5], "conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "x"}]}"#).unwrap();
-        assert_eq!(video.media, Media::Video { path: "v.mp4".into(), clip: Some((1.0, 2.5)) });
+        assert_eq!(
+            video.media,
+            Media::Video {
+                path: "v.mp4".into(),
+                clip: Some((1.0, 2.5))
+            }
+        );
         assert_eq!(video.conversations[0].role, Role::System);
     }
 
     #[test]
     fn bad_lines_say_why() {
-        assert!(ChatSample::parse("{not json").unwrap_err().contains("not a valid chat sample"));
-        assert!(ChatSample::parse(r#"{"conversations": []}"#).unwrap_err().contains("empty"));
-        assert!(ChatSample::parse(r#"{"conversations": [{"from": "bot", "value": "x"}]}"#).unwrap_err().contains("\"bot\""));
+        assert!(ChatSample::parse("{not json")
+            .unwrap_err()
+            .contains("not a valid chat sample"));
+        assert!(ChatSample::parse(r#"{"conversations": []}"#)
+            .unwrap_err()
+            .contains("empty"));
+        assert!(
+            ChatSample::parse(r#"{"conversations": [{"from": "bot", "value": "x"}]}"#)
+                .unwrap_err()
+                .contains("\"bot\"")
+        );
         assert!(ChatSample::parse(r#"{"conversations": [{"from": "human", "value": "x"}, {"from": "system", "value": "x"}]}"#).unwrap_err().contains("first"));
     }
 }

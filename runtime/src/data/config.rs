@@ -182,7 +182,10 @@ pub fn find_path(anchor: &Path, given: &str) -> Result<PathBuf, Vec<PathBuf>> {
     let tried: Vec<PathBuf> = if p.is_absolute() {
         vec![p.to_path_buf()]
     } else {
-        vec![anchor.parent().unwrap_or(Path::new(".")).join(p), p.to_path_buf()]
+        vec![
+            anchor.parent().unwrap_or(Path::new(".")).join(p),
+            p.to_path_buf(),
+        ]
     };
     tried.iter().find(|c| c.exists()).cloned().ok_or(tried)
 }
@@ -204,7 +207,13 @@ impl Reader<'_> {
         obj.get(key).filter(|v| !v.is_null())
     }
 
-    fn usize(&self, obj: &Map<String, Json>, key: &str, dotted: &str, default: usize) -> Result<usize, DataConfigError> {
+    fn usize(
+        &self,
+        obj: &Map<String, Json>,
+        key: &str,
+        dotted: &str,
+        default: usize,
+    ) -> Result<usize, DataConfigError> {
         match self.get(obj, key) {
             None => Ok(default),
             Some(v) => v
@@ -214,7 +223,13 @@ impl Reader<'_> {
         }
     }
 
-    fn bool(&self, obj: &Map<String, Json>, key: &str, dotted: &str, default: bool) -> Result<bool, DataConfigError> {
+    fn bool(
+        &self,
+        obj: &Map<String, Json>,
+        key: &str,
+        dotted: &str,
+        default: bool,
+    ) -> Result<bool, DataConfigError> {
         match self.get(obj, key) {
             None => Ok(default),
             Some(v) => v
@@ -223,7 +238,13 @@ impl Reader<'_> {
         }
     }
 
-    fn f64(&self, obj: &Map<String, Json>, key: &str, dotted: &str, default: f64) -> Result<f64, DataConfigError> {
+    fn f64(
+        &self,
+        obj: &Map<String, Json>,
+        key: &str,
+        dotted: &str,
+        default: f64,
+    ) -> Result<f64, DataConfigError> {
         match self.get(obj, key) {
             None => Ok(default),
             Some(v) => v
@@ -232,7 +253,12 @@ impl Reader<'_> {
         }
     }
 
-    fn string(&self, obj: &Map<String, Json>, key: &str, dotted: &str) -> Result<Option<String>, DataConfigError> {
+    fn string(
+        &self,
+        obj: &Map<String, Json>,
+        key: &str,
+        dotted: &str,
+    ) -> Result<Option<String>, DataConfigError> {
         match self.get(obj, key) {
             None => Ok(None),
             Some(v) => v
@@ -242,7 +268,12 @@ impl Reader<'_> {
         }
     }
 
-    fn object<'j>(&self, obj: &'j Map<String, Json>, key: &str, dotted: &str) -> Result<Option<&'j Map<String, Json>>, DataConfigError> {
+    fn object<'j>(
+        &self,
+        obj: &'j Map<String, Json>,
+        key: &str,
+        dotted: &str,
+    ) -> Result<Option<&'j Map<String, Json>>, DataConfigError> {
         match self.get(obj, key) {
             None => Ok(None),
             Some(Json::Object(m)) => Ok(Some(m)),
@@ -269,7 +300,12 @@ fn read_json(path: &Path) -> Result<Json, DataConfigError> {
         path: path.to_path_buf(),
         line: e.line(),
         column: e.column(),
-        message: e.to_string().split(" at line").next().unwrap_or_default().to_string(),
+        message: e
+            .to_string()
+            .split(" at line")
+            .next()
+            .unwrap_or_default()
+            .to_string(),
     })
 }
 
@@ -289,17 +325,27 @@ impl DataConfig {
             .object(ds, "basic_parameters", "dataset_param.basic_parameters")?
             .ok_or_else(|| r.invalid("dataset_param.basic_parameters", "is missing"))?;
         let pre = r
-            .object(ds, "preprocess_parameters", "dataset_param.preprocess_parameters")?
+            .object(
+                ds,
+                "preprocess_parameters",
+                "dataset_param.preprocess_parameters",
+            )?
             .unwrap_or(&empty);
         let tok = r
             .object(ds, "tokenizer_config", "dataset_param.tokenizer_config")?
             .ok_or_else(|| r.invalid("dataset_param.tokenizer_config", "is missing"))?;
-        let dl = r.object(top, "dataloader_param", "dataloader_param")?.unwrap_or(&empty);
+        let dl = r
+            .object(top, "dataloader_param", "dataloader_param")?
+            .unwrap_or(&empty);
         let collate = r
             .object(dl, "collate_param", "dataloader_param.collate_param")?
             .unwrap_or(&empty);
 
-        if let Some(kind) = r.string(pre, "image_reader_type", "dataset_param.preprocess_parameters.image_reader_type")? {
+        if let Some(kind) = r.string(
+            pre,
+            "image_reader_type",
+            "dataset_param.preprocess_parameters.image_reader_type",
+        )? {
             if !matches!(kind.as_str(), "torchvision" | "PIL" | "pil") {
                 return Err(r.invalid(
                     "dataset_param.preprocess_parameters.image_reader_type",
@@ -307,15 +353,33 @@ impl DataConfig {
                 ));
             }
         }
-        let train_pipeline = match r.object(pre, "train_pipeline", "dataset_param.preprocess_parameters.train_pipeline")? {
+        let train_pipeline = match r.object(
+            pre,
+            "train_pipeline",
+            "dataset_param.preprocess_parameters.train_pipeline",
+        )? {
             Some(tp) => tp.get("image").cloned(),
             None => None,
         };
         let tokenizer = r
-            .string(tok, "from_pretrained", "dataset_param.tokenizer_config.from_pretrained")?
-            .ok_or_else(|| r.invalid("dataset_param.tokenizer_config.from_pretrained", "is missing"))?;
+            .string(
+                tok,
+                "from_pretrained",
+                "dataset_param.tokenizer_config.from_pretrained",
+            )?
+            .ok_or_else(|| {
+                r.invalid(
+                    "dataset_param.tokenizer_config.from_pretrained",
+                    "is missing",
+                )
+            })?;
         let tokenizer_dir = r.find("tokenizer folder", &tokenizer)?;
-        if r.bool(tok, "add_eos_token", "dataset_param.tokenizer_config.add_eos_token", false)? {
+        if r.bool(
+            tok,
+            "add_eos_token",
+            "dataset_param.tokenizer_config.add_eos_token",
+            false,
+        )? {
             return Err(r.invalid(
                 "dataset_param.tokenizer_config.add_eos_token",
                 "true is not supported (the internvl2_5 template ends turns with <|im_end|>)",
@@ -332,11 +396,24 @@ impl DataConfig {
         }
 
         let data_path = r
-            .string(basic, "data_path", "dataset_param.basic_parameters.data_path")?
+            .string(
+                basic,
+                "data_path",
+                "dataset_param.basic_parameters.data_path",
+            )?
             .ok_or_else(|| r.invalid("dataset_param.basic_parameters.data_path", "is missing"))?;
         let data_path = r.find("data_path", &data_path)?;
-        let folder = r.string(basic, "data_folder", "dataset_param.basic_parameters.data_folder")?;
-        let repeat_time = r.f64(basic, "repeat_time", "dataset_param.basic_parameters.repeat_time", 1.0)?;
+        let folder = r.string(
+            basic,
+            "data_folder",
+            "dataset_param.basic_parameters.data_folder",
+        )?;
+        let repeat_time = r.f64(
+            basic,
+            "repeat_time",
+            "dataset_param.basic_parameters.repeat_time",
+            1.0,
+        )?;
         let sources = Self::sources(&r, &data_path, folder.as_deref(), repeat_time)?;
 
         let over = r.string(ds, "text_over_length", "dataset_param.text_over_length")?;
@@ -358,11 +435,31 @@ impl DataConfig {
             template_name,
             image_size: r.usize(ds, "image_size", "dataset_param.image_size", 448)?,
             patch_size: r.usize(ds, "patch_size", "dataset_param.patch_size", 14)?,
-            down_sample_ratio: r.f64(ds, "down_sample_ratio", "dataset_param.down_sample_ratio", 0.5)?,
-            dynamic_image_size: r.bool(ds, "dynamic_image_size", "dataset_param.dynamic_image_size", false)?,
+            down_sample_ratio: r.f64(
+                ds,
+                "down_sample_ratio",
+                "dataset_param.down_sample_ratio",
+                0.5,
+            )?,
+            dynamic_image_size: r.bool(
+                ds,
+                "dynamic_image_size",
+                "dataset_param.dynamic_image_size",
+                false,
+            )?,
             use_thumbnail: r.bool(ds, "use_thumbnail", "dataset_param.use_thumbnail", false)?,
-            min_dynamic_patch: r.usize(ds, "min_dynamic_patch", "dataset_param.min_dynamic_patch", 1)?,
-            max_dynamic_patch: r.usize(ds, "max_dynamic_patch", "dataset_param.max_dynamic_patch", 6)?,
+            min_dynamic_patch: r.usize(
+                ds,
+                "min_dynamic_patch",
+                "dataset_param.min_dynamic_patch",
+                1,
+            )?,
+            max_dynamic_patch: r.usize(
+                ds,
+                "max_dynamic_patch",
+                "dataset_param.max_dynamic_patch",
+                6,
+            )?,
             min_num_frame: r.usize(ds, "min_num_frame", "dataset_param.min_num_frame", 4)?,
             max_num_frame: r.usize(ds, "max_num_frame", "dataset_param.max_num_frame", 12)?,
             sampling_method: r
@@ -371,17 +468,31 @@ impl DataConfig {
             shuffle: r.bool(dl, "shuffle", "dataloader_param.shuffle", false)?,
             seed: match r.get(dl, "seed") {
                 None => None,
-                Some(v) => Some(
-                    v.as_u64()
-                        .ok_or_else(|| r.invalid("dataloader_param.seed", format!("must be a whole number, not {v}")))?,
-                ),
+                Some(v) => Some(v.as_u64().ok_or_else(|| {
+                    r.invalid(
+                        "dataloader_param.seed",
+                        format!("must be a whole number, not {v}"),
+                    )
+                })?),
             },
             drop_last: r.bool(dl, "drop_last", "dataloader_param.drop_last", true)?,
-            pad_id: r.usize(collate, "pad_id", "dataloader_param.collate_param.pad_id", 0)? as i64,
+            pad_id: r.usize(
+                collate,
+                "pad_id",
+                "dataloader_param.collate_param.pad_id",
+                0,
+            )? as i64,
             packing: r.bool(dl, "packing", "dataloader_param.packing", false)?,
             text_over_length,
-            skip_bad_samples: r.bool(ds, "skip_bad_samples", "dataset_param.skip_bad_samples", false)?,
-            num_workers: r.usize(dl, "num_workers", "dataloader_param.num_workers", 2)?.max(1),
+            skip_bad_samples: r.bool(
+                ds,
+                "skip_bad_samples",
+                "dataset_param.skip_bad_samples",
+                false,
+            )?,
+            num_workers: r
+                .usize(dl, "num_workers", "dataloader_param.num_workers", 2)?
+                .max(1),
             ignored_keys: {
                 let mut v = Vec::new();
                 collect_ignored("", &json, &mut v);
@@ -393,13 +504,22 @@ impl DataConfig {
     }
 
     fn check(&self, r: &Reader) -> Result<(), DataConfigError> {
-        if self.patch_size == 0 || self.image_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
+        if self.patch_size == 0
+            || self.image_size == 0
+            || !self.image_size.is_multiple_of(self.patch_size)
+        {
             return Err(r.invalid(
                 "dataset_param.image_size",
-                format!("{} is not a multiple of patch_size {}", self.image_size, self.patch_size),
+                format!(
+                    "{} is not a multiple of patch_size {}",
+                    self.image_size, self.patch_size
+                ),
             ));
         }
-        if !(self.down_sample_ratio > 0.0 && self.down_sample_ratio <= 1.0) {
+        if self.down_sample_ratio.is_nan()
+            || self.down_sample_ratio <= 0.0
+            || self.down_sample_ratio > 1.0
+        {
             return Err(r.invalid("dataset_param.down_sample_ratio", "must be in (0, 1]"));
         }
         if self.min_dynamic_patch == 0 || self.min_dynamic_patch > self.max_dynamic_patch {
@@ -458,18 +578,20 @@ impl DataConfig {
         // An InternVL meta file: {"name": {"root": ..., "annotation": ..., "repeat_time": ...}, ...}
         let meta = read_json(data_path)?;
         let mr = Reader { path: data_path };
-        let obj = meta
-            .as_object()
-            .ok_or_else(|| mr.invalid("(top level)", "a meta file must be an object of datasets"))?;
+        let obj = meta.as_object().ok_or_else(|| {
+            mr.invalid("(top level)", "a meta file must be an object of datasets")
+        })?;
         let mut out = Vec::new();
         for (name, entry) in obj {
-            let e = entry
-                .as_object()
-                .ok_or_else(|| mr.invalid(name, "must be an object with `root` and `annotation`"))?;
+            let e = entry.as_object().ok_or_else(|| {
+                mr.invalid(name, "must be an object with `root` and `annotation`")
+            })?;
             let ann = mr
                 .string(e, "annotation", &format!("{name}.annotation"))?
                 .ok_or_else(|| mr.invalid(&format!("{name}.annotation"), "is missing"))?;
-            let root = mr.string(e, "root", &format!("{name}.root"))?.unwrap_or_default();
+            let root = mr
+                .string(e, "root", &format!("{name}.root"))?
+                .unwrap_or_default();
             out.push(DatasetSource {
                 name: name.clone(),
                 annotation: mr.find("annotation", &ann)?,
@@ -482,7 +604,10 @@ impl DataConfig {
                 max_dynamic_patch: match mr.get(e, "max_dynamic_patch") {
                     None => None,
                     Some(v) => Some(v.as_u64().ok_or_else(|| {
-                        mr.invalid(&format!("{name}.max_dynamic_patch"), "must be a whole number")
+                        mr.invalid(
+                            &format!("{name}.max_dynamic_patch"),
+                            "must be a whole number",
+                        )
                     })? as usize),
                 },
             });
@@ -499,7 +624,7 @@ impl DataConfig {
 
 /// A repeat factor is a fraction in (0, 1] or a whole number.
 fn check_repeat(r: &Reader, key: &str, t: f64) -> Result<(), DataConfigError> {
-    if !(t > 0.0) || (t > 1.0 && t.fract() != 0.0) {
+    if t.is_nan() || t <= 0.0 || (t > 1.0 && t.fract() != 0.0) {
         return Err(r.invalid(
             key,
             format!("{t} must be a fraction in (0, 1] or a whole number of repeats"),

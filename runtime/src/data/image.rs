@@ -91,11 +91,10 @@ pub fn open_rgb(path: &Path) -> Result<RgbImage, ImageError> {
 ///   `LOAD_TRUNCATED_IMAGES = False`. (InternVL's training scripts set it to `True` and
 ///   then train on the partially decoded image; mmc rejects such files instead.)
 ///
-/// Known differences: colour JPEGs differ from libjpeg-turbo by about 0.4 grey levels on
-/// average, more (up to 15 on the test images) at a few pixels where the decoders upsample the
-/// 4:2:0 chroma differently, mostly in the last column; greyscale and CMYK JPEGs differ by at
-/// most 1. Images that need more than the `image` crate's default allocation limit (512 MiB)
-/// are [`ImageError::TooLarge`], where InternVL sets `MAX_IMAGE_PIXELS = None`.
+/// JPEGs are decoded by libjpeg-turbo (the `turbojpeg` crate), as in PIL, so their pixels are
+/// PIL's; CMYK JPEGs, which it cannot turn into RGB, go through the `image` crate and differ by
+/// at most 1. Images that need more than the `image` crate's default allocation limit
+/// (512 MiB) are [`ImageError::TooLarge`], where InternVL sets `MAX_IMAGE_PIXELS = None`.
 pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<RgbImage, ImageError> {
     let reader = image::ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
@@ -120,6 +119,18 @@ pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<RgbImage, ImageError> {
             name: name.to_string(),
             detail: detail.to_string(),
         })?;
+        // libjpeg-turbo, PIL's own decoder, gives PIL's pixels exactly (same IDCT and chroma
+        // upsampling); colour spaces it cannot turn into RGB (CMYK) take the general path.
+        if let Ok(img) = turbojpeg::decompress(bytes, turbojpeg::PixelFormat::RGB) {
+            let (w, h) = (img.width as u32, img.height as u32);
+            let mut rgb = Vec::with_capacity(img.width * img.height * 3);
+            for row in img.pixels.chunks(img.pitch).take(img.height) {
+                rgb.extend_from_slice(&row[..img.width * 3]);
+            }
+            if let Some(out) = RgbImage::from_raw(w, h, rgb) {
+                return Ok(out);
+            }
+        }
     }
     let decoded = reader.decode().map_err(|e| map_image_error(e, name))?;
     let png_grey16 = format == ImageFormat::Png && png_is_grey16(bytes);

@@ -91,7 +91,9 @@ impl Shared {
             .entry(epoch)
             .or_insert_with(|| {
                 let mut v: Vec<usize> = (0..self.entries.len()).collect();
-                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407));
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+                    self.seed ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407),
+                );
                 v.shuffle(&mut rng);
                 Arc::new(v)
             })
@@ -181,7 +183,8 @@ pub fn assemble(
         .iter()
         .enumerate()
         .map(|(i, m)| {
-            let int = |v: &[i64]| Tensor::new(shape.clone(), TensorData::I64(v.to_vec())).expect("sizes");
+            let int =
+                |v: &[i64]| Tensor::new(shape.clone(), TensorData::I64(v.to_vec())).expect("sizes");
             let mut t = BTreeMap::new();
             t.insert("input_ids".to_string(), int(&m.input_ids));
             t.insert("labels".to_string(), int(&m.labels));
@@ -216,8 +219,9 @@ pub struct DataLoader {
     pool: Pool,
     /// The next stream position to fetch.
     next: u64,
-    /// A prepared sample that did not fit the last micro-batch, with its position.
-    carry: Option<(u64, Prepared)>,
+    /// A prepared sample that did not fit the last micro-batch, with its position and whether
+    /// it was truncated.
+    carry: Option<(u64, Prepared, bool)>,
     counts: DataCounts,
     /// Bad samples seen, for the warning lines (kept short).
     pub warnings: Vec<String>,
@@ -226,7 +230,11 @@ pub struct DataLoader {
 impl DataLoader {
     /// Opens a data.json for a plan: checks it against the model, loads the tokenizer, reads
     /// every annotation line, and starts `num_workers` threads at stream position `start`.
-    pub fn open(path: &std::path::Path, settings: &TrainSettings, start: DataPosition) -> Result<DataLoader, DataError> {
+    pub fn open(
+        path: &std::path::Path,
+        settings: &TrainSettings,
+        start: DataPosition,
+    ) -> Result<DataLoader, DataError> {
         let config = DataConfig::load(path)?;
         let mismatch = |message: String| DataError::Mismatch {
             path: path.to_path_buf(),
@@ -252,7 +260,9 @@ impl DataLoader {
         }
         let tokenizer = TextTokenizer::from_dir(&config.tokenizer_dir)?;
         if let Some(id) = facts.img_context_token_id {
-            let have = tokenizer.token_to_id(super::template::IMG_CONTEXT).map(i64::from);
+            let have = tokenizer
+                .token_to_id(super::template::IMG_CONTEXT)
+                .map(i64::from);
             if have != Some(id) {
                 return Err(mismatch(format!(
                     "the tokenizer in {} gives `<IMG_CONTEXT>` the id {}, but the model expects {id} (img_context_token_id)",
@@ -271,7 +281,9 @@ impl DataLoader {
         }
         let pipeline = match &config.train_pipeline {
             Some(list) => TilePipeline::from_json(list).map_err(|m| {
-                mismatch(format!("`dataset_param.preprocess_parameters.train_pipeline.image`: {m}"))
+                mismatch(format!(
+                    "`dataset_param.preprocess_parameters.train_pipeline.image`: {m}"
+                ))
             })?,
             None => TilePipeline::internvl_default(config.image_size as u32),
         };
@@ -282,9 +294,13 @@ impl DataLoader {
                 config.image_size
             )));
         }
-        let sampling: SamplingMethod = config.sampling_method.parse().map_err(|e: super::video::VideoError| {
-            mismatch(format!("`dataset_param.sampling_method`: {e}"))
-        })?;
+        let sampling: SamplingMethod =
+            config
+                .sampling_method
+                .parse()
+                .map_err(|e: super::video::SamplingMethodError| {
+                    mismatch(format!("`dataset_param.sampling_method`: {e}"))
+                })?;
 
         let mut entries = Vec::new();
         for (si, source) in config.sources.iter().enumerate() {
@@ -315,7 +331,11 @@ impl DataLoader {
         if entries.is_empty() {
             return Err(DataError::Empty {
                 path: path.to_path_buf(),
-                files: config.sources.iter().map(|s| s.annotation.clone()).collect(),
+                files: config
+                    .sources
+                    .iter()
+                    .map(|s| s.annotation.clone())
+                    .collect(),
             });
         }
 
@@ -351,7 +371,9 @@ impl DataLoader {
             orders: Mutex::new(HashMap::new()),
             shuffle: config.shuffle,
             seed: config.seed.unwrap_or(settings.seed),
-            ahead: (4 * config.num_workers).max(2 * settings.micro_batch_size * settings.grad_accum_steps) as u64,
+            ahead: (4 * config.num_workers)
+                .max(2 * settings.micro_batch_size * settings.grad_accum_steps)
+                as u64,
         });
         let threads = (0..config.num_workers)
             .map(|_| {
@@ -385,7 +407,7 @@ impl DataLoader {
     /// The position of the next sample not yet in a returned batch.
     pub fn position(&self) -> DataPosition {
         DataPosition {
-            sample: self.carry.as_ref().map_or(self.next, |(k, _)| *k),
+            sample: self.carry.as_ref().map_or(self.next, |(k, _, _)| *k),
         }
     }
 
@@ -393,18 +415,14 @@ impl DataLoader {
         self.counts
     }
 
-    /// The next prepared sample of the stream, counting the ones left out.
-    fn next_sample(&mut self) -> Result<(u64, Prepared), DataError> {
+    /// The next prepared sample of the stream (and whether it was truncated), counting the
+    /// ones left out.
+    fn next_sample(&mut self) -> Result<(u64, Prepared, bool), DataError> {
         loop {
             let k = self.next;
             self.next += 1;
             match self.pool.shared.take(k) {
-                Ok(Outcome::Ready { sample, truncated }) => {
-                    if truncated {
-                        self.counts.truncated += 1;
-                    }
-                    return Ok((k, sample));
-                }
+                Ok(Outcome::Ready { sample, truncated }) => return Ok((k, sample, truncated)),
                 Ok(Outcome::TooLong { .. }) => self.counts.skipped_too_long += 1,
                 Err(e) if self.config.skip_bad_samples => {
                     self.counts.bad += 1;
@@ -430,12 +448,13 @@ impl DataLoader {
         for _ in 0..self.accum {
             let mut b = MicroBatchBuilder::new(self.geometry);
             loop {
-                let (k, s) = match self.carry.take() {
+                let (k, s, truncated) = match self.carry.take() {
                     Some(c) => c,
                     None => self.next_sample()?,
                 };
                 if b.try_place(&s) {
                     self.counts.used += 1;
+                    self.counts.truncated += truncated as u64;
                     continue;
                 }
                 if b.is_empty() {
@@ -447,7 +466,7 @@ impl DataLoader {
                         ),
                     });
                 }
-                self.carry = Some((k, s));
+                self.carry = Some((k, s, truncated));
                 break;
             }
             packed.push(b.finish());

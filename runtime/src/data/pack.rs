@@ -190,6 +190,9 @@ mod tests {
         assert!(b.try_place(&sample(2, 0, 2, 2)));
         assert!(!b.try_place(&sample(2, 0, 2, 3)));
         let m = b.finish();
-        assert_eq!(&m.segment_ids, &[1, 1, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            &m.segment_ids,
+            &[1, 1, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0]
+        );
     }
 }

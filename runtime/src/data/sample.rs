@@ -78,7 +78,9 @@ impl SampleMaker {
     /// Tiles per image: the dataset's `max_dynamic_patch` (meta file) or data.json's, shared
     /// among the `n` images of a sample (InternVL: `max(1, max_dynamic_patch // n)`).
     fn policy(&self, source: &DatasetSource, n: usize) -> TilePolicy {
-        let max = source.max_dynamic_patch.unwrap_or(self.config.max_dynamic_patch);
+        let max = source
+            .max_dynamic_patch
+            .unwrap_or(self.config.max_dynamic_patch);
         let max = (max / n.max(1)).max(1);
         TilePolicy {
             image_size: self.config.image_size as u32,
@@ -100,16 +102,23 @@ impl SampleMaker {
         let mut turns = sample.conversations;
         let first_human = turns.iter().position(|t| t.role == Role::Human);
         let mut grids = Vec::new();
-        let (tiles, image_tokens, text_only): (Vec<Vec<f32>>, Vec<usize>, bool) = match &sample.media {
+        let (tiles, image_tokens, text_only): (Vec<Vec<f32>>, Vec<usize>, bool) = match &sample
+            .media
+        {
             Media::Text => (Vec::new(), Vec::new(), true),
             _ if self.max_tiles == 0 => {
-                return Err(err("the sample has an image or video, but the model has no vision part".into()))
+                return Err(err(
+                    "the sample has an image or video, but the model has no vision part".into(),
+                ))
             }
             Media::Image(p) => {
                 let Some(h) = first_human else {
                     return Err(err("an image sample needs a human turn".into()));
                 };
-                if !turns.iter().any(|t| t.role == Role::Human && t.value.contains("<image>")) {
+                if !turns
+                    .iter()
+                    .any(|t| t.role == Role::Human && t.value.contains("<image>"))
+                {
                     turns[h].value = format!("<image>\n{}", turns[h].value);
                 }
                 let img = open_rgb(&self.resolve(source, p)).map_err(|e| err(e.to_string()))?;
@@ -141,17 +150,25 @@ impl SampleMaker {
                 }
                 let with_frames = |n: usize| {
                     let mut t = turns.clone();
-                    let frames: Vec<String> = (1..=n).map(|i| format!("Frame-{i}: <image>")).collect();
-                    t[h].value = t[h].value.replacen("<video>\n", &format!("{}\n", frames.join("\n")), 1);
+                    let frames: Vec<String> =
+                        (1..=n).map(|i| format!("Frame-{i}: <image>")).collect();
+                    t[h].value =
+                        t[h].value
+                            .replacen("<video>\n", &format!("{}\n", frames.join("\n")), 1);
                     t
                 };
                 // The most frames that fit the tile slots and the sequence.
                 let mut cap = self.max_tiles.min(self.config.max_num_frame);
                 while cap > 0 {
-                    let len = template::apply(&with_frames(cap), &vec![self.tokens_per_tile; cap], false, &*self.tokenizer)
-                        .map_err(err)?
-                        .input_ids
-                        .len();
+                    let len = template::apply(
+                        &with_frames(cap),
+                        &vec![self.tokens_per_tile; cap],
+                        false,
+                        &*self.tokenizer,
+                    )
+                    .map_err(err)?
+                    .input_ids
+                    .len();
                     if len <= self.seq_length {
                         break;
                     }

@@ -31,13 +31,21 @@ pub struct Templated {
 
 /// Applies the template. `image_tokens[i]` is the number of `<IMG_CONTEXT>` tokens of the i-th
 /// image (tokens per tile x tiles); with `text_only` no `<image>` is expanded.
-pub fn apply(turns: &[Turn], image_tokens: &[usize], text_only: bool, enc: &dyn Encode) -> Result<Templated, String> {
+pub fn apply(
+    turns: &[Turn],
+    image_tokens: &[usize],
+    text_only: bool,
+    enc: &dyn Encode,
+) -> Result<Templated, String> {
     let (system, turns) = match turns.first() {
         Some(t) if t.role == Role::System => (t.value.as_str(), &turns[1..]),
         _ => (DEFAULT_SYSTEM_PROMPT, turns),
     };
     let mut texts: Vec<(Role, String)> = Vec::with_capacity(turns.len() + 1);
-    texts.push((Role::System, format!("<|im_start|>system\n{system}<|im_end|>\n")));
+    texts.push((
+        Role::System,
+        format!("<|im_start|>system\n{system}<|im_end|>\n"),
+    ));
     let mut next_image = 0;
     for t in turns {
         let mut value = t.value.clone();
@@ -80,7 +88,8 @@ pub fn apply(turns: &[Turn], image_tokens: &[usize], text_only: bool, enc: &dyn 
         for (i, &id) in ids.iter().enumerate() {
             out.input_ids.push(id as i64);
             let trained = *role == Role::Gpt && i >= prefix && i + 1 < n;
-            out.labels.push(if trained { id as i64 } else { IGNORE_INDEX });
+            out.labels
+                .push(if trained { id as i64 } else { IGNORE_INDEX });
         }
     }
     Ok(out)
@@ -97,7 +106,14 @@ mod tests {
         fn encode_text(&self, text: &str) -> Result<Vec<u32>, String> {
             let mut out = Vec::new();
             let mut rest = text;
-            let specials = [("<|im_start|>", 1), ("<|im_end|>", 2), ("\n", 3), ("<img>", 4), ("</img>", 5), ("<IMG_CONTEXT>", 6)];
+            let specials = [
+                ("<|im_start|>", 1),
+                ("<|im_end|>", 2),
+                ("\n", 3),
+                ("<img>", 4),
+                ("</img>", 5),
+                ("<IMG_CONTEXT>", 6),
+            ];
             while !rest.is_empty() {
                 if let Some((tok, id)) = specials.iter().find(|(t, _)| rest.starts_with(t)) {
                     out.push(*id);
@@ -125,7 +141,13 @@ mod tests {
 
     #[test]
     fn only_replies_and_their_end_are_labelled() {
-        let t = apply(&[turn(Role::Human, "hi"), turn(Role::Gpt, "hello")], &[], true, &Words).unwrap();
+        let t = apply(
+            &[turn(Role::Human, "hi"), turn(Role::Gpt, "hello")],
+            &[],
+            true,
+            &Words,
+        )
+        .unwrap();
         // system: im_start, "system", \n, prompt, im_end, \n
         // user: im_start, "user", \n, "hi", im_end, \n
         // assistant: im_start, "assistant", \n, "hello", im_end, \n
@@ -136,16 +158,34 @@ mod tests {
 
     #[test]
     fn images_expand_in_order_and_must_match() {
-        let t = apply(&[turn(Role::Human, "<image><image>x"), turn(Role::Gpt, "y")], &[2, 1], false, &Words).unwrap();
+        let t = apply(
+            &[turn(Role::Human, "<image><image>x"), turn(Role::Gpt, "y")],
+            &[2, 1],
+            false,
+            &Words,
+        )
+        .unwrap();
         let ctx = t.input_ids.iter().filter(|&&i| i == 6).count();
         assert_eq!(ctx, 3);
-        let e = apply(&[turn(Role::Human, "<image>x"), turn(Role::Gpt, "y")], &[2, 1], false, &Words).unwrap_err();
+        let e = apply(
+            &[turn(Role::Human, "<image>x"), turn(Role::Gpt, "y")],
+            &[2, 1],
+            false,
+            &Words,
+        )
+        .unwrap_err();
         assert!(e.contains("2 image(s) but 1"), "{e}");
     }
 
     #[test]
     fn a_system_turn_replaces_the_default_prompt() {
-        let a = apply(&[turn(Role::System, "be brief"), turn(Role::Human, "hi")], &[], true, &Words).unwrap();
+        let a = apply(
+            &[turn(Role::System, "be brief"), turn(Role::Human, "hi")],
+            &[],
+            true,
+            &Words,
+        )
+        .unwrap();
         let b = apply(&[turn(Role::Human, "hi")], &[], true, &Words).unwrap();
         assert_ne!(a.input_ids, b.input_ids);
         assert_eq!(a.input_ids[3], 108); // "be brief"
