@@ -52,9 +52,22 @@ pub fn for_each_offset(
 }
 
 /// Reads `src` through a strided view: element `k` of the result is `src[offset(k)]`.
+///
+/// The innermost axis is copied as a run (stride 1) or a repeated value (stride 0, a
+/// broadcast), which is where big layout ops spend their time.
 pub fn view<T: Copy>(src: &[T], shape: &[usize], strides: &[usize], base: usize) -> Vec<T> {
     let mut out = Vec::with_capacity(shape.iter().product());
-    for_each_offset(shape, strides, base, |_, off| out.push(src[off]));
+    let Some((&inner, outer)) = shape.split_last() else {
+        out.push(src[base]);
+        return out;
+    };
+    let inner_stride = strides[strides.len() - 1];
+    let outer_strides = &strides[..strides.len() - 1];
+    for_each_offset(outer, outer_strides, base, |_, off| match inner_stride {
+        0 => out.extend(std::iter::repeat_n(src[off], inner)),
+        1 => out.extend_from_slice(&src[off..off + inner]),
+        s => out.extend((0..inner).map(|i| src[off + i * s])),
+    });
     out
 }
 
