@@ -11,14 +11,29 @@ fn mmc() -> Command {
     Command::cargo_bin("mmc").expect("the mmc binary is built")
 }
 
-/// Runs mmc expecting failure; returns stderr, asserting it is one line.
+/// Runs mmc expecting failure; returns its error, asserting it is one line (progress lines
+/// before it are allowed) and that nothing panicked.
 fn fails(args: &[&str]) -> String {
     let out = mmc().args(args).output().unwrap();
     assert!(!out.status.success(), "mmc {args:?} should fail");
     let err = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
     assert!(!err.contains("panicked"), "{err}");
-    err
+    let last = err
+        .trim_end()
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        last.starts_with("error: "),
+        "the last line is not the error: {err}"
+    );
+    assert_eq!(
+        err.matches("error: ").count(),
+        1,
+        "not one error line: {err}"
+    );
+    last
 }
 
 #[test]
@@ -418,4 +433,77 @@ fn compile_rejects_what_it_cannot_build() {
         dir.path().join("p").to_str().unwrap(),
     ]);
     assert!(e.contains("not built yet"), "{e}");
+}
+
+#[test]
+fn run_trains_from_a_data_json_and_plots_the_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.bin");
+    let out = mmc()
+        .args([
+            "compile",
+            "configs/internvl35-tiny.toml",
+            "-o",
+            plan.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let svg = dir.path().join("loss.svg");
+    let out = mmc()
+        .args([
+            "run",
+            plan.to_str().unwrap(),
+            "--data",
+            "configs/demo/data.json",
+        ])
+        .args(["--train-iters", "2", "--plot", svg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{err}");
+    let log = String::from_utf8(out.stdout).unwrap();
+    assert!(log.contains("step 2/2 | loss"), "{log}");
+    assert!(
+        log.contains("data: ") && log.contains("sample(s) trained on"),
+        "{log}"
+    );
+    // MindSpeed-MM keys mmc does not use are listed once.
+    assert_eq!(err.matches("keys mmc does not use").count(), 1, "{err}");
+    assert!(err.contains("dataloader_param.pin_memory"), "{err}");
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(plot.starts_with("<svg") && plot.contains("training loss"));
+}
+
+#[test]
+fn a_bad_data_json_is_one_line_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.bin");
+    assert!(mmc()
+        .args([
+            "compile",
+            "configs/internvl35-tiny.toml",
+            "-o",
+            plan.to_str().unwrap()
+        ])
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let data = dir.path().join("data.json");
+    std::fs::write(&data, "{\"dataset_param\": {\n  \"basic_parameters\": }").unwrap();
+    let e = fails(&[
+        "run",
+        plan.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("data.json:2:") && e.contains("not valid JSON"),
+        "{e}"
+    );
 }
