@@ -36,6 +36,21 @@ fn fails(args: &[&str]) -> String {
     last
 }
 
+/// Compiles `model` into `dir/plan.bin` and returns the plan's path.
+fn compile(model: &str, dir: &Path) -> std::path::PathBuf {
+    let plan = dir.join("plan.bin");
+    let out = mmc()
+        .args(["compile", model, "-o", plan.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    plan
+}
+
 #[test]
 fn dump_ir_prints_the_graph_and_its_summary() {
     let out = mmc()
@@ -374,21 +389,7 @@ fn bad_plans_are_one_line_errors() {
 #[test]
 fn run_rejects_data_that_does_not_fit_the_plan() {
     let dir = tempfile::tempdir().unwrap();
-    let plan = dir.path().join("plan.bin");
-    let out = mmc()
-        .args([
-            "compile",
-            "configs/qwen3-moe-tiny.toml",
-            "-o",
-            plan.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let plan = compile("configs/qwen3-moe-tiny.toml", dir.path());
     // seq_length is 64 there; the fixture's rows have 24 tokens.
     let data = fixture("qwen3_moe_tiny/inputs.safetensors");
     let e = fails(&[
@@ -438,21 +439,7 @@ fn compile_rejects_what_it_cannot_build() {
 #[test]
 fn run_trains_from_a_data_json_and_plots_the_loss() {
     let dir = tempfile::tempdir().unwrap();
-    let plan = dir.path().join("plan.bin");
-    let out = mmc()
-        .args([
-            "compile",
-            "configs/internvl35-tiny.toml",
-            "-o",
-            plan.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let plan = compile("configs/internvl35-tiny.toml", dir.path());
     let svg = dir.path().join("loss.svg");
     let out = mmc()
         .args([
@@ -482,18 +469,7 @@ fn run_trains_from_a_data_json_and_plots_the_loss() {
 #[test]
 fn a_bad_data_json_is_one_line_naming_it() {
     let dir = tempfile::tempdir().unwrap();
-    let plan = dir.path().join("plan.bin");
-    assert!(mmc()
-        .args([
-            "compile",
-            "configs/internvl35-tiny.toml",
-            "-o",
-            plan.to_str().unwrap()
-        ])
-        .output()
-        .unwrap()
-        .status
-        .success());
+    let plan = compile("configs/internvl35-tiny.toml", dir.path());
     let data = dir.path().join("data.json");
     std::fs::write(&data, "{\"dataset_param\": {\n  \"basic_parameters\": }").unwrap();
     let e = fails(&[
