@@ -8,7 +8,7 @@
 use crate::weights::{Checkpoint, ParamSpec, WeightError};
 use mmc_ir::interp::{Bindings, InterpError, Precision};
 use mmc_ir::plan::{Init, Plan, Program, GRAD_NORM_OUTPUT, LR_INPUT, STEP_INPUT};
-use mmc_ir::{DType, Interpreter, Tensor, TensorData};
+use mmc_ir::{Interpreter, Tensor, TensorData};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 use std::collections::{BTreeMap, HashMap};
@@ -216,19 +216,5 @@ impl Trainer {
             .filter(|s| matches!(s.kind, mmc_ir::plan::StateKind::Parameter { .. }))
             .filter_map(|s| self.state.get(&s.name).map(|t| (s.name.clone(), t.clone())))
             .collect()
-    }
-
-    /// Replaces a state tensor (tests and resumption); the type must match the plan.
-    pub fn set_state(&mut self, name: &str, value: Tensor) -> bool {
-        match self.plan.state.iter().find(|s| s.name == name) {
-            Some(s)
-                if s.ty == value.ty()
-                    || (s.ty.shape == value.shape() && value.dtype() == DType::F32) =>
-            {
-                self.state.insert(name.to_string(), value.cast(s.ty.dtype));
-                true
-            }
-            _ => false,
-        }
     }
 }
