@@ -75,9 +75,16 @@ impl Bindings for Layered<'_> {
 }
 
 impl Trainer {
-    /// Creates the state: parameters from the plan's checkpoint or seeded random init,
-    /// optimizer state zeroed.
+    /// Verifies the plan's programs (once: each step replays them as they are), then creates
+    /// the state: parameters from the plan's checkpoint or seeded random init, optimizer state
+    /// zeroed.
     pub fn new(plan: Plan) -> Result<Trainer, TrainError> {
+        for p in &plan.programs {
+            mmc_ir::verify(&p.graph).map_err(|e| TrainError::Program {
+                program: p.name.clone(),
+                source: Box::new(InterpError::Malformed(e)),
+            })?;
+        }
         let mut state = HashMap::new();
         let from_checkpoint: Vec<ParamSpec> = plan
             .state
@@ -166,7 +173,7 @@ impl Trainer {
             program: name.to_string(),
             source: Box::new(source),
         };
-        let interp = Interpreter::new(&program.graph, Precision::Declared).map_err(err)?;
+        let interp = Interpreter::for_verified(&program.graph, Precision::Declared);
         let outputs = interp.run(&Layered(&self.state, data)).map_err(err)?;
         let mut rest: BTreeMap<String, Tensor> = outputs.0.into_iter().collect();
         let updates = program.updates.clone();

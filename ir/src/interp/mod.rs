@@ -117,15 +117,21 @@ impl<'g> Interpreter<'g> {
     /// Verifies `graph` and prepares to run it.
     pub fn new(graph: &'g Graph, precision: Precision) -> Result<Self, InterpError> {
         verify(graph)?;
+        Ok(Self::for_verified(graph, precision))
+    }
+
+    /// Prepares to run a graph the caller has already verified (a runtime replaying the same
+    /// program every step verifies it once, when it loads it).
+    pub fn for_verified(graph: &'g Graph, precision: Precision) -> Self {
         let mut last_use = graph.last_uses();
         for (_, v) in graph.outputs() {
             last_use[v.0 as usize] = Some(usize::MAX);
         }
-        Ok(Interpreter {
+        Interpreter {
             graph,
             precision,
             last_use,
-        })
+        }
     }
 
     /// Runs the graph once and returns its outputs.
