@@ -4,6 +4,7 @@
 mod common;
 
 use common::{repo, settings};
+use mmc_runtime::data::tokenizer::TextTokenizer;
 use mmc_runtime::data::{DataLoader, DataPosition};
 use mmc_runtime::MicroBatch;
 use std::path::{Path, PathBuf};
@@ -81,12 +82,27 @@ fn file_order_packing_and_segments() {
         let first = seg.iter().position(|&x| x == s).unwrap();
         assert_eq!(pos[first], 0);
     }
-    // The first packed sample is the first line of the file.
-    let decoded = ids(&mbs[0]);
-    let q0 = l.config().sources[0].annotation.clone();
-    assert!(q0.ends_with("data.jsonl"));
+    // Without shuffle, segment s holds line s of the file (its question and answer).
     assert_eq!(l.counts().used as i64, samples);
-    assert!(decoded.contains(&151644));
+    let tok = TextTokenizer::from_dir(&repo("configs/tokenizer/qwen3-internvl35")).unwrap();
+    let all = ids(&mbs[0]);
+    for s in 1..=samples {
+        let segment: Vec<i64> = all
+            .iter()
+            .zip(&seg)
+            .filter(|(_, &g)| g == s)
+            .map(|(&t, _)| t)
+            .collect();
+        let text = tok
+            .decode(&segment.iter().map(|&t| t as u32).collect::<Vec<_>>())
+            .unwrap();
+        let i = s - 1;
+        assert!(
+            text.contains(&format!("user\nq{i}<|im_end|>"))
+                && text.contains(&format!("a{i}<|im_end|>")),
+            "segment {s}: {text}"
+        );
+    }
 }
 
 #[test]
