@@ -2,20 +2,34 @@
 
 use anyhow::{Context, Result};
 use mmc::driver::compile_plan;
+use mmc_frontend::config::TargetKind;
 use mmc_frontend::Config;
 use mmc_ir::plan::StateKind;
 use mmc_ir::summary::grouped;
 use std::path::Path;
 
-pub fn compile(model: &Path, output: &Path, emit_dir: Option<&Path>) -> Result<()> {
-    let cfg = Config::load(model)?;
+/// `cpu_from_cli`: `--target cpu` was given, which overrides the TOML's `[target] kind`.
+pub fn compile(
+    model: &Path,
+    output: &Path,
+    emit_dir: Option<&Path>,
+    cpu_from_cli: bool,
+) -> Result<()> {
+    let mut cfg = Config::load(model)?;
+    if cpu_from_cli {
+        cfg.target.kind = TargetKind::Cpu;
+    }
+    crate::run::check_output_path(output, "-o")?;
+    if let Some(dir) = emit_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("--emit-dir: cannot create {}", dir.display()))?;
+    }
     let plan = compile_plan(&cfg)?;
     let train = &cfg.train;
     let accum = plan.settings.grad_accum_steps;
     plan.write(output)?;
 
     if let Some(dir) = emit_dir {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         for p in &plan.programs {
             let path = dir.join(format!("{}.mmcir", p.name));
             std::fs::write(&path, mmc_ir::text::print(&p.graph))
@@ -44,7 +58,7 @@ pub fn compile(model: &Path, output: &Path, emit_dir: Option<&Path>) -> Result<(
             )
         })
         .collect();
-    println!(
+    crate::console::Console::default().out(&format!(
         "compiled {} -> {}: {}; {} parameters ({} trained), {} MiB of state, {} micro-batch(es) of {} x {} per step",
         model.display(),
         output.display(),
@@ -55,6 +69,6 @@ pub fn compile(model: &Path, output: &Path, emit_dir: Option<&Path>) -> Result<(
         accum,
         train.micro_batch_size,
         train.seq_length
-    );
+    ));
     Ok(())
 }

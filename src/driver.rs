@@ -3,8 +3,9 @@
 
 use anyhow::{bail, Context, Result};
 use mmc_codegen::{build_plan, PlanRequest, Weights};
+use mmc_frontend::config::{Recompute, TargetKind};
 use mmc_frontend::{forward_graph, CheckpointLayout, Config, ForwardOptions};
-use mmc_ir::plan::{LrSchedule, ModelFacts, Plan, TrainSettings};
+use mmc_ir::plan::{ModelFacts, Plan, TrainSettings};
 use mmc_passes::optimizer::AdamW;
 use mmc_runtime::weights::param_specs;
 use mmc_runtime::Checkpoint;
@@ -17,20 +18,63 @@ pub fn frozen(freeze: &[String], name: &str) -> bool {
     })
 }
 
-/// Compiles a loaded model configuration into a training plan.
-pub fn compile_plan(cfg: &Config) -> Result<Plan> {
-    let model = &cfg.path;
+/// The chat templates the data pipeline implements.
+pub const TEMPLATES: &[&str] = &["internvl2_5"];
+
+/// Refuses the settings that parse but that this version cannot act on yet, naming the key:
+/// a setting mmc accepts must take effect.
+pub fn check_buildable(cfg: &Config) -> Result<()> {
+    let model = cfg.path.display();
+    let t = &cfg.target;
+    if t.kind == TargetKind::Ascend {
+        bail!("{model}: [target] kind = \"ascend\": the Ascend target is not built yet; use kind = \"cpu\"");
+    }
+    if t.devices != 1 {
+        bail!(
+            "{model}: [target] devices = {}: running on more than one device is not built yet (it comes with data, tensor and expert parallelism); set devices = 1",
+            t.devices
+        );
+    }
+    if let Some(gb) = t.device_memory_gb {
+        bail!(
+            "{model}: [target] device_memory_gb = {gb}: fitting a plan to a device's memory is not built yet (it comes with the memory planner); remove the key"
+        );
+    }
+    if cfg.train.recompute != Recompute::None {
+        let mode = match cfg.train.recompute {
+            Recompute::Full => "full",
+            _ => "selective",
+        };
+        bail!(
+            "{model}: [train] recompute = \"{mode}\": recomputation is not built yet (it comes with the compiler passes); use recompute = \"none\""
+        );
+    }
+    if let Some(tpl) = &cfg.model.template {
+        if !TEMPLATES.contains(&tpl.as_str()) {
+            bail!(
+                "{model}: [model] template = \"{tpl}\": mmc's data pipeline has only the {} template",
+                TEMPLATES.join(", ")
+            );
+        }
+    }
     let par = &cfg.parallel;
     if par.tp * par.dp * par.ep > 1 || par.zero != 0 {
         bail!(
-            "{}: tensor, data and expert parallelism ([parallel] tp={}, dp={}, ep={}, zero={}) are not built yet; set them to 1 (and zero = 0)",
-            model.display(),
+            "{model}: tensor, data and expert parallelism ([parallel] tp={}, dp={}, ep={}, zero={}) are not built yet; set them to 1 (and zero = 0)",
             par.tp,
             par.dp,
             par.ep,
             par.zero
         );
     }
+    Ok(())
+}
+
+/// Compiles a loaded model configuration into a training plan.
+pub fn compile_plan(cfg: &Config) -> Result<Plan> {
+    check_buildable(cfg)?;
+    let model = &cfg.path;
+    let par = &cfg.parallel;
     let train = &cfg.train;
     let accum = train.global_batch_size / (train.micro_batch_size * par.dp);
     let declared = forward_graph(
@@ -54,6 +98,13 @@ pub fn compile_plan(cfg: &Config) -> Result<Plan> {
         }
     }
     let trainable = |name: &str| !frozen(&train.freeze, name);
+    if !train.freeze.is_empty() && !forward.params().any(|(n, _, _)| trainable(n)) {
+        bail!(
+            "{}: [train] freeze = {:?} freezes every parameter, so there is nothing to train",
+            model.display(),
+            train.freeze
+        );
+    }
     let decay_1d = train.weight_decay_1d;
     let decay = |_: &str, ty: &mmc_ir::TensorType| decay_1d || ty.rank() > 1;
 
@@ -89,13 +140,7 @@ pub fn compile_plan(cfg: &Config) -> Result<Plan> {
         max_tiles: if vl.is_some() { train.max_tiles } else { 0 },
         grad_accum_steps: accum,
         data_parallel: par.dp,
-        schedule: LrSchedule {
-            lr: train.lr,
-            min_lr: train.min_lr,
-            warmup_iters: train.lr_warmup_iters,
-            warmup_fraction: train.lr_warmup_fraction,
-            decay_style: train.lr_decay_style,
-        },
+        schedule: train.schedule(),
         loss_reduction: train.loss_reduction,
         seed: train.seed,
         model: ModelFacts {

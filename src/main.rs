@@ -6,6 +6,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod compile;
+mod console;
 mod plot;
 mod run;
 
@@ -37,10 +38,12 @@ enum Command {
         /// Where to write the plan.
         #[arg(short, long, default_value = "plan.bin")]
         output: PathBuf,
-        /// The target to generate kernels for.
-        #[arg(long, value_enum, default_value_t = Target::Cpu)]
-        target: Target,
-        /// Also write the generated kernel sources into this folder.
+        /// The target to compile for; overrides the TOML's `[target] kind` (default: that, or
+        /// cpu). Only cpu is built yet.
+        #[arg(long, value_enum)]
+        target: Option<Target>,
+        /// Also write each program of the plan as IR text (`<program>.mmcir`) into this
+        /// folder. Kernel sources join them with code generation.
         #[arg(long)]
         emit_dir: Option<PathBuf>,
     },
@@ -48,28 +51,29 @@ enum Command {
     Run {
         /// The plan written by `mmc compile`.
         plan: PathBuf,
-        /// The training data: a MindSpeed-MM data.json, or a .safetensors file of token rows.
+        /// The training data: a MindSpeed-MM data.json (which names the chat JSONL files), or
+        /// a .safetensors file of token rows.
         #[arg(long)]
         data: PathBuf,
-        /// Number of optimizer steps.
+        /// Number of optimizer steps (default: one pass over the data).
         #[arg(long)]
         train_iters: Option<u64>,
-        /// Folder for checkpoints.
+        /// Folder for checkpoints (not built yet: an error).
         #[arg(long)]
         save: Option<PathBuf>,
-        /// Save every N steps.
+        /// Save every N steps (not built yet: an error).
         #[arg(long)]
         save_interval: Option<u64>,
-        /// Resume from this checkpoint folder.
+        /// Resume from this checkpoint folder (not built yet: an error).
         #[arg(long)]
         load: Option<PathBuf>,
-        /// Log every N steps.
+        /// Print a metrics line every N steps (and after the last).
         #[arg(long, default_value_t = 1)]
         log_interval: u64,
         /// Write one JSON object per step to this file.
         #[arg(long)]
         metrics: Option<PathBuf>,
-        /// Draw the loss curve to this SVG file at the end.
+        /// Draw the loss curve to this .svg file at the end.
         #[arg(long)]
         plot: Option<PathBuf>,
     },
@@ -84,7 +88,7 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
-    /// Convert checkpoints between the Hugging Face layout and mmc's.
+    /// Convert checkpoints between the Hugging Face layout and mmc's (not built yet).
     #[command(subcommand)]
     Convert(Convert),
 }
@@ -144,12 +148,6 @@ impl StageArg {
     }
 }
 
-fn not_built(what: &str) -> Result<()> {
-    bail!(
-        "{what} is not built yet; this version of mmc can only run `mmc dump-ir --stage frontend`"
-    )
-}
-
 fn dump_ir(model: &Path, stage: StageArg, format: Format) -> Result<()> {
     let stage = stage.stage();
     if stage != Stage::Frontend {
@@ -204,6 +202,23 @@ fn dump_ir(model: &Path, stage: StageArg, format: Format) -> Result<()> {
     }
 }
 
+/// The error and its causes on one line, each cause once: library errors often repeat their
+/// source in their own message (`path: No such file`), which a plain chain would print twice.
+fn render(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::DumpIr {
@@ -217,10 +232,10 @@ fn run(cli: Cli) -> Result<()> {
             target,
             emit_dir,
         } => {
-            if let Target::Ascend = target {
-                bail!("the Ascend target is not built yet; compile with `--target cpu`");
+            if let Some(Target::Ascend) = target {
+                bail!("--target ascend: the Ascend target is not built yet; compile with `--target cpu`");
             }
-            compile::compile(&model, &output, emit_dir.as_deref())
+            compile::compile(&model, &output, emit_dir.as_deref(), target.is_some())
         }
         Command::Run {
             plan,
@@ -233,19 +248,34 @@ fn run(cli: Cli) -> Result<()> {
             metrics,
             plot,
         } => {
-            if save.is_some() || save_interval.is_some() || load.is_some() {
-                bail!("saving and loading checkpoints (--save, --save-interval, --load) is not built yet");
+            for (given, flag) in [
+                (save.is_some(), "--save"),
+                (save_interval.is_some(), "--save-interval"),
+                (load.is_some(), "--load"),
+            ] {
+                if given {
+                    bail!("{flag}: saving and loading checkpoints is not built yet");
+                }
+            }
+            if log_interval == 0 {
+                bail!("--log-interval must be at least 1 (it prints a line every N steps)");
             }
             run::run(&run::RunArgs {
                 plan,
                 data,
                 train_iters,
-                log_interval: log_interval.max(1),
+                log_interval,
                 metrics,
                 plot,
             })
         }
-        Command::Convert(_) => not_built("`mmc convert`"),
+        Command::Convert(c) => {
+            let which = match c {
+                Convert::HfToMmc { .. } => "hf-to-mmc",
+                Convert::MmcToHf { .. } => "mmc-to-hf",
+            };
+            bail!("`mmc convert {which}` is not built yet: checkpoint conversion comes with mmc's own checkpoints; today `mmc compile` reads HF checkpoints directly through `init_from_hf_path`")
+        }
     }
 }
 
@@ -254,7 +284,9 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Written, not `eprintln!`: a closed standard error must not turn an error into a
+            // panic.
+            let _ = writeln!(std::io::stderr(), "error: {}", render(&e));
             ExitCode::FAILURE
         }
     }

@@ -1,5 +1,6 @@
 //! `mmc run`: replay a plan on training data.
 
+use crate::console::Console;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use mmc_ir::plan::Plan;
@@ -8,7 +9,7 @@ use mmc_runtime::metrics::{peak_memory_bytes, MetricsWriter, StepMetrics};
 use mmc_runtime::tensor_batches::TensorBatches;
 use mmc_runtime::{MicroBatch, Trainer};
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 pub struct RunArgs {
@@ -49,33 +50,92 @@ impl Source {
     }
 }
 
-pub fn run(args: &RunArgs) -> Result<()> {
-    let plan = Plan::read(&args.plan)?;
-    let is_tensors = args
+/// Checks, before any work, that a file can be written at `path` (its folder exists and
+/// takes new files, and it is not a folder itself), so that a typo in an output path is
+/// found before training, not after the last step. `flag` names the option in errors.
+pub fn check_output_path(path: &Path, flag: &str) -> Result<()> {
+    if path.is_dir() {
+        bail!("{flag} {}: is a folder; give a file name", path.display());
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "{flag} {}: the folder {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let probe = dir.join(format!(".{}.mmc-probe", name.unwrap_or_default()));
+    std::fs::File::create(&probe).with_context(|| {
+        format!(
+            "{flag} {}: cannot write in {}",
+            path.display(),
+            dir.display()
+        )
+    })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// Opens `--data`: a tensor file or a data.json, never a bare annotation file.
+fn open_source(args: &RunArgs, plan: &Plan, console: &Console) -> Result<Source> {
+    let ext = args
         .data
         .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
-    let mut source = if is_tensors {
-        let tile = plan.settings.model.tile_size.map(|t| [3, t, t]);
-        Source::Tensors(TensorBatches::open(&args.data, &plan.settings, tile)?)
-    } else {
-        eprintln!("reading {}", args.data.display());
-        let loader = DataLoader::open(&args.data, &plan.settings, DataPosition { sample: 0 })?;
-        let ignored = &loader.config().ignored_keys;
-        if !ignored.is_empty() {
-            eprintln!(
-                "{}: keys mmc does not use (ignored): {}",
-                args.data.display(),
-                ignored.join(", ")
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+    match ext.as_deref() {
+        Some("safetensors") => {
+            let tile = plan.settings.model.tile_size.map(|t| [3, t, t]);
+            return Ok(Source::Tensors(TensorBatches::open(
+                &args.data,
+                &plan.settings,
+                tile,
+            )?));
+        }
+        Some("jsonl") => bail!(
+            "--data {}: this is a chat annotation file; pass a MindSpeed-MM data.json whose dataset_param.basic_parameters.data_path names it (configs/demo/data.json is an example)",
+            args.data.display()
+        ),
+        _ => {}
+    }
+    console.err(&format!("reading {}", args.data.display()));
+    let loader = DataLoader::open(&args.data, &plan.settings, DataPosition { sample: 0 })?;
+    let ignored = &loader.config().ignored_keys;
+    if !ignored.is_empty() {
+        console.err(&format!(
+            "{}: keys mmc does not use (ignored): {}",
+            args.data.display(),
+            ignored.join(", ")
+        ));
+    }
+    console.err(&format!(
+        "{} samples in {} dataset(s)",
+        loader.samples_per_epoch(),
+        loader.config().sources.len()
+    ));
+    Ok(Source::Chat(Box::new(loader)))
+}
+
+pub fn run(args: &RunArgs) -> Result<()> {
+    let mut console = Console::default();
+    if let Some(p) = &args.plot {
+        if !p.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg")) {
+            bail!(
+                "--plot {}: mmc draws the loss curve as SVG only; give a file name ending in .svg",
+                p.display()
             );
         }
-        eprintln!(
-            "{} samples in {} dataset(s)",
-            loader.samples_per_epoch(),
-            loader.config().sources.len()
-        );
-        Source::Chat(Box::new(loader))
-    };
+        check_output_path(p, "--plot")?;
+    }
+    if let Some(p) = &args.metrics {
+        check_output_path(p, "--metrics")?;
+    }
+    let plan = Plan::read(&args.plan)?;
+    let mut source = open_source(args, &plan, &console)?;
     let train_iters = args
         .train_iters
         .unwrap_or_else(|| source.steps_per_epoch(&plan));
@@ -85,18 +145,22 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let schedule = plan.settings.schedule.clone();
     let mut metrics = match &args.metrics {
         Some(p) => Some(
-            MetricsWriter::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+            MetricsWriter::create(p)
+                .with_context(|| format!("--metrics: cannot create {}", p.display()))?,
         ),
         None => None,
     };
 
-    eprintln!("initialising the state of {}", args.plan.display());
+    console.err(&format!(
+        "initialising the state of {}",
+        args.plan.display()
+    ));
     let mut trainer = Trainer::new(plan)?;
-    eprintln!(
+    console.err(&format!(
         "training {train_iters} step(s) on {}; {} MiB of state",
         args.data.display(),
         trainer.state_bytes() / (1 << 20)
-    );
+    ));
 
     let bar = if std::io::stderr().is_terminal() {
         let b = ProgressBar::new(train_iters);
@@ -144,33 +208,33 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 .with_context(|| format!("cannot write {}", w.path().display()))?;
         }
         if step % args.log_interval == 0 || step == train_iters {
-            bar.suspend(|| println!("{}", m.line(train_iters)));
+            bar.suspend(|| console.out(&m.line(train_iters)));
         }
         bar.set_message(format!("loss {:.4}", m.loss));
         bar.inc(1);
     }
     bar.finish_and_clear();
     if let (Some(first), Some(last)) = (losses.first(), losses.last()) {
-        println!(
+        console.out(&format!(
             "done: {train_iters} step(s) in {:.1} s; loss {:.6} -> {:.6}",
             started.elapsed().as_secs_f64(),
             first.1,
             last.1
-        );
+        ));
     }
     if let Source::Chat(l) = &source {
         let c = l.counts();
-        println!(
-            "data: {} sample(s) trained on, {} skipped as too long for the plan (seq_length / max_tiles), {} text sample(s) truncated, {} bad sample(s) skipped",
-            c.used, c.skipped_too_long, c.truncated, c.bad
-        );
+        console.out(&format!(
+            "data: {} sample(s) trained on, {} skipped as too long for the plan (seq_length / max_tiles), {} text sample(s) truncated, {} bad sample(s) skipped, {} dropped at epoch ends (drop_last)",
+            c.used, c.skipped_too_long, c.truncated, c.bad, c.dropped_last
+        ));
         for w in &l.warnings {
-            eprintln!("warning: skipped {w}");
+            console.err(&format!("warning: skipped {w}"));
         }
     }
     if let Some(p) = &args.plot {
         crate::plot::loss_svg(p, &losses)?;
-        println!("loss curve written to {}", p.display());
+        console.out(&format!("loss curve written to {}", p.display()));
     }
     Ok(())
 }

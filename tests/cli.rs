@@ -3,53 +3,8 @@
 
 mod common;
 
-use assert_cmd::Command;
-use common::fixture;
+use common::{compile, fails, fixture, mmc};
 use std::path::Path;
-
-fn mmc() -> Command {
-    Command::cargo_bin("mmc").expect("the mmc binary is built")
-}
-
-/// Runs mmc expecting failure; returns its error, asserting it is one line (progress lines
-/// before it are allowed) and that nothing panicked.
-fn fails(args: &[&str]) -> String {
-    let out = mmc().args(args).output().unwrap();
-    assert!(!out.status.success(), "mmc {args:?} should fail");
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert!(!err.contains("panicked"), "{err}");
-    let last = err
-        .trim_end()
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .to_string();
-    assert!(
-        last.starts_with("error: "),
-        "the last line is not the error: {err}"
-    );
-    assert_eq!(
-        err.matches("error: ").count(),
-        1,
-        "not one error line: {err}"
-    );
-    last
-}
-
-/// Compiles `model` into `dir/plan.bin` and returns the plan's path.
-fn compile(model: &str, dir: &Path) -> std::path::PathBuf {
-    let plan = dir.join("plan.bin");
-    let out = mmc()
-        .args(["compile", model, "-o", plan.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    plan
-}
 
 #[test]
 fn dump_ir_prints_the_graph_and_its_summary() {
@@ -381,7 +336,7 @@ fn bad_plans_are_one_line_errors() {
     std::fs::write(&p, "hello").unwrap();
     let e = fails(&["run", p.to_str().unwrap(), "--data", "x.safetensors"]);
     assert!(e.contains("not an mmc plan"), "{e}");
-    std::fs::write(&p, "mmc-plan 1\n{\"settings\": ").unwrap();
+    std::fs::write(&p, "mmc-plan 2\n{\"settings\": ").unwrap();
     let e = fails(&["run", p.to_str().unwrap(), "--data", "x.safetensors"]);
     assert!(e.contains("damaged"), "{e}");
 }

@@ -246,3 +246,189 @@ fn unsupported_internvl_variants_are_named() {
     ));
     assert!(e.contains("max_tiles"), "{e}");
 }
+
+#[test]
+fn train_values_out_of_range_name_the_key_and_the_range() {
+    for (line, want) in [
+        ("lr = nan", "`lr` must be a finite number >= 0, not NaN"),
+        ("lr = -1e-5", "`lr` must be a finite number >= 0"),
+        ("min_lr = inf", "`min_lr` must be a finite number >= 0"),
+        ("min_lr = 1.0", "`min_lr` (1) is above `lr`"),
+        ("adam_beta1 = 1.0", "`adam_beta1` must be in [0, 1)"),
+        ("adam_beta2 = -0.5", "`adam_beta2` must be in [0, 1)"),
+        ("adam_eps = 0.0", "`adam_eps` must be a finite number > 0"),
+        (
+            "weight_decay = -0.1",
+            "`weight_decay` must be a finite number >= 0",
+        ),
+        (
+            "clip_grad = -1.0",
+            "`clip_grad` must be a finite number >= 0",
+        ),
+        (
+            "lr_warmup_fraction = 1.5",
+            "`lr_warmup_fraction` must be between 0 and 1",
+        ),
+        (
+            "lr_warmup_fraction = -0.1",
+            "`lr_warmup_fraction` must be between 0 and 1",
+        ),
+        (
+            "lr_warmup_fraction = 0.1\nlr_warmup_iters = 5",
+            "give `lr_warmup_iters` (5) or `lr_warmup_fraction` (0.1), not both",
+        ),
+        (
+            "freeze = [\"\"]",
+            "`freeze` entry \"\" is not a parameter-name prefix",
+        ),
+    ] {
+        let e = err(&format!("[model]\n{TEXT}[train]\n{line}\n"));
+        assert!(e.contains("[train]") && e.contains(want), "{line}: {e}");
+    }
+    // The edges of each range are fine.
+    parse(&format!(
+        "[model]\n{TEXT}[train]\nlr = 0.0\nadam_beta1 = 0.0\nclip_grad = 0.0\nlr_warmup_fraction = 1.0\n"
+    ))
+    .unwrap();
+}
+
+#[test]
+fn negative_and_mistyped_numbers_name_the_key() {
+    let e = err(&format!("[model]\n{TEXT}[train]\nmicro_batch_size = -1\n"));
+    assert!(
+        e.contains("[train] micro_batch_size") && e.contains("expected a whole number >= 0"),
+        "{e}"
+    );
+    assert!(!e.contains("usize"), "{e}");
+    let e = err(&format!("[model]\n{TEXT}[train]\nlr = \"fast\"\n"));
+    assert!(
+        e.contains("[train] lr") && e.contains("expected a number"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "[model]\n{}",
+        TEXT.replace("vocab_size = 100", "vocab_size = -100")
+    ));
+    assert!(
+        e.contains("[model.text]") && e.contains("`vocab_size`") && !e.contains("usize"),
+        "{e}"
+    );
+    let e = err(&format!("[model]\n{TEXT}[target]\ndevices = -2\n"));
+    assert!(e.contains("[target] devices"), "{e}");
+    let e = err(&format!("[model]\n{TEXT}[target]\ndevices = 0\n"));
+    assert!(e.contains("`devices` must be at least 1"), "{e}");
+    let e = err(&format!(
+        "[model]\n{TEXT}[target]\ndevice_memory_gb = -4.0\n"
+    ));
+    assert!(e.contains("`device_memory_gb`"), "{e}");
+}
+
+#[test]
+fn a_key_missing_from_hf_config_is_blamed_on_that_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = r#"{"text_config": {"vocab_size": 100, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "num_local_experts": 4,
+        "num_experts_per_tok": 1, "moe_intermediate_size": 8, "hidden_size": -3},
+        "vision_config": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 32, "patch_size": 14}}"#;
+    std::fs::write(dir.path().join("config.json"), hf).unwrap();
+    let toml = dir.path().join("m.toml");
+    let load = |extra: &str| {
+        std::fs::write(
+            &toml,
+            format!("[model]\nhf_config = \"config.json\"\n{extra}"),
+        )
+        .unwrap();
+        let e = Config::load(&toml).unwrap_err().to_string();
+        assert!(!e.contains('\n'), "{e}");
+        e
+    };
+    // A bad value from the file names the file and the section that holds it.
+    let e = load("");
+    assert!(
+        e.contains("config.json: `text_config`: `hidden_size`") && !e.contains("m.toml:"),
+        "{e}"
+    );
+    // Overridden in the TOML, the text part is fine; the vision part lacks `image_size`,
+    // which neither the file nor the TOML gives.
+    let e = load("[model.text]\nhidden_size = 32\n");
+    assert!(
+        e.contains("config.json: `vision_config`: missing key `image_size`")
+            && e.contains("nor given in [model.vision]"),
+        "{e}"
+    );
+    // A bad value the TOML gives is blamed on the TOML.
+    let e = load("[model.text]\nhidden_size = 32\n[model.vision]\nimage_size = -28\n");
+    assert!(e.contains("m.toml: [model.vision]: `image_size`"), "{e}");
+}
+
+#[test]
+fn a_vision_model_must_fit_one_tile_in_its_sequence() {
+    // 28-pixel tiles of 14-pixel patches, merged 2 x 2: 1 context token, 3 with <img> and
+    // </img>; 4 tokens leave room for one more.
+    let base =
+        format!("[model]\nimg_context_token_id = 99\n{TEXT}{VISION}[train]\nmax_tiles = 2\n");
+    let e = err(&format!("{base}seq_length = 3\n"));
+    assert!(e.contains("cannot hold even one single-tile image"), "{e}");
+    parse(&format!("{base}seq_length = 4\n")).unwrap();
+}
+
+#[test]
+fn a_downsample_ratio_that_does_not_divide_the_patch_grid_is_refused() {
+    // 28 / 14 = 2 patches a side; a ratio of 1/3 merges 3 x 3.
+    let e = err(&format!(
+        "[model]\nimg_context_token_id = 99\n{TEXT}{VISION}[model.projector]\ndownsample_ratio = 0.3333333333333333\n"
+    ));
+    assert!(
+        e.contains("do not split") && e.contains("downsample_ratio"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "[model]\nimg_context_token_id = 99\n{TEXT}{VISION}[model.projector]\ndownsample_ratio = 0.3\n"
+    ));
+    assert!(e.contains("`downsample_ratio` must be 1/n"), "{e}");
+}
+
+#[test]
+fn the_shipped_30b_config_is_mindspeed_mms_recipe() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cfg = Config::load(&root.join("configs/internvl35-30b-a3b.toml")).unwrap();
+    let t = &cfg.train;
+    assert_eq!(
+        (
+            t.micro_batch_size,
+            t.global_batch_size,
+            t.seq_length,
+            t.max_tiles
+        ),
+        (1, 16, 4096, 13)
+    );
+    assert_eq!(
+        (t.lr, t.min_lr, t.lr_warmup_fraction, t.lr_warmup_iters),
+        (1e-5, 0.0, Some(0.1), 0)
+    );
+    assert_eq!(t.lr_decay_style, mmc_frontend::config::LrDecayStyle::Cosine);
+    assert_eq!(
+        (t.weight_decay, t.clip_grad, t.adam_beta1, t.adam_beta2),
+        (0.0, 0.0, 0.9, 0.999)
+    );
+    assert_eq!((t.loss_reduction, t.seed), (LossReduction::Sample, 42));
+    assert_eq!(t.dtype, mmc_frontend::config::ComputeDType::Bf16);
+    assert_eq!(t.recompute, mmc_frontend::config::Recompute::Full);
+    let p = &cfg.parallel;
+    assert_eq!((p.tp, p.dp, p.ep, p.zero), (1, 16, 1, 3));
+    assert_eq!(cfg.target.kind, mmc_frontend::config::TargetKind::Ascend);
+    assert_eq!(cfg.target.devices, 16);
+    assert_eq!(cfg.model.template.as_deref(), Some("internvl2_5"));
+    assert_eq!(cfg.model.img_context_token_id, 151671);
+
+    // The Megatron-style layout keeps its own name and recipe.
+    let m = Config::load(&root.join("configs/internvl35-30b-a3b-megatron.toml")).unwrap();
+    assert_eq!(
+        (m.parallel.tp, m.parallel.dp, m.parallel.ep, m.parallel.zero),
+        (2, 8, 8, 1)
+    );
+    assert_eq!(m.train.global_batch_size, 64);
+    assert_eq!(m.train.loss_reduction, LossReduction::Square);
+    assert_eq!(m.model, cfg.model, "the two differ only in how they train");
+}

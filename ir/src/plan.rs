@@ -5,18 +5,24 @@
 //! step (a micro-step that adds one micro-batch's gradients to the accumulators, and an apply
 //! step that clips and updates), which program outputs overwrite which state, and the settings
 //! the runtime needs (batch geometry, learning-rate schedule, loss reduction). Programs are IR
-//! graphs; kernels for them arrive with code generation. The file starts with a version line so
-//! that a plan from another version of mmc is rejected with a clear message.
+//! graphs; kernels for them arrive with code generation. The file starts with a header line
+//! (`mmc-plan <version> sha256:<digest of the rest>`), so that a plan from another version of
+//! mmc is rejected with a clear message and any damage to the file is found at load, not only
+//! damage that breaks the JSON. A plan whose bytes are intact is still checked for settings
+//! out of range and for programs that do not fit its state, so a hand-edited plan is refused
+//! instead of failing mid-run.
 
 use crate::text;
 use crate::verify::verify;
 use crate::{Graph, TensorType, WeightSource};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// The plan format this build reads and writes.
-pub const PLAN_FORMAT_VERSION: u32 = 1;
+pub const PLAN_FORMAT_VERSION: u32 = 2;
 
 const MAGIC: &str = "mmc-plan";
 
@@ -26,6 +32,9 @@ pub const STEP_INPUT: &str = "step";
 pub const LR_INPUT: &str = "lr";
 /// The apply program's report of the global gradient norm before clipping.
 pub const GRAD_NORM_OUTPUT: &str = "grad_norm";
+/// The programs every plan holds: one micro-batch's forward and backward, and the update.
+pub const MICRO_STEP_PROGRAM: &str = "micro_step";
+pub const APPLY_PROGRAM: &str = "apply";
 
 /// How per-token losses are averaged over the global batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -57,7 +66,9 @@ pub struct LrSchedule {
     pub lr: f64,
     pub min_lr: f64,
     pub warmup_iters: usize,
-    /// Warm-up as a fraction of the run; takes precedence over `warmup_iters` when set.
+    /// Warm-up as a fraction of the run (Megatron's `--lr-warmup-fraction`); it keeps its
+    /// fraction (0.1 of 25 iterations is 2.5 warm-up iterations). Exclusive with a non-zero
+    /// `warmup_iters`, as in Megatron.
     pub warmup_fraction: Option<f64>,
     pub decay_style: LrDecayStyle,
 }
@@ -68,7 +79,7 @@ impl LrSchedule {
     pub fn megatron_lr(&self, n: u64, train_iters: u64) -> f64 {
         let decay_steps = train_iters as f64;
         let warmup = match self.warmup_fraction {
-            Some(f) => (f * decay_steps).floor(),
+            Some(f) => f * decay_steps,
             None => self.warmup_iters as f64,
         };
         let s = n as f64;
@@ -88,6 +99,36 @@ impl LrSchedule {
             LrDecayStyle::Constant => 1.0,
         };
         self.min_lr + coeff * (self.lr - self.min_lr)
+    }
+
+    /// Checks the values against Megatron's argument validation; messages name the model
+    /// TOML's `[train]` keys.
+    pub fn check(&self) -> Result<(), String> {
+        for (key, v) in [("lr", self.lr), ("min_lr", self.min_lr)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(format!("`{key}` must be a finite number >= 0, not {v}"));
+            }
+        }
+        if self.min_lr > self.lr {
+            return Err(format!(
+                "`min_lr` ({}) is above `lr` ({}); the schedule decays from lr to min_lr",
+                self.min_lr, self.lr
+            ));
+        }
+        if let Some(f) = self.warmup_fraction {
+            if !(0.0..=1.0).contains(&f) {
+                return Err(format!(
+                    "`lr_warmup_fraction` must be between 0 and 1, not {f}"
+                ));
+            }
+            if self.warmup_iters > 0 {
+                return Err(format!(
+                    "give `lr_warmup_iters` ({}) or `lr_warmup_fraction` ({f}), not both (Megatron refuses the pair)",
+                    self.warmup_iters
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The learning rate applied by optimizer step `step` (counted from 1). Megatron steps its
@@ -124,6 +165,53 @@ pub struct TrainSettings {
     pub loss_reduction: LossReduction,
     pub seed: u64,
     pub model: ModelFacts,
+}
+
+impl TrainSettings {
+    /// Checks that the runtime can work with these settings: every size at least 1, the
+    /// schedule valid, the vision facts consistent.
+    pub fn check(&self) -> Result<(), String> {
+        let at_least = |key: &str, v: usize, min: usize| {
+            (v >= min)
+                .then_some(())
+                .ok_or_else(|| format!("`{key}` is {v}, but it must be at least {min}"))
+        };
+        at_least("micro_batch_size", self.micro_batch_size, 1)?;
+        at_least("seq_length", self.seq_length, 2)?;
+        at_least("grad_accum_steps", self.grad_accum_steps, 1)?;
+        at_least("data_parallel", self.data_parallel, 1)?;
+        at_least("vocab_size", self.model.vocab_size, 1)?;
+        self.schedule.check()?;
+        let m = &self.model;
+        match (m.tile_size, m.tokens_per_tile, m.img_context_token_id) {
+            (None, None, None) => {
+                if self.max_tiles != 0 {
+                    return Err(format!(
+                        "`max_tiles` is {} for a model without a vision part",
+                        self.max_tiles
+                    ));
+                }
+            }
+            (Some(tile), Some(tokens), Some(id)) => {
+                at_least("tile_size", tile, 1)?;
+                at_least("tokens_per_tile", tokens, 1)?;
+                at_least("max_tiles", self.max_tiles, 1)?;
+                if !(0..m.vocab_size as i64).contains(&id) {
+                    return Err(format!(
+                        "`img_context_token_id` {id} is outside the vocabulary ({})",
+                        m.vocab_size
+                    ));
+                }
+            }
+            _ => {
+                return Err(
+                    "the vision facts (tile_size, tokens_per_tile, img_context_token_id) are incomplete"
+                        .into(),
+                )
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How a piece of state gets its first value.
@@ -199,8 +287,16 @@ pub enum PlanError {
     NotAPlan { path: PathBuf },
     #[error("{}: written in plan format {found}, but this mmc reads format {PLAN_FORMAT_VERSION}; recompile it with this version's `mmc compile`", path.display())]
     Version { path: PathBuf, found: String },
-    #[error("{}: the plan is damaged: {message}", path.display())]
+    #[error("{}: the plan is damaged: {message}; recompile it with `mmc compile`", path.display())]
     Malformed { path: PathBuf, message: String },
+}
+
+/// The header's digest of a plan body.
+fn digest(body: &[u8]) -> String {
+    Sha256::digest(body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl Plan {
@@ -209,10 +305,12 @@ impl Plan {
         self.programs.iter().find(|p| p.name == name)
     }
 
-    /// Serialises the plan with its version header.
+    /// Serialises the plan behind its header line (version and the body's digest).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = format!("{MAGIC} {PLAN_FORMAT_VERSION}\n").into_bytes();
-        out.extend(serde_json::to_vec(self).expect("plans serialise"));
+        let body = serde_json::to_vec(self).expect("plans serialise");
+        let mut out =
+            format!("{MAGIC} {PLAN_FORMAT_VERSION} sha256:{}\n", digest(&body)).into_bytes();
+        out.extend(body);
         out
     }
 
@@ -238,16 +336,22 @@ impl Plan {
         Self::from_bytes(path, &bytes)
     }
 
-    /// Parses plan bytes; `path` names the plan in errors.
+    /// Parses plan bytes; `path` names the plan in errors. Checks, in order: the header, the
+    /// digest, the JSON, the settings, then the programs against the state.
     pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Plan, PlanError> {
+        let damaged = |message: String| PlanError::Malformed {
+            path: path.to_path_buf(),
+            message,
+        };
         let newline = bytes.iter().position(|&b| b == b'\n');
         let header = newline.map(|i| String::from_utf8_lossy(&bytes[..i]).to_string());
-        let Some(version) = header.as_deref().and_then(|h| h.strip_prefix(MAGIC)) else {
+        let Some(rest) = header.as_deref().and_then(|h| h.strip_prefix(MAGIC)) else {
             return Err(PlanError::NotAPlan {
                 path: path.to_path_buf(),
             });
         };
-        let version = version.trim();
+        let mut words = rest.split_whitespace();
+        let version = words.next().unwrap_or_default();
         if version != PLAN_FORMAT_VERSION.to_string() {
             return Err(PlanError::Version {
                 path: path.to_path_buf(),
@@ -255,17 +359,82 @@ impl Plan {
             });
         }
         let body = &bytes[newline.map_or(0, |i| i + 1)..];
-        let plan: Plan = serde_json::from_slice(body).map_err(|e| PlanError::Malformed {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        for p in &plan.programs {
-            verify(&p.graph).map_err(|e| PlanError::Malformed {
-                path: path.to_path_buf(),
-                message: format!("program `{}`: {e}", p.name),
-            })?;
+        match words.next().and_then(|w| w.strip_prefix("sha256:")) {
+            Some(d) if d == digest(body) => {}
+            Some(_) => {
+                return Err(damaged(
+                    "its contents do not match the checksum in its header (changed or truncated after `mmc compile` wrote it)".into(),
+                ))
+            }
+            None => return Err(damaged("its header has no checksum".into())),
         }
+        let plan: Plan = serde_json::from_slice(body).map_err(|e| damaged(e.to_string()))?;
+        plan.settings
+            .check()
+            .map_err(|m| damaged(format!("settings: {m}")))?;
+        plan.check_programs().map_err(damaged)?;
         Ok(plan)
+    }
+
+    /// Checks that each program verifies, that its params are state of the same type, and
+    /// that each update writes an existing state from an output of the same type.
+    fn check_programs(&self) -> Result<(), String> {
+        let state: BTreeMap<&str, &TensorType> = self
+            .state
+            .iter()
+            .map(|s| (s.name.as_str(), &s.ty))
+            .collect();
+        if state.len() != self.state.len() {
+            return Err("two state tensors have the same name".into());
+        }
+        for name in [MICRO_STEP_PROGRAM, APPLY_PROGRAM] {
+            if self.program(name).is_none() {
+                return Err(format!("there is no `{name}` program"));
+            }
+        }
+        for p in &self.programs {
+            verify(&p.graph).map_err(|e| format!("program `{}`: {e}", p.name))?;
+            for (name, ty, _) in p.graph.params() {
+                match state.get(name) {
+                    Some(t) if *t == ty => {}
+                    Some(t) => {
+                        return Err(format!(
+                            "program `{}` reads state `{name}` as {ty}, but the state is {t}",
+                            p.name
+                        ))
+                    }
+                    None => {
+                        return Err(format!(
+                            "program `{}` reads `{name}`, which is not in the plan's state",
+                            p.name
+                        ))
+                    }
+                }
+            }
+            let outputs: BTreeMap<&str, &TensorType> = p
+                .graph
+                .outputs()
+                .iter()
+                .map(|(n, v)| (n.as_str(), p.graph.ty(*v)))
+                .collect();
+            for u in &p.updates {
+                let (Some(o), Some(t)) =
+                    (outputs.get(u.output.as_str()), state.get(u.state.as_str()))
+                else {
+                    return Err(format!(
+                        "program `{}` updates `{}` from `{}`, but one of them does not exist",
+                        p.name, u.state, u.output
+                    ));
+                };
+                if o != t {
+                    return Err(format!(
+                        "program `{}` writes {o} output `{}` into {t} state `{}`",
+                        p.name, u.output, u.state
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 

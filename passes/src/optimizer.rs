@@ -6,7 +6,7 @@
 //! compiled program serves every step of any schedule. Optimizer state is f32.
 
 use crate::emit::{EmitResult, Emitter, PassError};
-use mmc_ir::plan::{Program, StateUpdate, GRAD_NORM_OUTPUT, LR_INPUT, STEP_INPUT};
+use mmc_ir::plan::{Program, StateUpdate, APPLY_PROGRAM, GRAD_NORM_OUTPUT, LR_INPUT, STEP_INPUT};
 use mmc_ir::{BinaryOp, DType, Graph, Op, Stage, TensorType, UnaryOp, Value};
 
 /// State names of the optimizer, derived from a parameter's name.
@@ -200,7 +200,7 @@ pub fn apply_program(params: &[OptimizedParam], opt: &AdamW) -> Result<Program, 
         }
     }
     Ok(Program {
-        name: "apply".into(),
+        name: APPLY_PROGRAM.into(),
         graph: g,
         updates,
     })

@@ -5,7 +5,7 @@
 use crate::autodiff::{autodiff, grad_output, AutodiffError};
 use crate::emit::Emitter;
 use crate::optimizer::{apply_program, grad_acc, new_value, AdamW, OptimizedParam};
-use mmc_ir::plan::{Program, StateKind, StateUpdate};
+use mmc_ir::plan::{Program, StateKind, StateUpdate, MICRO_STEP_PROGRAM};
 use mmc_ir::{DType, Graph, Op, TensorType};
 
 /// What to train and how.
@@ -93,7 +93,7 @@ pub fn train_step(forward: &Graph, spec: &TrainStepSpec) -> Result<TrainStep, Au
     let apply = apply_program(&optimized, &spec.adamw).map_err(AutodiffError::Internal)?;
     Ok(TrainStep {
         micro_step: Program {
-            name: "micro_step".into(),
+            name: MICRO_STEP_PROGRAM.into(),
             graph: g,
             updates,
         },

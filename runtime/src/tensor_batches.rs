@@ -6,10 +6,15 @@
 //! vision model optionally `pixel_values` (f32 [rows / micro_batch_size, tiles, channels, tile,
 //! tile], the tiles of each micro-batch, at most max_tiles of them, padded with empty slots; or
 //! [tiles, channels, tile, tile] when the file holds one micro-batch; default: empty slots).
-//! Rows are used in file order, wrapping around.
+//! Rows are used in file order, wrapping around; with `pixel_values` the rows must split into
+//! whole micro-batches, so that every micro-batch, wrapped or not, keeps its own tiles.
+//!
+//! Every value is checked when the file is opened, so that a bad token id is reported with
+//! its tensor, row and column rather than as an index error deep inside a program.
 
 use crate::data::loader::assemble;
 use crate::data::pack::PackedMicroBatch;
+use crate::data::template::IGNORE_INDEX;
 use crate::trainer::MicroBatch;
 use crate::weights::{Checkpoint, WeightError};
 use mmc_ir::plan::TrainSettings;
@@ -23,6 +28,38 @@ pub enum TensorDataError {
     File(#[from] WeightError),
     #[error("{}: {message}", path.display())]
     Shape { path: PathBuf, message: String },
+    #[error("{}: `{tensor}` row {row}, position {position}: {message}", path.display())]
+    Value {
+        path: PathBuf,
+        tensor: &'static str,
+        row: usize,
+        position: usize,
+        message: String,
+    },
+}
+
+/// The first value of a `[rows, seq]` tensor that `bad` rejects, with its row and position.
+fn first_bad(
+    path: &Path,
+    tensor: &'static str,
+    values: &[i64],
+    seq: usize,
+    bad: impl Fn(i64) -> Option<String>,
+) -> Result<(), TensorDataError> {
+    match values
+        .iter()
+        .enumerate()
+        .find_map(|(i, &v)| bad(v).map(|m| (i, m)))
+    {
+        None => Ok(()),
+        Some((i, message)) => Err(TensorDataError::Value {
+            path: path.to_path_buf(),
+            tensor,
+            row: i / seq,
+            position: i % seq,
+            message,
+        }),
+    }
 }
 
 /// Rows of pre-tokenised training data.
@@ -88,6 +125,16 @@ impl TensorBatches {
                 "{rows} rows are fewer than one micro-batch ({micro})"
             )));
         }
+        let vocab = settings.model.vocab_size as i64;
+        first_bad(path, "input_ids", &input_ids, seq, |v| {
+            (!(0..vocab).contains(&v))
+                .then(|| format!("token id {v} is outside the vocabulary (0..{vocab})"))
+        })?;
+        first_bad(path, "labels", &labels, seq, |v| {
+            (v != IGNORE_INDEX && !(0..vocab).contains(&v)).then(|| {
+                format!("label {v} is neither {IGNORE_INDEX} (ignored) nor a token id (0..{vocab})")
+            })
+        })?;
         let position_ids = match read_rows("position_ids")? {
             Some(p) if p.len() == input_ids.len() => p,
             Some(_) => {
@@ -106,6 +153,14 @@ impl TensorBatches {
             }
             None => vec![1; input_ids.len()],
         };
+        first_bad(path, "position_ids", &position_ids, seq, |v| {
+            (v < 0).then(|| format!("position {v} is negative"))
+        })?;
+        first_bad(path, "segment_ids", &segment_ids, seq, |v| {
+            (v < 0).then(|| {
+                format!("segment id {v} is negative (0 marks padding, 1.. the samples of a row)")
+            })
+        })?;
         let pixels = match tile_shape {
             None => None,
             Some(tile) => {
@@ -124,12 +179,27 @@ impl TensorBatches {
                 };
                 match file.shape("pixel_values") {
                     None => Some((per_mb, Vec::new())),
+                    Some(_) if !rows.is_multiple_of(micro) => {
+                        return Err(shape_err(format!(
+                            "`pixel_values` holds the tiles of each micro-batch of {micro} rows, but the file's {rows} rows do not split into whole micro-batches"
+                        )))
+                    }
                     Some(s) => match fits(s) {
                         Some((m, tiles)) => {
                             let t = file.read("pixel_values", DType::F32)?;
                             let TensorData::F32(v) = t.into_data() else {
                                 unreachable!("read as f32")
                             };
+                            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                                let tile_len: usize = tile.iter().product();
+                                return Err(shape_err(format!(
+                                    "`pixel_values` holds {} at micro-batch {}, tile {} (element {}); pixel values must be finite",
+                                    v[i],
+                                    i / (tiles * tile_len).max(1),
+                                    i / tile_len % tiles.max(1),
+                                    i % tile_len
+                                )));
+                            }
                             // Pad every micro-batch's tiles to the plan's slot count.
                             let tile_len: usize = tile.iter().product();
                             let mut padded = vec![0.0f32; m * slots * tile_len];
@@ -193,6 +263,8 @@ impl TensorBatches {
                 let pixel_values = match &self.pixels {
                     Some((per_mb, px)) => {
                         let n: usize = per_mb.iter().product();
+                        // Rows split into whole micro-batches when tiles are given (checked at
+                        // open), so a chunk is always one of the file's micro-batches.
                         let mb = rows[0] / self.micro;
                         if px.is_empty() {
                             vec![0.0; n]

@@ -20,9 +20,9 @@ fn dataset(dir: &Path, lines: &[&str], extra_dataset: &str, extra_loader: &str) 
             "preprocess_parameters": {{"image_reader_type": "torchvision"}},
             "tokenizer_config": {{"from_pretrained": "{}", "use_fast": false, "hub_backend": "hf"}},
             "template_name": "internvl2_5", "patch_size": 14, "image_size": 56, "down_sample_ratio": 0.5,
-            "dynamic_image_size": true, "use_thumbnail": true, "min_dynamic_patch": 1, "max_dynamic_patch": 6,
-            "group_by_length": true {extra_dataset}}},
-          "dataloader_param": {{"shuffle": false, "drop_last": true, "collate_param": {{"pad_id": 151643}} {extra_loader}}}}}"#,
+            "dynamic_image_size": true, "use_thumbnail": true, "min_dynamic_patch": 1, "max_dynamic_patch": 6
+            {extra_dataset}}},
+          "dataloader_param": {{"shuffle": false, "collate_param": {{"pad_id": 151643}} {extra_loader}}}}}"#,
         images.display(),
         tokenizer.display()
     );
@@ -280,4 +280,162 @@ fn the_data_must_fit_the_model() {
         .unwrap()
         .to_string();
     assert!(e.contains("<IMG_CONTEXT>") && e.contains("151671"), "{e}");
+}
+
+/// Lines of `n` text samples whose answers grow with their index, so that the number of
+/// tokens of a row says which sample it holds.
+fn growing(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| text(&format!("q{i}"), &"word ".repeat(i + 1)))
+        .collect()
+}
+
+/// Tokens of each row of a micro-batch.
+fn row_lengths(b: &MicroBatch, seq: usize) -> Vec<usize> {
+    let seg = b.0["segment_ids"].to_f64_vec();
+    seg.chunks(seq)
+        .map(|r| r.iter().filter(|&&s| s != 0.0).count())
+        .collect()
+}
+
+#[test]
+fn drop_last_drops_or_pads_the_incomplete_micro_batch_of_an_epoch() {
+    let lines = growing(5);
+    let refs: Vec<&str> = lines.iter().map(|s| s.as_str()).collect();
+    // The length of sample i, alone in a row.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dataset(dir.path(), &refs, "", "");
+    let alone: Vec<usize> = {
+        let mut l = open(&p, 1, 128, 1).unwrap();
+        (0..5)
+            .map(|_| row_lengths(&l.next_global_batch().unwrap().0[0], 128)[0])
+            .collect()
+    };
+    // Micro-batches of 2 rows: [0, 1], [2, 3], then sample 4 alone at the end of the epoch.
+    let batches = |extra: &str| -> (Vec<Vec<usize>>, u64) {
+        let p = dataset(dir.path(), &refs, "", extra);
+        let mut l = open(&p, 2, 128, 1).unwrap();
+        let b = (0..4)
+            .map(|_| row_lengths(&l.next_global_batch().unwrap().0[0], 128))
+            .collect();
+        (b, l.counts().dropped_last)
+    };
+    let (dropped, n) = batches(r#", "drop_last": true"#);
+    assert_eq!(
+        dropped,
+        vec![
+            vec![alone[0], alone[1]],
+            vec![alone[2], alone[3]],
+            vec![alone[0], alone[1]],
+            vec![alone[2], alone[3]],
+        ]
+    );
+    assert_eq!(n, 1);
+    let (padded, n) = batches(r#", "drop_last": false"#);
+    assert_eq!(
+        padded[2],
+        vec![alone[4], 0],
+        "the epoch's last micro-batch is padded"
+    );
+    assert_eq!(padded[3], vec![alone[0], alone[1]]);
+    assert_eq!(n, 0);
+
+    // An epoch that cannot fill one micro-batch would drop everything: an error.
+    let p = dataset(dir.path(), &refs[..1], "", r#", "drop_last": true"#);
+    let e = open(&p, 2, 128, 1)
+        .unwrap()
+        .next_global_batch()
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("does not fill a micro-batch") && e.contains("drop_last"),
+        "{e}"
+    );
+}
+
+#[test]
+fn group_by_length_sorts_each_global_batch_and_balances_its_micro_batches() {
+    let lines = growing(4);
+    let refs: Vec<&str> = lines.iter().map(|s| s.as_str()).collect();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let plain = dataset(a.path(), &refs, "", "");
+    let grouped = dataset(b.path(), &refs, r#", "group_by_length": true"#, "");
+    let rows_of = |p: &Path| -> Vec<Vec<usize>> {
+        let mut l = open(p, 2, 128, 2).unwrap();
+        let (mbs, _) = l.next_global_batch().unwrap();
+        mbs.iter().map(|m| row_lengths(m, 128)).collect()
+    };
+    let plain_rows = rows_of(&plain);
+    let l: Vec<usize> = plain_rows.concat();
+    assert!(l.windows(2).all(|w| w[0] < w[1]), "{l:?}");
+    // Longest first, each to the lighter micro-batch: 3 and 0 together, 2 and 1 together.
+    assert_eq!(rows_of(&grouped), vec![vec![l[3], l[0]], vec![l[2], l[1]]]);
+    // The key is used, not listed as ignored.
+    let cfg = mmc_runtime::data::config::DataConfig::load(&grouped).unwrap();
+    assert!(cfg.group_by_length);
+    assert!(!cfg
+        .ignored_keys
+        .iter()
+        .any(|k| k.contains("group_by_length")));
+}
+
+#[test]
+fn length_grouping_deals_longest_first_to_the_lightest_micro_batch() {
+    use mmc_runtime::data::loader::length_grouped;
+    let lengths = [5, 1, 9, 3, 7, 2];
+    // One global batch of 6 over 3 micro-batches of 2.
+    assert_eq!(
+        length_grouped(&[0, 1, 2, 3, 4, 5], &lengths, 6, 3),
+        vec![2, 1, 4, 5, 0, 3]
+    );
+    // Groups are sorted on their own; a short last group is dealt round-robin.
+    assert_eq!(
+        length_grouped(&[0, 1, 2, 3, 4], &lengths, 4, 2),
+        vec![2, 1, 0, 3, 4]
+    );
+}
+
+#[test]
+fn pad_id_and_template_must_fit_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = text("hi", "yo");
+    let p = dataset(dir.path(), &[&good], "", "");
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("\"pad_id\": 151643", "\"pad_id\": 160000");
+    std::fs::write(&p, text).unwrap();
+    let e = open(&p, 1, 128, 1).err().unwrap();
+    assert!(
+        e.contains(
+            "`dataloader_param.collate_param.pad_id` 160000 is outside the model's vocabulary"
+        ),
+        "{e}"
+    );
+    let p = dataset(dir.path(), &[&good], "", "");
+    let mut s = settings(1, 128, 7, 1);
+    s.model.template = Some("chatml".into());
+    let e = DataLoader::open(&p, &s, DataPosition { sample: 0 })
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("`dataset_param.template_name` is \"internvl2_5\", but the model's template is \"chatml\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_annotation_file_given_as_data_json_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("train.json");
+    std::fs::write(&p, format!("{}\n{}\n", text("a", "b"), text("c", "d"))).unwrap();
+    let e = mmc_runtime::data::config::DataConfig::load(&p)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("chat annotation file") && e.contains("data.json"),
+        "{e}"
+    );
 }

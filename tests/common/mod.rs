@@ -1,6 +1,7 @@
 //! Helpers shared by the end-to-end tests.
 #![allow(dead_code)]
 
+use assert_cmd::Command;
 use mmc_ir::{DType, Tensor};
 use mmc_runtime::Checkpoint;
 use std::path::{Path, PathBuf};
@@ -106,4 +107,54 @@ pub fn internvl_text_batch() -> mmc_runtime::MicroBatch {
         &read(&f, "text_labels", DType::I64),
         None,
     )
+}
+
+/// The `mmc` binary of this build.
+pub fn mmc() -> Command {
+    Command::cargo_bin("mmc").expect("the mmc binary is built")
+}
+
+/// Runs mmc expecting failure; returns its error, asserting it is one line (progress lines
+/// before it are allowed) and that nothing panicked.
+pub fn fails(args: &[&str]) -> String {
+    let out = mmc().args(args).output().unwrap();
+    assert!(!out.status.success(), "mmc {args:?} should fail");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "mmc {args:?} did not exit with 1"
+    );
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+    let last = err
+        .trim_end()
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        last.starts_with("error: "),
+        "the last line is not the error: {err}"
+    );
+    assert_eq!(
+        err.matches("error: ").count(),
+        1,
+        "not one error line: {err}"
+    );
+    last
+}
+
+/// Compiles `model` into `dir/plan.bin` and returns the plan's path.
+pub fn compile(model: &str, dir: &Path) -> PathBuf {
+    let plan = dir.join("plan.bin");
+    let out = mmc()
+        .args(["compile", model, "-o", plan.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    plan
 }

@@ -82,29 +82,67 @@ fn rename_aliases<T: Section>(map: &mut Map<String, Json>) {
     }
 }
 
+/// Why a table of the architecture could not be built, kept apart so that the caller can
+/// blame the file the value came from (the TOML table or the HF config.json).
+#[derive(Debug)]
+enum SectionError {
+    /// A required key is in neither the HF section nor the TOML table.
+    Missing(String),
+    /// A key has a value of the wrong type or range; `key` when serde says which.
+    Value {
+        key: Option<String>,
+        message: String,
+    },
+    /// Keys that are fine alone but do not work together, or unknown TOML keys.
+    Table(String),
+}
+
+/// Rewrites serde's Rust type names in a message as words a user knows.
+fn plain_types(message: &str) -> String {
+    message
+        .replace("expected usize", "expected a whole number >= 0")
+        .replace("expected u64", "expected a whole number >= 0")
+        .replace("expected u32", "expected a whole number >= 0")
+        .replace("expected u8", "expected a whole number from 0 to 255")
+        .replace("expected i64", "expected a whole number")
+        .replace("expected f64", "expected a number")
+        .replace("missing field", "missing key")
+}
+
 /// Merges an HF section and a TOML table into a validated `T`.
 fn section<T: Section>(
     hf: Option<Map<String, Json>>,
     table: Option<&toml::Table>,
-) -> Result<T, String> {
+) -> Result<T, SectionError> {
     let mut map = hf.unwrap_or_default();
     rename_aliases::<T>(&mut map);
     if let Some(t) = table {
         let known = |k: &str| T::KEYS.contains(&k) || T::ALIASES.iter().any(|(a, _)| *a == k);
         if let Some(k) = t.keys().find(|k| !known(k)) {
-            return Err(format!(
+            return Err(SectionError::Table(format!(
                 "unknown key `{k}` (known keys: {})",
                 T::KEYS.join(", ")
-            ));
+            )));
         }
         let mut overrides = toml_to_json(t);
         rename_aliases::<T>(&mut overrides);
         map.extend(overrides);
     }
-    T::normalize(&mut map)?;
-    let cfg: T = serde_json::from_value(Json::Object(map))
-        .map_err(|e| e.to_string().replace("missing field", "missing key"))?;
-    cfg.validate()?;
+    T::normalize(&mut map).map_err(SectionError::Table)?;
+    let cfg: T = serde_path_to_error::deserialize(Json::Object(map)).map_err(|e| {
+        let message = e.inner().to_string();
+        match message.strip_prefix("missing field `") {
+            Some(rest) => SectionError::Missing(rest.trim_end_matches('`').to_string()),
+            None => {
+                let key = e.path().to_string();
+                SectionError::Value {
+                    key: (key != ".").then_some(key),
+                    message: plain_types(&message),
+                }
+            }
+        }
+    })?;
+    cfg.validate().map_err(SectionError::Table)?;
     Ok(cfg)
 }
 
@@ -258,6 +296,8 @@ fn toml_to_json(t: &toml::Table) -> Map<String, Json> {
 /// top-level keys.
 struct HfParts {
     text: Map<String, Json>,
+    /// Where the text keys sit in the file (`llm_config`, `text_config`, or the top level).
+    text_key: &'static str,
     vision: Option<Map<String, Json>>,
     top: Map<String, Json>,
 }
@@ -265,11 +305,23 @@ struct HfParts {
 fn split_hf(map: Map<String, Json>) -> Result<HfParts, String> {
     let vision = map.get("vision_config").and_then(Json::as_object).cloned();
     let nested = ["llm_config", "text_config"]
-        .iter()
-        .find_map(|k| map.get(*k).and_then(Json::as_object).cloned());
-    let text = match (nested, &vision) {
+        .into_iter()
+        .find_map(|k| map.get(k).and_then(Json::as_object).map(|t| (k, t.clone())));
+    let (text_key, text) = match (
+        nested.map(|(k, t)| {
+            (
+                if k == "llm_config" {
+                    "`llm_config`"
+                } else {
+                    "`text_config`"
+                },
+                t,
+            )
+        }),
+        &vision,
+    ) {
         (Some(t), _) => t,
-        (None, None) => map.clone(),
+        (None, None) => ("top level", map.clone()),
         (None, Some(_)) => {
             return Err("an InternVL config needs `llm_config` or `text_config`".into())
         }
@@ -310,6 +362,7 @@ fn split_hf(map: Map<String, Json>) -> Result<HfParts, String> {
     }
     Ok(HfParts {
         text,
+        text_key,
         vision,
         top: map,
     })
@@ -324,14 +377,29 @@ impl Config {
 
     /// Parses model TOML text; `path` names the file in errors and anchors relative paths.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let raw: RawFile = toml::from_str(text).map_err(|e| {
+        let syntax = |e: &toml::de::Error, key: Option<String>| {
             let (line, column) = e.span().map_or((1, 1), |s| line_col(text, s.start));
+            let message = plain_types(e.message().trim()).replace('\n', " ");
             ConfigError::Syntax {
                 path: path.to_path_buf(),
                 line,
                 column,
-                message: e.message().trim().replace('\n', " "),
+                message: match key {
+                    Some(k) => format!("{k}: {message}"),
+                    None => message,
+                },
             }
+        };
+        let de = toml::Deserializer::parse(text).map_err(|e| syntax(&e, None))?;
+        let raw: RawFile = serde_path_to_error::deserialize(de).map_err(|e| {
+            // `train.lr` is written `[train] lr`, as the user sees it in the file.
+            let key = e.path().to_string();
+            let key = match key.rsplit_once('.') {
+                _ if key == "." => None,
+                Some((table, k)) => Some(format!("[{table}] {k}")),
+                None => Some(key),
+            };
+            syntax(e.inner(), key)
         })?;
         let invalid = |table: &str, message: String| ConfigError::Invalid {
             path: path.to_path_buf(),
@@ -355,27 +423,96 @@ impl Config {
                         table: "config.json".into(),
                         message,
                     })?;
-                Some(parts)
+                Some((hf_path, parts))
             }
             None => None,
         };
-        let text_cfg: TextConfig =
-            section(hf.as_ref().map(|p| p.text.clone()), raw.model.text.as_ref())
-                .map_err(|m| invalid(TextConfig::TABLE, m))?;
+        // A key missing from both places, or a bad value that came from the HF file, is
+        // blamed on that file; everything else on the TOML table.
+        let blame = |table_name: &str,
+                     table: Option<&toml::Table>,
+                     hf_part: Option<&str>,
+                     e: SectionError| {
+            let from_hf = |key: &str| {
+                let top = key.split('.').next().unwrap_or(key);
+                !table.is_some_and(|t| t.contains_key(top))
+            };
+            match (e, &hf, hf_part) {
+                (SectionError::Missing(key), Some((hf_path, _)), Some(part)) => {
+                    ConfigError::Invalid {
+                        path: hf_path.clone(),
+                        table: part.to_string(),
+                        message: format!(
+                            "missing key `{key}` (nor given in {table_name} of {})",
+                            path.display()
+                        ),
+                    }
+                }
+                (
+                    SectionError::Value {
+                        key: Some(key),
+                        message,
+                    },
+                    Some((hf_path, _)),
+                    Some(part),
+                ) if from_hf(&key) => ConfigError::Invalid {
+                    path: hf_path.clone(),
+                    table: part.to_string(),
+                    message: format!("`{key}`: {message}"),
+                },
+                (SectionError::Missing(key), _, _) => {
+                    invalid(table_name, format!("missing key `{key}`"))
+                }
+                (
+                    SectionError::Value {
+                        key: Some(key),
+                        message,
+                    },
+                    _,
+                    _,
+                ) => invalid(table_name, format!("`{key}`: {message}")),
+                (SectionError::Value { key: None, message }, _, _)
+                | (SectionError::Table(message), _, _) => invalid(table_name, message),
+            }
+        };
+        let parts = hf.as_ref().map(|(_, p)| p);
+        let text_cfg: TextConfig = section(parts.map(|p| p.text.clone()), raw.model.text.as_ref())
+            .map_err(|e| {
+                blame(
+                    TextConfig::TABLE,
+                    raw.model.text.as_ref(),
+                    parts.map(|p| p.text_key),
+                    e,
+                )
+            })?;
 
-        let hf_vision = hf.as_ref().and_then(|p| p.vision.clone());
-        let top = hf.as_ref().map(|p| p.top.clone()).unwrap_or_default();
+        let hf_vision = parts.and_then(|p| p.vision.clone());
+        let top = parts.map(|p| p.top.clone()).unwrap_or_default();
         let vision_language = if hf_vision.is_some() || raw.model.vision.is_some() {
-            let vision: VisionConfig = section(hf_vision, raw.model.vision.as_ref())
-                .map_err(|m| invalid(VisionConfig::TABLE, m))?;
+            let vision_part = hf_vision.is_some().then_some("`vision_config`");
+            let vision: VisionConfig =
+                section(hf_vision, raw.model.vision.as_ref()).map_err(|e| {
+                    blame(
+                        VisionConfig::TABLE,
+                        raw.model.vision.as_ref(),
+                        vision_part,
+                        e,
+                    )
+                })?;
             let top_projector: Map<String, Json> = top
                 .iter()
                 .filter(|(k, _)| ProjectorConfig::KEYS.contains(&k.as_str()))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
             let projector: ProjectorConfig =
-                section(Some(top_projector), raw.model.projector.as_ref())
-                    .map_err(|m| invalid(ProjectorConfig::TABLE, m))?;
+                section(Some(top_projector), raw.model.projector.as_ref()).map_err(|e| {
+                    blame(
+                        ProjectorConfig::TABLE,
+                        raw.model.projector.as_ref(),
+                        parts.map(|_| "top level"),
+                        e,
+                    )
+                })?;
             let tile_size = raw
                 .model
                 .force_image_size
@@ -411,6 +548,19 @@ impl Config {
                     "`max_tiles` must be at least 1 for a vision-language model".into(),
                 ));
             }
+            // One tile is `<img>`, its context tokens and `</img>`; a sequence must hold that
+            // and at least one token to train on.
+            let one_tile = vl.tokens_per_tile() + 2;
+            if raw.train.seq_length <= one_tile {
+                return Err(invalid(
+                    "[train]",
+                    format!(
+                        "`seq_length` ({}) cannot hold even one single-tile image: a tile takes {one_tile} tokens ({} context tokens, <img> and </img>), plus at least one to train on",
+                        raw.train.seq_length,
+                        vl.tokens_per_tile()
+                    ),
+                ));
+            }
             Some(vl)
         } else {
             if raw.model.projector.is_some() || raw.model.force_image_size.is_some() {
@@ -444,22 +594,9 @@ impl Config {
             .or_else(|| top.get("template").and_then(Json::as_str).map(String::from));
 
         let train = raw.train;
-        if train.micro_batch_size == 0 || train.seq_length < 2 {
-            return Err(invalid(
-                "[train]",
-                "`micro_batch_size` must be at least 1 and `seq_length` at least 2".into(),
-            ));
-        }
-        let per_step = train.micro_batch_size * raw.parallel.dp.max(1);
-        if train.global_batch_size == 0 || !train.global_batch_size.is_multiple_of(per_step) {
-            return Err(invalid(
-                "[train]",
-                format!(
-                    "`global_batch_size` ({}) must be a positive multiple of micro_batch_size x dp ({per_step})",
-                    train.global_batch_size
-                ),
-            ));
-        }
+        train
+            .check(raw.parallel.dp)
+            .map_err(|m| invalid("[train]", m))?;
         let p = &raw.parallel;
         if p.tp == 0 || p.dp == 0 || p.ep == 0 || !p.dp.is_multiple_of(p.ep) {
             return Err(invalid(
@@ -474,6 +611,19 @@ impl Config {
             return Err(invalid(
                 "[parallel]",
                 format!("`zero` must be 0, 1 or 3, not {}", p.zero),
+            ));
+        }
+        let t = &raw.target;
+        if t.devices == 0 {
+            return Err(invalid("[target]", "`devices` must be at least 1".into()));
+        }
+        if let Some(gb) = t
+            .device_memory_gb
+            .filter(|gb| !(gb.is_finite() && *gb > 0.0))
+        {
+            return Err(invalid(
+                "[target]",
+                format!("`device_memory_gb` must be a number > 0, not {gb}"),
             ));
         }
 

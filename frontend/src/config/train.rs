@@ -1,5 +1,6 @@
 //! `[train]`, `[parallel]` and `[target]`: how the model is trained and where.
 
+use mmc_ir::plan::LrSchedule;
 pub use mmc_ir::plan::{LossReduction, LrDecayStyle};
 use serde::Deserialize;
 
@@ -76,6 +77,72 @@ impl Default for TrainConfig {
     }
 }
 
+impl TrainConfig {
+    /// The learning-rate schedule these keys describe.
+    pub fn schedule(&self) -> LrSchedule {
+        LrSchedule {
+            lr: self.lr,
+            min_lr: self.min_lr,
+            warmup_iters: self.lr_warmup_iters,
+            warmup_fraction: self.lr_warmup_fraction,
+            decay_style: self.lr_decay_style,
+        }
+    }
+
+    /// Megatron's argument validation for `[train]`: each value in its range, with the key
+    /// named, so that a typo is an error at compile time rather than a damaged plan or a
+    /// diverged run. `dp` is `[parallel] dp`, a factor of the global batch.
+    pub(super) fn check(&self, dp: usize) -> Result<(), String> {
+        if self.micro_batch_size == 0 {
+            return Err("`micro_batch_size` must be at least 1".into());
+        }
+        if self.seq_length < 2 {
+            return Err(format!(
+                "`seq_length` must be at least 2, not {}",
+                self.seq_length
+            ));
+        }
+        let per_step = self.micro_batch_size * dp.max(1);
+        if self.global_batch_size == 0 || !self.global_batch_size.is_multiple_of(per_step) {
+            return Err(format!(
+                "`global_batch_size` ({}) must be a positive multiple of micro_batch_size x dp ({per_step})",
+                self.global_batch_size
+            ));
+        }
+        self.schedule().check()?;
+        for (key, v) in [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(format!("`{key}` must be in [0, 1), not {v}"));
+            }
+        }
+        if !(self.adam_eps.is_finite() && self.adam_eps > 0.0) {
+            return Err(format!(
+                "`adam_eps` must be a finite number > 0, not {}",
+                self.adam_eps
+            ));
+        }
+        for (key, v, what) in [
+            ("weight_decay", self.weight_decay, ""),
+            ("clip_grad", self.clip_grad, " (0 turns clipping off)"),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(format!(
+                    "`{key}` must be a finite number >= 0{what}, not {v}"
+                ));
+            }
+        }
+        if let Some(p) = self.freeze.iter().find(|p| p.trim_matches('.').is_empty()) {
+            return Err(format!(
+                "`freeze` entry \"{p}\" is not a parameter-name prefix"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// `[parallel]`: world size = tp x dp; ep divides dp.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -112,7 +179,9 @@ pub enum TargetKind {
 pub struct TargetConfig {
     pub kind: TargetKind,
     pub devices: usize,
-    pub device_memory_gb: f64,
+    /// The memory of one device; the memory plan will be checked against it. `None` when the
+    /// TOML does not give it.
+    pub device_memory_gb: Option<f64>,
 }
 
 impl Default for TargetConfig {
@@ -120,7 +189,7 @@ impl Default for TargetConfig {
         TargetConfig {
             kind: TargetKind::Cpu,
             devices: 1,
-            device_memory_gb: 64.0,
+            device_memory_gb: None,
         }
     }
 }

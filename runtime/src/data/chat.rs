@@ -37,6 +37,9 @@ pub enum Media {
 pub struct ChatSample {
     pub conversations: Vec<Turn>,
     pub media: Media,
+    /// The line's `length` (InternVL's precomputed token length), used by length-grouped
+    /// sampling instead of tokenising the conversation.
+    pub length: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -61,6 +64,8 @@ struct RawSample {
     video: Option<String>,
     #[serde(default)]
     clip: Option<(f64, f64)>,
+    #[serde(default)]
+    length: Option<usize>,
 }
 
 impl ChatSample {
@@ -110,6 +115,7 @@ impl ChatSample {
         Ok(ChatSample {
             conversations,
             media,
+            length: raw.length,
         })
     }
 }

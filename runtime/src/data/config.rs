@@ -84,7 +84,9 @@ pub struct DataConfig {
     pub train_pipeline: Option<Json>,
     /// The tokenizer folder (`tokenizer_config.from_pretrained`).
     pub tokenizer_dir: PathBuf,
-    pub template_name: String,
+    /// `template_name` as the file gives it; the loader checks it against the model's
+    /// template (and uses that when the file names none).
+    pub template_name: Option<String>,
     pub image_size: usize,
     pub patch_size: usize,
     pub down_sample_ratio: f64,
@@ -96,8 +98,13 @@ pub struct DataConfig {
     pub max_num_frame: usize,
     pub sampling_method: String,
     pub shuffle: bool,
+    /// InternVL's length-grouped sampling (`dataset_param.group_by_length`): each global
+    /// batch's samples are sorted by length and spread evenly over its micro-batches.
+    pub group_by_length: bool,
     /// Shuffle seed (`dataloader_param.seed`); `None` means the plan's seed.
     pub seed: Option<u64>,
+    /// Drop each epoch's last, incomplete micro-batch (else it is padded); false by default,
+    /// as in PyTorch's DataLoader and MindSpeed-MM.
     pub drop_last: bool,
     /// Token id of padding (`collate_param.pad_id`).
     pub pad_id: i64,
@@ -131,6 +138,7 @@ const USED: &[&str] = &[
     "dataset_param.tokenizer_config.use_fast",
     "dataset_param.tokenizer_config.add_eos_token",
     "dataset_param.template_name",
+    "dataset_param.group_by_length",
     "dataset_param.image_size",
     "dataset_param.patch_size",
     "dataset_param.down_sample_ratio",
@@ -312,11 +320,30 @@ fn read_json(path: &Path) -> Result<Json, DataConfigError> {
 impl DataConfig {
     /// Reads and checks a data.json.
     pub fn load(path: &Path) -> Result<DataConfig, DataConfigError> {
-        let json = read_json(path)?;
         let r = Reader { path };
+        let annotations = || {
+            r.invalid(
+                "(top level)",
+                "this is a chat annotation file (one sample per line), not a data.json; pass a MindSpeed-MM data.json whose dataset_param.basic_parameters.data_path names it",
+            )
+        };
+        let json = read_json(path).map_err(|e| {
+            // A JSONL file fails as JSON on its second line; say what it is instead.
+            let first = std::fs::read_to_string(path).ok().and_then(|t| {
+                let line = t.lines().next()?.to_string();
+                serde_json::from_str::<Json>(&line).ok()
+            });
+            match first {
+                Some(Json::Object(m)) if m.contains_key("conversations") => annotations(),
+                _ => e,
+            }
+        })?;
         let top = json
             .as_object()
             .ok_or_else(|| r.invalid("(top level)", "must be a JSON object"))?;
+        if top.contains_key("conversations") {
+            return Err(annotations());
+        }
         let ds = r
             .object(top, "dataset_param", "dataset_param")?
             .ok_or_else(|| r.invalid("dataset_param", "is missing"))?;
@@ -385,13 +412,11 @@ impl DataConfig {
                 "true is not supported (the internvl2_5 template ends turns with <|im_end|>)",
             ));
         }
-        let template_name = r
-            .string(ds, "template_name", "dataset_param.template_name")?
-            .unwrap_or_else(|| "internvl2_5".into());
-        if template_name != "internvl2_5" {
+        let template_name = r.string(ds, "template_name", "dataset_param.template_name")?;
+        if let Some(t) = template_name.as_deref().filter(|t| *t != "internvl2_5") {
             return Err(r.invalid(
                 "dataset_param.template_name",
-                format!("unknown template \"{template_name}\" (mmc knows \"internvl2_5\", the template of InternVL3.5)"),
+                format!("unknown template \"{t}\" (mmc knows \"internvl2_5\", the template of InternVL3.5)"),
             ));
         }
 
@@ -466,6 +491,12 @@ impl DataConfig {
                 .string(ds, "sampling_method", "dataset_param.sampling_method")?
                 .unwrap_or_else(|| "rand".into()),
             shuffle: r.bool(dl, "shuffle", "dataloader_param.shuffle", false)?,
+            group_by_length: r.bool(
+                ds,
+                "group_by_length",
+                "dataset_param.group_by_length",
+                false,
+            )?,
             seed: match r.get(dl, "seed") {
                 None => None,
                 Some(v) => Some(v.as_u64().ok_or_else(|| {
@@ -475,7 +506,7 @@ impl DataConfig {
                     )
                 })?),
             },
-            drop_last: r.bool(dl, "drop_last", "dataloader_param.drop_last", true)?,
+            drop_last: r.bool(dl, "drop_last", "dataloader_param.drop_last", false)?,
             pad_id: r.usize(
                 collate,
                 "pad_id",

@@ -5,6 +5,12 @@
 //! step, in a fixed order: file order without `shuffle`, a seeded permutation per epoch with
 //! it. Each sample is identified by its position `k` in that endless stream, which also seeds
 //! its random choices, so a run resumed at a position sees exactly the same samples and batches.
+//!
+//! With `group_by_length`, each global batch's share of the order is sorted by length and
+//! spread over its micro-batches so that their total lengths are even, as InternVL's
+//! length-grouped sampler does. An epoch ends its last micro-batch, which is incomplete when
+//! the next epoch's first sample would still have fitted: with `drop_last` it is dropped, as a
+//! PyTorch sampler drops the last batch; without, it is padded.
 
 use super::chat::{read_annotations, AnnotationError, Origin};
 use super::config::{DataConfig, DataConfigError};
@@ -58,6 +64,8 @@ pub struct DataCounts {
     pub truncated: u64,
     /// Bad samples skipped (with `skip_bad_samples`).
     pub bad: u64,
+    /// Samples of an epoch's incomplete last micro-batch, dropped with `drop_last`.
+    pub dropped_last: u64,
 }
 
 struct PoolState {
@@ -74,8 +82,53 @@ struct Shared {
     entries: Vec<Entry>,
     orders: Mutex<HashMap<u64, Arc<Vec<usize>>>>,
     shuffle: bool,
+    /// Each entry's length estimate, with `group_by_length`.
+    lengths: Option<Vec<usize>>,
+    /// Samples per global batch and micro-batches per global batch, for length grouping.
+    group: usize,
+    chunks: usize,
     seed: u64,
     ahead: u64,
+}
+
+/// InternVL's length-grouped order (its `get_length_grouped_indices`): the order is cut into
+/// groups of one global batch, each group sorted by length (longest first) and dealt out to
+/// `chunks` micro-batches, each sample going to the micro-batch with the least total length
+/// that is not yet full; the group is then the micro-batches one after another. A group that
+/// does not split evenly (the epoch's last) is dealt round-robin.
+pub fn length_grouped(
+    order: &[usize],
+    lengths: &[usize],
+    group: usize,
+    chunks: usize,
+) -> Vec<usize> {
+    let mut out = Vec::with_capacity(order.len());
+    for g in order.chunks(group.max(1)) {
+        let mut sorted = g.to_vec();
+        sorted.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+        let chunks = chunks.max(1);
+        let mut dealt: Vec<Vec<usize>> = vec![Vec::new(); chunks];
+        if !sorted.len().is_multiple_of(chunks) {
+            for (j, &i) in sorted.iter().enumerate() {
+                dealt[j % chunks].push(i);
+            }
+        } else {
+            let per = sorted.len() / chunks;
+            let mut load: Vec<Option<usize>> = vec![Some(0); chunks];
+            for &i in &sorted {
+                let (c, _) = load
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(c, l)| l.map(|l| (c, l)))
+                    .min_by_key(|&(c, l)| (l, c))
+                    .expect("a chunk has room while samples remain");
+                dealt[c].push(i);
+                load[c] = (dealt[c].len() < per).then(|| load[c].unwrap_or(0) + lengths[i]);
+            }
+        }
+        out.extend(dealt.into_iter().flatten());
+    }
+    out
 }
 
 impl Shared {
@@ -83,7 +136,7 @@ impl Shared {
     fn entry_at(&self, k: u64) -> usize {
         let n = self.entries.len() as u64;
         let (epoch, i) = (k / n, (k % n) as usize);
-        if !self.shuffle {
+        if !self.shuffle && self.lengths.is_none() {
             return i;
         }
         let mut orders = self.orders.lock().unwrap_or_else(|p| p.into_inner());
@@ -91,10 +144,15 @@ impl Shared {
             .entry(epoch)
             .or_insert_with(|| {
                 let mut v: Vec<usize> = (0..self.entries.len()).collect();
-                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
-                    self.seed ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407),
-                );
-                v.shuffle(&mut rng);
+                if self.shuffle {
+                    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+                        self.seed ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407),
+                    );
+                    v.shuffle(&mut rng);
+                }
+                if let Some(lengths) = &self.lengths {
+                    v = length_grouped(&v, lengths, self.group, self.chunks);
+                }
                 Arc::new(v)
             })
             .clone();
@@ -209,6 +267,37 @@ pub fn assemble(
     (out, tokens)
 }
 
+/// A sample's length for length-grouped sampling, as InternVL estimates it: the line's
+/// `length` if it has one, else the tokens of its turns joined by newlines plus the image
+/// tokens of the most tiles it may get (`max_dynamic_patch` + thumbnail) when it has media.
+fn length_estimate(
+    entry: &Entry,
+    tokenizer: &TextTokenizer,
+    config: &DataConfig,
+    tokens_per_tile: Option<usize>,
+) -> usize {
+    let Ok(sample) = &entry.sample else {
+        return 0;
+    };
+    if let Some(l) = sample.length {
+        return l;
+    }
+    let text: Vec<&str> = sample
+        .conversations
+        .iter()
+        .map(|t| t.value.as_str())
+        .collect();
+    let tokens = tokenizer.encode(&text.join("\n")).map_or(0, |t| t.len());
+    let media = !matches!(sample.media, super::chat::Media::Text);
+    let tiles = config.max_dynamic_patch + config.use_thumbnail as usize;
+    tokens
+        + if media {
+            tokens_per_tile.unwrap_or(0) * tiles
+        } else {
+            0
+        }
+}
+
 /// The data pipeline of a run.
 pub struct DataLoader {
     config: Arc<DataConfig>,
@@ -223,6 +312,8 @@ pub struct DataLoader {
     /// it was truncated.
     carry: Option<(u64, Prepared, bool)>,
     counts: DataCounts,
+    /// The epoch of the last micro-batch returned, to tell an epoch too small to fill one.
+    last_epoch: Option<u64>,
     /// Bad samples seen, for the warning lines (kept short).
     pub warnings: Vec<String>,
 }
@@ -278,6 +369,19 @@ impl DataLoader {
                 tokenizer.vocab_size(),
                 facts.vocab_size
             )));
+        }
+        if config.pad_id >= facts.vocab_size as i64 {
+            return Err(mismatch(format!(
+                "`dataloader_param.collate_param.pad_id` {} is outside the model's vocabulary (vocab_size {})",
+                config.pad_id, facts.vocab_size
+            )));
+        }
+        if let (Some(data), Some(model)) = (&config.template_name, &facts.template) {
+            if data != model {
+                return Err(mismatch(format!(
+                    "`dataset_param.template_name` is \"{data}\", but the model's template is \"{model}\" ([model] template or its hf_config); make them agree"
+                )));
+            }
         }
         let pipeline = match &config.train_pipeline {
             Some(list) => TilePipeline::from_json(list).map_err(|m| {
@@ -339,6 +443,13 @@ impl DataLoader {
             });
         }
 
+        let group = settings.micro_batch_size * settings.grad_accum_steps * settings.data_parallel;
+        let lengths = config.group_by_length.then(|| {
+            entries
+                .iter()
+                .map(|e| length_estimate(e, &tokenizer, &config, facts.tokens_per_tile))
+                .collect()
+        });
         let geometry = Geometry {
             micro_batch_size: settings.micro_batch_size,
             seq_length: settings.seq_length,
@@ -370,6 +481,9 @@ impl DataLoader {
             entries,
             orders: Mutex::new(HashMap::new()),
             shuffle: config.shuffle,
+            lengths,
+            group,
+            chunks: settings.grad_accum_steps * settings.data_parallel,
             seed: config.seed.unwrap_or(settings.seed),
             ahead: (4 * config.num_workers)
                 .max(2 * settings.micro_batch_size * settings.grad_accum_steps)
@@ -391,6 +505,7 @@ impl DataLoader {
             next: start.sample,
             carry: None,
             counts: DataCounts::default(),
+            last_epoch: None,
             warnings: Vec::new(),
         })
     }
@@ -444,17 +559,27 @@ impl DataLoader {
     /// The micro-batches of the next global batch (with loss weights over all of them) and
     /// its number of non-padding tokens.
     pub fn next_global_batch(&mut self) -> Result<(Vec<MicroBatch>, usize), DataError> {
+        let n = self.samples_per_epoch();
         let mut packed = Vec::with_capacity(self.accum);
-        for _ in 0..self.accum {
+        while packed.len() < self.accum {
             let mut b = MicroBatchBuilder::new(self.geometry);
-            loop {
+            let mut epoch = None;
+            let mut truncated_here = 0;
+            let incomplete_at_epoch_end = loop {
                 let (k, s, truncated) = match self.carry.take() {
                     Some(c) => c,
                     None => self.next_sample()?,
                 };
+                if epoch.is_some_and(|e| e != k / n) {
+                    // The first sample of the next epoch: this micro-batch was the epoch's
+                    // last, and incomplete if that sample would still have fitted.
+                    let incomplete = b.room_for(&s).is_some();
+                    self.carry = Some((k, s, truncated));
+                    break incomplete;
+                }
                 if b.try_place(&s) {
-                    self.counts.used += 1;
-                    self.counts.truncated += truncated as u64;
+                    epoch = Some(k / n);
+                    truncated_here += truncated as u64;
                     continue;
                 }
                 if b.is_empty() {
@@ -467,8 +592,23 @@ impl DataLoader {
                     });
                 }
                 self.carry = Some((k, s, truncated));
-                break;
+                break false;
+            };
+            if incomplete_at_epoch_end && self.config.drop_last {
+                if self.last_epoch != epoch {
+                    return Err(DataError::Mismatch {
+                        path: self.config.path.clone(),
+                        message: format!(
+                            "one epoch ({n} samples) does not fill a micro-batch, so `dataloader_param.drop_last` drops every one; set drop_last to false or add data"
+                        ),
+                    });
+                }
+                self.counts.dropped_last += b.samples() as u64;
+                continue;
             }
+            self.counts.used += b.samples() as u64;
+            self.counts.truncated += truncated_here;
+            self.last_epoch = epoch;
             packed.push(b.finish());
         }
         Ok(assemble(

@@ -95,18 +95,34 @@ impl MicroBatchBuilder {
         self.samples == 0
     }
 
-    /// Places `s` if there is room (it must fit an empty micro-batch); returns whether it did.
-    pub fn try_place(&mut self, s: &Prepared) -> bool {
+    /// Samples placed so far.
+    pub fn samples(&self) -> usize {
+        self.samples
+    }
+
+    /// Whether `s` would be placed: `Some(true)` in the open row (packing), `Some(false)` in
+    /// a new row, `None` when it does not fit.
+    pub fn room_for(&self, s: &Prepared) -> Option<bool> {
         let g = self.geo;
         if self.tiles_used + s.n_tiles > g.max_tiles {
-            return false;
+            return None;
         }
         let len = s.input_ids.len();
         let same_row = g.packing && self.rows_used > 0 && self.row_len + len <= g.seq_length;
+        if !same_row && (self.rows_used == g.micro_batch_size || len > g.seq_length) {
+            return None;
+        }
+        Some(same_row)
+    }
+
+    /// Places `s` if there is room (it must fit an empty micro-batch); returns whether it did.
+    pub fn try_place(&mut self, s: &Prepared) -> bool {
+        let g = self.geo;
+        let Some(same_row) = self.room_for(s) else {
+            return false;
+        };
+        let len = s.input_ids.len();
         if !same_row {
-            if self.rows_used == g.micro_batch_size || len > g.seq_length {
-                return false;
-            }
             self.rows_used += 1;
             self.row_len = 0;
             self.row_samples = 0;

@@ -1,0 +1,236 @@
+//! The plan file: its header and checksum, the checks that refuse a damaged or hand-edited
+//! plan at load, and Megatron's learning-rate schedule that the runtime applies from it.
+
+use mmc_ir::plan::{
+    Init, LossReduction, LrDecayStyle, LrSchedule, ModelFacts, Plan, PlanError, Program, StateKind,
+    StateSpec, StateUpdate, TrainSettings,
+};
+use mmc_ir::text::parse;
+use mmc_ir::{DType, TensorType};
+use std::path::Path;
+
+fn schedule() -> LrSchedule {
+    LrSchedule {
+        lr: 1e-3,
+        min_lr: 0.0,
+        warmup_iters: 0,
+        warmup_fraction: None,
+        decay_style: LrDecayStyle::Constant,
+    }
+}
+
+/// A plan whose programs are tiny but well formed: `micro_step` reads the parameter and
+/// writes an accumulator, `apply` updates the parameter.
+fn plan() -> Plan {
+    let ty = TensorType::new(DType::F32, vec![2]);
+    let state = |name: &str, kind| StateSpec {
+        name: name.into(),
+        ty: ty.clone(),
+        init: Init::Const(0.0),
+        kind,
+    };
+    let micro = parse(
+        "graph autodiff {
+  %0 = param \"w\" : f32[2]
+  %1 = param \"acc\" : f32[2]
+  %2 = add %0, %1 : f32[2]
+  output \"acc_new\" = %2
+}",
+    )
+    .unwrap();
+    let apply = parse(
+        "graph optimizer {
+  %0 = param \"w\" : f32[2]
+  %1 = param \"acc\" : f32[2]
+  %2 = sub %0, %1 : f32[2]
+  output \"w_new\" = %2
+}",
+    )
+    .unwrap();
+    Plan {
+        settings: TrainSettings {
+            micro_batch_size: 1,
+            seq_length: 8,
+            max_tiles: 0,
+            grad_accum_steps: 1,
+            data_parallel: 1,
+            schedule: schedule(),
+            loss_reduction: LossReduction::Token,
+            seed: 1,
+            model: ModelFacts {
+                vocab_size: 16,
+                img_context_token_id: None,
+                tile_size: None,
+                tokens_per_tile: None,
+                template: None,
+            },
+        },
+        checkpoint: None,
+        state: vec![
+            state("w", StateKind::Parameter { trainable: true }),
+            state("acc", StateKind::GradAccumulator),
+        ],
+        programs: vec![
+            Program {
+                name: "micro_step".into(),
+                graph: micro,
+                updates: vec![StateUpdate {
+                    output: "acc_new".into(),
+                    state: "acc".into(),
+                }],
+            },
+            Program {
+                name: "apply".into(),
+                graph: apply,
+                updates: vec![StateUpdate {
+                    output: "w_new".into(),
+                    state: "w".into(),
+                }],
+            },
+        ],
+    }
+}
+
+fn load(bytes: &[u8]) -> Result<Plan, String> {
+    Plan::from_bytes(Path::new("plan.bin"), bytes).map_err(|e| {
+        let s = e.to_string();
+        assert!(!s.contains('\n'), "{s}");
+        s
+    })
+}
+
+#[test]
+fn a_plan_round_trips_through_its_bytes() {
+    let p = plan();
+    let bytes = p.to_bytes();
+    let header = String::from_utf8_lossy(&bytes[..bytes.iter().position(|&b| b == b'\n').unwrap()])
+        .to_string();
+    assert!(header.starts_with("mmc-plan 2 sha256:"), "{header}");
+    assert_eq!(load(&bytes).unwrap(), p);
+}
+
+#[test]
+fn any_change_to_the_body_is_found_by_the_checksum() {
+    let bytes = plan().to_bytes();
+    let body = bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
+    // A digit of the seed: still valid JSON and a valid plan, so only the checksum sees it.
+    let text = String::from_utf8(bytes.clone()).unwrap();
+    let at = text.find("\"seed\":1").unwrap() + "\"seed\":".len();
+    let mut edited = bytes.clone();
+    edited[at] = b'2';
+    let e = load(&edited).unwrap_err();
+    assert!(e.contains("damaged") && e.contains("checksum"), "{e}");
+    // Truncation.
+    let e = load(&bytes[..bytes.len() - 10]).unwrap_err();
+    assert!(e.contains("checksum"), "{e}");
+    // Every single-byte flip of the body is refused.
+    for i in (body..bytes.len()).step_by(7) {
+        let mut b = bytes.clone();
+        b[i] ^= 0x20;
+        assert!(load(&b).is_err(), "a flip at byte {i} was accepted");
+    }
+}
+
+#[test]
+fn a_plan_from_another_version_or_without_checksum_is_refused() {
+    let bytes = plan().to_bytes();
+    let body = &bytes[bytes.iter().position(|&b| b == b'\n').unwrap() + 1..];
+    let mut old = b"mmc-plan 1\n".to_vec();
+    old.extend(body);
+    let e = load(&old).unwrap_err();
+    assert!(
+        e.contains("plan format 1") && e.contains("recompile"),
+        "{e}"
+    );
+    let mut bare = b"mmc-plan 2\n".to_vec();
+    bare.extend(body);
+    assert!(load(&bare).unwrap_err().contains("no checksum"));
+    assert!(load(b"hello").unwrap_err().contains("not an mmc plan"));
+}
+
+/// Writes an edited plan with a valid checksum, as a hand edit followed by a recomputed
+/// digest would: the settings and program checks must still refuse it.
+fn edited(edit: impl FnOnce(&mut Plan)) -> String {
+    let mut p = plan();
+    edit(&mut p);
+    load(&p.to_bytes()).unwrap_err()
+}
+
+#[test]
+fn settings_out_of_range_are_refused_at_load() {
+    let e = edited(|p| p.settings.micro_batch_size = 0);
+    assert!(e.contains("`micro_batch_size` is 0"), "{e}");
+    let e = edited(|p| p.settings.seq_length = 1);
+    assert!(e.contains("`seq_length`"), "{e}");
+    let e = edited(|p| p.settings.grad_accum_steps = 0);
+    assert!(e.contains("`grad_accum_steps`"), "{e}");
+    let e = edited(|p| p.settings.schedule.lr = -1.0);
+    assert!(e.contains("`lr`"), "{e}");
+    let e = edited(|p| p.settings.max_tiles = 3);
+    assert!(e.contains("`max_tiles`"), "{e}");
+    let e = edited(|p| p.settings.model.tile_size = Some(56));
+    assert!(e.contains("vision facts"), "{e}");
+}
+
+#[test]
+fn programs_that_do_not_fit_the_state_are_refused_at_load() {
+    let e = edited(|p| p.state.retain(|s| s.name != "acc"));
+    assert!(
+        e.contains("reads `acc`") && e.contains("not in the plan's state"),
+        "{e}"
+    );
+    let e = edited(|p| p.state[0].ty = TensorType::new(DType::F32, vec![3]));
+    assert!(e.contains("state `w`"), "{e}");
+    let e = edited(|p| p.programs[1].updates[0].state = "nothing".into());
+    assert!(e.contains("does not exist"), "{e}");
+    let e = edited(|p| p.programs.truncate(1));
+    assert!(e.contains("no `apply` program"), "{e}");
+}
+
+#[test]
+fn warm_up_by_fraction_keeps_its_fraction() {
+    // Megatron: 0.1 of 25 iterations is 2.5 warm-up iterations, not 2.
+    let s = LrSchedule {
+        warmup_fraction: Some(0.1),
+        decay_style: LrDecayStyle::Cosine,
+        ..schedule()
+    };
+    let lr = |n| s.megatron_lr(n, 25);
+    assert!((lr(1) - 1e-3 / 2.5).abs() < 1e-15, "{}", lr(1));
+    assert!((lr(2) - 2e-3 / 2.5).abs() < 1e-15, "{}", lr(2));
+    // Step 3 is past the warm-up: cosine decay from 2.5 over the remaining 22.5.
+    let ratio = (3.0 - 2.5) / 22.5;
+    let want = 0.5 * ((std::f64::consts::PI * ratio).cos() + 1.0) * 1e-3;
+    assert!((lr(3) - want).abs() < 1e-15, "{} vs {want}", lr(3));
+    assert_eq!(lr(25), 0.0);
+}
+
+#[test]
+fn schedule_values_are_checked_with_the_keys_named() {
+    let check = |edit: fn(&mut LrSchedule)| {
+        let mut s = schedule();
+        edit(&mut s);
+        s.check().unwrap_err()
+    };
+    assert!(check(|s| s.lr = f64::NAN).contains("`lr`"));
+    assert!(check(|s| s.lr = f64::INFINITY).contains("`lr`"));
+    assert!(check(|s| s.min_lr = -1.0).contains("`min_lr`"));
+    assert!(check(|s| s.min_lr = 1.0).contains("above `lr`"));
+    assert!(check(|s| s.warmup_fraction = Some(1.5)).contains("`lr_warmup_fraction`"));
+    assert!(check(|s| {
+        s.warmup_fraction = Some(0.1);
+        s.warmup_iters = 3
+    })
+    .contains("not both"));
+    let mut fine = schedule();
+    fine.warmup_fraction = Some(0.1);
+    assert_eq!(fine.check(), Ok(()));
+}
+
+#[test]
+fn errors_are_plan_errors() {
+    // The damaged-plan error says to recompile, like the version error.
+    let e = Plan::from_bytes(Path::new("p.bin"), b"mmc-plan 2 sha256:00\n{}").unwrap_err();
+    assert!(matches!(e, PlanError::Malformed { .. }), "{e}");
+    assert!(e.to_string().contains("mmc compile"), "{e}");
+}

@@ -1,0 +1,346 @@
+//! What a new user runs into: settings mmc accepts must take effect or be refused with the key
+//! named, output paths are checked before any work, a damaged plan is refused at load, a
+//! closed pipe is not a crash, and errors say each thing once.
+
+mod common;
+
+use common::{compile, fails, fixture, mmc};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+/// `configs/qwen3-moe-tiny.toml` with `extra` (`[table]` headers and keys) merged in,
+/// written into `dir`: keys of a table the file has go under its header.
+fn tiny_with(dir: &Path, extra: &str) -> PathBuf {
+    let mut text = std::fs::read_to_string("configs/qwen3-moe-tiny.toml").unwrap();
+    let mut header = String::new();
+    let mut tail = String::new();
+    for line in extra.lines() {
+        if line.starts_with('[') {
+            header = format!("{line}\n");
+            if !text.contains(&header) {
+                tail.push_str(&header);
+                header.clear();
+            }
+        } else if header.is_empty() {
+            tail.push_str(&format!("{line}\n"));
+        } else {
+            text = text.replacen(&header, &format!("{header}{line}\n"), 1);
+        }
+    }
+    let p = dir.join("model.toml");
+    std::fs::write(&p, format!("{text}\n{tail}")).unwrap();
+    p
+}
+
+fn compile_fails(toml: &Path, dir: &Path) -> String {
+    fails(&[
+        "compile",
+        toml.to_str().unwrap(),
+        "-o",
+        dir.join("p.bin").to_str().unwrap(),
+    ])
+}
+
+#[test]
+fn settings_that_are_not_built_yet_are_refused_with_the_key_named() {
+    let dir = tempfile::tempdir().unwrap();
+    for (extra, want) in [
+        (
+            "[target]\nkind = \"ascend\"",
+            "[target] kind = \"ascend\": the Ascend target is not built yet",
+        ),
+        (
+            "[target]\ndevices = 16",
+            "[target] devices = 16: running on more than one device is not built yet",
+        ),
+        (
+            "[target]\ndevice_memory_gb = 64",
+            "[target] device_memory_gb = 64: fitting a plan to a device's memory is not built yet",
+        ),
+        (
+            "[train]\nrecompute = \"full\"",
+            "[train] recompute = \"full\": recomputation is not built yet",
+        ),
+        (
+            "[train]\nrecompute = \"selective\"",
+            "[train] recompute = \"selective\"",
+        ),
+        (
+            "[train]\nrecompute = \"none\"\n[parallel]\nzero = 3",
+            "parallelism",
+        ),
+    ] {
+        let toml = tiny_with(dir.path(), extra);
+        let e = compile_fails(&toml, dir.path());
+        assert!(e.contains(want), "{extra}: {e}");
+        assert!(
+            !dir.path().join("p.bin").exists(),
+            "{extra}: a plan was written"
+        );
+    }
+    // `--target cpu` overrides the TOML's kind; `--target ascend` is refused.
+    let toml = tiny_with(dir.path(), "[target]\nkind = \"ascend\"");
+    let out = mmc()
+        .args(["compile", toml.to_str().unwrap(), "--target", "cpu", "-o"])
+        .arg(dir.path().join("p.bin"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let e = fails(&[
+        "compile",
+        "configs/qwen3-moe-tiny.toml",
+        "--target",
+        "ascend",
+    ]);
+    assert!(
+        e.contains("--target ascend") && e.contains("not built yet"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_template_mmc_does_not_have_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::read_to_string("configs/internvl35-tiny.toml").unwrap();
+    let toml = dir.path().join("m.toml");
+    std::fs::write(
+        &toml,
+        base.replace("template = \"internvl2_5\"", "template = \"chatml\""),
+    )
+    .unwrap();
+    let e = compile_fails(&toml, dir.path());
+    assert!(
+        e.contains("[model] template = \"chatml\"") && e.contains("internvl2_5"),
+        "{e}"
+    );
+}
+
+#[test]
+fn freezing_everything_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = tiny_with(dir.path(), "[train]\nfreeze = [\"model\", \"lm_head\"]");
+    let e = compile_fails(&toml, dir.path());
+    assert!(e.contains("freezes every parameter"), "{e}");
+}
+
+#[test]
+fn the_shipped_30b_configs_say_what_is_not_built() {
+    for cfg in [
+        "configs/internvl35-30b-a3b.toml",
+        "configs/internvl35-30b-a3b-megatron.toml",
+    ] {
+        let e = fails(&["compile", cfg, "-o", "/dev/null"]);
+        assert!(e.contains("not built yet"), "{cfg}: {e}");
+    }
+    // Past the target, the seed's recipe stops at its multi-device layout.
+    let e = fails(&[
+        "compile",
+        "configs/internvl35-30b-a3b.toml",
+        "--target",
+        "cpu",
+        "-o",
+        "/dev/null",
+    ]);
+    assert!(e.contains("devices = 16"), "{e}");
+}
+
+/// A compiled tiny Qwen3-MoE plan and its fixture data (2 rows of 24 tokens).
+fn tiny_plan(dir: &Path) -> (PathBuf, PathBuf) {
+    let plan = compile(fixture("qwen3_moe_tiny/model.toml").to_str().unwrap(), dir);
+    (plan, fixture("qwen3_moe_tiny/inputs.safetensors"))
+}
+
+#[test]
+fn run_options_are_checked_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, data) = tiny_plan(dir.path());
+    let (plan, data) = (plan.to_str().unwrap(), data.to_str().unwrap());
+    let e = fails(&["run", plan, "--data", data, "--log-interval", "0"]);
+    assert!(e.contains("--log-interval must be at least 1"), "{e}");
+    let e = fails(&["run", plan, "--data", data, "--plot", "loss.png"]);
+    assert!(
+        e.contains("--plot loss.png") && e.contains("SVG only"),
+        "{e}"
+    );
+    for flag in ["--plot", "--metrics"] {
+        let file = if flag == "--plot" {
+            "nowhere/loss.svg"
+        } else {
+            "nowhere/m.jsonl"
+        };
+        let out = mmc()
+            .args([
+                "run",
+                plan,
+                "--data",
+                data,
+                "--train-iters",
+                "3",
+                flag,
+                file,
+            ])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let log = String::from_utf8_lossy(&out.stdout);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !log.contains("step "),
+            "{flag}: trained before checking: {log}"
+        );
+        assert!(
+            err.contains(flag) && err.contains("does not exist"),
+            "{err}"
+        );
+    }
+    let e = fails(&["run", plan, "--data", "configs/demo/demo.jsonl"]);
+    assert!(e.contains("pass a MindSpeed-MM data.json"), "{e}");
+    for flag in ["--save", "--load"] {
+        let e = fails(&["run", plan, "--data", data, flag, "ckpt"]);
+        assert!(e.contains(flag) && e.contains("not built yet"), "{e}");
+    }
+}
+
+#[test]
+fn a_closed_stdout_stops_the_printing_not_the_training() {
+    // `mmc run ... | head -1`: the reader goes away after one line.
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, data) = tiny_plan(dir.path());
+    let metrics = dir.path().join("m.jsonl");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mmc"))
+        .args([
+            "run",
+            plan.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ])
+        .args(["--train-iters", "6", "--metrics", metrics.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("step 1/6"), "{first}");
+    // The read end is closed here.
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.status.success(), "{err}");
+    let steps = std::fs::read_to_string(&metrics).unwrap().lines().count();
+    assert_eq!(steps, 6, "training stopped with the pipe");
+}
+
+#[test]
+fn a_damaged_or_hand_edited_plan_is_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, data) = tiny_plan(dir.path());
+    let data = data.to_str().unwrap();
+    // A plan whose settings are out of range but whose checksum is right.
+    let mut p = mmc_ir::plan::Plan::read(&plan).unwrap();
+    p.settings.micro_batch_size = 0;
+    let edited = dir.path().join("edited.bin");
+    p.write(&edited).unwrap();
+    let e = fails(&["run", edited.to_str().unwrap(), "--data", data]);
+    assert!(
+        e.contains("damaged") && e.contains("`micro_batch_size` is 0"),
+        "{e}"
+    );
+    // One byte of the body changed: the JSON still parses, the checksum does not match.
+    let mut bytes = std::fs::read(&plan).unwrap();
+    let text = String::from_utf8_lossy(&bytes).to_string();
+    let at = text.find("\"seed\":").unwrap() + "\"seed\":".len();
+    bytes[at] = if bytes[at] == b'1' { b'2' } else { b'1' };
+    let flipped = dir.path().join("flipped.bin");
+    std::fs::write(&flipped, &bytes).unwrap();
+    let e = fails(&["run", flipped.to_str().unwrap(), "--data", data]);
+    assert!(e.contains("damaged") && e.contains("checksum"), "{e}");
+}
+
+#[test]
+fn bad_token_ids_are_named_by_input_row_and_position() {
+    use safetensors::tensor::TensorView;
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, _) = tiny_plan(dir.path());
+    // The tiny model's vocabulary has 1024 tokens.
+    let mut ids: Vec<i64> = (0..48).collect();
+    ids[30] = 5000;
+    let labels: Vec<i64> = (0..48).collect();
+    let bytes = |v: &[i64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let (ib, lb) = (bytes(&ids), bytes(&labels));
+    let views = vec![
+        (
+            "input_ids",
+            TensorView::new(safetensors::Dtype::I64, vec![2, 24], &ib).unwrap(),
+        ),
+        (
+            "labels",
+            TensorView::new(safetensors::Dtype::I64, vec![2, 24], &lb).unwrap(),
+        ),
+    ];
+    let data = dir.path().join("bad.safetensors");
+    safetensors::serialize_to_file(views, None, &data).unwrap();
+    let e = fails(&[
+        "run",
+        plan.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains(
+            "`input_ids` row 1, position 6: token id 5000 is outside the vocabulary (0..1024)"
+        ),
+        "{e}"
+    );
+    assert!(!e.contains("node "), "{e}");
+}
+
+#[test]
+fn errors_say_each_thing_once_and_help_says_what_is_true() {
+    let e = fails(&["run", "no-such-plan.bin", "--data", "x.safetensors"]);
+    assert_eq!(e.matches("No such file").count(), 1, "{e}");
+    let e = fails(&["compile", "no-such-model.toml"]);
+    assert_eq!(e.matches("No such file").count(), 1, "{e}");
+    let e = fails(&[
+        "convert",
+        "mmc-to-hf",
+        "--hf-dir",
+        "a",
+        "--ckpt-dir",
+        "b",
+        "--save-dir",
+        "c",
+    ]);
+    assert!(
+        e.contains("`mmc convert mmc-to-hf` is not built yet"),
+        "{e}"
+    );
+    assert!(!e.contains("can only run"), "{e}");
+
+    let help = |args: &[&str]| {
+        let out = mmc().args(args).output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let run = help(&["run", "--help"]);
+    for flag in ["--save <SAVE>", "--save-interval", "--load <LOAD>"] {
+        let line = run
+            .lines()
+            .skip_while(|l| !l.contains(flag))
+            .take(2)
+            .collect::<String>();
+        assert!(line.contains("not built yet"), "{flag}: {line}");
+    }
+    let compile = help(&["compile", "--help"]);
+    assert!(
+        compile.contains("IR text") && !compile.contains("kernel sources into"),
+        "{compile}"
+    );
+}
