@@ -18,10 +18,12 @@ use std::collections::{BTreeMap, HashMap};
 pub enum TrainError {
     #[error(transparent)]
     Weights(#[from] WeightError),
-    #[error("program `{program}`: {source}")]
+    /// The interpreter's error is part of the message and deliberately not the error's
+    /// `source()`, so that printing the chain (`{:#}`) does not repeat it.
+    #[error("program `{program}`: {error}")]
     Program {
         program: String,
-        source: Box<InterpError>,
+        error: Box<InterpError>,
     },
     #[error("the plan has no `{0}` program; recompile it with `mmc compile`")]
     MissingProgram(&'static str),
@@ -29,6 +31,13 @@ pub enum TrainError {
     NoCheckpoint(String),
     #[error("invalid initialiser for `{name}`: {reason}")]
     BadInit { name: String, reason: String },
+    /// Every micro-batch of the global batch is all padding (no non-padding token), so there
+    /// is nothing to train on. No program ran and the state is unchanged (the step count
+    /// included): the caller decides whether to skip the batch or stop.
+    #[error(
+        "the global batch has no non-padding token ({micro_batches} micro-batch(es), all padding: segment_ids all 0); no optimizer step was taken"
+    )]
+    EmptyGlobalBatch { micro_batches: usize },
 }
 
 /// One micro-batch: the data inputs of the micro-step program, by name.
@@ -38,14 +47,32 @@ pub struct MicroBatch(pub BTreeMap<String, Tensor>);
 /// What one optimizer step reports.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepOutcome {
-    /// The loss of the global batch (sum over micro-batches, whose weights are normalised over
-    /// the global batch), before this step's update.
+    /// The loss of the global batch (sum over the micro-batches that ran, whose weights are
+    /// normalised over the global batch), before this step's update.
     pub loss: f64,
     pub lm_loss: f64,
-    /// Mean load-balancing loss over the micro-batches.
+    /// Mean load-balancing loss over the micro-batches that ran.
     pub aux_loss: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// Micro-batches not run because they hold no non-padding token (see
+    /// [`Trainer::train_step`]); reported so that a run can say how much of its data was
+    /// padding.
+    pub skipped_micro_batches: usize,
+}
+
+/// Whether a micro-batch holds no non-padding token: `segment_ids` present and all 0. Such a
+/// micro-batch trains nothing (every loss weight is 0), and its load-balancing loss, a mean
+/// over non-padding tokens, is 0/0 = NaN, which would poison the step's loss and gradients.
+fn all_padding(mb: &MicroBatch) -> bool {
+    let Some(t) = mb.0.get("segment_ids") else {
+        return false;
+    };
+    match t.data() {
+        TensorData::I64(v) => v.iter().all(|&s| s == 0),
+        TensorData::I32(v) => v.iter().all(|&s| s == 0),
+        _ => t.to_f64_vec().iter().all(|&s| s == 0.0),
+    }
 }
 
 /// A plan with its live state.
@@ -82,7 +109,7 @@ impl Trainer {
         for p in &plan.programs {
             mmc_ir::verify(&p.graph).map_err(|e| TrainError::Program {
                 program: p.name.clone(),
-                source: Box::new(InterpError::Malformed(e)),
+                error: Box::new(InterpError::Malformed(e)),
             })?;
         }
         let mut state = HashMap::new();
@@ -169,9 +196,9 @@ impl Trainer {
         data: &BTreeMap<String, Tensor>,
     ) -> Result<BTreeMap<String, Tensor>, TrainError> {
         let program = self.program(name)?;
-        let err = |source| TrainError::Program {
+        let err = |error| TrainError::Program {
             program: name.to_string(),
-            source: Box::new(source),
+            error: Box::new(error),
         };
         let interp = Interpreter::for_verified(&program.graph, Precision::Declared);
         let outputs = interp.run(&Layered(&self.state, data)).map_err(err)?;
@@ -186,6 +213,17 @@ impl Trainer {
     }
 
     /// One optimizer step over the micro-batches of a global batch, at learning rate `lr`.
+    ///
+    /// A micro-batch with no non-padding token (`segment_ids` all 0) is not run and is
+    /// counted in [`StepOutcome::skipped_micro_batches`]: it has no trained label, so it adds
+    /// nothing to the loss or the gradients, but its load-balancing loss would be NaN (a mean
+    /// over no tokens). The step is then exactly the step over the other micro-batches. A
+    /// micro-batch that has tokens but no trained label still runs: its load-balancing loss is
+    /// valid, and InternVL's dummy image of a text-only sample must go through the ViT.
+    ///
+    /// When every micro-batch is skipped (or there is none) this returns [`TrainError::EmptyGlobalBatch`]
+    /// without running `apply` (AdamW would still move the weights on zero gradients through
+    /// momentum and decay) and without advancing the step count.
     pub fn train_step(
         &mut self,
         micro_batches: &[MicroBatch],
@@ -194,8 +232,15 @@ impl Trainer {
         let scalar = |name: &str, out: &BTreeMap<String, Tensor>| -> f64 {
             out.get(name).map_or(0.0, |t| t.to_f64_vec()[0])
         };
+        let to_run: Vec<&MicroBatch> = micro_batches.iter().filter(|m| !all_padding(m)).collect();
+        let skipped = micro_batches.len() - to_run.len();
+        if to_run.is_empty() {
+            return Err(TrainError::EmptyGlobalBatch {
+                micro_batches: skipped,
+            });
+        }
         let (mut loss, mut lm_loss, mut aux) = (0.0, 0.0, 0.0);
-        for mb in micro_batches {
+        for mb in &to_run {
             let out = self.run("micro_step", &mb.0)?;
             loss += scalar("loss", &out);
             lm_loss += scalar("lm_loss", &out);
@@ -210,8 +255,9 @@ impl Trainer {
         Ok(StepOutcome {
             loss,
             lm_loss,
-            aux_loss: aux / micro_batches.len().max(1) as f64,
+            aux_loss: aux / to_run.len().max(1) as f64,
             grad_norm: scalar(GRAD_NORM_OUTPUT, &out),
+            skipped_micro_batches: skipped,
         })
     }
 

@@ -2,7 +2,7 @@
 //! memory-mapped, checked against the model's parameters before anything is read.
 
 use memmap2::Mmap;
-use mmc_ir::{DType, DisplayShape, Tensor, TensorType, WeightSource};
+use mmc_ir::{DType, DisplayShape, Tensor, TensorData, TensorType, WeightSource};
 use safetensors::tensor::{Dtype as StDtype, Metadata};
 use safetensors::SafeTensors;
 use std::collections::{BTreeMap, BTreeSet};
@@ -10,13 +10,15 @@ use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-/// One problem with a checkpoint. Each names the file or tensor concerned.
+/// One problem with a checkpoint. Each names the file or tensor concerned, in one line.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightError {
-    #[error("{}: {source}", path.display())]
+    /// The OS error is part of the message and deliberately not the error's `source()`: a
+    /// caller printing the chain (`{:#}`) would otherwise repeat it.
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{}: not a valid safetensors file: {message}", path.display())]
     Format { path: PathBuf, message: String },
@@ -45,6 +47,38 @@ pub enum WeightError {
         file: PathBuf,
         name: String,
         dtype: String,
+    },
+    /// A tensor of another kind (float, integer, bool) than the one it is read as: converting
+    /// would turn integer bits into float values (or truncate floats), so the run would train
+    /// on garbage. Float-to-float conversion (bf16 checkpoints into f32 master weights) is fine.
+    #[error(
+        "{}: tensor `{name}` has dtype {found}, but {} {expected}; mmc converts between float types, not between float, integer and bool data",
+        file.display(),
+        match param { Some(p) => format!("parameter `{p}` needs"), None => "it is read as".to_string() }
+    )]
+    DtypeMismatch {
+        file: PathBuf,
+        name: String,
+        /// The parameter the tensor is loaded into; `None` for a plain [`Checkpoint::read`].
+        param: Option<String>,
+        found: DType,
+        expected: DType,
+    },
+    /// NaN or infinite values in a parameter: they would make the first loss NaN, far from
+    /// the cause, so loading names the tensor and where the first one is.
+    #[error(
+        "{}: tensor `{name}` holds {count} NaN or infinite value{} as {dtype} (the first at index {})",
+        file.display(),
+        if *count == 1 { "" } else { "s" },
+        DisplayShape(.first)
+    )]
+    NonFinite {
+        file: PathBuf,
+        name: String,
+        dtype: DType,
+        count: usize,
+        /// The multi-dimensional index of the first non-finite value.
+        first: Vec<usize>,
     },
     #[error("{first} (and {more} more problems)")]
     Several {
@@ -85,9 +119,9 @@ impl fmt::Debug for Checkpoint {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WeightError + '_ {
-    move |source| WeightError::Io {
+    move |error| WeightError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -98,7 +132,131 @@ fn map_file(path: &Path) -> Result<Mmap, WeightError> {
     unsafe { Mmap::map(&file) }.map_err(io(path))
 }
 
+/// Checks a safetensors header before safetensors parses it, so that a damaged header is
+/// reported with the tensor it concerns (safetensors' own errors mostly do not name it):
+/// unknown dtypes, shapes whose byte size does not match their offsets, offsets that overlap,
+/// leave gaps or run past the end of the file. Returns the problem as a one-line message.
+fn check_header(map: &[u8]) -> Result<(), String> {
+    let Some(len_bytes) = map.get(..8) else {
+        return Err(format!(
+            "the file is {} bytes, too short for the 8-byte header length",
+            map.len()
+        ));
+    };
+    let mut n = [0u8; 8];
+    n.copy_from_slice(len_bytes);
+    let n = u64::from_le_bytes(n);
+    let after = (map.len() - 8) as u64;
+    if n > after {
+        return Err(format!(
+            "the header length is {n} bytes, but only {after} bytes follow it (truncated?)"
+        ));
+    }
+    let (header, data) = map[8..].split_at(n as usize);
+    let header: serde_json::Value =
+        serde_json::from_slice(header).map_err(|e| format!("the header is not valid JSON: {e}"))?;
+    let serde_json::Value::Object(header) = header else {
+        return Err("the header is not a JSON object".into());
+    };
+    // (name, begin, end), checked one by one, then for their order.
+    let mut ranges = Vec::new();
+    for (name, info) in &header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let bad = |what: String| format!("tensor `{name}`: {what}");
+        let dtype = match info.get("dtype") {
+            Some(serde_json::Value::String(d)) => {
+                serde_json::from_value::<StDtype>(serde_json::Value::String(d.clone()))
+                    .map_err(|_| bad(format!("unknown dtype `{d}`")))?
+            }
+            _ => return Err(bad("no `dtype` string".into())),
+        };
+        let shape = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|s| {
+                s.iter()
+                    .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+                    .collect::<Option<Vec<usize>>>()
+            })
+            .ok_or_else(|| bad("`shape` is not a list of sizes".into()))?;
+        let (begin, end) = match info
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .map(|o| o.iter().map(|x| x.as_u64()).collect::<Vec<_>>())
+            .as_deref()
+        {
+            Some([Some(b), Some(e)]) => (*b, *e),
+            _ => return Err(bad("`data_offsets` is not [begin, end]".into())),
+        };
+        if end < begin {
+            return Err(bad(format!(
+                "data_offsets [{begin}, {end}] end before they begin"
+            )));
+        }
+        let bits = shape
+            .iter()
+            .try_fold(dtype.bitsize() as u64, |acc, &d| acc.checked_mul(d as u64))
+            .ok_or_else(|| bad(format!("shape {} is too large", DisplayShape(&shape))))?;
+        if bits % 8 != 0 {
+            return Err(bad(format!(
+                "shape {} of {dtype:?} is not a whole number of bytes",
+                DisplayShape(&shape)
+            )));
+        }
+        if bits / 8 != end - begin {
+            return Err(bad(format!(
+                "shape {} of {dtype:?} is {} bytes, but data_offsets [{begin}, {end}] span {}",
+                DisplayShape(&shape),
+                bits / 8,
+                end - begin
+            )));
+        }
+        ranges.push((name.as_str(), begin, end));
+    }
+    ranges.sort_by_key(|&(name, b, e)| (b, e, name));
+    let mut at = 0u64;
+    let mut previous: Option<&str> = None;
+    for &(name, begin, end) in &ranges {
+        if begin != at {
+            let side = if begin < at {
+                "overlap"
+            } else {
+                "leave a gap after"
+            };
+            return Err(match previous {
+                Some(p) => format!(
+                    "tensor `{name}`: data_offsets [{begin}, {end}] {side} tensor `{p}` (which ends at {at})"
+                ),
+                None => format!(
+                    "tensor `{name}`: data_offsets [{begin}, {end}] do not start at 0, where the data begins"
+                ),
+            });
+        }
+        if end > data.len() as u64 {
+            return Err(format!(
+                "tensor `{name}`: data_offsets [{begin}, {end}] run past the end of the data ({} bytes after the header; truncated?)",
+                data.len()
+            ));
+        }
+        at = end;
+        previous = Some(name);
+    }
+    if at != data.len() as u64 {
+        return Err(format!(
+            "the tensors end at byte {at} of the data, but {} bytes follow the header (extra bytes at the end)",
+            data.len()
+        ));
+    }
+    Ok(())
+}
+
 fn read_header(path: &Path, map: &[u8]) -> Result<(usize, Metadata), WeightError> {
+    check_header(map).map_err(|message| WeightError::Format {
+        path: path.to_path_buf(),
+        message,
+    })?;
     SafeTensors::read_metadata(map).map_err(|e| WeightError::Format {
         path: path.to_path_buf(),
         message: match e {
@@ -121,6 +279,57 @@ fn ir_dtype(d: StDtype) -> Option<DType> {
         StDtype::BOOL => DType::Bool,
         _ => return None,
     })
+}
+
+/// The kinds of value a tensor can hold; a checkpoint tensor is read only as its own kind.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Float,
+    Int,
+    Bool,
+}
+
+fn kind(d: DType) -> Kind {
+    if d.is_float() {
+        Kind::Float
+    } else if d.is_int() {
+        Kind::Int
+    } else {
+        Kind::Bool
+    }
+}
+
+/// How many values of a float tensor are NaN or infinite, and the flat index of the first;
+/// `None` when all are finite (or the tensor holds integers or bools). One pass, with an early
+/// exit only for the common all-finite case.
+fn non_finite(t: &Tensor) -> Option<(usize, usize)> {
+    fn scan<T: Copy>(v: &[T], finite: impl Fn(T) -> bool) -> Option<(usize, usize)> {
+        if v.iter().all(|&x| finite(x)) {
+            return None;
+        }
+        let first = v.iter().position(|&x| !finite(x))?;
+        let count = v[first..].iter().filter(|&&x| !finite(x)).count();
+        Some((count, first))
+    }
+    match t.data() {
+        TensorData::F64(v) => scan(v, f64::is_finite),
+        TensorData::F32(v) => scan(v, f32::is_finite),
+        TensorData::BF16(v) => scan(v, |x| x.is_finite()),
+        TensorData::F16(v) => scan(v, |x| x.is_finite()),
+        TensorData::I64(_) | TensorData::I32(_) | TensorData::Bool(_) => None,
+    }
+}
+
+/// The row-major multi-dimensional index of flat position `flat` in `shape`.
+fn unflatten(mut flat: usize, shape: &[usize]) -> Vec<usize> {
+    let mut index = vec![0; shape.len()];
+    for (i, &d) in shape.iter().enumerate().rev() {
+        if d > 0 {
+            index[i] = flat % d;
+            flat /= d;
+        }
+    }
+    index
 }
 
 impl Checkpoint {
@@ -264,7 +473,9 @@ impl Checkpoint {
     }
 
     /// Checks that the checkpoint holds exactly the tensors `params` need, with the right
-    /// shapes and loadable dtypes; every problem found is reported (the first in full).
+    /// shapes and loadable dtypes of the parameter's kind (a float parameter takes any float
+    /// dtype, never integers or bools, and the other way round); every problem found is
+    /// reported (the first in full). Values are not read: [`Checkpoint::load`] checks those.
     pub fn check(&self, params: &[ParamSpec]) -> Result<(), WeightError> {
         let mut problems = Vec::new();
         let mut used = BTreeSet::new();
@@ -278,12 +489,23 @@ impl Checkpoint {
                         name: name.to_string(),
                         param: p.name.clone(),
                     }),
-                    Some(e) if ir_dtype(e.dtype).is_none() => problems.push(WeightError::Dtype {
-                        name: name.to_string(),
-                        file: self.file_of(e),
-                        dtype: format!("{:?}", e.dtype),
-                    }),
-                    Some(e) => shapes.push((name, e)),
+                    Some(e) => match ir_dtype(e.dtype) {
+                        None => problems.push(WeightError::Dtype {
+                            name: name.to_string(),
+                            file: self.file_of(e),
+                            dtype: format!("{:?}", e.dtype),
+                        }),
+                        Some(found) if kind(found) != kind(p.ty.dtype) => {
+                            problems.push(WeightError::DtypeMismatch {
+                                name: name.to_string(),
+                                file: self.file_of(e),
+                                param: Some(p.name.clone()),
+                                found,
+                                expected: p.ty.dtype,
+                            })
+                        }
+                        Some(_) => shapes.push((name, e)),
+                    },
                 }
             }
             if shapes.len() != p.source.tensors().len() {
@@ -330,18 +552,39 @@ impl Checkpoint {
         }
     }
 
-    /// Reads one tensor, converted to `dtype`.
+    /// Reads one tensor, converted to `dtype` of the same kind: any float dtype into any other
+    /// (bf16 checkpoints into f32), i32 and i64 into each other (token ids), bool as bool.
+    /// Reading integers as floats or floats as integers is refused
+    /// ([`WeightError::DtypeMismatch`]), since it is almost certainly the wrong tensor.
     pub fn read(&self, name: &str, dtype: DType) -> Result<Tensor, WeightError> {
+        self.read_for(name, dtype, None)
+    }
+
+    fn read_for(
+        &self,
+        name: &str,
+        dtype: DType,
+        param: Option<&str>,
+    ) -> Result<Tensor, WeightError> {
         let e = self.entries.get(name).ok_or_else(|| WeightError::Missing {
             dir: self.dir.clone(),
             name: name.to_string(),
-            param: name.to_string(),
+            param: param.unwrap_or(name).to_string(),
         })?;
         let src = ir_dtype(e.dtype).ok_or_else(|| WeightError::Dtype {
             name: name.to_string(),
             file: self.file_of(e),
             dtype: format!("{:?}", e.dtype),
         })?;
+        if kind(src) != kind(dtype) {
+            return Err(WeightError::DtypeMismatch {
+                file: self.file_of(e),
+                name: name.to_string(),
+                param: param.map(str::to_string),
+                found: src,
+                expected: dtype,
+            });
+        }
         let shard = &self.shards[e.file];
         let bytes = &shard.map[e.range.0..e.range.1];
         let t = Tensor::from_le_bytes(src, e.shape.clone(), bytes).map_err(|err| {
@@ -350,27 +593,69 @@ impl Checkpoint {
                 message: format!("tensor `{name}`: {err}"),
             }
         })?;
-        Ok(t.cast(dtype))
+        // `cast` copies even to the same dtype; the common f32 -> f32 case needs no copy.
+        Ok(if src == dtype { t } else { t.cast(dtype) })
+    }
+
+    /// Reads a parameter's part and refuses NaN or infinite values (after conversion to the
+    /// parameter's dtype, so an f64 value too large for f32 counts too).
+    fn read_finite(&self, name: &str, p: &ParamSpec) -> Result<Tensor, WeightError> {
+        let t = self.read_for(name, p.ty.dtype, Some(&p.name))?;
+        match non_finite(&t) {
+            None => Ok(t),
+            Some((count, first)) => Err(WeightError::NonFinite {
+                file: self
+                    .entries
+                    .get(name)
+                    .map_or_else(|| self.dir.clone(), |e| self.file_of(e)),
+                name: name.to_string(),
+                dtype: t.dtype(),
+                count,
+                first: unflatten(first, t.shape()),
+            }),
+        }
     }
 
     /// Checks, then reads, every parameter: returns parameter name -> tensor in its dtype.
+    /// A tensor holding NaN or infinite values is an error ([`WeightError::NonFinite`]): every
+    /// such tensor is reported, the first in full, after one pass over the values.
     pub fn load(&self, params: &[ParamSpec]) -> Result<BTreeMap<String, Tensor>, WeightError> {
         self.check(params)?;
         let mut out = BTreeMap::new();
+        let mut problems = Vec::new();
         for p in params {
+            let names: &[String] = match &p.source {
+                WeightSource::Tensor(name) => std::slice::from_ref(name),
+                WeightSource::Concat { parts, .. } => parts,
+            };
+            let mut parts = Vec::with_capacity(names.len());
+            for name in names {
+                match self.read_finite(name, p) {
+                    Ok(t) => parts.push(t),
+                    Err(e @ WeightError::NonFinite { .. }) => problems.push(e),
+                    Err(e) => return Err(e),
+                }
+            }
+            if parts.len() != names.len() {
+                continue;
+            }
             let t = match &p.source {
-                WeightSource::Tensor(name) => self.read(name, p.ty.dtype)?,
-                WeightSource::Concat { parts, axis } => {
-                    let parts = parts
-                        .iter()
-                        .map(|n| self.read(n, p.ty.dtype))
-                        .collect::<Result<Vec<_>, _>>()?;
+                WeightSource::Tensor(_) => parts.pop().expect("one part was read"),
+                WeightSource::Concat { axis, .. } => {
                     Tensor::concat(&parts, *axis).expect("shapes were checked")
                 }
             };
             out.insert(p.name.clone(), t);
         }
-        Ok(out)
+        let more = problems.len().saturating_sub(1);
+        match problems.into_iter().next() {
+            None => Ok(out),
+            Some(first) if more == 0 => Err(first),
+            Some(first) => Err(WeightError::Several {
+                first: Box::new(first),
+                more,
+            }),
+        }
     }
 }
 

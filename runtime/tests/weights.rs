@@ -187,3 +187,237 @@ fn concatenated_sources_join_tensors_and_check_the_joined_shape() {
         "{e}"
     );
 }
+
+/// Writes a safetensors file of one dtype from raw little-endian bytes per tensor.
+fn write_raw(path: &Path, dtype: safetensors::Dtype, tensors: &[(&str, Vec<usize>, Vec<u8>)]) {
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, s, b)| (n.to_string(), TensorView::new(dtype, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+/// Writes a file with a hand-made header (JSON) followed by `data_len` zero bytes.
+fn write_header(path: &Path, header: &str, data_len: usize) {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.resize(bytes.len() + data_len, 0);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// An error with its sources, joined as `anyhow`'s `{:#}` prints them (what `mmc` shows).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(&format!(": {inner}"));
+        source = inner.source();
+    }
+    s
+}
+
+#[test]
+fn a_float_parameter_refuses_integer_tensors_and_the_other_way_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("model.safetensors");
+    let ints: Vec<u8> = [1i32, 2].iter().flat_map(|x| x.to_le_bytes()).collect();
+    write_raw(&f, safetensors::Dtype::I32, &[("w", vec![2], ints)]);
+    let ck = Checkpoint::open(&f).unwrap();
+    let e = ck.check(&[spec("w", &[2])]).unwrap_err();
+    assert!(matches!(e, WeightError::DtypeMismatch { .. }), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("model.safetensors: tensor `w` has dtype i32, but parameter `w` needs f32"),
+        "{text}"
+    );
+    assert!(!text.contains('\n'));
+    assert!(ck.load(&[spec("w", &[2])]).is_err());
+    // Integer data reads as integers of another width (token ids), never as floats.
+    assert_eq!(ck.read("w", DType::I64).unwrap().to_f64_vec(), [1.0, 2.0]);
+    let e = ck.read("w", DType::F32).unwrap_err().to_string();
+    assert!(
+        e.contains("tensor `w` has dtype i32, but it is read as f32"),
+        "{e}"
+    );
+    // An integer parameter refuses float data.
+    let g = dir.path().join("floats.safetensors");
+    write(&g, &[("n", vec![1], vec![1.0])]);
+    let ck = Checkpoint::open(&g).unwrap();
+    let int_param = ParamSpec {
+        ty: TensorType::new(DType::I64, [1]),
+        ..spec("n", &[1])
+    };
+    let e = ck.check(&[int_param]).unwrap_err().to_string();
+    assert!(
+        e.contains("tensor `n` has dtype f32, but parameter `n` needs i64"),
+        "{e}"
+    );
+    assert!(ck.read("n", DType::I64).is_err());
+}
+
+#[test]
+fn float_checkpoints_of_any_width_load_into_f32_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("model.safetensors");
+    let bf: Vec<u8> = [1.5f32, -2.0]
+        .iter()
+        .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+        .collect();
+    write_raw(&f, safetensors::Dtype::BF16, &[("w", vec![2], bf)]);
+    let w = Checkpoint::open(&f)
+        .unwrap()
+        .load(&[spec("w", &[2])])
+        .unwrap();
+    assert_eq!(w["w"].dtype(), DType::F32);
+    assert_eq!(w["w"].to_f64_vec(), [1.5, -2.0]);
+}
+
+#[test]
+fn nan_or_infinite_values_are_named_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("model.safetensors");
+    write(
+        &f,
+        &[
+            ("a", vec![2], vec![1.0, 2.0]),
+            (
+                "w",
+                vec![2, 3],
+                vec![0.0, 1.0, f32::NAN, 3.0, f32::INFINITY, 5.0],
+            ),
+        ],
+    );
+    let ck = Checkpoint::open(&f).unwrap();
+    let params = [spec("a", &[2]), spec("w", &[2, 3])];
+    // The check reads no values; loading does.
+    ck.check(&params).unwrap();
+    let e = ck.load(&params).unwrap_err();
+    assert!(matches!(e, WeightError::NonFinite { .. }), "{e}");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{}: tensor `w` holds 2 NaN or infinite values as f32 (the first at index [0, 2])",
+            f.display()
+        )
+    );
+    // A concatenated parameter names the part, with the part's own index.
+    let spec_qk = ParamSpec {
+        name: "aw".into(),
+        source: WeightSource::Concat {
+            parts: vec!["a".into(), "w".into()],
+            axis: 0,
+        },
+        ty: TensorType::new(DType::F32, [8]),
+    };
+    let g = dir.path().join("flat.safetensors");
+    write(
+        &g,
+        &[
+            ("a", vec![2], vec![1.0, 2.0]),
+            (
+                "w",
+                vec![6],
+                vec![0.0, 1.0, 2.0, 3.0, 4.0, f32::NEG_INFINITY],
+            ),
+        ],
+    );
+    let e = Checkpoint::open(&g)
+        .unwrap()
+        .load(&[spec_qk])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tensor `w` holds 1 NaN or infinite value as f32 (the first at index [5])"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_f64_value_too_large_for_f32_is_reported_as_infinite() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("model.safetensors");
+    let big: Vec<u8> = [1.0f64, 1e300]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    write_raw(&f, safetensors::Dtype::F64, &[("w", vec![2], big)]);
+    let e = Checkpoint::open(&f)
+        .unwrap()
+        .load(&[spec("w", &[2])])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tensor `w` holds 1 NaN or infinite value as f32"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_damaged_header_names_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("model.safetensors");
+    let cases = [
+        (
+            r#"{"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 20]}}"#,
+            20,
+            "tensor `w`: shape [2, 3] of F32 is 24 bytes, but data_offsets [0, 20] span 20",
+        ),
+        (
+            r#"{"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}"#,
+            8,
+            "tensor `w`: unknown dtype `Q4`",
+        ),
+        (
+            r#"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}"#,
+            12,
+            "tensor `b`: data_offsets [4, 12] overlap tensor `a` (which ends at 8)",
+        ),
+        (
+            r#"{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}"#,
+            12,
+            "tensor `b`: data_offsets [8, 12] leave a gap after tensor `a` (which ends at 4)",
+        ),
+        (
+            r#"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}"#,
+            12,
+            "tensor `b`: data_offsets [8, 16] run past the end of the data (12 bytes after the header; truncated?)",
+        ),
+        (
+            r#"{"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}"#,
+            8,
+            "tensor `w`: data_offsets [8, 0] end before they begin",
+        ),
+        (
+            r#"{"w": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}"#,
+            8,
+            "tensor `w`: `shape` is not a list of sizes",
+        ),
+    ];
+    for (header, data_len, want) in cases {
+        write_header(&f, header, data_len);
+        let e = Checkpoint::open(&f).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!("{}: not a valid safetensors file: {want}", f.display())
+        );
+    }
+}
+
+#[test]
+fn a_missing_shard_is_one_line_with_the_os_error_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        r#"{"weight_map": {"x": "missing.safetensors"}}"#,
+    )
+    .unwrap();
+    let e = Checkpoint::open(dir.path()).unwrap_err();
+    assert!(matches!(e, WeightError::Io { .. }), "{e}");
+    let shown = chain(&e);
+    assert!(shown.contains("missing.safetensors: "), "{shown}");
+    let os_text = std::fs::File::open(dir.path().join("missing.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(shown.matches(&os_text).count(), 1, "{shown}");
+    assert!(!shown.contains('\n'));
+}
