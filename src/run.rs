@@ -7,10 +7,14 @@ use mmc_ir::plan::Plan;
 use mmc_runtime::data::{DataLoader, DataPosition};
 use mmc_runtime::metrics::{peak_memory_bytes, MetricsWriter, StepMetrics};
 use mmc_runtime::tensor_batches::TensorBatches;
-use mmc_runtime::{MicroBatch, Trainer};
+use mmc_runtime::{MicroBatch, TrainError, Trainer};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// Global batches of nothing but padding that may follow one another before the data is
+/// called unusable.
+const MAX_EMPTY_IN_A_ROW: u32 = 100;
 
 pub struct RunArgs {
     pub plan: PathBuf,
@@ -176,16 +180,27 @@ pub fn run(args: &RunArgs) -> Result<()> {
     };
     let started = Instant::now();
     let mut losses = Vec::with_capacity(train_iters as usize);
+    // Global batches drawn, and those with no token at all (skipped without a step).
+    let (mut drawn, mut empty_batches, mut skipped_micro) = (0u64, 0u64, 0usize);
     for i in 0..train_iters {
         let step = i + 1;
         let lr = schedule.lr_at(step, train_iters);
         let t0 = Instant::now();
-        let (micro_batches, tokens) = source
-            .next(i)
-            .with_context(|| format!("step {step}: reading data"))?;
-        let out = trainer
-            .train_step(&micro_batches, lr)
-            .with_context(|| format!("step {step}"))?;
+        let mut in_a_row = 0;
+        let (out, tokens) = loop {
+            let (micro_batches, tokens) = source
+                .next(drawn)
+                .with_context(|| format!("step {step}: reading data"))?;
+            drawn += 1;
+            match trainer.train_step(&micro_batches, lr) {
+                Err(TrainError::EmptyGlobalBatch { .. }) if in_a_row < MAX_EMPTY_IN_A_ROW => {
+                    empty_batches += 1;
+                    in_a_row += 1;
+                }
+                r => break (r.with_context(|| format!("step {step}"))?, tokens),
+            }
+        };
+        skipped_micro += out.skipped_micro_batches;
         let secs = t0.elapsed().as_secs_f64();
         let m = StepMetrics {
             step,
@@ -214,6 +229,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
         bar.inc(1);
     }
     bar.finish_and_clear();
+    if skipped_micro > 0 || empty_batches > 0 {
+        console.err(&format!(
+            "warning: {skipped_micro} micro-batch(es) held only padding and were skipped; {empty_batches} global batch(es) held no token at all and were skipped without a step"
+        ));
+    }
     if let (Some(first), Some(last)) = (losses.first(), losses.last()) {
         console.out(&format!(
             "done: {train_iters} step(s) in {:.1} s; loss {:.6} -> {:.6}",
