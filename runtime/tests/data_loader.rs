@@ -439,3 +439,49 @@ fn an_annotation_file_given_as_data_json_is_named_as_such() {
         "{e}"
     );
 }
+
+#[test]
+fn the_shipped_30b_data_json_is_mindspeed_mms_with_only_paths_to_fill_in() {
+    let text = std::fs::read_to_string(repo("configs/internvl35-30b-a3b.data.json")).unwrap();
+    for placeholder in [
+        "\"/path/json_path\"",
+        "\"/path/root_path\"",
+        "\"./ckpt/hf_path/InternVL3_5-30B-A3B-Instruct\"",
+    ] {
+        assert!(text.contains(placeholder), "{placeholder}");
+    }
+    // Filled in with the demo's files, it loads as MindSpeed-MM's recipe.
+    let filled = text
+        .replace("/path/json_path", &repo("configs/demo/demo.jsonl").display().to_string())
+        .replace("/path/root_path", &repo("configs/demo").display().to_string())
+        .replace(
+            "./ckpt/hf_path/InternVL3_5-30B-A3B-Instruct",
+            &repo("configs/tokenizer/qwen3-internvl35").display().to_string(),
+        );
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("data.json");
+    std::fs::write(&p, filled).unwrap();
+    let c = mmc_runtime::data::config::DataConfig::load(&p).unwrap();
+    assert!(c.group_by_length && c.shuffle && c.drop_last && c.use_thumbnail);
+    assert_eq!(c.pad_id, 2);
+    assert_eq!((c.min_dynamic_patch, c.max_dynamic_patch), (1, 12));
+    assert_eq!((c.min_num_frame, c.max_num_frame), (8, 32));
+    assert_eq!((c.image_size, c.patch_size, c.tokens_per_tile()), (448, 14, 256));
+    assert_eq!(c.template_name.as_deref(), Some("internvl2_5"));
+    // What is left unused only concerns how PyTorch loads data.
+    let mut ignored = c.ignored_keys.clone();
+    ignored.sort();
+    assert_eq!(
+        ignored,
+        [
+            "dataloader_param.collate_param.model_name",
+            "dataloader_param.dataloader_mode",
+            "dataloader_param.pin_memory",
+            "dataloader_param.sampler_type",
+            "dataset_param.dataset_type",
+            "dataset_param.tokenizer_config.autotokenizer_name",
+            "dataset_param.tokenizer_config.hub_backend",
+            "dataset_param.use_text_processer",
+        ]
+    );
+}
