@@ -20,6 +20,12 @@ pub fn compile(
         cfg.target.kind = TargetKind::Cpu;
     }
     crate::run::check_output_path(output, "-o")?;
+    if output.exists() && !output.is_file() {
+        anyhow::bail!(
+            "-o {}: not a regular file; the plan is written beside it and renamed into place",
+            output.display()
+        );
+    }
     if let Some(dir) = emit_dir {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("--emit-dir: cannot create {}", dir.display()))?;

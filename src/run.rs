@@ -61,6 +61,14 @@ pub fn check_output_path(path: &Path, flag: &str) -> Result<()> {
     if path.is_dir() {
         bail!("{flag} {}: is a folder; give a file name", path.display());
     }
+    if path.exists() {
+        // Opening for appending changes nothing in the file.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(|| format!("{flag} {}: cannot write", path.display()))?;
+        return Ok(());
+    }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

@@ -130,11 +130,14 @@ fn freezing_everything_is_refused() {
 
 #[test]
 fn the_shipped_30b_configs_say_what_is_not_built() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("p.bin");
+    let out = out.to_str().unwrap();
     for cfg in [
         "configs/internvl35-30b-a3b.toml",
         "configs/internvl35-30b-a3b-megatron.toml",
     ] {
-        let e = fails(&["compile", cfg, "-o", "/dev/null"]);
+        let e = fails(&["compile", cfg, "-o", out]);
         assert!(e.contains("not built yet"), "{cfg}: {e}");
     }
     // Past the target, the seed's recipe stops at its multi-device layout.
@@ -144,9 +147,11 @@ fn the_shipped_30b_configs_say_what_is_not_built() {
         "--target",
         "cpu",
         "-o",
-        "/dev/null",
+        out,
     ]);
     assert!(e.contains("devices = 16"), "{e}");
+    let e = fails(&["compile", "configs/qwen3-moe-tiny.toml", "-o", "/dev/null"]);
+    assert!(e.contains("not a regular file"), "{e}");
 }
 
 /// A compiled tiny Qwen3-MoE plan and its fixture data (2 rows of 24 tokens).

@@ -452,11 +452,19 @@ fn the_shipped_30b_data_json_is_mindspeed_mms_with_only_paths_to_fill_in() {
     }
     // Filled in with the demo's files, it loads as MindSpeed-MM's recipe.
     let filled = text
-        .replace("/path/json_path", &repo("configs/demo/demo.jsonl").display().to_string())
-        .replace("/path/root_path", &repo("configs/demo").display().to_string())
+        .replace(
+            "/path/json_path",
+            &repo("configs/demo/demo.jsonl").display().to_string(),
+        )
+        .replace(
+            "/path/root_path",
+            &repo("configs/demo").display().to_string(),
+        )
         .replace(
             "./ckpt/hf_path/InternVL3_5-30B-A3B-Instruct",
-            &repo("configs/tokenizer/qwen3-internvl35").display().to_string(),
+            &repo("configs/tokenizer/qwen3-internvl35")
+                .display()
+                .to_string(),
         );
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("data.json");
@@ -466,7 +474,10 @@ fn the_shipped_30b_data_json_is_mindspeed_mms_with_only_paths_to_fill_in() {
     assert_eq!(c.pad_id, 2);
     assert_eq!((c.min_dynamic_patch, c.max_dynamic_patch), (1, 12));
     assert_eq!((c.min_num_frame, c.max_num_frame), (8, 32));
-    assert_eq!((c.image_size, c.patch_size, c.tokens_per_tile()), (448, 14, 256));
+    assert_eq!(
+        (c.image_size, c.patch_size, c.tokens_per_tile()),
+        (448, 14, 256)
+    );
     assert_eq!(c.template_name.as_deref(), Some("internvl2_5"));
     // What is left unused only concerns how PyTorch loads data.
     let mut ignored = c.ignored_keys.clone();
