@@ -304,22 +304,18 @@ struct HfParts {
 
 fn split_hf(map: Map<String, Json>) -> Result<HfParts, String> {
     let vision = map.get("vision_config").and_then(Json::as_object).cloned();
-    let nested = ["llm_config", "text_config"]
-        .into_iter()
-        .find_map(|k| map.get(k).and_then(Json::as_object).map(|t| (k, t.clone())));
-    let (text_key, text) = match (
-        nested.map(|(k, t)| {
-            (
-                if k == "llm_config" {
-                    "`llm_config`"
-                } else {
-                    "`text_config`"
-                },
-                t,
-            )
-        }),
-        &vision,
-    ) {
+    // Each key with its spelling in messages.
+    let nested = [
+        ("llm_config", "`llm_config`"),
+        ("text_config", "`text_config`"),
+    ]
+    .into_iter()
+    .find_map(|(k, shown)| {
+        map.get(k)
+            .and_then(Json::as_object)
+            .map(|t| (shown, t.clone()))
+    });
+    let (text_key, text) = match (nested, &vision) {
         (Some(t), _) => t,
         (None, None) => ("top level", map.clone()),
         (None, Some(_)) => {
