@@ -1,6 +1,7 @@
 //! The mmc runtime: replays a compiled plan (state, programs, optimizer steps), reads
 //! checkpoints and training data, and reports metrics.
 
+pub mod checkpoint;
 pub mod data;
 pub mod loss;
 pub mod metrics;

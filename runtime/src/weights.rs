@@ -87,6 +87,14 @@ pub enum WeightError {
     },
 }
 
+/// A tensor as stored: see [`Checkpoint::raw`].
+#[derive(Clone, Copy, Debug)]
+pub struct RawTensor<'a> {
+    pub dtype: DType,
+    pub shape: &'a [usize],
+    pub bytes: &'a [u8],
+}
+
 /// Where a tensor lives.
 #[derive(Clone, Debug)]
 struct Entry {
@@ -466,6 +474,26 @@ impl Checkpoint {
     /// The shape of a tensor, if present.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
         self.entries.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// A tensor's stored bytes (little-endian, row-major) with its dtype and shape, straight
+    /// from the memory map: conversion streams them without decoding, so it is bit-exact.
+    pub fn raw(&self, name: &str) -> Result<RawTensor<'_>, WeightError> {
+        let e = self.entries.get(name).ok_or_else(|| WeightError::Missing {
+            dir: self.dir.clone(),
+            name: name.to_string(),
+            param: name.to_string(),
+        })?;
+        let dtype = ir_dtype(e.dtype).ok_or_else(|| WeightError::Dtype {
+            name: name.to_string(),
+            file: self.file_of(e),
+            dtype: format!("{:?}", e.dtype),
+        })?;
+        Ok(RawTensor {
+            dtype,
+            shape: &e.shape,
+            bytes: &self.shards[e.file].map[e.range.0..e.range.1],
+        })
     }
 
     fn file_of(&self, e: &Entry) -> PathBuf {
