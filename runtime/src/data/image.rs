@@ -412,6 +412,10 @@ pub enum TileTransform {
     Normalize { mean: [f32; 3], std: [f32; 3] },
 }
 
+/// The largest side a `Resize` of the pipeline may give: tiles are a few hundred pixels, and an
+/// absurd size would allocate gigabytes per tile before any message.
+pub const MAX_RESIZE_SIDE: u32 = 4096;
+
 /// The transforms every tile goes through before it becomes model input.
 ///
 /// Image steps (`Pad2Square`, `Resize`) act on the 8-bit image, float steps (`Normalize`) on
@@ -461,7 +465,7 @@ impl TilePipeline {
                     .get("trans_type")
                     .and_then(|v| v.as_str())
                     .unwrap_or("?");
-                format!("train_pipeline.image[{i}] ({kind}): {msg}")
+                super::one_line(&format!("train_pipeline.image[{i}] ({kind}): {msg}"))
             })?;
             tensor |= t == TileTransform::ToTensor;
             out.push(t);
@@ -635,6 +639,11 @@ fn parse_transform(
             let (Some(height), Some(width)) = (to_u32(height), to_u32(width)) else {
                 return Err(format!("size {size} must hold positive pixel counts"));
             };
+            if height.max(width) > MAX_RESIZE_SIDE {
+                return Err(format!(
+                    "size {size} is larger than mmc resizes a tile to ({MAX_RESIZE_SIDE} pixels a side)"
+                ));
+            }
             match params.get("interpolation") {
                 Some(serde_json::Value::String(s)) if s.eq_ignore_ascii_case("bicubic") => {}
                 Some(other) => {
