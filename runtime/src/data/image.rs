@@ -119,6 +119,26 @@ pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<RgbImage, ImageError> {
             name: name.to_string(),
             detail: detail.to_string(),
         })?;
+        // libjpeg-turbo allocates whatever the header claims, without the `image` crate's
+        // limit: a damaged header makes a few kilobytes cost gigabytes and seconds.
+        if let Ok(h) = turbojpeg::read_header(bytes) {
+            let limit = image::Limits::default().max_alloc.unwrap_or(u64::MAX);
+            let need = (h.width as u64)
+                .saturating_mul(h.height as u64)
+                .saturating_mul(3);
+            if need > limit {
+                return Err(ImageError::TooLarge {
+                    name: name.to_string(),
+                    detail: format!(
+                        "the header gives {}x{} pixels, {} MiB decoded, more than the limit of {} MiB",
+                        h.width,
+                        h.height,
+                        need >> 20,
+                        limit >> 20
+                    ),
+                });
+            }
+        }
         // libjpeg-turbo, PIL's own decoder, gives PIL's pixels exactly (same IDCT and chroma
         // upsampling); colour spaces it cannot turn into RGB (CMYK) take the general path.
         if let Ok(img) = turbojpeg::decompress(bytes, turbojpeg::PixelFormat::RGB) {
@@ -139,24 +159,26 @@ pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<RgbImage, ImageError> {
 
 fn map_image_error(e: image::ImageError, name: &str) -> ImageError {
     let name = name.to_string();
+    // Some decoders end their messages with a line break; the error is one line.
+    let detail = |e: &dyn std::fmt::Display| super::one_line(e.to_string().trim());
     match e {
         image::ImageError::Unsupported(e) => ImageError::Unsupported {
             name,
-            detail: e.to_string(),
+            detail: detail(&e),
         },
         image::ImageError::Limits(e) => ImageError::TooLarge {
             name,
-            detail: e.to_string(),
+            detail: detail(&e),
         },
         image::ImageError::IoError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             ImageError::Truncated {
                 name,
-                detail: e.to_string(),
+                detail: detail(&e),
             }
         }
         other => ImageError::Corrupt {
             name,
-            detail: other.to_string(),
+            detail: detail(&other),
         },
     }
 }
