@@ -10,17 +10,18 @@ use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-/// One problem with a checkpoint. Each names the file or tensor concerned.
+/// One problem with a checkpoint. Each names the file or tensor concerned, on one line: names
+/// from an index or a header are shown with their line breaks escaped.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightError {
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {source}", one_line(&path.display().to_string()))]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{}: not a valid safetensors file: {message}", path.display())]
+    #[error("{}: not a valid safetensors file: {}", path.display(), one_line(message))]
     Format { path: PathBuf, message: String },
-    #[error("{}: {message}", path.display())]
+    #[error("{}: {}", path.display(), one_line(message))]
     Index { path: PathBuf, message: String },
     #[error("{}: no model.safetensors.index.json and no .safetensors file", dir.display())]
     Empty { dir: PathBuf },
@@ -51,6 +52,11 @@ pub enum WeightError {
         first: Box<WeightError>,
         more: usize,
     },
+}
+
+/// `s` with its line breaks escaped, as JSON writes them.
+fn one_line(s: &str) -> String {
+    s.replace('\n', "\\n").replace('\r', "\\r")
 }
 
 /// Where a tensor lives.
