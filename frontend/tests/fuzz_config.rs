@@ -422,6 +422,17 @@ fn a_huge_layer_count_is_checked_without_visiting_every_layer() {
 }
 
 #[test]
+fn a_batch_too_large_to_count_is_an_error() {
+    // Found as `micro_batch_size = 9223372036854775807` with `dp = 3`: micro_batch_size x dp
+    // overflowed (a panic in debug builds, a wrong check in release ones).
+    let text = text_only("[train]\nmicro_batch_size = 9223372036854775807\n[parallel]\ndp = 3\n");
+    let e = Config::parse(Path::new("model.toml"), &text)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("9223372036854775807 x 3"), "{e}");
+}
+
+#[test]
 fn line_breaks_in_quoted_values_and_keys_stay_on_the_error_line() {
     // Found as `rope_theta` renamed `"line\nbreak"` and `hidden_act = "line\nbreak"`: the
     // message echoed the value with its line break.

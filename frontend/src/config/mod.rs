@@ -456,13 +456,20 @@ impl Config {
                 "`micro_batch_size` must be at least 1 and `seq_length` at least 2".into(),
             ));
         }
-        let per_step = train.micro_batch_size * raw.parallel.dp.max(1);
-        if train.global_batch_size == 0 || !train.global_batch_size.is_multiple_of(per_step) {
+        let dp = raw.parallel.dp.max(1);
+        let per_step = train.micro_batch_size.checked_mul(dp);
+        if train.global_batch_size == 0
+            || !per_step.is_some_and(|s| train.global_batch_size.is_multiple_of(s))
+        {
             return Err(invalid(
                 "[train]",
                 format!(
-                    "`global_batch_size` ({}) must be a positive multiple of micro_batch_size x dp ({per_step})",
-                    train.global_batch_size
+                    "`global_batch_size` ({}) must be a positive multiple of micro_batch_size x dp ({})",
+                    train.global_batch_size,
+                    per_step.map_or_else(
+                        || format!("{} x {dp}", train.micro_batch_size),
+                        |s| s.to_string()
+                    )
                 ),
             ));
         }
