@@ -287,7 +287,8 @@ pub enum PlanError {
     NotAPlan { path: PathBuf },
     #[error("{}: written in plan format {found}, but this mmc reads format {PLAN_FORMAT_VERSION}; recompile it with this version's `mmc compile`", path.display())]
     Version { path: PathBuf, found: String },
-    #[error("{}: the plan is damaged: {message}; recompile it with `mmc compile`", path.display())]
+    /// The message can quote the damaged text; its line breaks are shown escaped.
+    #[error("{}: the plan is damaged: {}; recompile it with `mmc compile`", path.display(), message.replace('\n', "\\n"))]
     Malformed { path: PathBuf, message: String },
 }
 

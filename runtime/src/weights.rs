@@ -10,19 +10,20 @@ use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-/// One problem with a checkpoint. Each names the file or tensor concerned, in one line.
+/// One problem with a checkpoint. Each names the file or tensor concerned, on one line: names
+/// from an index or a header are shown with their line breaks escaped.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightError {
     /// The OS error is part of the message and deliberately not the error's `source()`: a
     /// caller printing the chain (`{:#}`) would otherwise repeat it.
-    #[error("{}: {error}", path.display())]
+    #[error("{}: {error}", one_line(&path.display().to_string()))]
     Io {
         path: PathBuf,
         error: std::io::Error,
     },
-    #[error("{}: not a valid safetensors file: {message}", path.display())]
+    #[error("{}: not a valid safetensors file: {}", path.display(), one_line(message))]
     Format { path: PathBuf, message: String },
-    #[error("{}: {message}", path.display())]
+    #[error("{}: {}", path.display(), one_line(message))]
     Index { path: PathBuf, message: String },
     #[error("{}: no model.safetensors.index.json and no .safetensors file", dir.display())]
     Empty { dir: PathBuf },
@@ -93,6 +94,11 @@ pub struct RawTensor<'a> {
     pub dtype: DType,
     pub shape: &'a [usize],
     pub bytes: &'a [u8],
+}
+
+/// `s` with its line breaks escaped, as JSON writes them.
+fn one_line(s: &str) -> String {
+    s.replace('\n', "\\n").replace('\r', "\\r")
 }
 
 /// Where a tensor lives.

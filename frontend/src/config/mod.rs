@@ -24,7 +24,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 use std::path::{Path, PathBuf};
 
-/// Why a configuration could not be loaded. Every message names the file, and the line or key.
+/// Why a configuration could not be loaded. Every message names the file, and the line or key,
+/// on one line: line breaks inside quoted values and keys are shown escaped.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{}: cannot read: {source}", path.display())]
@@ -32,25 +33,30 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{}:{line}:{column}: {message}", path.display())]
+    #[error("{}:{line}:{column}: {}", path.display(), one_line(message))]
     Syntax {
         path: PathBuf,
         line: usize,
         column: usize,
         message: String,
     },
-    #[error("{}: {table}: {message}", path.display())]
+    #[error("{}: {table}: {}", path.display(), one_line(message))]
     Invalid {
         path: PathBuf,
         table: String,
         message: String,
     },
-    #[error("{what} `{given}` not found (looked in {})", tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" and "))]
+    #[error("{what} `{}` not found (looked in {})", one_line(given), one_line(&tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" and ")))]
     NotFound {
         what: &'static str,
         given: String,
         tried: Vec<PathBuf>,
     },
+}
+
+/// `s` with its line breaks escaped, as they are written in TOML and JSON strings.
+fn one_line(s: &str) -> String {
+    s.replace('\n', "\\n").replace('\r', "\\r")
 }
 
 /// One table of the architecture (`[model.text]`, `[model.vision]`, `[model.projector]`):

@@ -115,9 +115,16 @@ impl TextConfig {
                 self.num_experts_per_tok, self.num_experts
             ));
         }
-        if (0..self.num_hidden_layers).any(|i| !self.is_moe_layer(i))
-            && self.intermediate_size.unwrap_or(0) == 0
-        {
+        // Whether any layer is dense, without visiting every layer (a huge count would hang):
+        // with a sparse step above 1, layer 0 is dense.
+        let has_dense = self.num_hidden_layers > 0
+            && (self.num_experts == 0
+                || self.decoder_sparse_step > 1
+                || self
+                    .mlp_only_layers
+                    .iter()
+                    .any(|&i| i < self.num_hidden_layers));
+        if has_dense && self.intermediate_size.unwrap_or(0) == 0 {
             return Err(
                 "dense layers (`mlp_only_layers`, `decoder_sparse_step`) need `intermediate_size`"
                     .into(),

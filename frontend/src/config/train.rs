@@ -102,11 +102,15 @@ impl TrainConfig {
                 self.seq_length
             ));
         }
-        let per_step = self.micro_batch_size * dp.max(1);
-        if self.global_batch_size == 0 || !self.global_batch_size.is_multiple_of(per_step) {
+        let dp = dp.max(1);
+        let per_step = self.micro_batch_size.checked_mul(dp);
+        if self.global_batch_size == 0
+            || !per_step.is_some_and(|s| self.global_batch_size.is_multiple_of(s))
+        {
             return Err(format!(
-                "`global_batch_size` ({}) must be a positive multiple of micro_batch_size x dp ({per_step})",
-                self.global_batch_size
+                "`global_batch_size` ({}) must be a positive multiple of micro_batch_size x dp ({})",
+                self.global_batch_size,
+                per_step.map_or_else(|| format!("{} x {dp}", self.micro_batch_size), |s| s.to_string())
             ));
         }
         self.schedule().check()?;

@@ -133,7 +133,8 @@ impl std::fmt::Display for Origin {
     }
 }
 
-/// A line that could not be read.
+/// A line that could not be read. The message quotes the line's values, so its line breaks are
+/// shown escaped to keep it on one line.
 #[derive(Debug, thiserror::Error)]
 pub enum AnnotationError {
     #[error("{}: cannot read: {source}", file.display())]
@@ -141,7 +142,7 @@ pub enum AnnotationError {
         file: PathBuf,
         source: std::io::Error,
     },
-    #[error("{origin}: {message}")]
+    #[error("{origin}: {}", super::one_line(message))]
     Line { origin: Origin, message: String },
 }
 

@@ -17,10 +17,12 @@
 //! naming several datasets (`root`, `annotation`, `repeat_time`, `length`, optional
 //! `max_dynamic_patch`).
 
+use super::one_line;
 use serde_json::{Map, Value as Json};
 use std::path::{Path, PathBuf};
 
-/// Why a data.json cannot be used. Every message names the file and the key.
+/// Why a data.json cannot be used. Every message names the file and the key, on one line:
+/// line breaks inside quoted values and keys are shown escaped.
 #[derive(Debug, thiserror::Error)]
 pub enum DataConfigError {
     #[error("{}: cannot read: {source}", path.display())]
@@ -28,20 +30,20 @@ pub enum DataConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{}:{line}:{column}: not valid JSON: {message}", path.display())]
+    #[error("{}:{line}:{column}: not valid JSON: {}", path.display(), one_line(message))]
     Json {
         path: PathBuf,
         line: usize,
         column: usize,
         message: String,
     },
-    #[error("{}: `{key}`: {message}", path.display())]
+    #[error("{}: `{}`: {}", path.display(), one_line(key), one_line(message))]
     Invalid {
         path: PathBuf,
         key: String,
         message: String,
     },
-    #[error("{}: {what} `{given}` not found (looked in {})", path.display(), tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" and "))]
+    #[error("{}: {what} `{}` not found (looked in {})", path.display(), one_line(given), one_line(&tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" and ")))]
     NotFound {
         path: PathBuf,
         what: &'static str,
@@ -49,6 +51,16 @@ pub enum DataConfigError {
         tried: Vec<PathBuf>,
     },
 }
+
+// Limits on values that size the loader's work: each makes it build a list that long, so an
+// absurd value would exhaust memory or time before any message. Far above any real setting.
+
+/// Most `dataloader_param.num_workers` (threads started).
+pub const MAX_NUM_WORKERS: usize = 256;
+/// Most repeats of a dataset (`repeat_time`; each repeat is a copy of its sample list).
+pub const MAX_REPEAT_TIME: f64 = 1000.0;
+/// Most `max_dynamic_patch` (the candidate tile grids of every image grow with it).
+pub const MAX_DYNAMIC_PATCH: usize = 1024;
 
 /// What to do with a text-only sample longer than the sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -562,6 +574,24 @@ impl DataConfig {
                 ),
             ));
         }
+        if self.max_dynamic_patch > MAX_DYNAMIC_PATCH {
+            return Err(r.invalid(
+                "dataset_param.max_dynamic_patch",
+                format!(
+                    "{} tiles per image is more than mmc supports ({MAX_DYNAMIC_PATCH})",
+                    self.max_dynamic_patch
+                ),
+            ));
+        }
+        if self.num_workers > MAX_NUM_WORKERS {
+            return Err(r.invalid(
+                "dataloader_param.num_workers",
+                format!(
+                    "{} threads is more than mmc starts ({MAX_NUM_WORKERS})",
+                    self.num_workers
+                ),
+            ));
+        }
         if self.min_num_frame == 0 || self.min_num_frame > self.max_num_frame {
             return Err(r.invalid(
                 "dataset_param.min_num_frame",
@@ -634,12 +664,16 @@ impl DataConfig {
                 repeat_time: mr.f64(e, "repeat_time", &format!("{name}.repeat_time"), 1.0)?,
                 max_dynamic_patch: match mr.get(e, "max_dynamic_patch") {
                     None => None,
-                    Some(v) => Some(v.as_u64().ok_or_else(|| {
-                        mr.invalid(
-                            &format!("{name}.max_dynamic_patch"),
-                            "must be a whole number",
-                        )
-                    })? as usize),
+                    Some(v) => Some(
+                        v.as_u64()
+                            .filter(|&m| m <= MAX_DYNAMIC_PATCH as u64)
+                            .ok_or_else(|| {
+                                mr.invalid(
+                                    &format!("{name}.max_dynamic_patch"),
+                                    format!("must be a whole number up to {MAX_DYNAMIC_PATCH}"),
+                                )
+                            })? as usize,
+                    ),
                 },
             });
         }
@@ -653,12 +687,12 @@ impl DataConfig {
     }
 }
 
-/// A repeat factor is a fraction in (0, 1] or a whole number.
+/// A repeat factor is a fraction in (0, 1] or a whole number (up to [`MAX_REPEAT_TIME`]).
 fn check_repeat(r: &Reader, key: &str, t: f64) -> Result<(), DataConfigError> {
-    if t.is_nan() || t <= 0.0 || (t > 1.0 && t.fract() != 0.0) {
+    if t.is_nan() || t <= 0.0 || (t > 1.0 && t.fract() != 0.0) || t > MAX_REPEAT_TIME {
         return Err(r.invalid(
             key,
-            format!("{t} must be a fraction in (0, 1] or a whole number of repeats"),
+            format!("{t} must be a fraction in (0, 1] or a whole number of repeats up to {MAX_REPEAT_TIME}"),
         ));
     }
     Ok(())

@@ -119,6 +119,26 @@ pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<RgbImage, ImageError> {
             name: name.to_string(),
             detail: detail.to_string(),
         })?;
+        // libjpeg-turbo allocates whatever the header claims, without the `image` crate's
+        // limit: a damaged header makes a few kilobytes cost gigabytes and seconds.
+        if let Ok(h) = turbojpeg::read_header(bytes) {
+            let limit = image::Limits::default().max_alloc.unwrap_or(u64::MAX);
+            let need = (h.width as u64)
+                .saturating_mul(h.height as u64)
+                .saturating_mul(3);
+            if need > limit {
+                return Err(ImageError::TooLarge {
+                    name: name.to_string(),
+                    detail: format!(
+                        "the header gives {}x{} pixels, {} MiB decoded, more than the limit of {} MiB",
+                        h.width,
+                        h.height,
+                        need >> 20,
+                        limit >> 20
+                    ),
+                });
+            }
+        }
         // libjpeg-turbo, PIL's own decoder, gives PIL's pixels exactly (same IDCT and chroma
         // upsampling); colour spaces it cannot turn into RGB (CMYK) take the general path.
         if let Ok(img) = turbojpeg::decompress(bytes, turbojpeg::PixelFormat::RGB) {
@@ -139,24 +159,26 @@ pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<RgbImage, ImageError> {
 
 fn map_image_error(e: image::ImageError, name: &str) -> ImageError {
     let name = name.to_string();
+    // Some decoders end their messages with a line break; the error is one line.
+    let detail = |e: &dyn std::fmt::Display| super::one_line(e.to_string().trim());
     match e {
         image::ImageError::Unsupported(e) => ImageError::Unsupported {
             name,
-            detail: e.to_string(),
+            detail: detail(&e),
         },
         image::ImageError::Limits(e) => ImageError::TooLarge {
             name,
-            detail: e.to_string(),
+            detail: detail(&e),
         },
         image::ImageError::IoError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             ImageError::Truncated {
                 name,
-                detail: e.to_string(),
+                detail: detail(&e),
             }
         }
         other => ImageError::Corrupt {
             name,
-            detail: other.to_string(),
+            detail: detail(&other),
         },
     }
 }
@@ -412,6 +434,10 @@ pub enum TileTransform {
     Normalize { mean: [f32; 3], std: [f32; 3] },
 }
 
+/// The largest side a `Resize` of the pipeline may give: tiles are a few hundred pixels, and an
+/// absurd size would allocate gigabytes per tile before any message.
+pub const MAX_RESIZE_SIDE: u32 = 4096;
+
 /// The transforms every tile goes through before it becomes model input.
 ///
 /// Image steps (`Pad2Square`, `Resize`) act on the 8-bit image, float steps (`Normalize`) on
@@ -461,7 +487,7 @@ impl TilePipeline {
                     .get("trans_type")
                     .and_then(|v| v.as_str())
                     .unwrap_or("?");
-                format!("train_pipeline.image[{i}] ({kind}): {msg}")
+                super::one_line(&format!("train_pipeline.image[{i}] ({kind}): {msg}"))
             })?;
             tensor |= t == TileTransform::ToTensor;
             out.push(t);
@@ -635,6 +661,11 @@ fn parse_transform(
             let (Some(height), Some(width)) = (to_u32(height), to_u32(width)) else {
                 return Err(format!("size {size} must hold positive pixel counts"));
             };
+            if height.max(width) > MAX_RESIZE_SIDE {
+                return Err(format!(
+                    "size {size} is larger than mmc resizes a tile to ({MAX_RESIZE_SIDE} pixels a side)"
+                ));
+            }
             match params.get("interpolation") {
                 Some(serde_json::Value::String(s)) if s.eq_ignore_ascii_case("bicubic") => {}
                 Some(other) => {

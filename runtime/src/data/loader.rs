@@ -391,11 +391,13 @@ impl DataLoader {
             })?,
             None => TilePipeline::internvl_default(config.image_size as u32),
         };
-        if vision && pipeline.output_size(config.image_size as u32) as usize != config.image_size {
+        // Both sides: a tile of another width would not fit its slot of the batch.
+        let side = config.image_size as u32;
+        let (w, h) = pipeline.output_dims(side, side);
+        if vision && (w as usize, h as usize) != (config.image_size, config.image_size) {
             return Err(mismatch(format!(
-                "the train_pipeline makes tiles of {} pixels, but the model takes {}",
-                pipeline.output_size(config.image_size as u32),
-                config.image_size
+                "the train_pipeline makes tiles of {w}x{h} pixels, but the model takes {}x{}",
+                config.image_size, config.image_size
             )));
         }
         let sampling: SamplingMethod =

@@ -12,9 +12,10 @@ use rand::SeedableRng;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// A sample that cannot be used, with where it comes from.
+/// A sample that cannot be used, with where it comes from. The message can quote the sample
+/// (a path, a turn), so its line breaks are shown escaped to keep it on one line.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{origin}: {message}")]
+#[error("{origin}: {}", super::one_line(message))]
 pub struct SampleError {
     pub origin: Origin,
     pub message: String,
@@ -197,6 +198,16 @@ impl SampleMaker {
                 (tiles, vec![self.tokens_per_tile; frames.len()], false)
             }
         };
+        // Without dynamic tiling a tile is the whole image, and only a `Resize` in the pipeline
+        // brings it to the slot size the packer copies it into.
+        let side = self.config.image_size;
+        if let Some(bad) = tiles.iter().find(|t| t.len() != 3 * side * side) {
+            return Err(err(format!(
+                "the train_pipeline made a tile of {} values where the model takes 3 x {side} x {side}; \
+                 it must resize tiles to image_size",
+                bad.len()
+            )));
+        }
         let t = template::apply(&turns, &image_tokens, text_only, &*self.tokenizer).map_err(err)?;
         let (mut input_ids, mut labels) = (t.input_ids, t.labels);
         let n_tiles = tiles.len();

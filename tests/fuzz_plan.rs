@@ -1,0 +1,256 @@
+//! Fuzzes reading a compiled plan (`plan.bin`: a version line, then JSON whose programs are
+//! graphs in mmc's text form) and the graph text parser and verifier it runs. The plan of the
+//! tiny Qwen3-MoE, damaged as disks and hand edits damage files (bytes flipped, truncated,
+//! fields removed or of the wrong type, graph lines lost, repeated or with other numbers), must
+//! read or fail with a one-line error; never a panic or a hang. `mmc run` reads plans written
+//! elsewhere, perhaps by another version, perhaps cut short.
+//!
+//! Only the public API is used (`Plan::to_bytes`, `Plan::from_bytes`, `text::parse`,
+//! `verify`), so the test holds whatever integrity checks the file format adds: a damaged file
+//! may then fail earlier, and the graph text is still fuzzed on its own.
+
+#[path = "fuzz/mod.rs"]
+mod fuzz;
+
+use fuzz::{FileCase, Rng};
+use mmc_frontend::Config;
+use mmc_ir::plan::Plan;
+use mmc_ir::{text, verify};
+use serde_json::Value as Json;
+use std::path::Path;
+
+fn plan() -> Plan {
+    let toml = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/qwen3-moe-tiny.toml");
+    let cfg = Config::load(&toml).unwrap_or_else(|e| panic!("{e}"));
+    mmc::driver::compile_plan(&cfg).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// Words of graph text to put where others were: op names, dtypes, attribute names, values.
+const GRAPH_WORDS: &[&str] = &[
+    "add",
+    "mul",
+    "matmul",
+    "reshape",
+    "broadcast",
+    "permute",
+    "slice",
+    "concat",
+    "gather",
+    "scatter_add",
+    "reduce_sum",
+    "reduce_max",
+    "softmax",
+    "select",
+    "const",
+    "iota",
+    "input",
+    "param",
+    "argsort",
+    "cast",
+    "exp",
+    "rsqrt",
+    "f32",
+    "bf16",
+    "f16",
+    "i64",
+    "i32",
+    "bool",
+    "f64",
+    "axis",
+    "axes",
+    "perm",
+    "start",
+    "end",
+    "shape",
+    "value",
+    "descending",
+    "true",
+    "false",
+    "inf",
+    "nan",
+    "-inf",
+];
+
+const GRAPH_NUMBERS: &[&str] = &[
+    "0",
+    "1",
+    "-1",
+    "2",
+    "3",
+    "64",
+    "999999",
+    "4294967296",
+    "18446744073709551615",
+    "99999999999999999999999",
+    "1e308",
+    "-0",
+    "0.5",
+];
+
+/// A graph-text-aware mutation: a line removed, repeated or swapped (SSA and order break), a
+/// number, word or value reference of a line replaced (shapes, axes, operands, op names).
+fn mutate_graph(rng: &mut Rng, text: &str) -> (String, String) {
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    if lines.len() < 3 || rng.chance(0.3) {
+        return fuzz::mutate_lines(rng, text);
+    }
+    // Not the first and last lines (`graph ... {` and `}`) most of the time.
+    let i = if rng.chance(0.9) {
+        rng.range(1, lines.len() - 2)
+    } else {
+        rng.below(lines.len())
+    };
+    // Tokens of the line: runs of word characters, with their byte range.
+    let line = lines[i].clone();
+    let mut tokens: Vec<(usize, usize)> = Vec::new();
+    let mut start = None;
+    for (k, c) in line
+        .char_indices()
+        .chain(std::iter::once((line.len(), ' ')))
+    {
+        let word = c.is_ascii_alphanumeric() || c == '_' || c == '%' || c == '.' || c == '-';
+        match (word, start) {
+            (true, None) => start = Some(k),
+            (false, Some(s)) => {
+                tokens.push((s, k));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if tokens.is_empty() {
+        return fuzz::mutate_lines(rng, text);
+    }
+    let (s, e) = *rng.pick(&tokens);
+    let old = &line[s..e];
+    let new = if let Some(n) = old.strip_prefix('%') {
+        let n: u64 = n.parse().unwrap_or(0);
+        let choices = [0, n.saturating_sub(1), n + 1, n.saturating_mul(2), 999_999];
+        format!("%{}", rng.pick(&choices))
+    } else if old.starts_with(|c: char| c.is_ascii_digit() || c == '-') {
+        rng.pick(GRAPH_NUMBERS).to_string()
+    } else {
+        rng.pick(GRAPH_WORDS).to_string()
+    };
+    let how = format!("graph line {}: `{old}` -> `{new}`", i + 1);
+    lines[i] = format!("{}{new}{}", &line[..s], &line[e..]);
+    (lines.join("\n") + "\n", how)
+}
+
+/// Reads graph text as `Plan::from_bytes` does: parse, then verify.
+fn read_graph(text: &str) -> Result<(), String> {
+    let g = text::parse(text).map_err(|e| e.to_string())?;
+    verify(&g).map_err(|e| e.to_string())
+}
+
+#[test]
+fn damaged_plans_read_or_give_a_clear_error() {
+    let plan = plan();
+    let bytes = plan.to_bytes();
+    Plan::from_bytes(Path::new("plan.bin"), &bytes).expect("the plan reads back");
+    let newline = bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .expect("a header line")
+        + 1;
+    let (header, body) = bytes.split_at(newline);
+    let json: Json = serde_json::from_slice(body).expect("the body is JSON");
+    let graphs: Vec<String> = plan
+        .programs
+        .iter()
+        .map(|p| text::print(&p.graph))
+        .collect();
+    fuzz::run(
+        "plan",
+        fuzz::case_count(3000),
+        |rng| {
+            let (bytes, how) = match rng.below(10) {
+                0..=2 => {
+                    let mut b = bytes.clone();
+                    let how = if rng.chance(0.3) {
+                        fuzz::mutate_bytes_in(rng, &mut b, 0)
+                    } else {
+                        fuzz::mutate_bytes(rng, &mut b)
+                    };
+                    (b, vec![how])
+                }
+                3..=5 => {
+                    let (b, how) = fuzz::mutated_json(rng, &json);
+                    ([header, &b].concat(), how)
+                }
+                _ => {
+                    // A program's graph text changed, the rest of the plan intact.
+                    let mut v = json.clone();
+                    let p = rng.below(graphs.len());
+                    let (g, how) = mutate_graph(rng, &graphs[p]);
+                    v["programs"][p]["graph"] = Json::String(g);
+                    ([header, v.to_string().as_bytes()].concat(), vec![how])
+                }
+            };
+            FileCase {
+                name: "plan.bin".into(),
+                bytes,
+                how,
+            }
+        },
+        |case| {
+            Plan::from_bytes(Path::new("plan.bin"), &case.bytes)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        },
+    );
+}
+
+#[test]
+fn damaged_graph_texts_parse_and_verify_or_give_a_clear_error() {
+    let plan = plan();
+    let graphs: Vec<String> = plan
+        .programs
+        .iter()
+        .map(|p| text::print(&p.graph))
+        .collect();
+    for g in &graphs {
+        read_graph(g).expect("the plan's graphs read back");
+    }
+    fuzz::run(
+        "graph_text",
+        fuzz::case_count(4000),
+        |rng| {
+            let p = rng.below(graphs.len());
+            let mut text = graphs[p].clone();
+            let mut how = Vec::new();
+            for _ in 0..rng.range(1, 3) {
+                let (t, h) = mutate_graph(rng, &text);
+                text = t;
+                how.push(h);
+            }
+            FileCase {
+                name: format!("{}.txt", plan.programs[p].name),
+                bytes: text.into_bytes(),
+                how,
+            }
+        },
+        |case| read_graph(&String::from_utf8_lossy(&case.bytes)),
+    );
+}
+
+// Inputs the fuzzer found, kept as plain tests.
+
+#[test]
+fn a_plan_quoting_a_line_break_is_reported_on_one_line() {
+    // Found as a state's `kind` = "line\nbreak", and as a graph line pasted into a type
+    // string: the message quoted the damaged text with its line break.
+    let bytes = plan().to_bytes();
+    let newline = bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .expect("a header line")
+        + 1;
+    let mut v: Json = serde_json::from_slice(&bytes[newline..]).expect("JSON");
+    v["state"][0]["kind"] = Json::String("line\nbreak".into());
+    let damaged = [&bytes[..newline], v.to_string().as_bytes()].concat();
+    let e = Plan::from_bytes(Path::new("plan.bin"), &damaged)
+        .unwrap_err()
+        .to_string();
+    assert!(!e.contains('\n') && e.contains("line\\nbreak"), "{e}");
+}
