@@ -14,9 +14,10 @@ mod fuzz;
 
 use fuzz::{FileCase, Rng};
 use mmc_frontend::Config;
-use mmc_ir::plan::Plan;
+use mmc_ir::plan::{Plan, PLAN_FORMAT_VERSION};
 use mmc_ir::{text, verify};
 use serde_json::Value as Json;
+use sha2::Digest;
 use std::path::Path;
 
 fn plan() -> Plan {
@@ -248,7 +249,14 @@ fn a_plan_quoting_a_line_break_is_reported_on_one_line() {
         + 1;
     let mut v: Json = serde_json::from_slice(&bytes[newline..]).expect("JSON");
     v["state"][0]["kind"] = Json::String("line\nbreak".into());
-    let damaged = [&bytes[..newline], v.to_string().as_bytes()].concat();
+    // With a checksum that matches, so that the JSON check is what speaks.
+    let body = v.to_string();
+    let digest: String = sha2::Sha256::digest(body.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let header = format!("mmc-plan {PLAN_FORMAT_VERSION} sha256:{digest}\n");
+    let damaged = [header.as_bytes(), body.as_bytes()].concat();
     let e = Plan::from_bytes(Path::new("plan.bin"), &damaged)
         .unwrap_err()
         .to_string();
