@@ -226,6 +226,14 @@ pub fn run(args: &RunArgs) -> Result<()> {
 
     // The checkpoint to resume from, verified (files against the manifest) before any work.
     let located = match &ck.load {
+        // A restart loop passes the same folder to --save and --load from the first run on.
+        Some(dir) if !dir.exists() && ck.save.as_ref() == Some(dir) => {
+            console.err(&format!(
+                "warning: --load {}: no checkpoint saved there yet; starting from the plan's initial state",
+                dir.display()
+            ));
+            None
+        }
         Some(dir) => {
             let l = locate(dir).with_context(|| format!("--load {}", dir.display()))?;
             if l.is_none() {
@@ -334,7 +342,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
             } else {
                 "weights only, iteration 0".to_string()
             },
-            if optimizer { ", with the optimizer state" } else { "" }
+            if optimizer {
+                ", with the optimizer state"
+            } else {
+                ""
+            }
         ));
     }
     if start_iteration >= train_iters {

@@ -61,18 +61,21 @@ pub fn stored_tensors(state: &[StateSpec]) -> Vec<Stored> {
             .iter()
             .map(|s| (s.name.as_str(), s.ty.dtype))
             .collect();
-        let stacks: Vec<ExpertStack> =
-            expert_stacks(members.iter().map(|s| (s.name.as_str(), s.ty.shape.as_slice())))
-                .into_iter()
-                // A stack's experts must share one dtype to be stored as one tensor.
-                .filter(|st| {
-                    let first = dtype.get(st.experts[0][0].as_str());
-                    st.experts
-                        .iter()
-                        .flatten()
-                        .all(|n| dtype.get(n.as_str()) == first)
-                })
-                .collect();
+        let stacks: Vec<ExpertStack> = expert_stacks(
+            members
+                .iter()
+                .map(|s| (s.name.as_str(), s.ty.shape.as_slice())),
+        )
+        .into_iter()
+        // A stack's experts must share one dtype to be stored as one tensor.
+        .filter(|st| {
+            let first = dtype.get(st.experts[0][0].as_str());
+            st.experts
+                .iter()
+                .flatten()
+                .all(|n| dtype.get(n.as_str()) == first)
+        })
+        .collect();
         let mut member_of: HashMap<&str, usize> = HashMap::new();
         for (i, st) in stacks.iter().enumerate() {
             for n in st.experts.iter().flatten() {

@@ -33,10 +33,9 @@ impl Located {
 
     /// Whether it holds optimizer moments.
     pub fn has_optimizer(&self) -> bool {
-        self.manifest
-            .files
-            .iter()
-            .any(|f| f.name.starts_with(Family::Optimizer.stem()) && f.name.ends_with(".safetensors"))
+        self.manifest.files.iter().any(|f| {
+            f.name.starts_with(Family::Optimizer.stem()) && f.name.ends_with(".safetensors")
+        })
     }
 }
 
@@ -173,7 +172,9 @@ pub fn load_into(
                 "tensor `{}`: shape {:?} in the checkpoint, the plan needs {:?}",
                 w.spec.name, t.shape, w.spec.shape
             )),
-            Some(t) if t.dtype != want_dtype && !(is_float(&t.dtype) && w.spec.dtype.is_float()) => {
+            Some(t)
+                if t.dtype != want_dtype && !(is_float(&t.dtype) && w.spec.dtype.is_float()) =>
+            {
                 problems.push(format!(
                     "tensor `{}`: dtype {} in the checkpoint, the plan needs {want_dtype}",
                     w.spec.name, t.dtype

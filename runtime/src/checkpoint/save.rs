@@ -119,9 +119,15 @@ impl Saver {
     /// Saves the trainer's state as iteration `state.iteration`, with `state` as its
     /// training state. On failure the partial folder is removed and the error says which
     /// iteration is still the latest complete one.
-    pub fn save(&self, trainer: &Trainer, state: &TrainingState) -> Result<PathBuf, CheckpointError> {
+    pub fn save(
+        &self,
+        trainer: &Trainer,
+        state: &TrainingState,
+    ) -> Result<PathBuf, CheckpointError> {
         let iteration = state.iteration;
-        let partial = self.dir.join(format!("{}.partial", iteration_dir(iteration)));
+        let partial = self
+            .dir
+            .join(format!("{}.partial", iteration_dir(iteration)));
         match self.write(trainer, state, &partial) {
             Ok(p) => Ok(p),
             Err(e) => {
@@ -144,7 +150,10 @@ impl Saver {
     ) -> Result<PathBuf, CheckpointError> {
         let iteration = state.iteration;
         // Partial folders of earlier crashed saves: this run is the folder's only writer.
-        for e in std::fs::read_dir(&self.dir).map_err(io(&self.dir))?.flatten() {
+        for e in std::fs::read_dir(&self.dir)
+            .map_err(io(&self.dir))?
+            .flatten()
+        {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with("iter_") && name.ends_with(".partial") {
                 let p = e.path();
@@ -246,7 +255,9 @@ impl Saver {
         if done.exists() {
             // A complete folder of this iteration from a run that crashed before naming it
             // latest (the latest file names an older one): set aside, then replaced.
-            let old = self.dir.join(format!("{}.replaced", iteration_dir(iteration)));
+            let old = self
+                .dir
+                .join(format!("{}.replaced", iteration_dir(iteration)));
             let _ = std::fs::remove_dir_all(&old);
             std::fs::rename(&done, &old).map_err(io(&done))?;
             std::fs::rename(partial, &done).map_err(io(&done))?;
