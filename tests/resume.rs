@@ -272,7 +272,7 @@ fn resume_on_tensor_data_continues_the_schedule_and_keep_last_prunes() {
     let full = t.join("full");
     let m = t.join("full.jsonl");
     run_ok(
-        &mut qrun(
+        qrun(
             &plan,
             6,
             &[
@@ -299,7 +299,7 @@ fn resume_on_tensor_data_continues_the_schedule_and_keep_last_prunes() {
     let part = t.join("part");
     let m2 = t.join("part.jsonl");
     let out = run_ok(
-        &mut qrun(
+        qrun(
             &plan2,
             6,
             &["--load", s(&full.join("iter_0000004")), "--save", s(&part)],
@@ -516,9 +516,7 @@ fn a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint() {
     let plan = qwen(&t.join("p"), &[]);
     let ck = t.join("ck");
     let m = t.join("ref.jsonl");
-    run_ok(
-        &mut qrun(&plan, 4, &["--save", s(&ck), "--save-interval", "2"]).args(["--metrics", s(&m)]),
-    );
+    run_ok(qrun(&plan, 4, &["--save", s(&ck), "--save-interval", "2"]).args(["--metrics", s(&m)]));
     let want = losses(&m);
     std::fs::remove_dir_all(ck.join("iter_0000004")).unwrap();
     std::fs::write(ck.join(LATEST), "2").unwrap();
@@ -577,7 +575,7 @@ fn a_full_disk_fails_the_save_and_keeps_the_previous_checkpoint() {
 
     // The previous checkpoint is intact and resumes exactly.
     let m3 = t.join("resumed.jsonl");
-    run_ok(&mut qrun(&plan, 4, &args).args(["--metrics", s(&m3)]));
+    run_ok(qrun(&plan, 4, &args).args(["--metrics", s(&m3)]));
     assert_same_losses("after a full disk", &losses(&m3), &want);
     assert_eq!(losses(&m3).len(), 2);
     assert_eq!(latest(&ck), "4");
