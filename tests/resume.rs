@@ -131,18 +131,30 @@ impl Demo {
 fn resume_after_a_kill_reproduces_the_uninterrupted_run_bit_for_bit() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    // seq_length 128 keeps a step near a second on two cores; every demo sample still fits.
+    // seq_length 160 keeps a step near two seconds on two cores; rows still pack two samples
+    // at times (12 samples in 8 steps).
     let demo = Demo {
         plan: compile_variant(
             "configs/internvl35-tiny.toml",
             &t.join("plan"),
-            &[("seq_length = 256", "seq_length = 128")],
+            &[("seq_length = 256", "seq_length = 160")],
         ),
         data: PathBuf::from("configs/demo/data.json"),
     };
     let reference = t.join("ref");
     let started = Instant::now();
-    run_ok(&mut demo.cmd(&reference, &t.join("ref.jsonl")));
+    let out = run_ok(
+        demo.cmd(&reference, &t.join("ref.jsonl"))
+            .stdout(Stdio::piped()),
+    );
+    let so = String::from_utf8_lossy(&out.stdout);
+    let samples: u64 = so
+        .split("data: ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no data line: {so}"));
+    assert!(samples > 8, "no row packed two samples: {so}");
     let want = losses(&t.join("ref.jsonl"));
     assert_eq!(want.len(), 8);
     assert_eq!(latest(&reference), "8");

@@ -113,3 +113,78 @@ pub fn stored_tensors(state: &[StateSpec]) -> Vec<Stored> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mmc_ir::plan::Init;
+    use mmc_ir::TensorType;
+
+    fn spec(name: &str, shape: &[usize], kind: StateKind) -> StateSpec {
+        StateSpec {
+            name: name.into(),
+            ty: TensorType::new(DType::F32, shape.to_vec()),
+            init: Init::Const(0.0),
+            kind,
+        }
+    }
+
+    #[test]
+    fn experts_are_stacked_in_place_and_accumulators_are_left_out() {
+        let p = StateKind::Parameter { trainable: true };
+        let mut state = vec![spec("m.embed.weight", &[10, 4], p)];
+        for e in 0..2 {
+            for (proj, shape) in [
+                ("gate_proj", [3, 4]),
+                ("up_proj", [3, 4]),
+                ("down_proj", [4, 3]),
+            ] {
+                let name = format!("m.layers.0.mlp.experts.{e}.{proj}.weight");
+                state.push(spec(&name, &shape, p));
+                state.push(spec(
+                    &format!("adam_m:{name}"),
+                    &shape,
+                    StateKind::OptimizerMoment,
+                ));
+                state.push(spec(
+                    &format!("grad_acc:{name}"),
+                    &shape,
+                    StateKind::GradAccumulator,
+                ));
+            }
+        }
+        state.push(spec("m.norm.weight", &[4], p));
+        let stored = stored_tensors(&state);
+        let names: Vec<(&str, Family, &[usize])> = stored
+            .iter()
+            .map(|s| (s.spec.name.as_str(), s.family, s.spec.shape.as_slice()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("m.embed.weight", Family::Model, &[10, 4][..]),
+                (
+                    "m.layers.0.mlp.experts.gate_up_proj",
+                    Family::Model,
+                    &[2, 4, 6][..]
+                ),
+                (
+                    "m.layers.0.mlp.experts.down_proj",
+                    Family::Model,
+                    &[2, 3, 4][..]
+                ),
+                ("m.norm.weight", Family::Model, &[4][..]),
+                (
+                    "adam_m:m.layers.0.mlp.experts.gate_up_proj",
+                    Family::Optimizer,
+                    &[2, 4, 6][..]
+                ),
+                (
+                    "adam_m:m.layers.0.mlp.experts.down_proj",
+                    Family::Optimizer,
+                    &[2, 3, 4][..]
+                ),
+            ]
+        );
+    }
+}

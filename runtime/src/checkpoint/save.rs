@@ -149,13 +149,16 @@ impl Saver {
         partial: &Path,
     ) -> Result<PathBuf, CheckpointError> {
         let iteration = state.iteration;
-        // Partial folders of earlier crashed saves: this run is the folder's only writer.
+        // Partial (and set-aside) folders of earlier crashed saves: this run is the folder's
+        // only writer.
         for e in std::fs::read_dir(&self.dir)
             .map_err(io(&self.dir))?
             .flatten()
         {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("iter_") && name.ends_with(".partial") {
+            if name.starts_with("iter_")
+                && (name.ends_with(".partial") || name.ends_with(".replaced"))
+            {
                 let p = e.path();
                 std::fs::remove_dir_all(&p).map_err(io(&p))?;
             }
