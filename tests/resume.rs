@@ -229,7 +229,12 @@ fn resume_after_a_kill_reproduces_the_uninterrupted_run_bit_for_bit() {
                     child.kill().unwrap();
                     child.wait().unwrap();
                     kills += 1;
-                    eprintln!("random kill {kills} after {} ms", delay.as_millis());
+                    eprintln!(
+                        "random kill {kills} after {} ms: {} step(s) logged, latest iteration {:?}",
+                        delay.as_millis(),
+                        losses(&metrics).len(),
+                        latest(&dir)
+                    );
                     break None;
                 }
                 std::thread::sleep(Duration::from_millis(20));
