@@ -78,3 +78,46 @@ impl Manifest {
         Ok(m)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_manifest_reads_back_and_names_a_damaged_or_foreign_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = write_file(&dir.path().join("a.bin"), b"abc").unwrap();
+        let m = Manifest {
+            format: FORMAT,
+            iteration: Some(3),
+            files: vec![rec],
+            tensors: vec![StoredTensor {
+                name: "w".into(),
+                dtype: "F32".into(),
+                shape: vec![2],
+            }],
+            plan_sha256: None,
+        };
+        m.write(dir.path()).unwrap();
+        assert_eq!(Manifest::read(dir.path()).unwrap(), m);
+        // Converted weights: no iteration, no plan.
+        let text = r#"{"format": 1, "iteration": null, "files": [], "tensors": []}"#;
+        std::fs::write(dir.path().join(MANIFEST_FILE), text).unwrap();
+        assert_eq!(Manifest::read(dir.path()).unwrap().iteration, None);
+        for (text, want) in [
+            (
+                r#"{"format": 2, "iteration": 1, "files": [], "tensors": []}"#,
+                "format 2",
+            ),
+            ("{", "not a checkpoint manifest"),
+            (
+                r#"{"format": 1, "iteration": 1, "files": [{"name": "../x", "bytes": 1, "sha256": ""}], "tensors": []}"#,
+                "not a plain name",
+            ),
+        ] {
+            std::fs::write(dir.path().join(MANIFEST_FILE), text).unwrap();
+            let e = Manifest::read(dir.path()).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains(MANIFEST_FILE), "{e}");
+        }
+    }
+}
