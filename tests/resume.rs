@@ -210,34 +210,41 @@ fn resume_after_a_kill_reproduces_the_uninterrupted_run_bit_for_bit() {
         eprintln!("{point}:{at}: resumed bit for bit");
     }
 
-    // Kills at random times (seeded), from scratch, each run resuming from what the last left.
+    // Kills at random times (seeded), from scratch, each run resuming from what the last left:
+    // a random step after the run's first (so that the machine's speed does not decide where
+    // it lands), then a random delay of up to 1.5 s, which lands in a step or in the save
+    // after an even one.
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
     let dir = t.join("random");
     let mut got = Vec::new();
     let mut kills = 0;
     for run in 0.. {
         let metrics = t.join(format!("random-{run}.jsonl"));
+        let resumed: u64 = latest(&dir).parse().unwrap_or(0);
         let mut child = demo.cmd(&dir, &metrics).spawn().unwrap();
         let status = if run < 2 {
-            let delay = Duration::from_millis(rng.random_range(3000..9000));
-            let t0 = Instant::now();
+            let after_step = rng.random_range(resumed + 1..8);
+            let delay = Duration::from_millis(rng.random_range(0..1500));
+            let mut reached: Option<Instant> = None;
             loop {
                 if let Some(st) = child.try_wait().unwrap() {
                     break Some(st);
                 }
-                if t0.elapsed() >= delay {
+                if reached.is_none() && losses(&metrics).iter().any(|l| l.0 >= after_step) {
+                    reached = Some(Instant::now());
+                }
+                if reached.is_some_and(|r| r.elapsed() >= delay) {
                     child.kill().unwrap();
                     child.wait().unwrap();
                     kills += 1;
                     eprintln!(
-                        "random kill {kills} after {} ms: {} step(s) logged, latest iteration {:?}",
+                        "random kill {kills}: {} ms after step {after_step} (resumed from {resumed}); latest iteration then {:?}",
                         delay.as_millis(),
-                        losses(&metrics).len(),
                         latest(&dir)
                     );
                     break None;
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::sleep(Duration::from_millis(10));
             }
         } else {
             Some(child.wait().unwrap())
