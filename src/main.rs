@@ -58,15 +58,44 @@ enum Command {
         /// Number of optimizer steps (default: one pass over the data).
         #[arg(long)]
         train_iters: Option<u64>,
-        /// Folder for checkpoints (not built yet: an error).
+        /// Folder for checkpoints: `iter_NNNNNNN/` every --save-interval steps and after the
+        /// last step, and `latest_checkpointed_iteration.txt`.
         #[arg(long)]
         save: Option<PathBuf>,
-        /// Save every N steps (not built yet: an error).
+        /// Save every N steps (and after the last); without it, --save saves after the last
+        /// step only.
         #[arg(long)]
         save_interval: Option<u64>,
-        /// Resume from this checkpoint folder (not built yet: an error).
+        /// Resume from a save folder (the iteration its latest file names), one iteration
+        /// folder, or converted weights (`release`: weights only, iteration 0).
         #[arg(long)]
         load: Option<PathBuf>,
+        /// Do not save the optimizer state.
+        #[arg(long)]
+        no_save_optim: bool,
+        /// Do not save the RNG state (the seeds).
+        #[arg(long)]
+        no_save_rng: bool,
+        /// Do not load the optimizer state (it starts from zero).
+        #[arg(long)]
+        no_load_optim: bool,
+        /// Do not load (or check) the RNG state: go on with this run's seeds.
+        #[arg(long)]
+        no_load_rng: bool,
+        /// Load the weights only: the iteration, the data position and the optimizer start
+        /// afresh.
+        #[arg(long)]
+        finetune: bool,
+        /// On SIGTERM or SIGINT, finish the current step, save, and exit cleanly.
+        #[arg(long)]
+        exit_signal_handler: bool,
+        /// Keep only the newest K iterations in --save (older ones are removed after a newer
+        /// one is complete).
+        #[arg(long)]
+        keep_last: Option<usize>,
+        /// What a failed save does: stop the run (default) or warn and train on.
+        #[arg(long, value_enum, default_value_t = SaveErrorArg::Stop)]
+        on_save_error: SaveErrorArg,
         /// Print a metrics line every N steps (and after the last).
         #[arg(long, default_value_t = 1)]
         log_interval: u64,
@@ -111,6 +140,12 @@ enum Convert {
         #[arg(long)]
         save_dir: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SaveErrorArg {
+    Stop,
+    Continue,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -244,19 +279,18 @@ fn run(cli: Cli) -> Result<()> {
             save,
             save_interval,
             load,
+            no_save_optim,
+            no_save_rng,
+            no_load_optim,
+            no_load_rng,
+            finetune,
+            exit_signal_handler,
+            keep_last,
+            on_save_error,
             log_interval,
             metrics,
             plot,
         } => {
-            for (given, flag) in [
-                (save.is_some(), "--save"),
-                (save_interval.is_some(), "--save-interval"),
-                (load.is_some(), "--load"),
-            ] {
-                if given {
-                    bail!("{flag}: saving and loading checkpoints is not built yet");
-                }
-            }
             if log_interval == 0 {
                 bail!("--log-interval must be at least 1 (it prints a line every N steps)");
             }
@@ -267,6 +301,22 @@ fn run(cli: Cli) -> Result<()> {
                 log_interval,
                 metrics,
                 plot,
+                checkpoint: run::CheckpointArgs {
+                    save,
+                    save_interval,
+                    load,
+                    save_optim: !no_save_optim,
+                    save_rng: !no_save_rng,
+                    load_optim: !no_load_optim,
+                    load_rng: !no_load_rng,
+                    finetune,
+                    exit_signal_handler,
+                    keep_last,
+                    on_save_error: match on_save_error {
+                        SaveErrorArg::Stop => run::OnSaveError::Stop,
+                        SaveErrorArg::Continue => run::OnSaveError::Continue,
+                    },
+                },
             })
         }
         Command::Convert(c) => {

@@ -4,12 +4,17 @@ use crate::console::Console;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use mmc_ir::plan::Plan;
+use mmc_runtime::checkpoint::load::{load_into, locate, LoadOptions};
+use mmc_runtime::checkpoint::save::{SaveOptions, Saver};
+use mmc_runtime::checkpoint::state::{DataState, RngState, TrainingState};
 use mmc_runtime::data::{DataLoader, DataPosition};
 use mmc_runtime::metrics::{peak_memory_bytes, MetricsWriter, StepMetrics};
 use mmc_runtime::tensor_batches::TensorBatches;
 use mmc_runtime::{MicroBatch, TrainError, Trainer};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Global batches of nothing but padding that may follow one another before the data is
@@ -23,6 +28,68 @@ pub struct RunArgs {
     pub log_interval: u64,
     pub metrics: Option<PathBuf>,
     pub plot: Option<PathBuf>,
+    pub checkpoint: CheckpointArgs,
+}
+
+/// What a failed save does to the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnSaveError {
+    /// Stop with the error (the default: a run that cannot save is usually on a full disk).
+    Stop,
+    /// Print the error as a warning and train on; the save after the last step still stops
+    /// the run with its error.
+    Continue,
+}
+
+/// Saving and resuming, with Megatron's flags.
+#[derive(Clone, Debug)]
+pub struct CheckpointArgs {
+    pub save: Option<PathBuf>,
+    pub save_interval: Option<u64>,
+    pub load: Option<PathBuf>,
+    pub save_optim: bool,
+    pub save_rng: bool,
+    pub load_optim: bool,
+    pub load_rng: bool,
+    pub finetune: bool,
+    pub exit_signal_handler: bool,
+    pub keep_last: Option<usize>,
+    pub on_save_error: OnSaveError,
+}
+
+impl CheckpointArgs {
+    /// Flags that only make sense together, checked before any work.
+    fn check(&self) -> Result<()> {
+        let no_save = self.save.is_none();
+        for (given, flag) in [
+            (self.save_interval.is_some(), "--save-interval"),
+            (self.keep_last.is_some(), "--keep-last"),
+            (self.exit_signal_handler, "--exit-signal-handler"),
+        ] {
+            if given && no_save {
+                bail!("{flag} needs --save DIR (where to save)");
+            }
+        }
+        if self.save_interval == Some(0) {
+            bail!("--save-interval must be at least 1 (it saves every N steps)");
+        }
+        if self.keep_last == Some(0) {
+            bail!("--keep-last must be at least 1 (the newest iteration is always kept)");
+        }
+        Ok(())
+    }
+}
+
+/// The `sha256:<hex>` of a plan's header line, for the checkpoint's information.
+fn plan_sha256(path: &Path) -> Option<String> {
+    use std::io::{BufRead, Read};
+    let mut line = String::new();
+    std::io::BufReader::new(std::fs::File::open(path).ok()?.take(512))
+        .read_line(&mut line)
+        .ok()?;
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("sha256:"))
+        .map(str::to_string)
 }
 
 /// Where global batches come from.
@@ -94,7 +161,12 @@ pub fn check_output_path(path: &Path, flag: &str) -> Result<()> {
 }
 
 /// Opens `--data`: a tensor file or a data.json, never a bare annotation file.
-fn open_source(args: &RunArgs, plan: &Plan, console: &Console) -> Result<Source> {
+fn open_source(
+    args: &RunArgs,
+    plan: &Plan,
+    console: &Console,
+    start: DataPosition,
+) -> Result<Source> {
     let ext = args
         .data
         .extension()
@@ -115,7 +187,7 @@ fn open_source(args: &RunArgs, plan: &Plan, console: &Console) -> Result<Source>
         _ => {}
     }
     console.err(&format!("reading {}", args.data.display()));
-    let loader = DataLoader::open(&args.data, &plan.settings, DataPosition { sample: 0 })?;
+    let loader = DataLoader::open(&args.data, &plan.settings, start)?;
     let ignored = &loader.config().ignored_keys;
     if !ignored.is_empty() {
         console.err(&format!(
@@ -146,8 +218,97 @@ pub fn run(args: &RunArgs) -> Result<()> {
     if let Some(p) = &args.metrics {
         check_output_path(p, "--metrics")?;
     }
+    let ck = &args.checkpoint;
+    ck.check()?;
     let plan = Plan::read(&args.plan)?;
-    let mut source = open_source(args, &plan, &console)?;
+    let plan_sha = plan_sha256(&args.plan);
+    let plan_seed = plan.settings.seed;
+
+    // The checkpoint to resume from, verified (files against the manifest) before any work.
+    let located = match &ck.load {
+        // A restart loop passes the same folder to --save and --load from the first run on.
+        Some(dir) if !dir.exists() && ck.save.as_ref() == Some(dir) => {
+            console.err(&format!(
+                "warning: --load {}: no checkpoint saved there yet; starting from the plan's initial state",
+                dir.display()
+            ));
+            None
+        }
+        Some(dir) => {
+            let l = locate(dir).with_context(|| format!("--load {}", dir.display()))?;
+            if l.is_none() {
+                console.err(&format!(
+                    "warning: --load {}: no checkpoint saved there yet; starting from the plan's initial state",
+                    dir.display()
+                ));
+            }
+            l
+        }
+        None => None,
+    };
+    // A training iteration resumes (step, data position, optimizer); converted weights and
+    // --finetune load the weights only.
+    let resume = located
+        .as_ref()
+        .filter(|_| !ck.finetune)
+        .and_then(|l| l.state.clone());
+    let start_iteration = resume.as_ref().map_or(0, |s| s.iteration);
+    let is_data_json = !args
+        .data
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+    let (start, mut drawn) = match resume.as_ref().map(|s| s.data) {
+        None => (DataPosition { sample: 0 }, 0),
+        Some(DataState::DataJson { sample }) if is_data_json => (DataPosition { sample }, 0),
+        Some(DataState::Tensors { global_batch }) if !is_data_json => {
+            (DataPosition { sample: 0 }, global_batch)
+        }
+        Some(_) => bail!(
+            "--load: the checkpoint's data position is for {} data, but --data {} is not; resume on the same data, or pass --finetune to start the data afresh",
+            if is_data_json { "tensor" } else { "data.json" },
+            args.data.display()
+        ),
+    };
+    let mut source = open_source(args, &plan, &console, start)?;
+    let data_seed = match &source {
+        Source::Chat(l) => Some(l.config().seed.unwrap_or(plan_seed)),
+        Source::Tensors(_) => None,
+    };
+    if let (Some(st), true) = (&resume, ck.load_rng) {
+        match st.rng {
+            None => bail!(
+                "--load: the checkpoint holds no RNG state (saved with --no-save-rng); pass --no-load-rng to go on with this run's seeds"
+            ),
+            Some(r) if r.data_seed != data_seed => bail!(
+                "--load: the checkpoint's data seed is {:?}, this run's is {:?}, so the data would not continue where it stopped; use the same seed, or pass --no-load-rng to go on with the new one",
+                r.data_seed,
+                data_seed
+            ),
+            Some(_) => {}
+        }
+    }
+    let saver = match &ck.save {
+        Some(dir) => Some(
+            Saver::new(
+                dir,
+                SaveOptions {
+                    optimizer: ck.save_optim,
+                    rng: ck.save_rng,
+                    keep_last: ck.keep_last,
+                    ..SaveOptions::default()
+                },
+            )
+            .with_context(|| format!("--save {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    if ck.exit_signal_handler {
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::flag::register(sig, Arc::clone(&stop))
+                .context("--exit-signal-handler: cannot install the signal handler")?;
+        }
+    }
     let train_iters = args
         .train_iters
         .unwrap_or_else(|| source.steps_per_epoch(&plan));
@@ -168,14 +329,58 @@ pub fn run(args: &RunArgs) -> Result<()> {
         args.plan.display()
     ));
     let mut trainer = Trainer::new(plan)?;
+    if let Some(l) = &located {
+        let optimizer = ck.load_optim && resume.is_some();
+        load_into(l, &mut trainer, LoadOptions { optimizer })
+            .with_context(|| format!("--load {}", l.dir.display()))?;
+        trainer.set_steps_done(start_iteration);
+        console.err(&format!(
+            "loaded {} ({}{})",
+            l.dir.display(),
+            if resume.is_some() {
+                format!("iteration {start_iteration}")
+            } else {
+                "weights only, iteration 0".to_string()
+            },
+            if optimizer {
+                ", with the optimizer state"
+            } else {
+                ""
+            }
+        ));
+    }
+    if start_iteration >= train_iters {
+        console.out(&format!(
+            "the checkpoint is at iteration {start_iteration} and --train-iters is {train_iters}: nothing to train"
+        ));
+        return Ok(());
+    }
+    let save_state = |trainer: &Trainer, source: &Source, drawn: u64| TrainingState {
+        iteration: trainer.steps_done(),
+        data: match source {
+            Source::Chat(l) => DataState::DataJson {
+                sample: l.position().sample,
+            },
+            Source::Tensors(_) => DataState::Tensors {
+                global_batch: drawn,
+            },
+        },
+        rng: Some(RngState {
+            data_seed,
+            plan_seed,
+        }),
+        plan_sha256: plan_sha.clone(),
+    };
     console.err(&format!(
-        "training {train_iters} step(s) on {}; {} MiB of state",
+        "training {} step(s) on {}; {} MiB of state",
+        train_iters - start_iteration,
         args.data.display(),
         trainer.state_bytes() / (1 << 20)
     ));
 
     let bar = if std::io::stderr().is_terminal() {
         let b = ProgressBar::new(train_iters);
+        b.set_position(start_iteration);
         b.set_style(
             ProgressStyle::with_template(
                 "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
@@ -189,8 +394,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let started = Instant::now();
     let mut losses = Vec::with_capacity(train_iters as usize);
     // Global batches drawn, and those with no token at all (skipped without a step).
-    let (mut drawn, mut empty_batches, mut skipped_micro) = (0u64, 0u64, 0usize);
-    for i in 0..train_iters {
+    let (mut empty_batches, mut skipped_micro) = (0u64, 0usize);
+    for i in start_iteration..train_iters {
         let step = i + 1;
         let lr = schedule.lr_at(step, train_iters);
         let t0 = Instant::now();
@@ -235,6 +440,29 @@ pub fn run(args: &RunArgs) -> Result<()> {
         }
         bar.set_message(format!("loss {:.4}", m.loss));
         bar.inc(1);
+        let signalled = stop.load(Ordering::SeqCst);
+        if let Some(saver) = &saver {
+            let last = step == train_iters;
+            if last || signalled || args.checkpoint.save_interval.is_some_and(|n| step % n == 0) {
+                match saver.save(&trainer, &save_state(&trainer, &source, drawn)) {
+                    Ok(p) => bar.suspend(|| {
+                        console.err(&format!("saved iteration {step} to {}", p.display()))
+                    }),
+                    Err(e) if ck.on_save_error == OnSaveError::Continue && !last && !signalled => {
+                        bar.suspend(|| console.err(&format!("warning: {e}; training goes on")))
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        if signalled {
+            bar.suspend(|| {
+                console.out(&format!(
+                    "stopping after step {step} on a termination signal (--exit-signal-handler)"
+                ))
+            });
+            break;
+        }
     }
     bar.finish_and_clear();
     if skipped_micro > 0 || empty_batches > 0 {
@@ -244,7 +472,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
     if let (Some(first), Some(last)) = (losses.first(), losses.last()) {
         console.out(&format!(
-            "done: {train_iters} step(s) in {:.1} s; loss {:.6} -> {:.6}",
+            "done: {} step(s) in {:.1} s; loss {:.6} -> {:.6}",
+            losses.len(),
             started.elapsed().as_secs_f64(),
             first.1,
             last.1

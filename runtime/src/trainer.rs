@@ -38,6 +38,11 @@ pub enum TrainError {
         "the global batch has no non-padding token ({micro_batches} micro-batch(es), all padding: segment_ids all 0); no optimizer step was taken"
     )]
     EmptyGlobalBatch { micro_batches: usize },
+    /// A tensor given to [`Trainer::set_state`] that the plan does not have, or of another
+    /// type: a checkpoint is checked against the plan before anything is set, so this names
+    /// a caller's mistake rather than bad input.
+    #[error("state `{name}`: {reason}")]
+    StateMismatch { name: String, reason: String },
 }
 
 /// One micro-batch: the data inputs of the micro-step program, by name.
@@ -173,6 +178,44 @@ impl Trainer {
     /// The current value of a state tensor (a parameter, `adam_m:<p>`, ...).
     pub fn state(&self, name: &str) -> Option<&Tensor> {
         self.state.get(name)
+    }
+
+    /// The plan's state tensors (name, type, kind), in plan order: what a checkpoint stores
+    /// and what a loaded checkpoint must fit.
+    pub fn state_specs(&self) -> &[mmc_ir::plan::StateSpec] {
+        &self.plan.state
+    }
+
+    /// Replaces a state tensor, which must exist in the plan with the same dtype and shape:
+    /// resuming from a checkpoint sets parameters and optimizer moments this way.
+    pub fn set_state(&mut self, name: &str, value: Tensor) -> Result<(), TrainError> {
+        let mismatch = |reason: String| TrainError::StateMismatch {
+            name: name.to_string(),
+            reason,
+        };
+        let spec = self
+            .plan
+            .state
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| mismatch("the plan has no such state".into()))?;
+        if value.dtype() != spec.ty.dtype || value.shape() != spec.ty.shape.as_slice() {
+            return Err(mismatch(format!(
+                "the plan holds {:?} {:?}, the value is {:?} {:?}",
+                spec.ty.dtype,
+                spec.ty.shape,
+                value.dtype(),
+                value.shape()
+            )));
+        }
+        self.state.insert(name.to_string(), value);
+        Ok(())
+    }
+
+    /// Sets the count of optimizer steps taken: a resumed run continues AdamW's bias
+    /// correction (and the caller its LR schedule) from the saved step.
+    pub fn set_steps_done(&mut self, steps: u64) {
+        self.step = steps;
     }
 
     /// Bytes of persistent state.
