@@ -11,6 +11,7 @@
 //! at load.
 
 pub mod experts;
+pub mod manifest;
 pub mod store;
 
 /// The file in a save folder that names the newest complete iteration.
