@@ -529,7 +529,9 @@ enum Piece {
 }
 
 /// Writes `bytes` of dtype `from` as dtype `to` (float to float, by round to nearest even), in
-/// chunks so that a cast needs no copy of the whole tensor.
+/// chunks so that a cast needs no copy of the whole tensor. Values go through f32, which holds
+/// bf16 and f16 exactly (half's own f64 -> bf16 drops low mantissa bits before rounding, so it
+/// can round a tie the wrong way); an f64 tensor cast to bf16 is rounded twice.
 fn write_cast(w: &mut dyn Write, bytes: &[u8], from: DType, to: DType) -> std::io::Result<()> {
     if from == to {
         return w.write_all(bytes);
@@ -540,14 +542,14 @@ fn write_cast(w: &mut dyn Write, bytes: &[u8], from: DType, to: DType) -> std::i
         buf.clear();
         for x in chunk.chunks_exact(fs) {
             let v = match from {
-                DType::F32 => f32::from_le_bytes([x[0], x[1], x[2], x[3]]) as f64,
-                DType::BF16 => half::bf16::from_le_bytes([x[0], x[1]]).to_f64(),
-                DType::F16 => half::f16::from_le_bytes([x[0], x[1]]).to_f64(),
-                _ => f64::from_le_bytes([x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]]),
+                DType::F32 => f32::from_le_bytes([x[0], x[1], x[2], x[3]]),
+                DType::BF16 => half::bf16::from_le_bytes([x[0], x[1]]).to_f32(),
+                DType::F16 => half::f16::from_le_bytes([x[0], x[1]]).to_f32(),
+                _ => f64::from_le_bytes([x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]]) as f32,
             };
             match to {
-                DType::F32 => buf.extend_from_slice(&(v as f32).to_le_bytes()),
-                _ => buf.extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
+                DType::F32 => buf.extend_from_slice(&v.to_le_bytes()),
+                _ => buf.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
             }
         }
         w.write_all(&buf)?;
