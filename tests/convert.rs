@@ -257,6 +257,54 @@ fn a_cast_export_rounds_each_value_to_bf16() {
     );
 }
 
+/// The exports that tests/fixtures/make_export_fixture.py showed transformers to load (and to
+/// reproduce the reference logits with) are the ones this mmc writes: same tensors, dtypes,
+/// shapes and SHA-256 of the bytes.
+#[test]
+fn the_export_is_the_one_transformers_was_shown_to_load() {
+    use sha2::{Digest, Sha256};
+    let text = std::fs::read_to_string(fixture("export/transformers_load.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let exports = json["exports"].as_object().unwrap();
+    assert_eq!(exports.len(), 4);
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, e) in exports {
+        let hf = fixture(e["checkpoint"].as_str().unwrap());
+        let saved = tmp.path().join(format!("{name}.mmc"));
+        hf_to_mmc(&hf, &saved);
+        let out = tmp.path().join(name);
+        let flags: Vec<&str> = e["mmc_to_hf_flags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap())
+            .collect();
+        mmc_to_hf(&hf, &saved, &out, &flags);
+        let ck = Checkpoint::open(&out).unwrap();
+        let want = e["tensors"].as_array().unwrap();
+        assert_eq!(ck.len(), want.len(), "{name}");
+        for t in want {
+            let n = t["name"].as_str().unwrap();
+            let raw = ck.raw(n).unwrap();
+            let dtype = mmc_runtime::checkpoint::store::safetensors_dtype(raw.dtype);
+            assert_eq!(dtype, t["dtype"].as_str().unwrap(), "{name}: {n}");
+            let shape: Vec<usize> = t["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
+            assert_eq!(raw.shape, shape.as_slice(), "{name}: {n}");
+            let hash: String = Sha256::digest(raw.bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(hash, t["sha256"].as_str().unwrap(), "{name}: {n}");
+        }
+        assert!(!e["checks"].as_array().unwrap().is_empty());
+    }
+}
+
 /// A copy of a fixture folder in `dir`.
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
