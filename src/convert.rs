@@ -528,6 +528,9 @@ enum Piece {
     },
 }
 
+/// One expert's block unstacked: (stack, expert) and its per-expert tensors' bytes.
+type Unstacked = ((usize, usize), Vec<Vec<u8>>);
+
 /// Writes `bytes` of dtype `from` as dtype `to` (float to float, by round to nearest even), in
 /// chunks so that a cast needs no copy of the whole tensor. Values go through f32, which holds
 /// bf16 and f16 exactly (half's own f64 -> bf16 drops low mantissa bits before rounding, so it
@@ -721,7 +724,7 @@ pub fn mmc_to_hf(
     let mut bar = Progress::new("mmc-to-hf", total, progress);
     let werr = write_err(&partial);
     // The last expert block unstacked: gate and up come from one block.
-    let mut cache: Option<((usize, usize), Vec<Vec<u8>>)> = None;
+    let mut cache: Option<Unstacked> = None;
     let mut produce = |spec: &TensorSpec, w: &mut dyn Write| -> Result<(), StoreError> {
         let (piece, from) = &pieces[&spec.name];
         match piece {
