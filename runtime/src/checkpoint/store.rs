@@ -72,10 +72,72 @@ pub fn safetensors_dtype(d: DType) -> &'static str {
     }
 }
 
+/// SHA-256 on a thread of its own, fed in chunks of [`BackgroundSha::CHUNK`] bytes: hashing
+/// costs about as much as producing and writing a checkpoint's bytes, so the two overlap. At
+/// most [`BackgroundSha::DEPTH`] chunks wait, which bounds the memory it takes.
+struct BackgroundSha {
+    pending: Vec<u8>,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    thread: Option<std::thread::JoinHandle<Sha256>>,
+}
+
+impl BackgroundSha {
+    const CHUNK: usize = 1 << 20;
+    const DEPTH: usize = 4;
+
+    fn new() -> BackgroundSha {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(Self::DEPTH);
+        let thread = std::thread::spawn(move || {
+            let mut hash = Sha256::new();
+            for chunk in rx {
+                hash.update(&chunk);
+            }
+            hash
+        });
+        BackgroundSha {
+            pending: Vec::with_capacity(Self::CHUNK),
+            tx: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn send(&mut self) {
+        let full = std::mem::replace(&mut self.pending, Vec::with_capacity(Self::CHUNK));
+        if let Some(tx) = &self.tx {
+            // The thread only stops when the sender is dropped, so this cannot fail.
+            let _ = tx.send(full);
+        }
+    }
+
+    fn update(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let take = (Self::CHUNK - self.pending.len()).min(data.len());
+            self.pending.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.pending.len() == Self::CHUNK {
+                self.send();
+            }
+        }
+    }
+
+    /// The hex digest of everything fed in.
+    fn finish(mut self) -> String {
+        self.send();
+        self.tx = None;
+        let hash = self
+            .thread
+            .take()
+            .expect("the thread is joined once")
+            .join()
+            .expect("hashing does not panic");
+        hex(&hash.finalize())
+    }
+}
+
 /// A writer that hashes and counts what passes through it.
 struct Hashing<W: Write> {
     inner: W,
-    hash: Sha256,
+    hash: BackgroundSha,
     bytes: u64,
 }
 
@@ -134,7 +196,7 @@ pub fn write_safetensors(
     let file = File::create(path).map_err(io(path))?;
     let mut w = Hashing {
         inner: BufWriter::with_capacity(1 << 20, file),
-        hash: Sha256::new(),
+        hash: BackgroundSha::new(),
         bytes: 0,
     };
     w.write_all(&(text.len() as u64).to_le_bytes())
@@ -165,7 +227,7 @@ pub fn write_safetensors(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
         bytes,
-        sha256: hex(&hash.finalize()),
+        sha256: hash.finish(),
     })
 }
 
