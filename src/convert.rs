@@ -718,7 +718,10 @@ pub fn mmc_to_hf(
             message: "--save-dir must name a folder".into(),
         })?;
     let partial = parent.join(format!(".{base}.partial"));
-    fresh_partial(&partial)?;
+    fresh_partial(&partial).map_err(|e| ConvertError::Folder {
+        path: save_dir.to_path_buf(),
+        message: format!("cannot be written (the export is assembled beside it first): {e}"),
+    })?;
 
     let total: u64 = specs.iter().map(TensorSpec::bytes).sum();
     let mut bar = Progress::new("mmc-to-hf", total, progress);
