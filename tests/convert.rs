@@ -305,6 +305,53 @@ fn the_export_is_the_one_transformers_was_shown_to_load() {
     }
 }
 
+#[test]
+fn an_export_is_a_complete_model_folder_without_stale_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tmp.path().join("hf");
+    copy_dir(&fixture("internvl35_tiny/checkpoint_hf"), &hf);
+    for (f, text) in [
+        ("tokenizer.json", "{}"),
+        ("tokenizer_config.json", "{}"),
+        ("modeling_internvl_chat.py", "# code"),
+        ("generation_config.json", "{}"),
+        ("pytorch_model.bin", "stale weights"),
+        ("old.safetensors.index.json", "{}"),
+    ] {
+        std::fs::write(hf.join(f), text).unwrap();
+    }
+    std::fs::create_dir(hf.join("extra")).unwrap();
+    std::fs::write(hf.join("extra/notes.txt"), "kept").unwrap();
+    let saved = tmp.path().join("saved");
+    hf_to_mmc(&hf, &saved);
+    let out = tmp.path().join("out");
+    mmc_to_hf(&hf, &saved, &out, &[]);
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "config.json",
+            "extra",
+            "generation_config.json",
+            "model.safetensors",
+            "modeling_internvl_chat.py",
+            "tokenizer.json",
+            "tokenizer_config.json"
+        ]
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("extra/notes.txt")).unwrap(),
+        "kept"
+    );
+    assert_same_tensors(&fixture("internvl35_tiny/checkpoint_hf"), &out);
+    // No partial folder is left beside it.
+    assert!(!tmp.path().join(".out.partial").exists());
+}
+
 /// A copy of a fixture folder in `dir`.
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
