@@ -360,7 +360,7 @@ pub fn verify_files(dir: &Path, files: &[FileRecord]) -> Result<(), StoreError> 
             .collect()
     });
     results.sort_by_key(|(i, _)| *i);
-    results.into_iter().map(|(_, r)| r).collect()
+    results.into_iter().try_for_each(|(_, r)| r)
 }
 
 #[cfg(test)]
