@@ -72,9 +72,9 @@ impl ExpertStack {
     pub fn unblock(&self, block: &[u8], elem: usize) -> Vec<Vec<u8>> {
         match self.kind {
             StackKind::GateUp => {
-                let rows = transpose(block, self.hidden, 2 * self.width, elem);
-                let (gate, up) = rows.split_at(rows.len() / 2);
-                vec![gate.to_vec(), up.to_vec()]
+                let mut gate = transpose(block, self.hidden, 2 * self.width, elem);
+                let up = gate.split_off(gate.len() / 2);
+                vec![gate, up]
             }
             StackKind::Down => vec![transpose(block, self.width, self.hidden, elem)],
         }
