@@ -27,7 +27,7 @@ use mmc_runtime::{Checkpoint, WeightError};
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Why a conversion failed. Each names the file or folder concerned, in one line.
 #[derive(Debug, thiserror::Error)]
@@ -798,9 +798,9 @@ fn copy_other_files(from: &Path, to: &Path) -> Result<(), ConvertError> {
     Ok(())
 }
 
-/// The time a conversion took, as the closing line shows it.
+/// What a conversion wrote and how fast, for the closing line (and for comparing speeds).
 pub fn rate(s: &Summary) -> String {
-    let secs = Duration::from_secs_f64(s.seconds).as_secs_f64().max(1e-9);
+    let secs = s.seconds.max(1e-9);
     format!(
         "{} tensors, {:.3} GB in {:.2} s ({:.2} GB/s)",
         s.tensors,
