@@ -2,4 +2,5 @@
 //! tests: each crate stays a plain library, and the driver is the one place that knows the order
 //! in which they are called.
 
+pub mod convert;
 pub mod driver;

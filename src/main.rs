@@ -117,28 +117,44 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
-    /// Convert checkpoints between the Hugging Face layout and mmc's (not built yet).
+    /// Convert checkpoints between the Hugging Face layout and mmc's.
     #[command(subcommand)]
     Convert(Convert),
 }
 
 #[derive(Subcommand)]
 enum Convert {
-    /// HF checkpoint to mmc checkpoint (experts merged).
+    /// HF checkpoint to mmc checkpoint (experts merged): writes SAVE_DIR/release/ and
+    /// SAVE_DIR/latest_checkpointed_iteration.txt, loadable as a released checkpoint.
     HfToMmc {
+        /// The HF model folder: config.json and safetensors (one file or shards with their
+        /// index), in the OpenGVLab or the transformers-native layout.
         #[arg(long)]
         hf_dir: PathBuf,
+        /// The mmc save folder to create (it must not hold a checkpoint).
         #[arg(long)]
         save_dir: PathBuf,
+        /// The largest shard (4GB, 500MB, 1000000).
+        #[arg(long, value_parser = mmc::convert::parse_size, default_value = "4GB")]
+        max_shard_size: u64,
     },
     /// mmc checkpoint back to the HF layout, loadable by transformers.
     MmcToHf {
+        /// The HF model folder whose layout, config and tokenizer the export takes.
         #[arg(long)]
         hf_dir: PathBuf,
+        /// An mmc save folder (its latest checkpoint), its release/, or an iter_NNNNNNN/.
         #[arg(long)]
         ckpt_dir: PathBuf,
+        /// The folder to write (it must not exist, or be empty).
         #[arg(long)]
         save_dir: PathBuf,
+        /// The largest shard (4GB, 500MB, 1000000).
+        #[arg(long, value_parser = mmc::convert::parse_size, default_value = "4GB")]
+        max_shard_size: u64,
+        /// Cast every float tensor to this dtype (default: keep each tensor's dtype).
+        #[arg(long, value_enum)]
+        dtype: Option<DtypeArg>,
     },
 }
 
@@ -146,6 +162,12 @@ enum Convert {
 enum SaveErrorArg {
     Stop,
     Continue,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    Bf16,
+    F32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -320,11 +342,37 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Convert(c) => {
-            let which = match c {
-                Convert::HfToMmc { .. } => "hf-to-mmc",
-                Convert::MmcToHf { .. } => "mmc-to-hf",
+            let summary = match c {
+                Convert::HfToMmc {
+                    hf_dir,
+                    save_dir,
+                    max_shard_size,
+                } => mmc::convert::hf_to_mmc(&hf_dir, &save_dir, max_shard_size, true)?,
+                Convert::MmcToHf {
+                    hf_dir,
+                    ckpt_dir,
+                    save_dir,
+                    max_shard_size,
+                    dtype,
+                } => mmc::convert::mmc_to_hf(
+                    &hf_dir,
+                    &ckpt_dir,
+                    &save_dir,
+                    max_shard_size,
+                    dtype.map(|d| match d {
+                        DtypeArg::Bf16 => mmc_ir::DType::BF16,
+                        DtypeArg::F32 => mmc_ir::DType::F32,
+                    }),
+                    true,
+                )?,
             };
-            bail!("`mmc convert {which}` is not built yet: checkpoint conversion comes with mmc's own checkpoints; today `mmc compile` reads HF checkpoints directly through `init_from_hf_path`")
+            let _ = writeln!(
+                std::io::stderr(),
+                "wrote {}: {}",
+                summary.dir.display(),
+                mmc::convert::rate(&summary)
+            );
+            Ok(())
         }
     }
 }

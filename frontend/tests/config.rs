@@ -432,3 +432,21 @@ fn the_shipped_30b_config_is_mindspeed_mms_recipe() {
     assert_eq!(m.train.loss_reduction, LossReduction::Square);
     assert_eq!(m.model, cfg.model, "the two differ only in how they train");
 }
+
+#[test]
+fn a_checkpoint_folder_alone_gives_the_model_config() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let ogv = Config::from_hf_dir(&fixtures.join("internvl35_tiny/checkpoint_ogv")).unwrap();
+    let hf = Config::from_hf_dir(&fixtures.join("internvl35_tiny/checkpoint_hf")).unwrap();
+    assert!(ogv.model.vision_language.is_some() && hf.model.vision_language.is_some());
+    assert_eq!(ogv.model.text.vocab_size, 1024);
+    // OpenGVLab's config.json leaves the image token to the tokenizer; transformers' names it.
+    assert_eq!(ogv.model.img_context_token_id, 0);
+    assert_eq!(hf.model.img_context_token_id, 1021);
+    let lm = Config::from_hf_dir(&fixtures.join("qwen3_moe_tiny/checkpoint")).unwrap();
+    assert!(lm.model.vision_language.is_none());
+    let e = Config::from_hf_dir(&fixtures.join("no-such-folder"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no-such-folder/config.json"), "{e}");
+}

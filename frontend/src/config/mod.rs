@@ -377,6 +377,22 @@ impl Config {
         Self::parse(path, &text)
     }
 
+    /// The configuration that an HF checkpoint folder's `config.json` alone gives, for jobs
+    /// that touch only the weights (`mmc convert`): the parameters depend on the architecture
+    /// only, so the training settings keep their defaults. The `<IMG_CONTEXT>` token id, which
+    /// only the data pipeline uses, is taken from `image_token_id` when config.json has it and
+    /// is otherwise 0 (an OpenGVLab config.json leaves it to the tokenizer). Errors name
+    /// config.json.
+    pub fn from_hf_dir(dir: &Path) -> Result<Config, ConfigError> {
+        let path = dir.join("config.json");
+        let json = read_hf_json(&path)?;
+        let mut text = String::from("[model]\nhf_config = \"config.json\"\n");
+        if !json.contains_key("image_token_id") {
+            text.push_str("img_context_token_id = 0\n");
+        }
+        Self::parse(&path, &text)
+    }
+
     /// Parses model TOML text; `path` names the file in errors and anchors relative paths.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let syntax = |e: &toml::de::Error, key: Option<String>| {

@@ -72,27 +72,51 @@ impl ExpertStack {
     pub fn unblock(&self, block: &[u8], elem: usize) -> Vec<Vec<u8>> {
         match self.kind {
             StackKind::GateUp => {
-                let rows = transpose(block, self.hidden, 2 * self.width, elem);
-                let (gate, up) = rows.split_at(rows.len() / 2);
-                vec![gate.to_vec(), up.to_vec()]
+                let mut gate = transpose(block, self.hidden, 2 * self.width, elem);
+                let up = gate.split_off(gate.len() / 2);
+                vec![gate, up]
             }
             StackKind::Down => vec![transpose(block, self.width, self.hidden, elem)],
         }
     }
 }
 
-/// `[rows, cols]` to `[cols, rows]`, for elements of `elem` bytes.
+/// `[rows, cols]` to `[cols, rows]`, for elements of `elem` bytes. Works in tiles so that both
+/// sides stay in cache (a conversion transposes every expert of a checkpoint), with the common
+/// element sizes copied as fixed-size values.
 pub fn transpose(src: &[u8], rows: usize, cols: usize, elem: usize) -> Vec<u8> {
     debug_assert_eq!(src.len(), rows * cols * elem);
     let mut out = vec![0u8; src.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            let from = (r * cols + c) * elem;
-            let to = (c * rows + r) * elem;
-            out[to..to + elem].copy_from_slice(&src[from..from + elem]);
+    match elem {
+        1 => transpose_n::<1>(src, &mut out, rows, cols),
+        2 => transpose_n::<2>(src, &mut out, rows, cols),
+        4 => transpose_n::<4>(src, &mut out, rows, cols),
+        8 => transpose_n::<8>(src, &mut out, rows, cols),
+        _ => {
+            for r in 0..rows {
+                for c in 0..cols {
+                    let from = (r * cols + c) * elem;
+                    let to = (c * rows + r) * elem;
+                    out[to..to + elem].copy_from_slice(&src[from..from + elem]);
+                }
+            }
         }
     }
     out
+}
+
+fn transpose_n<const N: usize>(src: &[u8], out: &mut [u8], rows: usize, cols: usize) {
+    const TILE: usize = 32;
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    let (from, to) = ((r * cols + c) * N, (c * rows + r) * N);
+                    out[to..to + N].copy_from_slice(&src[from..from + N]);
+                }
+            }
+        }
+    }
 }
 
 /// Splits `<layer>.mlp.experts.<e>.<proj>.weight` into (`<layer>.mlp.experts`, e, proj).
@@ -242,5 +266,23 @@ mod tests {
         let block = d.block(&[&down], 2);
         assert_eq!(block, bytes(&[1, 3, 5, 2, 4, 6])); // [I, H]
         assert_eq!(d.unblock(&block, 2), vec![down]);
+    }
+
+    #[test]
+    fn tiled_transpose_matches_the_plain_one_for_every_element_size() {
+        let (rows, cols) = (37, 70);
+        for elem in [1, 2, 3, 4, 8] {
+            let src: Vec<u8> = (0..rows * cols * elem)
+                .map(|i| (i * 7 % 251) as u8)
+                .collect();
+            let t = transpose(&src, rows, cols, elem);
+            for r in 0..rows {
+                for c in 0..cols {
+                    let (a, b) = ((r * cols + c) * elem, (c * rows + r) * elem);
+                    assert_eq!(src[a..a + elem], t[b..b + elem], "elem {elem}");
+                }
+            }
+            assert_eq!(transpose(&t, cols, rows, elem), src);
+        }
     }
 }

@@ -5,7 +5,7 @@
 //! its first step with the tensor named.
 
 use super::layout::{stored_tensors, Family, Source, Stored};
-use super::manifest::{Manifest, StoredTensor, MANIFEST_FILE};
+use super::manifest::{Manifest, TensorRecord, MANIFEST_FILE};
 use super::state::{TrainingState, STATE_FILE};
 use super::store::{safetensors_dtype, StoreError};
 use super::{iteration_dir, CheckpointError, LATEST_FILE, RELEASE};
@@ -90,7 +90,7 @@ pub fn locate(path: &Path) -> Result<Option<Located>, CheckpointError> {
         }
         dir
     };
-    let manifest = Manifest::read(&dir)?;
+    let manifest = Manifest::read_verified(&dir)?;
     let state = if manifest.iteration.is_some() {
         let p = dir.join(STATE_FILE);
         let text = std::fs::read(&p).map_err(|error| StoreError::Io {
@@ -153,7 +153,7 @@ pub fn load_into(
         .into_iter()
         .filter(|s| s.family == Family::Model || options.optimizer)
         .collect();
-    let stored: HashMap<&str, &StoredTensor> = located
+    let stored: HashMap<&str, &TensorRecord> = located
         .manifest
         .tensors
         .iter()

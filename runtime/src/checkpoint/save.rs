@@ -11,7 +11,7 @@
 
 use super::fault;
 use super::layout::{stored_tensors, Family, Source, Stored};
-use super::manifest::{Manifest, StoredTensor};
+use super::manifest::{Manifest, TensorRecord};
 use super::state::{TrainingState, STATE_FILE};
 use super::store::{safetensors_dtype, sync_dir, write_file, write_shards, StoreError, TensorSpec};
 use super::{iteration_dir, CheckpointError, LATEST_FILE};
@@ -242,7 +242,7 @@ impl Saver {
             files,
             tensors: stored
                 .iter()
-                .map(|s| StoredTensor {
+                .map(|s| TensorRecord {
                     name: s.spec.name.clone(),
                     dtype: safetensors_dtype(s.spec.dtype).to_string(),
                     shape: s.spec.shape.clone(),

@@ -72,10 +72,72 @@ pub fn safetensors_dtype(d: DType) -> &'static str {
     }
 }
 
+/// SHA-256 on a thread of its own, fed in chunks of [`BackgroundSha::CHUNK`] bytes: hashing
+/// costs about as much as producing and writing a checkpoint's bytes, so the two overlap. At
+/// most [`BackgroundSha::DEPTH`] chunks wait, which bounds the memory it takes.
+struct BackgroundSha {
+    pending: Vec<u8>,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    thread: Option<std::thread::JoinHandle<Sha256>>,
+}
+
+impl BackgroundSha {
+    const CHUNK: usize = 1 << 20;
+    const DEPTH: usize = 4;
+
+    fn new() -> BackgroundSha {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(Self::DEPTH);
+        let thread = std::thread::spawn(move || {
+            let mut hash = Sha256::new();
+            for chunk in rx {
+                hash.update(&chunk);
+            }
+            hash
+        });
+        BackgroundSha {
+            pending: Vec::with_capacity(Self::CHUNK),
+            tx: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn send(&mut self) {
+        let full = std::mem::replace(&mut self.pending, Vec::with_capacity(Self::CHUNK));
+        if let Some(tx) = &self.tx {
+            // The thread only stops when the sender is dropped, so this cannot fail.
+            let _ = tx.send(full);
+        }
+    }
+
+    fn update(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let take = (Self::CHUNK - self.pending.len()).min(data.len());
+            self.pending.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.pending.len() == Self::CHUNK {
+                self.send();
+            }
+        }
+    }
+
+    /// The hex digest of everything fed in.
+    fn finish(mut self) -> String {
+        self.send();
+        self.tx = None;
+        let hash = self
+            .thread
+            .take()
+            .expect("the thread is joined once")
+            .join()
+            .expect("hashing does not panic");
+        hex(&hash.finalize())
+    }
+}
+
 /// A writer that hashes and counts what passes through it.
 struct Hashing<W: Write> {
     inner: W,
-    hash: Sha256,
+    hash: BackgroundSha,
     bytes: u64,
 }
 
@@ -134,7 +196,7 @@ pub fn write_safetensors(
     let file = File::create(path).map_err(io(path))?;
     let mut w = Hashing {
         inner: BufWriter::with_capacity(1 << 20, file),
-        hash: Sha256::new(),
+        hash: BackgroundSha::new(),
         bytes: 0,
     };
     w.write_all(&(text.len() as u64).to_le_bytes())
@@ -165,7 +227,7 @@ pub fn write_safetensors(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
         bytes,
-        sha256: hex(&hash.finalize()),
+        sha256: hash.finish(),
     })
 }
 
@@ -241,7 +303,10 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Checks that each recorded file in `dir` has its size and SHA-256; the first that does not
-/// is named, with what is wrong.
+/// (in the order of `files`) is named, with what is wrong. Sizes are checked first, so a
+/// truncated file is found without reading the others; the files are then hashed on up to as
+/// many threads as the machine has cores, since hashing a large checkpoint is what a load waits
+/// for.
 pub fn verify_files(dir: &Path, files: &[FileRecord]) -> Result<(), StoreError> {
     for f in files {
         let path = dir.join(&f.name);
@@ -256,6 +321,9 @@ pub fn verify_files(dir: &Path, files: &[FileRecord]) -> Result<(), StoreError> 
                 ),
             });
         }
+    }
+    let check = |f: &FileRecord| -> Result<(), StoreError> {
+        let path = dir.join(&f.name);
         let mut hash = Sha256::new();
         let mut file = File::open(&path).map_err(io(&path))?;
         std::io::copy(&mut file, &mut hash).map_err(io(&path))?;
@@ -265,8 +333,34 @@ pub fn verify_files(dir: &Path, files: &[FileRecord]) -> Result<(), StoreError> 
                 message: "its contents do not match the SHA-256 in the manifest (corrupted)".into(),
             });
         }
-    }
-    Ok(())
+        Ok(())
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(files.len())
+        .max(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut results: Vec<(usize, Result<(), StoreError>)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(f) = files.get(i) else { break };
+                        out.push((i, check(f)));
+                    }
+                    out
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("hashing does not panic"))
+            .collect()
+    });
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().try_for_each(|(_, r)| r)
 }
 
 #[cfg(test)]
