@@ -262,3 +262,32 @@ fn a_plan_quoting_a_line_break_is_reported_on_one_line() {
         .to_string();
     assert!(!e.contains('\n') && e.contains("line\\nbreak"), "{e}");
 }
+
+#[test]
+fn types_and_shapes_too_large_to_count_are_errors() {
+    // Found in a debug build as graph lines whose types or attributes were given huge numbers:
+    // element counts and padded or concatenated sizes overflowed (a panic there, a wrapped,
+    // wrong size in release builds).
+    let graph = |body: &str| format!("graph frontend {{\n{body}\n}}\n");
+    let e = read_graph(&graph(
+        "  %0 = input \"x\" : f32[4294967296, 4294967296]\n  output \"y\" = %0",
+    ))
+    .unwrap_err();
+    assert!(e.contains("too large"), "{e}");
+    let e = read_graph(&graph(
+        "  %0 = input \"x\" : f32[2]\n  %1 = pad %0 low=[9223372036854775807] \
+         high=[9223372036854775807] : f32[2]\n  output \"y\" = %1",
+    ))
+    .unwrap_err();
+    assert!(e.contains("padding"), "{e}");
+    let e = read_graph(&graph(
+        "  %0 = input \"x\" : bool[12297829382473034411]\n  %1 = concat %0, %0 axis=0 : \
+         bool[12297829382473034411]\n  output \"y\" = %1",
+    ))
+    .unwrap_err();
+    assert!(e.contains("concatenating"), "{e}");
+    let e = "f32[18446744073709551615, 2]"
+        .parse::<mmc_ir::TensorType>()
+        .unwrap_err();
+    assert!(e.contains("too large"), "{e}");
+}

@@ -200,9 +200,12 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<ResultTypes, TypeError> 
                 format!("low/high must have one entry per dimension of {t}")
             })?;
             let shape = (0..t.rank())
-                .map(|i| t.shape[i] + low[i] + high[i])
-                .collect::<Vec<_>>();
-            one(TensorType::new(t.dtype, shape))
+                .map(|i| t.shape[i].checked_add(low[i])?.checked_add(high[i]))
+                .collect::<Option<Vec<_>>>();
+            check(shape.is_some(), op, || {
+                format!("padding {t} overflows its size")
+            })?;
+            one(TensorType::new(t.dtype, shape.unwrap_or_default()))
         }
         Op::Concat { axis } => {
             check(!inputs.is_empty(), op, || {
@@ -218,7 +221,11 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<ResultTypes, TypeError> 
                 check(same_rest, op, || {
                     format!("{t} does not match {first} outside axis {axis}")
                 })?;
-                shape[*axis] += t.shape[*axis];
+                let sum = shape[*axis].checked_add(t.shape[*axis]);
+                check(sum.is_some(), op, || {
+                    format!("concatenating {t} overflows the size of axis {axis}")
+                })?;
+                shape[*axis] = sum.unwrap_or_default();
             }
             one(TensorType::new(first.dtype, shape))
         }

@@ -42,6 +42,14 @@ impl TensorType {
         self.numel() * self.dtype.size_bytes()
     }
 
+    /// [`TensorType::size_bytes`], or `None` when it does not fit a `usize`: the parsers reject
+    /// such types, so that no size computed from a type read from text can overflow.
+    pub fn checked_size_bytes(&self) -> Option<usize> {
+        self.shape
+            .iter()
+            .try_fold(self.dtype.size_bytes(), |n, &d| n.checked_mul(d))
+    }
+
     /// The same shape with another dtype.
     pub fn with_dtype(&self, dtype: DType) -> Self {
         TensorType::new(dtype, self.shape.clone())
@@ -86,6 +94,10 @@ impl std::str::FromStr for TensorType {
                 .map(|d| d.trim().parse::<usize>().map_err(|_| bad()))
                 .collect::<Result<Vec<_>, _>>()?
         };
-        Ok(TensorType::new(dtype, shape))
+        let t = TensorType::new(dtype, shape);
+        if t.checked_size_bytes().is_none() {
+            return Err(format!("`{s}` is too large: its size in bytes overflows"));
+        }
+        Ok(t)
     }
 }

@@ -184,6 +184,11 @@ fn install_panic_hook() {
                             .location()
                             .map_or(String::new(), |l| format!(" at {l}"));
                         *slot = Some(format!("{msg}{at}"));
+                        if std::env::var_os("MMC_FUZZ_CASE").is_some() {
+                            // Rerunning one case: where the panic came from.
+                            let trace = std::backtrace::Backtrace::force_capture();
+                            let _ = writeln!(std::io::stderr(), "fuzz: panic{at}\n{trace}");
+                        }
                         true
                     }
                     None => false,

@@ -148,7 +148,11 @@ impl Cursor {
                 self.expect(',')?;
             }
         }
-        Ok(TensorType::new(dtype, shape))
+        let t = TensorType::new(dtype, shape);
+        if t.checked_size_bytes().is_none() {
+            return Err(format!("{t} is too large: its size in bytes overflows"));
+        }
+        Ok(t)
     }
 
     fn attr_value(&mut self) -> Result<Attr, String> {
