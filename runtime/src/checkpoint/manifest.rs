@@ -121,17 +121,9 @@ impl Manifest {
 
 /// The dtype of a safetensors dtype name, as [`safetensors_dtype`] writes it.
 pub fn dtype_from_safetensors(name: &str) -> Option<DType> {
-    [
-        DType::F64,
-        DType::F32,
-        DType::BF16,
-        DType::F16,
-        DType::I64,
-        DType::I32,
-        DType::Bool,
-    ]
-    .into_iter()
-    .find(|&d| safetensors_dtype(d) == name)
+    DType::ALL
+        .into_iter()
+        .find(|&d| safetensors_dtype(d) == name)
 }
 
 #[cfg(test)]
