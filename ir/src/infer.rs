@@ -3,7 +3,7 @@
 //! The builder uses these rules to give each new value its type, and the verifier re-runs them
 //! to check that a stored type still agrees with the op and its operands.
 
-use crate::op::{BinaryOp, FusedOp, Op, UnaryOp};
+use crate::op::{BinaryOp, Op, UnaryOp};
 use crate::{DType, TensorType};
 use smallvec::{smallvec, SmallVec};
 
@@ -293,20 +293,7 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<ResultTypes, TypeError> 
             check(t.dtype != DType::Bool, op, || "not defined on bool".into())?;
             one(t.clone())
         }
-        Op::Fused(FusedOp::RmsNorm { eps }) => {
-            arity(op, inputs, 2)?;
-            let (x, w) = (inputs[0], inputs[1]);
-            check(x.dtype.is_float() && x.rank() >= 1, op, || {
-                format!("x must be a float tensor, got {x}")
-            })?;
-            check(
-                w.dtype == x.dtype && w.shape == [x.shape[x.rank() - 1]],
-                op,
-                || format!("weight {w} must be a vector over the last axis of {x}"),
-            )?;
-            check(*eps >= 0.0, op, || "eps must be non-negative".into())?;
-            one(x.clone())
-        }
+        Op::Fused(f) => f.infer(inputs),
     }
 }
 

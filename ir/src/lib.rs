@@ -4,6 +4,7 @@
 
 pub mod dot;
 mod dtype;
+pub mod fused;
 pub mod graph;
 pub mod infer;
 pub mod interp;

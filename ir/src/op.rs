@@ -5,6 +5,7 @@
 //! to understand them. Fused ops are a separate, explicitly marked family that only the fusion
 //! pass creates; collectives join as their own family with the parallelize pass.
 
+pub use crate::fused::FusedOp;
 use crate::{DType, Shape, TensorType};
 
 /// Elementwise ops of one operand.
@@ -59,16 +60,6 @@ pub enum CmpOp {
 pub enum ReduceKind {
     Sum,
     Max,
-}
-
-/// Fused ops: faster forms of primitive subgraphs, created only by the fusion pass.
-///
-/// Each carries the semantics of the subgraph it replaces (the interpreter implements them
-/// directly), so the fusion pass can be checked against the unfused graph.
-#[derive(Clone, Debug, PartialEq)]
-pub enum FusedOp {
-    /// `w * (x * rsqrt(mean(x^2, last axis) + eps))`, the RMSNorm of Qwen3 (inputs: x, w).
-    RmsNorm { eps: f64 },
 }
 
 /// Which family an op belongs to; the verifier uses it to enforce what each stage may contain.
@@ -240,9 +231,7 @@ impl Op {
             Op::TopK { .. } => "topk",
             Op::ArgSort { .. } => "argsort",
             Op::CumSum { .. } => "cumsum",
-            Op::Fused(f) => match f {
-                FusedOp::RmsNorm { .. } => "fused.rms_norm",
-            },
+            Op::Fused(f) => f.name(),
         }
     }
 
@@ -264,7 +253,7 @@ impl Op {
             Op::Pad { low, high } => vec![("low", ints(low)), ("high", ints(high))],
             Op::TopK { k } => vec![("k", Attr::Int(*k as i64))],
             Op::ArgSort { descending } => vec![("descending", Attr::Bool(*descending))],
-            Op::Fused(FusedOp::RmsNorm { eps }) => vec![("eps", Attr::Float(*eps))],
+            Op::Fused(f) => f.attrs(),
             Op::Param { .. }
             | Op::Input { .. }
             | Op::Unary(_)
@@ -362,11 +351,10 @@ impl Op {
             "cumsum" => Op::CumSum {
                 axis: attrs.usize("axis")?,
             },
-            "fused.rms_norm" => Op::Fused(FusedOp::RmsNorm {
-                eps: attrs.float("eps")?,
-            }),
             other => {
-                if let Some(u) = UNARY.iter().find(|u| Op::Unary(**u).name() == other) {
+                if let Some(f) = FusedOp::from_parts(other, attrs) {
+                    Op::Fused(f?)
+                } else if let Some(u) = UNARY.iter().find(|u| Op::Unary(**u).name() == other) {
                     Op::Unary(*u)
                 } else if let Some(b) = BINARY.iter().find(|b| Op::Binary(**b).name() == other) {
                     Op::Binary(*b)
@@ -442,7 +430,7 @@ pub enum Attr {
 pub struct Attrs(pub Vec<(String, Attr)>);
 
 impl Attrs {
-    fn get(&self, key: &str) -> Result<&Attr, String> {
+    pub(crate) fn get(&self, key: &str) -> Result<&Attr, String> {
         self.0
             .iter()
             .find(|(k, _)| k == key)
@@ -450,7 +438,7 @@ impl Attrs {
             .ok_or_else(|| format!("missing attribute `{key}`"))
     }
 
-    fn float(&self, key: &str) -> Result<f64, String> {
+    pub(crate) fn float(&self, key: &str) -> Result<f64, String> {
         match self.get(key)? {
             Attr::Float(f) => Ok(*f),
             Attr::Int(i) => Ok(*i as f64),
@@ -458,14 +446,14 @@ impl Attrs {
         }
     }
 
-    fn usize(&self, key: &str) -> Result<usize, String> {
+    pub(crate) fn usize(&self, key: &str) -> Result<usize, String> {
         match self.get(key)? {
             Attr::Int(i) if *i >= 0 => Ok(*i as usize),
             _ => Err(format!("attribute `{key}` must be a non-negative integer")),
         }
     }
 
-    fn usizes(&self, key: &str) -> Result<Vec<usize>, String> {
+    pub(crate) fn usizes(&self, key: &str) -> Result<Vec<usize>, String> {
         match self.get(key)? {
             Attr::Ints(v) if v.iter().all(|&i| i >= 0) => {
                 Ok(v.iter().map(|&i| i as usize).collect())
@@ -476,7 +464,7 @@ impl Attrs {
         }
     }
 
-    fn bool(&self, key: &str) -> Result<bool, String> {
+    pub(crate) fn bool(&self, key: &str) -> Result<bool, String> {
         match self.get(key)? {
             Attr::Bool(b) => Ok(*b),
             _ => Err(format!("attribute `{key}` must be true or false")),

@@ -426,6 +426,15 @@ fn vjp(e: &mut Emitter, node: &Node, i: usize, g: Value, out: Value) -> EmitResu
                 e.sub(a, b)?
             }
         }
+        Op::Fused(other) => {
+            return Err(PassError {
+                pass: "autodiff",
+                source: mmc_ir::GraphError::Type(mmc_ir::TypeError {
+                    op: other.name(),
+                    reason: "this fused op has no backward rule yet".into(),
+                }),
+            })
+        }
         Op::Param { .. }
         | Op::Input { .. }
         | Op::Const { .. }

@@ -6,10 +6,11 @@
 //! is exactly rounded; with [`Precision::F64`] nothing is rounded, which is what finite-difference
 //! gradient checks need.
 
+mod fused;
 mod kernels;
 
 use crate::graph::Graph;
-use crate::op::{BinaryOp, CmpOp, FusedOp, Op, ReduceKind, UnaryOp};
+use crate::op::{BinaryOp, CmpOp, Op, ReduceKind, UnaryOp};
 use crate::tensor::{Tensor, TensorData};
 use crate::verify::{verify, VerifyError};
 use crate::{DType, Shape, TensorType};
@@ -85,7 +86,7 @@ impl Outputs {
 
 /// A value inside the interpreter.
 #[derive(Clone, Debug)]
-struct Val {
+pub(crate) struct Val {
     ty: TensorType,
     buf: Buf,
 }
@@ -156,6 +157,21 @@ impl<'g> Interpreter<'g> {
                         .expect("verified: defined before use")
                 })
                 .collect();
+            if let Op::Fused(f) = &node.op {
+                let tys: Vec<&TensorType> =
+                    node.outputs.iter().map(|&v| self.graph.ty(v)).collect();
+                let bufs = fused::eval(f, &args, &tys).map_err(|message| InterpError::Op {
+                    node: i,
+                    op: node.op.name(),
+                    message,
+                })?;
+                drop(args);
+                for ((&v, ty), buf) in node.outputs.iter().zip(tys).zip(bufs) {
+                    vals[v.0 as usize] = Some(self.make(ty, buf));
+                }
+                self.free_dead(node, i, &mut vals);
+                continue;
+            }
             let result =
                 self.eval(&node.op, &args, out_ty, &Dyn(bindings))
                     .map_err(|e| match e {
@@ -575,17 +591,7 @@ impl<'g> Interpreter<'g> {
                     Buf::I(x) => int(kernels::cumsum(x, shape, *axis, i64::wrapping_add)),
                 }
             }
-            Op::Fused(FusedOp::RmsNorm { eps }) => {
-                let (x, w) = (a[0].f(), a[1].f());
-                let n = w.len();
-                let mut out = Vec::with_capacity(x.len());
-                for row in x.chunks(n.max(1)) {
-                    let ms = row.iter().map(|v| v * v).sum::<f64>() / n as f64;
-                    let r = 1.0 / (ms + eps).sqrt();
-                    out.extend(row.iter().zip(w).map(|(v, w)| w * (v * r)));
-                }
-                float(out)
-            }
+            Op::Fused(_) => unreachable!("fused ops are evaluated by `fused::eval`"),
         }
     }
 }
