@@ -473,7 +473,7 @@ impl Typer<'_> {
     ) -> Result<(), TypeError> {
         self.float_rank1(x, "x")?;
         let d = x.shape[x.rank() - 1];
-        self.check(d % 2 == 0, || format!("the last axis of {x} must be even"))?;
+        self.check(d.is_multiple_of(2), || format!("the last axis of {x} must be even"))?;
         for t in [cos, sin] {
             self.check(
                 t.dtype == x.dtype
@@ -508,7 +508,7 @@ impl Typer<'_> {
         )?;
         self.same(k, v)?;
         let (hq, hkv) = (q.shape[1], k.shape[1]);
-        self.check(hkv > 0 && hq % hkv == 0, || {
+        self.check(hkv > 0 && hq.is_multiple_of(hkv), || {
             format!("{hq} query heads are not a multiple of {hkv} key/value heads")
         })?;
         if let Some(seg) = ins.get(3) {
