@@ -234,7 +234,21 @@ fn gemm(
     }
 }
 
-/// The dot product of two equally long slices.
+/// The dot product of two equally long slices, in four independent partial sums so that the
+/// compiler can keep them in vector registers (the attention kernels are made of these).
 fn dot(x: &[f64], y: &[f64]) -> f64 {
-    x.iter().zip(y).map(|(a, b)| a * b).sum()
+    let (xc, yc) = (x.chunks_exact(4), y.chunks_exact(4));
+    let tail: f64 = xc
+        .remainder()
+        .iter()
+        .zip(yc.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    let mut acc = [0.0f64; 4];
+    for (a, b) in xc.zip(yc) {
+        for i in 0..4 {
+            acc[i] += a[i] * b[i];
+        }
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
 }
