@@ -19,7 +19,7 @@ use crate::TensorType;
 /// The result buffers of fused op `op` (one per result type in `out`), unrounded.
 pub(super) fn eval(op: &FusedOp, a: &[&Val], out: &[&TensorType]) -> Result<Vec<Buf>, String> {
     use FusedOp::*;
-    let f = |v: Vec<f64>| Buf::F(v);
+    let f = Buf::F;
     let last = |v: &Val| v.ty.shape.last().copied().unwrap_or(1);
     let bufs = match op {
         RmsNorm { eps } => vec![f(pointwise::rms_norm(a[0].f(), a[1].f(), *eps))],
