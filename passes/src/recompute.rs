@@ -401,7 +401,7 @@ impl Analysis {
             if owned[i] || n.op != Op::MatMul || !n.inputs.iter().all(|v| dynamic[v.0 as usize]) {
                 continue;
             }
-            if let Some(body) = self.attention_body(g, i) {
+            if let Some(body) = self.attention_body(g, i, &dynamic) {
                 for &j in &body {
                     owned[j] = true;
                 }
@@ -424,9 +424,9 @@ impl Analysis {
     }
 
     /// For the score product at node `m1`, the nodes from it up to the operand of the next
-    /// product that its elementwise and reduction chain reaches (the probabilities); `None`
-    /// when the chain reaches no product.
-    fn attention_body(&self, g: &Graph, m1: usize) -> Option<Vec<usize>> {
+    /// product of two activations that its elementwise and reduction chain reaches (the
+    /// probabilities); `None` when the chain reaches no such product.
+    fn attention_body(&self, g: &Graph, m1: usize, dynamic: &[bool]) -> Option<Vec<usize>> {
         let nodes = g.nodes();
         let mut reach: HashSet<usize> = HashSet::from([m1]);
         let mut stack = vec![m1];
@@ -438,7 +438,9 @@ impl Analysis {
                         continue;
                     }
                     if nodes[r].op == Op::MatMul {
-                        if probs.is_none_or(|(p, _)| r < p) {
+                        // `probs v` multiplies two activations; a projection reads a weight.
+                        let both = nodes[r].inputs.iter().all(|v| dynamic[v.0 as usize]);
+                        if both && probs.is_none_or(|(p, _)| r < p) {
                             probs = Some((r, o));
                         }
                         continue;
@@ -587,6 +589,13 @@ impl Analysis {
     /// The graph with the units `chosen` recomputed.
     fn apply(&self, g: &Graph, chosen: &[usize]) -> Result<(Graph, ApplyStats), PassError> {
         let chosen = self.effective(chosen);
+        if chosen.is_empty() {
+            let stats = ApplyStats {
+                extra_flops: 0,
+                cloned: 0,
+            };
+            return Ok((g.clone(), stats));
+        }
         let nodes = g.nodes();
         let mut owner: Vec<Option<usize>> = vec![None; self.forward_end];
         for &u in &chosen {
