@@ -79,9 +79,11 @@ impl fmt::Display for RecomputeMode {
 /// What a recompute run did, for `mmc compile` to print.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RecomputeReport {
+    /// The mode that was asked for.
     pub mode: RecomputeMode,
-    /// The activation peak ([`activation_peak`]) before and after, in bytes.
+    /// The activation peak ([`activation_peak`]) of the input graph, in bytes.
     pub peak_before: u64,
+    /// The activation peak of the rewritten graph, in bytes.
     pub peak_after: u64,
     /// `peak_before - peak_after` (0 if the peak did not drop).
     pub saved_bytes: u64,
@@ -99,14 +101,14 @@ impl fmt::Display for RecomputeReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "recompute {}: saves {:.3} GB of activations for {:.3} extra GFLOPs per micro-step \
-             (activation peak {:.3} GB -> {:.3} GB; {} layers whole, {} attention/activation units, \
+            "recompute {}: saves {} of activations for {} extra FLOPs per micro-step \
+             (activation peak {} -> {}; {} layers whole, {} attention/activation units, \
              {} nodes recomputed)",
             self.mode,
-            self.saved_bytes as f64 / GB,
-            self.extra_flops as f64 / 1e9,
-            self.peak_before as f64 / GB,
-            self.peak_after as f64 / GB,
+            Bytes(self.saved_bytes),
+            Flops(self.extra_flops),
+            Bytes(self.peak_before),
+            Bytes(self.peak_after),
             self.full_layers,
             self.selective_units,
             self.recomputed_nodes
@@ -114,20 +116,53 @@ impl fmt::Display for RecomputeReport {
     }
 }
 
+/// A byte count in GB (10^9), or MB below a tenth of a GB, so that tiny models read too.
+pub struct Bytes(pub u64);
+
+impl fmt::Display for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0 as f64;
+        if b >= 0.1 * GB {
+            write!(f, "{:.2} GB", b / GB)
+        } else {
+            write!(f, "{:.2} MB", b / 1e6)
+        }
+    }
+}
+
+/// A FLOP count in G (10^9), or M below a tenth of a G.
+pub struct Flops(pub u64);
+
+impl fmt::Display for Flops {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let x = self.0 as f64;
+        if x >= 1e8 {
+            write!(f, "{:.2} G", x / 1e9)
+        } else {
+            write!(f, "{:.2} M", x / 1e6)
+        }
+    }
+}
+
 /// Errors of the recompute pass.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RecomputeError {
+    /// Even with every layer recomputed the peak stays above the budget.
     #[error(
-        "the activation budget of {budget:.3} GB is below the smallest activation peak recompute \
-         reaches ({smallest:.3} GB, with every layer recomputed); raise [train] recompute_budget_gb \
-         to at least {smallest:.3}, or shorten [train] seq_length or micro_batch_size",
-        budget = *.budget_bytes as f64 / GB,
-        smallest = *.smallest_bytes as f64 / GB
+        "the activation budget of {budget} is below the smallest activation peak recompute \
+         reaches ({smallest}, with every layer recomputed); raise [train] recompute_budget_gb \
+         to at least {at_least}, or shorten [train] seq_length or micro_batch_size",
+        budget = Bytes(*.budget_bytes),
+        smallest = Bytes(*.smallest_bytes),
+        at_least = (*.smallest_bytes as f64 / 1e6).ceil() / 1e3
     )]
     BudgetTooSmall {
+        /// The budget asked for.
         budget_bytes: u64,
+        /// The activation peak with every layer recomputed.
         smallest_bytes: u64,
     },
+    /// A rewrite produced an ill-typed node: a bug in mmc.
     #[error(transparent)]
     Internal(#[from] PassError),
 }
@@ -136,15 +171,20 @@ pub enum RecomputeError {
 /// happens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LivePeak {
+    /// The largest live set, in bytes.
     pub bytes: u64,
+    /// The (first) node at which it is reached, indexing [`Graph::nodes`].
     pub node: usize,
 }
 
 /// The activation peak of `g` in program order: at each node, the sizes (declared dtypes) of
 /// the values defined so far that a later node or a graph output still needs, plus the node's
-/// own results. Parameters and inputs are not counted (they live outside the activation
-/// memory), nor are the outputs that update persistent state (`new:<state>`, written in place
-/// into the accumulators); every other output lives to the end.
+/// own results. Not counted, because they live outside the activation memory: parameters and
+/// inputs; the outputs that update persistent state (`new:<state>`, written in place); and the
+/// parameter gradients, that is the values the gradient accumulation (scope `grad_accumulate`)
+/// reads and its own results (`train_step` appends the accumulation after the whole backward
+/// pass, where a schedule would add each gradient as soon as it is complete). Every other output
+/// lives to the end.
 pub fn activation_peak(g: &Graph) -> LivePeak {
     let n = g.num_values();
     let mut counted = vec![false; n];
@@ -152,6 +192,13 @@ pub fn activation_peak(g: &Graph) -> LivePeak {
         if !matches!(node.op, Op::Param { .. } | Op::Input { .. }) {
             for &o in &node.outputs {
                 counted[o.0 as usize] = true;
+            }
+        }
+    }
+    for node in g.nodes() {
+        if g.scope_name(node.scope) == ACCUMULATE_SCOPE {
+            for &v in node.inputs.iter().chain(&node.outputs) {
+                counted[v.0 as usize] = false;
             }
         }
     }
@@ -257,9 +304,12 @@ struct Analysis {
     selective: Vec<usize>,
 }
 
+/// The scope of the gradient accumulation nodes that `train_step` appends.
+const ACCUMULATE_SCOPE: &str = "grad_accumulate";
+
 /// Whether a scope belongs to the backward pass or the gradient accumulation.
 fn is_backward_scope(name: &str) -> bool {
-    name == "grad" || name.starts_with(crate::autodiff::GRAD_PREFIX) || name == "grad_accumulate"
+    name == "grad" || name.starts_with(crate::autodiff::GRAD_PREFIX) || name == ACCUMULATE_SCOPE
 }
 
 /// The layer a scope lies in: its prefix up to `layers.<N>` (`language_model.model.layers.3`
@@ -808,14 +858,12 @@ impl Analysis {
             let peak = activation_peak(&graph).bytes;
             Ok((graph, peak, stats))
         };
+        // Every unit: each layer whole, plus the selective units outside layers.
         let all = run(order.len())?;
-        let smallest = all
-            .1
-            .min(activation_peak(&self.apply(g, &self.full_choice())?.0).bytes);
         if all.1 > budget {
             return Err(RecomputeError::BudgetTooSmall {
                 budget_bytes: budget,
-                smallest_bytes: smallest,
+                smallest_bytes: all.1,
             });
         }
         // The shortest prefix that fits (the peak falls as units are added).

@@ -548,8 +548,44 @@ fn the_activation_peak_counts_live_values_in_program_order() {
     let p = activation_peak(&g);
     assert_eq!(p.bytes, 32);
     assert_eq!(p.node, 3);
-    // c (4, live to the end) + the unused bool (1) at the compare.
     let mut tail = g.clone();
     tail.retain_outputs(|n, _| n == "c");
     assert_eq!(activation_peak(&tail).bytes, 32);
+
+    // A parameter gradient (read by the accumulation) is not an activation: a 400-byte
+    // gradient beside a 16-byte activation.
+    let mut g = Graph::new(Stage::Autodiff);
+    let s = g.intern_scope("grad:w");
+    let acc_scope = g.intern_scope("grad_accumulate");
+    let mut e = Emitter {
+        graph: &mut g,
+        scope: s,
+        pass: "test",
+    };
+    let big = TensorType::new(DType::F32, vec![100]);
+    let x = e
+        .op(
+            Op::Input {
+                name: "x".into(),
+                ty: ty.clone(),
+            },
+            &[],
+        )
+        .unwrap();
+    let a = e.unary(UnaryOp::Exp, x).unwrap();
+    let grad = e.full(0.5, big.clone()).unwrap();
+    e.scope = acc_scope;
+    let acc = e
+        .op(
+            Op::Input {
+                name: "grad_acc:w".into(),
+                ty: big,
+            },
+            &[],
+        )
+        .unwrap();
+    let sum = e.add(acc, grad).unwrap();
+    g.add_output("a", a);
+    g.add_output("new:grad_acc:w", sum);
+    assert_eq!(activation_peak(&g).bytes, 16);
 }
