@@ -10,6 +10,7 @@ pub mod train_step;
 pub use autodiff::{autodiff, grad_output, AutodiffError, GRAD_PREFIX};
 pub use emit::{Emitter, PassError};
 pub use recompute::{
-    activation_peak, recompute, LivePeak, RecomputeError, RecomputeMode, RecomputeReport,
+    activation_peak, live_values, recompute, LivePeak, RecomputeError, RecomputeMode,
+    RecomputeReport,
 };
 pub use train_step::{train_step, TrainStep, TrainStepSpec};

@@ -101,12 +101,12 @@ impl fmt::Display for RecomputeReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "recompute {}: saves {} of activations for {} extra FLOPs per micro-step \
+            "recompute {}: saves {} of activations for {} per micro-step \
              (activation peak {} -> {}; {} layers whole, {} attention/activation units, \
              {} nodes recomputed)",
             self.mode,
             Bytes(self.saved_bytes),
-            Flops(self.extra_flops),
+            ExtraFlops(self.extra_flops),
             Bytes(self.peak_before),
             Bytes(self.peak_after),
             self.full_layers,
@@ -130,16 +130,16 @@ impl fmt::Display for Bytes {
     }
 }
 
-/// A FLOP count in G (10^9), or M below a tenth of a G.
-pub struct Flops(pub u64);
+/// A count of extra FLOPs: "12.34 extra GFLOPs", or MFLOPs below a tenth of a GFLOP.
+pub struct ExtraFlops(pub u64);
 
-impl fmt::Display for Flops {
+impl fmt::Display for ExtraFlops {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let x = self.0 as f64;
         if x >= 1e8 {
-            write!(f, "{:.2} G", x / 1e9)
+            write!(f, "{:.2} extra GFLOPs", x / 1e9)
         } else {
-            write!(f, "{:.2} M", x / 1e6)
+            write!(f, "{:.2} extra MFLOPs", x / 1e6)
         }
     }
 }
@@ -177,15 +177,9 @@ pub struct LivePeak {
     pub node: usize,
 }
 
-/// The activation peak of `g` in program order: at each node, the sizes (declared dtypes) of
-/// the values defined so far that a later node or a graph output still needs, plus the node's
-/// own results. Not counted, because they live outside the activation memory: parameters and
-/// inputs; the outputs that update persistent state (`new:<state>`, written in place); and the
-/// parameter gradients, that is the values the gradient accumulation (scope `grad_accumulate`)
-/// reads and its own results (`train_step` appends the accumulation after the whole backward
-/// pass, where a schedule would add each gradient as soon as it is complete). Every other output
-/// lives to the end.
-pub fn activation_peak(g: &Graph) -> LivePeak {
+/// Which values [`activation_peak`] counts, and the last node that needs each (`usize::MAX`
+/// for outputs).
+fn liveness(g: &Graph) -> (Vec<bool>, Vec<Option<usize>>) {
     let n = g.num_values();
     let mut counted = vec![false; n];
     for node in g.nodes() {
@@ -211,6 +205,34 @@ pub fn activation_peak(g: &Graph) -> LivePeak {
             last[v.0 as usize] = Some(usize::MAX);
         }
     }
+    (counted, last)
+}
+
+/// The values [`activation_peak`] counts as live at node `at` (defined at or before it and
+/// needed at or after it), for reports of what fills the peak.
+pub fn live_values(g: &Graph, at: usize) -> Vec<Value> {
+    let (counted, last) = liveness(g);
+    let mut live = Vec::new();
+    for (i, node) in g.nodes().iter().enumerate().take(at + 1) {
+        for &o in &node.outputs {
+            if counted[o.0 as usize] && (i == at || last[o.0 as usize].is_some_and(|l| l >= at)) {
+                live.push(o);
+            }
+        }
+    }
+    live
+}
+
+/// The activation peak of `g` in program order: at each node, the sizes (declared dtypes) of
+/// the values defined so far that a later node or a graph output still needs, plus the node's
+/// own results. Not counted, because they live outside the activation memory: parameters and
+/// inputs; the outputs that update persistent state (`new:<state>`, written in place); and the
+/// parameter gradients, that is the values the gradient accumulation (scope `grad_accumulate`)
+/// reads and its own results (`train_step` appends the accumulation after the whole backward
+/// pass, where a schedule would add each gradient as soon as it is complete). Every other output
+/// lives to the end.
+pub fn activation_peak(g: &Graph) -> LivePeak {
+    let (counted, last) = liveness(g);
     let size = |v: Value| g.ty(v).size_bytes() as u64;
     let (mut live, mut peak) = (0u64, LivePeak { bytes: 0, node: 0 });
     for (i, node) in g.nodes().iter().enumerate() {

@@ -15,7 +15,7 @@ use mmc_passes::cost::node_flops;
 use mmc_passes::optimizer::AdamW;
 use mmc_passes::recompute::layer_of;
 use mmc_passes::{
-    activation_peak, recompute, train_step, Emitter, RecomputeError, RecomputeMode,
+    activation_peak, live_values, recompute, train_step, Emitter, RecomputeError, RecomputeMode,
     RecomputeReport, TrainStepSpec,
 };
 
@@ -311,6 +311,13 @@ fn apply(g: &Graph, mode: RecomputeMode) -> (Graph, RecomputeReport) {
     assert_eq!(out.stage, g.stage);
     assert_eq!(report.peak_after, activation_peak(&out).bytes, "{mode}");
     assert_eq!(report.peak_before, activation_peak(g).bytes, "{mode}");
+    // The live set at the peak adds up to the peak.
+    let peak = activation_peak(&out);
+    let live: u64 = live_values(&out, peak.node)
+        .iter()
+        .map(|&v| out.ty(v).size_bytes() as u64)
+        .sum();
+    assert_eq!(live, peak.bytes, "{mode}");
     (out, report)
 }
 

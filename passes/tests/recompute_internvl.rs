@@ -11,7 +11,8 @@ use mmc_frontend::{forward_graph, Config, ForwardOptions};
 use mmc_ir::{verify, Graph, Tensor};
 use mmc_passes::optimizer::AdamW;
 use mmc_passes::{
-    activation_peak, recompute, train_step, RecomputeMode, RecomputeReport, TrainStepSpec,
+    activation_peak, live_values, recompute, train_step, RecomputeMode, RecomputeReport,
+    TrainStepSpec,
 };
 use std::path::Path;
 use std::time::Instant;
@@ -189,30 +190,23 @@ fn internvl35_30b_activation_peaks() {
 /// Where the peak of `g` lies and what is live there, summed by scope (top 8).
 fn print_peak(g: &Graph) {
     let peak = activation_peak(g);
-    let last = g.last_uses();
-    let at = peak.node;
     let mut by_scope: std::collections::BTreeMap<String, u64> = Default::default();
-    for (i, n) in g.nodes()[..=at].iter().enumerate() {
-        if matches!(n.op, mmc_ir::Op::Param { .. } | mmc_ir::Op::Input { .. }) {
-            continue;
-        }
-        for &o in &n.outputs {
-            let out = g
-                .outputs()
-                .iter()
-                .any(|(name, v)| *v == o && !name.starts_with("new:"));
-            if i == at || out || last[o.0 as usize].is_some_and(|l| l >= at) {
-                let scope = g.scope_name(n.scope);
-                let key = scope.split('.').take(4).collect::<Vec<_>>().join(".");
-                *by_scope.entry(key).or_default() += g.ty(o).size_bytes() as u64;
-            }
-        }
+    for v in live_values(g, peak.node) {
+        let node = g.node(g.value_data(v).expect("a value of g").node);
+        let key = g
+            .scope_name(node.scope)
+            .split('.')
+            .take(4)
+            .collect::<Vec<_>>()
+            .join(".");
+        *by_scope.entry(key).or_default() += g.ty(v).size_bytes() as u64;
     }
     let mut v: Vec<_> = by_scope.into_iter().collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
-    let node = &g.nodes()[at];
+    v.sort_by_key(|b| std::cmp::Reverse(b.1));
+    let node = &g.nodes()[peak.node];
     eprintln!(
-        "    peak at node {at} ({} in `{}`); largest live groups:",
+        "    peak at node {} ({} in `{}`); largest live groups:",
+        peak.node,
         node.op.name(),
         g.scope_name(node.scope)
     );
