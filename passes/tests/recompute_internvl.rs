@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_bit_identical, bindings, run, Rng};
+use common::{assert_bit_identical, assert_only_layer_outputs_kept, bindings, run, Rng};
 use mmc_frontend::config::{Recompute, TrainConfig};
 use mmc_frontend::{forward_graph, Config, ForwardOptions};
 use mmc_ir::{verify, Graph, Tensor};
@@ -129,6 +129,7 @@ fn the_tiny_internvl_micro_step_is_bit_identical_and_lighter_under_recompute() {
     // 2 InternViT + 2 Qwen3-MoE layers; per layer one attention core, and the GELU of each
     // ViT layer, the SiLU of each expert (4 per MoE layer), the projector's GELU.
     assert_eq!(full.full_layers, 4, "{full}");
+    assert_only_layer_outputs_kept(&full_g);
     assert_eq!(sel.selective_units, 2 * 2 + 2 * (1 + 4) + 1, "{sel}");
     assert!(full.peak_after < full.peak_before, "{full}");
     assert!(

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use mmc_ir::{DType, Graph, Interpreter, Op, Outputs, Precision, Tensor, TensorType};
+use mmc_passes::recompute::layer_of;
 use std::collections::BTreeMap;
 
 /// SplitMix64: a small seeded generator, enough for test data.
@@ -74,5 +75,51 @@ pub fn assert_bit_identical(want: &Outputs, got: &Outputs, what: &str) {
             wt.to_le_bytes() == gt.to_le_bytes(),
             "{what}: output {wn} differs"
         );
+    }
+}
+
+/// After full recompute: the backward pass (and the recompute clones) read no forward value of
+/// a layer except the layer's outputs (values some forward node outside the layer reads);
+/// everything else inside a layer dies with its last forward use.
+pub fn assert_only_layer_outputs_kept(g: &Graph) {
+    let forward = |scope: &str| !scope.starts_with("grad") && !scope.starts_with("recompute:");
+    let layer = |i: usize| layer_of(g.scope_name(g.nodes()[i].scope));
+    let mut leaves_layer = vec![false; g.num_values()];
+    for (i, n) in g.nodes().iter().enumerate() {
+        if !forward(g.scope_name(n.scope)) {
+            continue;
+        }
+        for &v in &n.inputs {
+            let d = g.value_data(v).expect("a value of g").node.0 as usize;
+            if layer(d) != layer(i) {
+                leaves_layer[v.0 as usize] = true;
+            }
+        }
+    }
+    for (_, v) in g.outputs() {
+        leaves_layer[v.0 as usize] = true;
+    }
+    for n in g.nodes() {
+        let scope = g.scope_name(n.scope);
+        if forward(scope) {
+            continue;
+        }
+        for &v in &n.inputs {
+            let d = g.value_data(v).expect("a value of g").node.0 as usize;
+            let def = &g.nodes()[d];
+            if !forward(g.scope_name(def.scope))
+                || layer(d).is_none()
+                || matches!(def.op, Op::Param { .. } | Op::Input { .. })
+            {
+                continue;
+            }
+            assert!(
+                leaves_layer[v.0 as usize],
+                "`{}` in `{scope}` reads `{}` of `{}`, which full recompute should have cloned",
+                n.op.name(),
+                def.op.name(),
+                g.scope_name(def.scope)
+            );
+        }
     }
 }
