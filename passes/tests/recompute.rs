@@ -375,11 +375,6 @@ fn none_returns_the_graph_unchanged() {
     );
 }
 
-/// The value's defining node.
-fn def(g: &Graph, v: Value) -> &mmc_ir::Node {
-    g.node(g.value_data(v).unwrap().node)
-}
-
 #[test]
 fn full_recompute_keeps_only_layer_inputs_for_the_backward_pass() {
     let g = micro_step(&Spec::fixed());
