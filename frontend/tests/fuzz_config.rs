@@ -120,6 +120,7 @@ const TOML_KEYS: &[&str] = &[
     "lr_decay_style",
     "freeze",
     "recompute",
+    "recompute_budget_gb",
     "loss_reduction",
     "tp",
     "dp",

@@ -1,10 +1,16 @@
 //! The passes of mmc: plain functions from graph to graph, each checked by the verifier.
 
 pub mod autodiff;
+pub mod cost;
 pub mod emit;
 pub mod optimizer;
+pub mod recompute;
 pub mod train_step;
 
 pub use autodiff::{autodiff, grad_output, AutodiffError, GRAD_PREFIX};
 pub use emit::{Emitter, PassError};
+pub use recompute::{
+    activation_peak, live_values, recompute, LivePeak, RecomputeError, RecomputeMode,
+    RecomputeReport,
+};
 pub use train_step::{train_step, TrainStep, TrainStepSpec};

@@ -47,6 +47,10 @@ pub struct TrainConfig {
     pub seed: u64,
     pub freeze: Vec<String>,
     pub recompute: Recompute,
+    /// The activation memory of one micro-step, in GB (10^9 bytes), that recompute must fit:
+    /// the recompute pass then chooses what to recompute (fewest extra FLOPs, greedily). It
+    /// replaces `recompute`, so the two cannot both be given; `None` when the TOML omits it.
+    pub recompute_budget_gb: Option<f64>,
     pub loss_reduction: LossReduction,
 }
 
@@ -72,6 +76,7 @@ impl Default for TrainConfig {
             seed: 1234,
             freeze: Vec::new(),
             recompute: Recompute::None,
+            recompute_budget_gb: None,
             loss_reduction: LossReduction::Token,
         }
     }
@@ -135,6 +140,22 @@ impl TrainConfig {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(format!(
                     "`{key}` must be a finite number >= 0{what}, not {v}"
+                ));
+            }
+        }
+        if let Some(gb) = self.recompute_budget_gb {
+            if !(gb.is_finite() && gb > 0.0) {
+                return Err(format!(
+                    "`recompute_budget_gb` must be a finite number of GB > 0, not {gb}"
+                ));
+            }
+            if self.recompute != Recompute::None {
+                let mode = match self.recompute {
+                    Recompute::Full => "full",
+                    _ => "selective",
+                };
+                return Err(format!(
+                    "`recompute_budget_gb` ({gb}) and `recompute = \"{mode}\"` both say what to recompute; give one: the budget lets mmc choose, the mode fixes the choice"
                 ));
             }
         }
