@@ -191,18 +191,22 @@ fn layers_see_through_the_tables_the_decoder_builds_once() {
     // product, so the graph computes the same.
     let sees_cos: super::rules::FuseRewrite = egg::rewrite!("sees-cos";
         "(mul ?x (broadcast (reshape (cos ?e) ?s1) ?s2))" => "(mul (broadcast (reshape (cos ?e) ?s1) ?s2) ?x)");
-    let (cfg, g) = tiny_graph(8);
-    let (f, report) =
-        super::fuse_with(&g, &FuseLimits::default(), vec![sees_cos]).expect("the pass runs");
-    // q and k in each of the two layers.
-    assert_eq!(
-        report.rule_applications.get("sees-cos"),
-        Some(&4),
-        "{report}"
-    );
-    // The context is read-only: the tables are still computed once, outside the layers.
-    assert_eq!(count(&f, "cos"), 1);
-    assert_eq!(count(&f, "sin"), 1);
-    let b = bindings(&cfg, &g, 5);
-    assert_eq!(loss(&g, &b), loss(&f, &b));
+    for layers in [1, 2] {
+        let mut cfg = config("internvl35-tiny.toml");
+        cfg.train.seq_length = 8;
+        cfg.model.text.num_hidden_layers = layers;
+        let g = forward_graph(&cfg, ForwardOptions::default())
+            .expect("the tiny model declares")
+            .graph;
+        let (f, report) = super::fuse_with(&g, &FuseLimits::default(), vec![sees_cos.clone()])
+            .expect("the pass runs");
+        // q and k in each layer.
+        let applied = report.rule_applications.get("sees-cos").copied();
+        assert_eq!(applied, Some(2 * layers), "{report}");
+        // The context is read-only: the tables are still computed once, outside the layers.
+        assert_eq!(count(&f, "cos"), 1);
+        assert_eq!(count(&f, "sin"), 1);
+        let b = bindings(&cfg, &g, 5);
+        assert_eq!(loss(&g, &b), loss(&f, &b));
+    }
 }
