@@ -477,8 +477,45 @@ fn cases(text: &str) -> Vec<Case> {
     out
 }
 
-/// Runs one file: every case parses, fuses, verifies, satisfies its directives (checks in
-/// order, nots anywhere) and computes what it computed before.
+/// Checks directives with filecheck's semantics: each `check` matches after the previous
+/// match, each `not` must not occur between the matches around it (or after the last one).
+fn check_directives(out: &str, directives: &[(bool, String)]) -> Result<(), String> {
+    let mut at = 0;
+    let mut pending: Vec<&str> = Vec::new();
+    for (check, s) in directives {
+        if !*check {
+            pending.push(s);
+            continue;
+        }
+        let k = out[at..]
+            .find(s.as_str())
+            .ok_or_else(|| format!("`; check: {s}` not found"))?;
+        if let Some(n) = pending.iter().find(|n| out[at..at + k].contains(**n)) {
+            return Err(format!("`; not: {n}` occurs before `{s}`"));
+        }
+        pending.clear();
+        at += k + s.len();
+    }
+    match pending.iter().find(|n| out[at..].contains(**n)) {
+        Some(n) => Err(format!("`; not: {n}` occurs after the last check")),
+        None => Ok(()),
+    }
+}
+
+#[test]
+fn directives_follow_filecheck() {
+    let d = |c: bool, s: &str| (c, s.to_string());
+    let out = "a\nb\nc\n";
+    assert!(check_directives(out, &[d(true, "a"), d(true, "c")]).is_ok());
+    assert!(check_directives(out, &[d(true, "c"), d(true, "a")]).is_err());
+    assert!(check_directives(out, &[d(true, "a"), d(false, "b"), d(true, "c")]).is_err());
+    // A not only holds between its neighbours.
+    assert!(check_directives(out, &[d(true, "b"), d(false, "a"), d(true, "c")]).is_ok());
+    assert!(check_directives(out, &[d(true, "a"), d(false, "c")]).is_err());
+}
+
+/// Runs one file: every case parses, fuses, verifies, satisfies its directives and computes
+/// what it computed before.
 fn file_test(name: &str) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/filetests/fuse")
@@ -492,19 +529,8 @@ fn file_test(name: &str) {
         verify(&g).unwrap_or_else(|e| panic!("{name} case {i}: {e}"));
         let f = fused(&g);
         let printed = text::print(&f);
-        let mut at = 0;
-        for (check, s) in &case.checks {
-            if *check {
-                match printed[at..].find(s.as_str()) {
-                    Some(k) => at += k + s.len(),
-                    None => panic!("{name} case {i}: `; check: {s}` not found in\n{printed}"),
-                }
-            } else {
-                assert!(
-                    !printed.contains(s.as_str()),
-                    "{name} case {i}: `; not: {s}` occurs in\n{printed}"
-                );
-            }
+        if let Err(e) = check_directives(&printed, &case.checks) {
+            panic!("{name} case {i}: {e} in\n{printed}");
         }
         let bf16 = g
             .nodes()

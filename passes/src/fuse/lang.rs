@@ -270,6 +270,47 @@ pub enum LangError {
     NotAnOp(String),
     #[error("`{0}` has no e-node form (several results or a backward op)")]
     Unsupported(&'static str),
+    #[error("`{op}` takes {want} operand(s), got {got}")]
+    Arity {
+        op: &'static str,
+        want: String,
+        got: usize,
+    },
+}
+
+/// Whether `op` takes `n` tensor operands (the typing rules check the rest).
+fn arity_ok(op: &Op, n: usize) -> Result<(), LangError> {
+    let (lo, hi) = match op {
+        Op::Param { .. } | Op::Input { .. } | Op::Const { .. } | Op::Iota { .. } => (0, 0),
+        Op::Binary(_) | Op::Compare(_) | Op::MatMul | Op::Gather { .. } => (2, 2),
+        Op::Select | Op::ScatterAdd { .. } => (3, 3),
+        Op::Concat { .. } => (1, usize::MAX),
+        Op::Fused(f) => match f {
+            FusedOp::Softmax | FusedOp::Gelu | FusedOp::ExpertOffsets { .. } => (1, 1),
+            FusedOp::RmsNorm { .. } | FusedOp::SwiGlu | FusedOp::MoePermute { .. } => (2, 2),
+            FusedOp::LayerNorm { .. }
+            | FusedOp::Rope
+            | FusedOp::GroupedMatMul
+            | FusedOp::MoeUnpermute => (3, 3),
+            FusedOp::Attention { .. } => (3, 4),
+            FusedOp::LinearCrossEntropy { .. } => (4, 4),
+            other => return Err(LangError::Unsupported(other.name())),
+        },
+        _ => (1, 1),
+    };
+    if (lo..=hi).contains(&n) {
+        return Ok(());
+    }
+    let want = match (lo, hi) {
+        (lo, usize::MAX) => format!("at least {lo}"),
+        (lo, hi) if lo == hi => lo.to_string(),
+        (lo, hi) => format!("{lo} to {hi}"),
+    };
+    Err(LangError::Arity {
+        op: op.name(),
+        want,
+        got: n,
+    })
 }
 
 impl Fuse {
@@ -307,6 +348,10 @@ impl Fuse {
         mut leaf: impl FnMut(AttrValue) -> Id,
     ) -> Result<Fuse, LangError> {
         use AttrValue as A;
+        if let Op::Param { .. } | Op::Input { .. } = op {
+            return Err(LangError::NotAnOp(op.name().to_string()));
+        }
+        arity_ok(op, inputs.len())?;
         let ins = |n: usize| -> Id { inputs[n] };
         let ints = |v: &[usize]| A::Ints(v.to_vec());
         let one = |f: fn(Id) -> Fuse| f(ins(0));
@@ -641,5 +686,146 @@ impl Analysis<Fuse> for TensorAnalysis {
                  but {a:?} met {b:?}"
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use egg::RecExpr;
+    use mmc_ir::op::{BINARY, COMPARE, UNARY};
+    use mmc_ir::Shape;
+
+    fn every_op() -> Vec<Op> {
+        let ty = TensorType::new(DType::F32, [2, 3]);
+        let shape: Shape = vec![2, 3];
+        let mut ops = vec![
+            Op::Const {
+                value: f64::NEG_INFINITY,
+                ty: ty.clone(),
+            },
+            Op::Iota { axis: 1, ty },
+            Op::Select,
+            Op::Cast { to: DType::BF16 },
+            Op::Reduce {
+                kind: ReduceKind::Sum,
+                axes: vec![0, 1],
+            },
+            Op::Reduce {
+                kind: ReduceKind::Max,
+                axes: vec![1],
+            },
+            Op::Broadcast {
+                shape: shape.clone(),
+            },
+            Op::Reshape { shape },
+            Op::Permute { perm: vec![1, 0] },
+            Op::Slice {
+                start: vec![0, 1],
+                end: vec![2, 3],
+            },
+            Op::Pad {
+                low: vec![1, 0],
+                high: vec![0, 2],
+            },
+            Op::Concat { axis: 1 },
+            Op::MatMul,
+            Op::Gather { axis: 1 },
+            Op::ScatterAdd { axis: 0 },
+            Op::TopK { k: 2 },
+            Op::ArgSort { descending: true },
+            Op::CumSum { axis: 0 },
+        ];
+        ops.extend(UNARY.iter().map(|&u| Op::Unary(u)));
+        ops.extend(BINARY.iter().map(|&b| Op::Binary(b)));
+        ops.extend(COMPARE.iter().map(|&c| Op::Compare(c)));
+        ops.extend(
+            mmc_ir::fused::all()
+                .into_iter()
+                .filter(|f| !f.is_backward())
+                .map(Op::Fused),
+        );
+        ops
+    }
+
+    #[test]
+    fn every_single_result_op_round_trips_through_its_enode() {
+        for op in every_op() {
+            let mut forms = 0;
+            for n_inputs in 0..=4 {
+                let inputs: Vec<Id> = (0..n_inputs).map(|i| Id::from(1000 + i)).collect();
+                let mut leaves: Vec<AttrValue> = Vec::new();
+                let node = match Fuse::from_op(&op, &inputs, |a| {
+                    leaves.push(a);
+                    Id::from(leaves.len() - 1)
+                }) {
+                    Ok(node) => node,
+                    Err(LangError::Arity { .. }) => continue,
+                    Err(e) => panic!("{}: {e}", op.name()),
+                };
+                forms += 1;
+                assert_eq!(node.to_string(), op.name());
+                let (back, operands) = node
+                    .to_op(|id| leaves.get(usize::from(id)))
+                    .unwrap_or_else(|e| panic!("{}: {e}", op.name()));
+                assert_eq!(back, op);
+                assert_eq!(operands, inputs, "{}", op.name());
+            }
+            assert!(forms > 0, "{} has no form", op.name());
+        }
+    }
+
+    #[test]
+    fn sources_and_backward_ops_have_no_enode() {
+        let p = Op::Param {
+            name: "w".into(),
+            ty: TensorType::new(DType::F32, [2]),
+        };
+        assert!(Fuse::from_op(&p, &[], |_| Id::from(0)).is_err());
+        let g = Op::Fused(FusedOp::SoftmaxGrad);
+        let ids = [Id::from(0), Id::from(1)];
+        assert!(Fuse::from_op(&g, &ids, |_| Id::from(0)).is_err());
+    }
+
+    #[test]
+    fn attribute_leaves_print_and_parse_back() {
+        let leaves = [
+            AttrValue::Num(3),
+            AttrValue::Float(Float::new(f64::NEG_INFINITY)),
+            AttrValue::Float(Float::new(f64::NAN)),
+            AttrValue::Float(Float::new(-0.0)),
+            AttrValue::Float(Float::new(1e-6)),
+            AttrValue::Float(Float::new(2.0)),
+            AttrValue::Bool(true),
+            AttrValue::DType(DType::BF16),
+            AttrValue::Ty(TensorType::new(DType::F32, [2, 4])),
+            AttrValue::Ty(TensorType::scalar(DType::I64)),
+            AttrValue::Ints(vec![]),
+            AttrValue::Ints(vec![0, 2]),
+        ];
+        for a in leaves {
+            let text = Fuse::leaf(&a).to_string();
+            let expr: RecExpr<Fuse> = text.parse().unwrap_or_else(|e| panic!("{text}: {e}"));
+            let back = expr.as_ref()[0].leaf_value();
+            assert_eq!(back.as_ref(), Some(&a), "{text}");
+        }
+    }
+
+    #[test]
+    fn the_analysis_types_enodes_as_the_verifier_does() {
+        let mut eg = FuseGraph::default();
+        let ok: RecExpr<Fuse> = "(reduce_sum (mul (arg 0 f32[2,3]) (arg 0 f32[2,3])) [1])"
+            .parse()
+            .expect("valid");
+        let id = eg.add_expr(&ok);
+        assert_eq!(
+            eg[id].data,
+            Data::Tensor(TensorType::new(DType::F32, [2, 1]))
+        );
+        let bad: RecExpr<Fuse> = "(matmul (arg 0 f32[2,3]) (arg 1 f32[2,3]))"
+            .parse()
+            .expect("valid");
+        let id = eg.add_expr(&bad);
+        assert!(matches!(&eg[id].data, Data::Ill(why) if why.contains("contraction")));
     }
 }
