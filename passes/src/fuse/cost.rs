@@ -156,6 +156,7 @@ fn node_out_data(egraph: &FuseGraph, node: &Fuse) -> Data {
 /// egg's tree cost (a node plus the costs of its children, shared children counted once per
 /// use) over the same per-node model: the baseline the DAG extractor is compared with.
 pub struct TreeCost<'a> {
+    /// The e-graph whose e-class data gives the types.
     pub egraph: &'a FuseGraph,
 }
 

@@ -7,7 +7,9 @@
 //! (`greedy-dag`): each e-class keeps the best e-node and the *set* of e-classes that choice
 //! depends on; an e-node's cost is the sum over the union of its children's sets plus its own
 //! cost, so shared classes count once. A worklist re-evaluates the parents of every class
-//! whose cost falls, until nothing changes. Sets are bitsets over the e-classes.
+//! whose cost falls, until nothing changes. Sets are bitsets over the e-classes, so memory is
+//! quadratic in the e-classes of one template: 1.7 MB for a 30B decoder layer (3.6k classes),
+//! which is why regions, not the whole graph, are extracted.
 
 use super::cost::enode_cost;
 use super::lang::{Fuse, FuseGraph};

@@ -63,29 +63,38 @@ pub struct TemplateReport {
     pub instances: usize,
     /// Template nodes before saturation (context and attribute leaves included).
     pub nodes: usize,
-    /// E-nodes and e-classes when saturation stopped.
+    /// E-nodes when saturation stopped.
     pub egraph_nodes: usize,
+    /// E-classes when saturation stopped.
     pub egraph_classes: usize,
+    /// Rewrite iterations run.
     pub iterations: usize,
+    /// Why saturation stopped (`Saturated`: a fixpoint; a limit otherwise).
     pub stop_reason: StopReason,
     /// DAG cost of the region before and after (the cost model of [`cost`]).
     pub cost_before: f64,
     pub cost_after: f64,
+    /// Saturation and extraction time.
     pub time: Duration,
 }
 
 /// What the pass did.
 #[derive(Clone, Debug, Default)]
 pub struct FuseReport {
+    /// Nodes of the input graph.
     pub nodes_before: usize,
+    /// Nodes of the fused graph.
     pub nodes_after: usize,
+    /// Regions the graph was cut into (one per layer, plus the global region).
     pub regions: usize,
+    /// One entry per distinct template, each saturated once.
     pub templates: Vec<TemplateReport>,
     /// Times each rule was newly applied, over all regions (a template's count times its
     /// instances).
     pub rule_applications: BTreeMap<String, usize>,
     /// Fused nodes of the output, by mnemonic.
     pub fused_ops: BTreeMap<String, usize>,
+    /// Wall time of the whole pass.
     pub time: Duration,
 }
 

@@ -104,6 +104,8 @@ fn tiny_internvl_fuses_and_keeps_its_loss() {
     // Parameter names and order, inputs and outputs are those of the frontend graph.
     let names = |g: &Graph| -> Vec<String> { g.params().map(|(n, _, _)| n.to_string()).collect() };
     assert_eq!(names(&f), names(&g));
+    let inputs = |g: &Graph| -> Vec<String> { g.inputs().map(|(n, _, _)| n.to_string()).collect() };
+    assert_eq!(inputs(&f), inputs(&g));
     let outs = |g: &Graph| -> Vec<String> { g.outputs().iter().map(|(n, _)| n.clone()).collect() };
     assert_eq!(outs(&f), outs(&g));
     let b = bindings(&cfg, &g, 7);
