@@ -3,6 +3,7 @@
 pub mod autodiff;
 pub mod cost;
 pub mod emit;
+pub mod fuse;
 pub mod optimizer;
 pub mod recompute;
 pub mod train_step;
