@@ -12,13 +12,15 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 use std::path::Path;
 
-/// The graph after the fusion pass with its default limits, checked by the verifier.
+/// The graph after the fusion pass with its default limits, checked by the verifier; every
+/// saturation must reach its fixpoint (a node or time limit would hide missed fusions).
 pub fn fused(g: &Graph) -> Graph {
-    let out = mmc_passes::fuse::fuse(g, &mmc_passes::fuse::FuseLimits::default())
+    let (out, report) = mmc_passes::fuse::fuse(g, &mmc_passes::fuse::FuseLimits::default())
         .expect("the fusion pass runs");
-    verify(&out.graph).expect("the fused graph verifies");
-    assert_eq!(out.graph.stage, Stage::Fused);
-    out.graph
+    verify(&out).expect("the fused graph verifies");
+    assert_eq!(out.stage, Stage::Fused);
+    assert!(report.saturated(), "a saturation stopped early:\n{report}");
+    out
 }
 
 /// The nodes of `g` whose op is the fused op named `name` (`fused.attention`).
@@ -35,6 +37,24 @@ pub fn fused_op(n: &Node) -> &FusedOp {
         Op::Fused(f) => f,
         other => panic!("`{}` is not a fused op", other.name()),
     }
+}
+
+/// How many nodes of `g` that an output needs are the op named `name` (dead nodes do not
+/// count: whether a pass removes them is another matter).
+pub fn count_live(g: &Graph, name: &str) -> usize {
+    let mut live = vec![false; g.nodes().len()];
+    let mut stack: Vec<mmc_ir::Value> = g.outputs().iter().map(|(_, v)| *v).collect();
+    while let Some(v) = stack.pop() {
+        let n = g.value_data(v).expect("a value of g").node;
+        if !std::mem::replace(&mut live[n.0 as usize], true) {
+            stack.extend(g.node(n).inputs.iter().copied());
+        }
+    }
+    g.nodes()
+        .iter()
+        .zip(live)
+        .filter(|(n, l)| *l && n.op.name() == name)
+        .count()
 }
 
 /// How many nodes of `g` are the op named `name`.
@@ -322,7 +342,10 @@ pub fn file_bindings(g: &Graph) -> HashMap<String, Tensor> {
                 }
                 ints(&ty.shape, &v)
             }
-            DType::I64 => ints(&ty.shape, &(0..n as i64).map(|i| (i * 7 + 3) % 5).collect::<Vec<_>>()),
+            DType::I64 => ints(
+                &ty.shape,
+                &(0..n as i64).map(|i| (i * 7 + 3) % 5).collect::<Vec<_>>(),
+            ),
             DType::Bool => {
                 let v: Vec<f64> = (0..n).map(|i| f64::from(u8::from(i % 3 != 1))).collect();
                 Tensor::from_f64(DType::Bool, ty.shape.clone(), &v).expect("sized")
@@ -359,7 +382,11 @@ pub fn run_file_test(path: &str) {
         let b = file_bindings(&g);
         for (name, _) in g.outputs() {
             let (want, got) = (run(&g, &b, name), run(&f, &b, name));
-            let tol = if want.dtype() == DType::BF16 { 1e-2 } else { 1e-5 };
+            let tol = if want.dtype() == DType::BF16 {
+                1e-2
+            } else {
+                1e-5
+            };
             let diff = max_rel_diff(&got, &want);
             assert!(diff <= tol, "{path} case {i}: `{name}` differs by {diff:e}");
         }
