@@ -726,11 +726,12 @@ fn packed_segments(rng: &mut Rng, batch: usize, seq: usize) -> Vec<i64> {
     for row in 0..batch {
         let pad = if row % 2 == 0 { rng.below(3) } else { 0 };
         let mut id = 1;
-        let mut left = 1 + rng.below(3);
+        let longest = (seq / 3).max(3);
+        let mut left = 1 + rng.below(longest);
         for _ in 0..seq - pad {
             if left == 0 {
                 id += 1;
-                left = 1 + rng.below(3);
+                left = 1 + rng.below(longest);
             }
             seg.push(id);
             left -= 1;
@@ -801,6 +802,8 @@ fn attention_is_the_qwen3_and_internvit_attention() {
         (3, 6, 2, 4, 2), // hq / hkv = 3
         (1, 1, 1, 1, 1),
         (2, 2, 1, 9, 5),
+        (1, 4, 2, 70, 3), // several blocks of query rows (the kernel takes 32 at a time)
+        (2, 2, 1, 33, 4),
     ];
     for (i, &dims) in sizes.iter().enumerate() {
         for masking in [
@@ -1254,6 +1257,8 @@ fn attention_grad_matches_finite_differences() {
         ((1, 2, 1, 4, 2), Masking::Causal),
         ((2, 2, 2, 4, 3), Masking::Segments),
         ((1, 3, 1, 3, 2), Masking::None),
+        ((1, 2, 1, 37, 2), Masking::PackedCausal), // two blocks of query rows
+        ((1, 2, 2, 34, 2), Masking::None),
     ];
     for (i, ((bs, hq, hkv, s, d), masking)) in cases.into_iter().enumerate() {
         let mut b = B::new(150 + i as u64);
