@@ -11,7 +11,9 @@
 //!   `fused.attention q, k, v scale=.. causal=false`.
 //!
 //! The mask is built once before the decoder layers, so the rule needs the mask's producers in
-//! the e-graph of a layer (the engine brings them in as context).
+//! the e-graph of a layer: the engine brings a global value's producers into a layer's template
+//! as context when several layers read it (`region.rs`), which every model with two or more
+//! decoder layers has.
 //!
 //! What does not fuse: a mask other than `kj <= qi` and equal segments of one tensor, a
 //! softmax over another axis, a scale that is not a constant, and a GQA expansion that is

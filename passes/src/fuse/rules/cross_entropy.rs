@@ -12,9 +12,14 @@
 //! fused op through a reshape to [b*s]. The safe targets are all >= 0, and ignored rows carry
 //! weight 0, so the fused op's sum equals the primitive one.
 //!
-//! The rule does not fire when the logits are themselves a graph output (`ForwardOptions {
-//! logits: true }`, the parity tests): they must be computed anyway, and the fused op would
-//! compute the head a second time.
+//! When the logits are themselves a graph output (`ForwardOptions { logits: true }`, the
+//! parity tests) they must still be computed. A rule sees no graph outputs, so it fires there
+//! too, and the extractor keeps both: the head's matmul for the `logits` output and the fused
+//! loss beside it (one extra head product, only in that configuration). Training builds the
+//! forward without the logits, where nothing of [tokens, vocab] is left.
+//!
+//! `chunk` ([`chunk_rows`]) is the number of rows the fused op (and its backward) processes at a
+//! time: as many as keep one [chunk, vocab] f32 block of logits within 64 MiB.
 
 use super::{attr_of, pat, tensor_of, var, Cond, FuseRewrite};
 use crate::fuse::lang::{node_data, AttrValue, Data, Fuse, FuseGraph, Ints, TensorAnalysis};
