@@ -187,11 +187,14 @@ fn bindings(c: &Case, g: &Graph) -> HashMap<String, Tensor> {
     bind_floats(g, 7, 2.0, fixed)
 }
 
-/// Fuses the case, checks that the interpreter result is unchanged, and returns the fused
-/// graph.
-fn fuse_and_compare(c: &Case) -> Graph {
+/// Fuses the case (checking that `rule` fired, when given), checks that the interpreter
+/// result is unchanged, and returns the fused graph.
+fn fuse_and_compare(c: &Case, rule: Option<&str>) -> Graph {
     let g = build(c);
-    let f = fused(&g);
+    let f = match rule {
+        Some(r) => fused_by(&g, r),
+        None => fused(&g),
+    };
     let b = bindings(c, &g);
     let (want, got) = (run(&g, &b, "o"), run(&f, &b, "o"));
     let diff = max_rel_diff(&got, &want);
@@ -218,7 +221,7 @@ fn attention_nodes<'g>(f: &'g Graph, c: &Case, causal: bool) -> Vec<&'g mmc_ir::
 #[test]
 fn qwen_attention_with_packed_causal_mask_fuses_with_unexpanded_kv() {
     let c = Case::qwen();
-    let f = fuse_and_compare(&c);
+    let f = fuse_and_compare(&c, Some("attention-packed-causal"));
     let nodes = attention_nodes(&f, &c, true);
     assert_eq!(nodes.len(), c.layers, "one fused attention per layer");
     let seg = f.inputs().find(|(n, _, _)| *n == "segment_ids").unwrap().2;
@@ -247,7 +250,7 @@ fn qwen_attention_fuses_in_bf16_with_its_casts() {
         count(&g, "cast") >= 2,
         "the bf16 form casts around the softmax"
     );
-    let f = fused(&g);
+    let f = fused_by(&g, "attention-packed-causal-f32-softmax");
     assert_eq!(attention_nodes(&f, &c, true).len(), c.layers);
     assert_eq!(count_live(&f, "exp"), 0);
     assert_eq!(count_live(&f, "cast"), 0);
@@ -258,12 +261,35 @@ fn qwen_attention_fuses_in_bf16_with_its_casts() {
 }
 
 #[test]
+fn bf16_attention_fuses_with_a_batch_of_two() {
+    let c = Case {
+        batch: 2,
+        dtype: DType::BF16,
+        ..Case::qwen()
+    };
+    let f = fused_by(&build(&c), "attention-packed-causal-batched-f32-softmax");
+    assert_eq!(attention_nodes(&f, &c, true).len(), c.layers);
+}
+
+#[test]
+fn unmasked_attention_with_an_f32_softmax_fuses() {
+    let c = Case {
+        dtype: DType::BF16,
+        ..Case::vit()
+    };
+    let g = build(&c);
+    assert!(count(&g, "cast") >= 2);
+    let f = fused_by(&g, "attention-f32-softmax");
+    assert_eq!(attention_nodes(&f, &c, false).len(), 1);
+}
+
+#[test]
 fn attention_fuses_with_a_batch_of_two() {
     let c = Case {
         batch: 2,
         ..Case::qwen()
     };
-    let f = fuse_and_compare(&c);
+    let f = fuse_and_compare(&c, Some("attention-packed-causal-batched"));
     assert_eq!(attention_nodes(&f, &c, true).len(), c.layers);
 }
 
@@ -273,7 +299,7 @@ fn multi_head_attention_without_expansion_fuses() {
         kv_heads: 4,
         ..Case::qwen()
     };
-    let f = fuse_and_compare(&c);
+    let f = fuse_and_compare(&c, Some("attention-packed-causal"));
     let nodes = attention_nodes(&f, &c, true);
     assert_eq!(nodes.len(), c.layers);
     let k = f.inputs().find(|(n, _, _)| *n == "k").unwrap().2;
@@ -283,7 +309,7 @@ fn multi_head_attention_without_expansion_fuses() {
 #[test]
 fn vit_attention_fuses_without_mask() {
     let c = Case::vit();
-    let f = fuse_and_compare(&c);
+    let f = fuse_and_compare(&c, Some("attention"));
     let nodes = attention_nodes(&f, &c, false);
     assert_eq!(nodes.len(), 1);
     assert_eq!(nodes[0].inputs.len(), 3, "q, k, v and no segment ids");
@@ -293,7 +319,7 @@ fn vit_attention_fuses_without_mask() {
 /// The near misses: the graph stays as it was (no fused attention), and still computes the
 /// same.
 fn assert_not_fused(c: &Case) {
-    let f = fuse_and_compare(c);
+    let f = fuse_and_compare(c, None);
     assert!(
         fused_nodes(&f, "fused.attention").is_empty(),
         "{c:?} must not fuse into attention"
@@ -358,7 +384,7 @@ fn kv_heads_that_do_not_divide_are_not_taken_as_gqa() {
         kv: Heads::NotDividing,
         ..Case::qwen()
     };
-    let f = fuse_and_compare(&c);
+    let f = fuse_and_compare(&c, None);
     for n in fused_nodes(&f, "fused.attention") {
         let k = f.ty(n.inputs[1]);
         assert_eq!(k.shape[1], 6, "k must keep the query head count, got {k}");

@@ -156,10 +156,14 @@ fn bindings(c: &Case, g: &Graph) -> HashMap<String, Tensor> {
     bind_floats(g, 11, 1.0, fixed)
 }
 
-/// Fuses the case and checks the loss (and logits) are unchanged.
-fn fuse_and_compare(c: &Case) -> Graph {
+/// Fuses the case (checking that `rule` fired, when given) and checks the loss (and logits)
+/// are unchanged.
+fn fuse_and_compare(c: &Case, rule: Option<&str>) -> Graph {
     let g = build(c);
-    let f = fused(&g);
+    let f = match rule {
+        Some(r) => fused_by(&g, r),
+        None => fused(&g),
+    };
     let b = bindings(c, &g);
     let mut outs = vec!["loss"];
     if c.logits_output {
@@ -176,7 +180,7 @@ fn fuse_and_compare(c: &Case) -> Graph {
 #[test]
 fn the_lm_head_and_loss_fuse_and_the_logits_never_exist() {
     let c = Case::base();
-    let f = fuse_and_compare(&c);
+    let f = fuse_and_compare(&c, Some("linear-cross-entropy"));
     let nodes = fused_nodes(&f, "fused.linear_cross_entropy");
     assert_eq!(nodes.len(), 1);
     let n = nodes[0];
@@ -229,7 +233,7 @@ fn the_lm_head_and_loss_fuse_in_bf16() {
         ..Case::base()
     };
     let g = build(&c);
-    let f = fused(&g);
+    let f = fused_by(&g, "linear-cross-entropy-f32-logits");
     assert_eq!(fused_nodes(&f, "fused.linear_cross_entropy").len(), 1);
     assert_eq!(count(&f, "matmul"), 0);
     assert!(largest_activation(&f) < c.rows() * c.vocab);
@@ -259,7 +263,7 @@ fn with_the_logits_as_an_output_the_logits_are_still_computed() {
         logits_output: true,
         ..Case::base()
     };
-    let f = fuse_and_compare(&c);
+    let f = fuse_and_compare(&c, None);
     assert_logits_kept(&f, c.rows(), c.vocab);
 }
 
@@ -270,7 +274,7 @@ fn near_misses_of_the_loss_do_not_fuse() {
             loss,
             ..Case::base()
         };
-        let f = fuse_and_compare(&c);
+        let f = fuse_and_compare(&c, None);
         assert!(
             fused_nodes(&f, "fused.linear_cross_entropy").is_empty(),
             "{loss:?} must not fuse"

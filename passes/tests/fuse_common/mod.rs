@@ -15,11 +15,26 @@ use std::path::Path;
 /// The graph after the fusion pass with its default limits, checked by the verifier; every
 /// saturation must reach its fixpoint (a node or time limit would hide missed fusions).
 pub fn fused(g: &Graph) -> Graph {
+    fused_report(g).0
+}
+
+/// [`fused`] with the pass's report (which rules fired, how often).
+pub fn fused_report(g: &Graph) -> (Graph, mmc_passes::fuse::FuseReport) {
     let (out, report) = mmc_passes::fuse::fuse(g, &mmc_passes::fuse::FuseLimits::default())
         .expect("the fusion pass runs");
     verify(&out).expect("the fused graph verifies");
     assert_eq!(out.stage, Stage::Fused);
     assert!(report.saturated(), "a saturation stopped early:\n{report}");
+    (out, report)
+}
+
+/// The fused graph, checked to have applied rule `rule`.
+pub fn fused_by(g: &Graph, rule: &str) -> Graph {
+    let (out, report) = fused_report(g);
+    assert!(
+        report.rule_applications.get(rule).is_some_and(|&n| n > 0),
+        "rule `{rule}` did not fire:\n{report}"
+    );
     out
 }
 
