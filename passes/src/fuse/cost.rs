@@ -170,3 +170,64 @@ impl egg::CostFunction<Fuse> for TreeCost<'_> {
         enode.fold(own, |sum, id| sum + costs(id))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::extract::extract_dag;
+    use super::super::lang::{Fuse, FuseGraph};
+    use super::super::{guard, rules};
+    use super::*;
+    use egg::{RecExpr, Runner};
+
+    fn one(expr: &str) -> (FuseGraph, Id) {
+        let mut eg = FuseGraph::default();
+        let id = eg.add_expr(&expr.parse::<RecExpr<Fuse>>().expect("a valid expression"));
+        eg.rebuild();
+        (eg, id)
+    }
+
+    #[test]
+    fn elementwise_ops_move_operands_and_result() {
+        let (eg, id) = one("(add (arg 0 f32[2,4]) (arg 1 f32[2,4]))");
+        let node = eg[id].nodes[0].clone();
+        let c = node_cost(&node, &eg[id].data, |c| &eg[c].data);
+        assert_eq!(c.bytes, 3.0 * 32.0);
+        assert_eq!(c.flops, 8.0);
+        let (eg, id) = one("(exp (arg 0 bf16[10]))");
+        let c = node_cost(&eg[id].nodes[0], &eg[id].data, |c| &eg[c].data);
+        assert_eq!(c.bytes, 40.0);
+        assert_eq!(c.flops, 4.0 * 10.0);
+    }
+
+    #[test]
+    fn views_and_arguments_are_free_matmul_pays_its_flops() {
+        let (eg, id) = one("(broadcast (reshape (arg 0 f32[4]) [1,4]) [8,4])");
+        assert_eq!(enode_cost(&eg, &eg[id].nodes[0]), 0.0);
+        let (eg, id) = one("(matmul (arg 0 f32[2,3]) (arg 1 f32[3,5]))");
+        let c = node_cost(&eg[id].nodes[0], &eg[id].data, |c| &eg[c].data);
+        assert_eq!(c.flops, 2.0 * 2.0 * 5.0 * 3.0);
+        assert_eq!(c.bytes, 4.0 * (6.0 + 15.0 + 10.0));
+    }
+
+    #[test]
+    fn a_fused_node_costs_less_than_the_subgraph_it_replaces() {
+        // RMSNorm over [4, 16] in the DSL's f32 form.
+        let x = "(arg 0 f32[4,16])";
+        let mean_sq = format!("(mul (reduce_sum (mul {x} {x}) [1]) (const 0.0625 f32[4,1]))");
+        let r = format!("(broadcast (rsqrt (add {mean_sq} (const 1e-6 f32[4,1]))) [4,16])");
+        let w = "(broadcast (reshape (arg 1 f32[16]) [1,16]) [4,16])";
+        let (eg, root) = one(&format!("(mul {w} (mul {x} {r}))"));
+        let before = extract_dag(&eg, &[root]).expect("extracts").cost;
+        let runner = Runner::default()
+            .with_egraph(eg)
+            .run(&guard::guarded(rules::rules()));
+        let eg = runner.egraph;
+        let root = eg.find(root);
+        assert!(eg[root].nodes.iter().any(|n| matches!(n, Fuse::RmsNorm(_))));
+        let after = extract_dag(&eg, &[root]).expect("extracts");
+        assert!(matches!(after.choice[&root], Fuse::RmsNorm(_)));
+        assert!(after.cost < before / 3.0, "{} vs {before}", after.cost);
+        // The fused node moves x, w and y once.
+        assert_eq!(after.cost, 4.0 * (64.0 + 16.0 + 64.0) + 4.0 * 64.0);
+    }
+}

@@ -199,3 +199,85 @@ pub fn dag_cost(egraph: &FuseGraph, choice: &HashMap<Id, Fuse>, roots: &[Id]) ->
     }
     total
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::cost::{enode_cost, TreeCost};
+    use super::super::lang::{Fuse, FuseGraph};
+    use super::*;
+    use egg::RecExpr;
+
+    fn egraph(exprs: &[&str]) -> (FuseGraph, Vec<Id>) {
+        let mut eg = FuseGraph::default();
+        let ids = exprs
+            .iter()
+            .map(|e| eg.add_expr(&e.parse::<RecExpr<Fuse>>().expect("a valid expression")))
+            .collect();
+        eg.rebuild();
+        (eg, ids)
+    }
+
+    /// The cost of the e-node `expr` names in `eg` (its children already in `eg`).
+    fn cost_of(eg: &FuseGraph, expr: &str) -> f64 {
+        let expr: RecExpr<Fuse> = expr.parse().expect("a valid expression");
+        let mut ids = Vec::new();
+        for node in expr.as_ref() {
+            let n = node.clone().map_children(|c| ids[usize::from(c)]);
+            ids.push(eg.lookup(n.clone()).expect("in the e-graph"));
+        }
+        let root = expr.as_ref().last().expect("non-empty").clone();
+        enode_cost(eg, &root.map_children(|c| ids[usize::from(c)]))
+    }
+
+    #[test]
+    fn a_shared_subexpression_is_counted_once() {
+        let x = "(arg 0 f32[8,8])";
+        let e = format!("(exp {x})");
+        let (eg, ids) = egraph(&[&format!("(add {e} {e})")]);
+        let ex = extract_dag(&eg, &ids).expect("extracts");
+        let exp = cost_of(&eg, &e);
+        let add = cost_of(&eg, &format!("(add {e} {e})"));
+        assert!(exp > 0.0 && add > 0.0);
+        assert_eq!(ex.cost, exp + add);
+        assert_eq!(dag_cost(&eg, &ex.choice, &ids), exp + add);
+        // egg's tree cost counts the shared exp once per use.
+        let (tree, _) = egg::Extractor::new(&eg, TreeCost { egraph: &eg }).find_best(ids[0]);
+        assert_eq!(tree, 2.0 * exp + add);
+    }
+
+    #[test]
+    fn the_dag_extractor_sees_through_a_shared_operand() {
+        // One e-class with two forms: `s * s` over an expensive s = a @ b, and `exp(t)` over a
+        // larger matmul t. Tree cost charges s twice and picks exp(t); the DAG cost charges
+        // s once and picks s * s.
+        let s = "(matmul (arg 0 f32[16,16]) (arg 1 f32[16,16]))";
+        let square = format!("(mul {s} {s})");
+        let t = "(matmul (arg 2 f32[16,32]) (arg 3 f32[32,16]))";
+        let other = format!("(exp {t})");
+        let (mut eg, ids) = egraph(&[&square, &other]);
+        eg.union(ids[0], ids[1]);
+        eg.rebuild();
+        let root = eg.find(ids[0]);
+        let (c_s, c_t) = (cost_of(&eg, s), cost_of(&eg, t));
+        let (c_mul, c_exp) = (cost_of(&eg, &square), cost_of(&eg, &other));
+        assert!(2.0 * c_s + c_mul > c_t + c_exp, "tree prefers exp(t)");
+        assert!(c_s + c_mul < c_t + c_exp, "DAG prefers s * s");
+        let (_, tree_best) = egg::Extractor::new(&eg, TreeCost { egraph: &eg }).find_best(root);
+        assert!(matches!(tree_best.as_ref().last(), Some(Fuse::Exp(_))));
+        let ex = extract_dag(&eg, &[root]).expect("extracts");
+        assert!(matches!(ex.choice[&root], Fuse::Mul(_)));
+        assert_eq!(ex.cost, c_s + c_mul);
+    }
+
+    #[test]
+    fn an_extraction_never_closes_a_cycle() {
+        // x = neg(y), y = neg(x) after a union, plus the argument itself in x's class: the
+        // only acyclic choice for x is the argument.
+        let (mut eg, ids) = egraph(&["(arg 0 f32[4])", "(neg (neg (arg 0 f32[4])))"]);
+        eg.union(ids[0], ids[1]);
+        eg.rebuild();
+        let ex = extract_dag(&eg, &[ids[0]]).expect("extracts");
+        assert!(matches!(ex.choice[&eg.find(ids[0])], Fuse::Arg(_)));
+        assert_eq!(ex.cost, 0.0);
+    }
+}

@@ -97,31 +97,62 @@ pub fn split(g: &Graph) -> Result<Regions, LangError> {
         let node = g.value_data(v).expect("a value of this graph").node;
         region_of_node[node.0 as usize]
     };
-    // Which values leave their region, and which global values several layers read.
+    // Layers of one stack (`...layers`): the decoder, the vision encoder.
+    let mut stacks: HashMap<&str, usize> = HashMap::new();
+    let mut stack_of = vec![usize::MAX; names.len()];
+    let mut stack_size: Vec<usize> = Vec::new();
+    for (r, name) in names.iter().enumerate().skip(1) {
+        let stack = name.rsplit_once('.').map_or("", |(s, _)| s);
+        let id = *stacks.entry(stack).or_insert_with(|| {
+            stack_size.push(0);
+            stack_size.len() - 1
+        });
+        stack_of[r] = id;
+        stack_size[id] += 1;
+    }
+    // Which values leave their region, and which layers read each global value.
     let mut live_out = vec![false; g.num_values()];
-    let mut readers: Vec<Option<(usize, bool)>> = vec![None; g.num_values()];
+    let mut layer_readers: HashMap<Value, Vec<usize>> = HashMap::new();
     for (i, node) in g.nodes().iter().enumerate() {
         let r = region_of_node[i];
         if node.outputs.len() != 1 {
             return Err(LangError::Unsupported(node.op.name()));
         }
         for &v in &node.inputs {
-            if region_of_value(v) != r {
+            let def = region_of_value(v);
+            if def != r {
                 live_out[v.0 as usize] = true;
-                let slot = &mut readers[v.0 as usize];
-                *slot = match *slot {
-                    None => Some((r, false)),
-                    Some((first, many)) => Some((first, many || first != r)),
-                };
+                if def == 0 {
+                    let readers = layer_readers.entry(v).or_default();
+                    if !readers.contains(&r) {
+                        readers.push(r);
+                    }
+                }
             }
         }
     }
     for (_, v) in g.outputs() {
         live_out[v.0 as usize] = true;
     }
-    let shared = |v: Value| -> bool {
-        region_of_value(v) == 0 && matches!(readers[v.0 as usize], Some((_, true)))
-    };
+    // A global value every layer of a stack reads (the rotary tables, the attention mask) is
+    // built once for the layers: its producers become context. A value only some layers read
+    // (the embeddings, read by the first layer) stays a plain argument, so that the first
+    // layer's template is the others'.
+    let shared: HashMap<Value, bool> = layer_readers
+        .iter()
+        .map(|(&v, readers)| {
+            let mut per_stack = vec![0usize; stack_size.len()];
+            for &r in readers {
+                per_stack[stack_of[r]] += 1;
+            }
+            let all = per_stack
+                .iter()
+                .zip(&stack_size)
+                .any(|(&n, &size)| n == size);
+            (v, all)
+        })
+        .collect();
+    let shared = |v: Value| shared.get(&v).copied().unwrap_or(false);
     let mut members: Vec<Vec<NodeId>> = vec![Vec::new(); names.len()];
     for (i, &r) in region_of_node.iter().enumerate() {
         members[r].push(NodeId(i as u32));

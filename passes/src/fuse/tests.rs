@@ -160,3 +160,53 @@ fn bf16_tiny_internvl_fuses_its_norms() {
         "bf16 loss {got} after fusion, {want} before"
     );
 }
+
+/// The fusion of the 30B forward graph (147k nodes), timed. Run with
+/// `cargo test --release -p mmc-passes --lib thirty_b -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement: builds the 30B graph (a few seconds)"]
+fn thirty_b_forward_is_fused_quickly() {
+    let cfg = config("internvl35-30b-a3b.toml");
+    let t0 = std::time::Instant::now();
+    let g = forward_graph(&cfg, ForwardOptions::default())
+        .expect("the 30B model declares")
+        .graph;
+    let declared = t0.elapsed();
+    let (f, report) = fuse(&g, &FuseLimits::default()).expect("the pass runs");
+    eprintln!(
+        "declared {} nodes in {:.2} s\n{report}",
+        g.nodes().len(),
+        declared.as_secs_f64()
+    );
+    assert!(report.node_limit_hit().is_none(), "{report}");
+    let t1 = std::time::Instant::now();
+    verify(&f).expect("the fused graph verifies");
+    eprintln!("verified in {:.2} s", t1.elapsed().as_secs_f64());
+}
+
+#[test]
+fn layers_see_through_the_tables_the_decoder_builds_once() {
+    // A rule that only matches when the rotary table (an argument of every decoder layer) is
+    // seen as the `cos` that computes it in the global region. Its right side commutes the
+    // product, so the graph computes the same.
+    let sees_cos: super::rules::FuseRewrite = egg::rewrite!("sees-cos";
+        "(mul ?x (broadcast (reshape (cos ?e) ?s1) ?s2))" => "(mul (broadcast (reshape (cos ?e) ?s1) ?s2) ?x)");
+    for layers in [1, 2] {
+        let mut cfg = config("internvl35-tiny.toml");
+        cfg.train.seq_length = 8;
+        cfg.model.text.num_hidden_layers = layers;
+        let g = forward_graph(&cfg, ForwardOptions::default())
+            .expect("the tiny model declares")
+            .graph;
+        let (f, report) = super::fuse_with(&g, &FuseLimits::default(), vec![sees_cos.clone()])
+            .expect("the pass runs");
+        // q and k in each layer.
+        let applied = report.rule_applications.get("sees-cos").copied();
+        assert_eq!(applied, Some(2 * layers), "{report}");
+        // The context is read-only: the tables are still computed once, outside the layers.
+        assert_eq!(count(&f, "cos"), 1);
+        assert_eq!(count(&f, "sin"), 1);
+        let b = bindings(&cfg, &g, 5);
+        assert_eq!(loss(&g, &b), loss(&f, &b));
+    }
+}
