@@ -261,6 +261,16 @@ fn qwen_attention_fuses_in_bf16_with_its_casts() {
 }
 
 #[test]
+fn a_single_layer_still_sees_the_mask_built_before_it() {
+    let c = Case {
+        layers: 1,
+        ..Case::qwen()
+    };
+    let f = fuse_and_compare(&c, Some("attention-packed-causal"));
+    assert_eq!(attention_nodes(&f, &c, true).len(), 1);
+}
+
+#[test]
 fn bf16_attention_fuses_with_a_batch_of_two() {
     let c = Case {
         batch: 2,
