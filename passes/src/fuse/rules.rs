@@ -14,6 +14,9 @@
 //! (no casts) and a low-precision form (`cast x f32` in, `cast .. dtype` out), where the fused
 //! op computes in f32 semantics and rounds its result once.
 
+pub mod attention;
+pub mod cross_entropy;
+
 use super::lang::{AttrValue, Fuse, FuseGraph, TensorAnalysis};
 use egg::{rewrite, Id, Pattern, Rewrite, Subst, Var};
 use mmc_ir::TensorType;
@@ -78,6 +81,10 @@ pub fn rules() -> Vec<FuseRewrite> {
         rewrite!("rope"; rope => "(fused.rope ?x ?cos ?sin)" if is_last_axis("?axis", "?x") if is_low_half("?lo_start", "?lo_end", "?x") if is_high_half("?hi_start", "?hi_end", "?x") if tables_fit("?cos", "?sin", "?x")),
         rewrite!("rope-full-tables"; rope_full => "(fused.rope ?x ?cos ?sin)" if is_last_axis("?axis", "?x") if is_low_half("?lo_start", "?lo_end", "?x") if is_high_half("?hi_start", "?hi_end", "?x") if tables_fit("?cos", "?sin", "?x")),
     ]
+    .into_iter()
+    .chain(attention::rules())
+    .chain(cross_entropy::rules())
+    .collect()
 }
 
 /// The RMSNorm pattern over the row `x` (`?x`, or `(cast ?x f32)`), with the normalised row
