@@ -473,7 +473,9 @@ impl Typer<'_> {
     ) -> Result<(), TypeError> {
         self.float_rank1(x, "x")?;
         let d = x.shape[x.rank() - 1];
-        self.check(d.is_multiple_of(2), || format!("the last axis of {x} must be even"))?;
+        self.check(d.is_multiple_of(2), || {
+            format!("the last axis of {x} must be even")
+        })?;
         for t in [cos, sin] {
             self.check(
                 t.dtype == x.dtype
