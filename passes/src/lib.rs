@@ -2,6 +2,7 @@
 
 pub mod autodiff;
 pub mod emit;
+pub mod fuse;
 pub mod optimizer;
 pub mod train_step;
 

@@ -1,0 +1,3 @@
+//! Fusion: rewrites of primitive subgraphs into fused ops.
+
+pub mod moe;
