@@ -42,7 +42,7 @@
 use crate::emit::{EmitResult, Emitter, PassError};
 use mmc_ir::plan::{ParamStacking, StackPart};
 use mmc_ir::{BinaryOp, DType, FusedOp, Graph, NodeId, Op, Stage, TensorType, UnaryOp, Value};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 const PASS: &str = "fuse-moe";
 
@@ -344,9 +344,7 @@ fn match_block(v: &View, root: NodeId, params: &HashSet<String>) -> Option<Match
     let mut adds = Vec::new();
     v.add_leaves(out, &mut leaves, &mut adds);
     let terms: Vec<_> = leaves.iter().map(|&l| v.term(l)).collect();
-    let Some(first) = terms.iter().flatten().next() else {
-        return None;
-    };
+    let first = terms.iter().flatten().next()?;
     let dense = first.1;
     Some((|| {
         let n_experts = v.shape(dense)[1];
@@ -611,6 +609,16 @@ pub fn fuse_moe(g: &Graph) -> Result<(Graph, MoeReport), PassError> {
     }
     blocks.sort_by_key(|b| b.root);
     report.refused.sort_by_key(|r| r.node);
+    let stage = if g.stage == Stage::Frontend {
+        Stage::Fused
+    } else {
+        g.stage
+    };
+    if blocks.is_empty() {
+        let mut same = g.clone();
+        same.stage = stage;
+        return Ok((same, report));
+    }
 
     // Liveness with each block's root reading only x, top and weights. Nodes that nothing
     // read in the input graph stay (this pass removes only what the dense form used).
@@ -645,21 +653,19 @@ pub fn fuse_moe(g: &Graph) -> Result<(Graph, MoeReport), PassError> {
         }
     }
 
-    let stage = if g.stage == Stage::Frontend {
-        Stage::Fused
-    } else {
-        g.stage
-    };
     let mut out = Graph::new(stage);
+    // The scopes in the input's order, so that kept nodes keep their scope ids.
+    let last_scope = nodes.iter().map(|n| n.scope.0).max().unwrap_or(0);
+    for s in 0..=last_scope {
+        out.intern_scope(g.scope_name(mmc_ir::ScopeId(s)));
+    }
     let mut map: HashMap<Value, Value> = HashMap::new();
-    let mut scopes: BTreeSet<String> = BTreeSet::new();
     for (i, n) in nodes.iter().enumerate() {
         if !live[i] {
             continue;
         }
         let scope_name = g.scope_name(n.scope).to_string();
-        scopes.insert(scope_name.clone());
-        let scope = out.intern_scope(&scope_name);
+        let scope = n.scope;
         let m = |v: &Value| map[v];
         match root_of.get(&NodeId(i as u32)) {
             Some(&b) => {
