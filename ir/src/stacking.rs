@@ -168,6 +168,7 @@ impl ParamStacking {
         part: &Tensor,
     ) -> Result<Tensor, StackingError> {
         self.check_stacked(&stacked)?;
+        self.check_part(i, part)?;
         let mut data = stacked.into_data();
         self.place(&mut data, i, part)?;
         Ok(Tensor::new(self.ty.shape.clone(), data).expect("the data has the stacked size"))
@@ -208,7 +209,7 @@ impl ParamStacking {
         }
     }
 
-    fn place(&self, out: &mut TensorData, i: usize, part: &Tensor) -> Result<(), StackingError> {
+    fn check_part(&self, i: usize, part: &Tensor) -> Result<(), StackingError> {
         let want = self.part_type(i);
         if part.ty() != want {
             return Err(self.error(format!(
@@ -217,6 +218,11 @@ impl ParamStacking {
                 part.ty()
             )));
         }
+        Ok(())
+    }
+
+    fn place(&self, out: &mut TensorData, i: usize, part: &Tensor) -> Result<(), StackingError> {
+        self.check_part(i, part)?;
         let geo = self.geometry(i);
         macro_rules! write {
             ($($v:ident),*) => {
