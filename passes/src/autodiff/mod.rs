@@ -6,8 +6,13 @@
 //! only when it lies on a path from a trainable parameter to the loss, so a subgraph that feeds
 //! only frozen parameters (say a frozen vision tower) has no backward nodes at all.
 //!
-//! Each op's vector-Jacobian product is a rule written in IR ops (`vjp`); fused ops carry their
-//! own rule.
+//! Each primitive op's vector-Jacobian product is a rule written in IR ops (`vjp`), called once
+//! per differentiable operand. A forward fused op instead gets its fused backward op, emitted
+//! once per forward node, whose results are the adjoints of its operands (`fused::vjp_fused`),
+//! so the training graph of a fused forward is fused too. Backward ops are never differentiated
+//! again.
+
+mod fused;
 
 use crate::emit::{EmitResult, Emitter, PassError};
 use mmc_ir::{
@@ -25,6 +30,24 @@ pub enum AutodiffError {
     NoSuchOutput(String),
     #[error("the loss `{name}` must be a float scalar, but it is {ty}")]
     NotAScalar { name: String, ty: TensorType },
+    /// Autodiff differentiates forward graphs; a fused backward op on the path from a
+    /// trainable parameter to the loss means it was handed a graph that autodiff produced.
+    #[error(
+        "`{op}` is a backward op and autodiff does not differentiate backward ops again; \
+         differentiate the forward graph instead"
+    )]
+    BackwardOp { op: &'static str },
+    /// A fused op gives no gradient to this float operand (rope's tables, the loss weights of
+    /// the fused cross-entropy), yet it depends on a trainable parameter: dropping it silently
+    /// would train on a wrong gradient.
+    #[error(
+        "operand `{operand}` of `{op}` depends on a trainable parameter, but `{op}` gives it \
+         no gradient"
+    )]
+    NoGradient {
+        op: &'static str,
+        operand: &'static str,
+    },
     #[error(transparent)]
     Internal(#[from] PassError),
 }
@@ -92,18 +115,28 @@ pub fn autodiff(
     }
 
     for node in forward.nodes().iter().rev() {
-        let Some(&out) = node.outputs.first() else {
+        let adjoints: Vec<Option<Value>> = node
+            .outputs
+            .iter()
+            .map(|o| adjoint.get(o).copied())
+            .collect();
+        if adjoints.iter().all(Option::is_none) {
             continue;
-        };
-        let Some(&g) = adjoint.get(&out) else {
-            continue;
-        };
-        if node.outputs.len() != 1 {
-            return Err(internal(format!(
-                "`{}` has several results; multi-result ops carry their own backward",
-                node.op.name()
-            )));
         }
+        let g = match (&node.op, adjoints.as_slice()) {
+            (Op::Fused(f), _) if f.is_backward() => {
+                return Err(AutodiffError::BackwardOp { op: f.name() })
+            }
+            (_, [Some(g)]) => *g,
+            _ => {
+                return Err(internal(format!(
+                    "`{}` has several results; only fused backward ops do, and they are \
+                     never differentiated",
+                    node.op.name()
+                )))
+            }
+        };
+        let out = node.outputs[0];
         let scope_name = format!("grad:{}", forward.scope_name(node.scope));
         let scope = graph.intern_scope(&scope_name);
         let mut e = Emitter {
@@ -111,12 +144,33 @@ pub fn autodiff(
             scope,
             pass: "autodiff",
         };
-        for (i, &x) in node.inputs.iter().enumerate() {
+        let grads: Vec<Option<Value>> = match &node.op {
+            Op::Fused(f) => fused::vjp_fused(&mut e, f, node, g)?,
+            _ => {
+                let mut grads = Vec::with_capacity(node.inputs.len());
+                for (i, &x) in node.inputs.iter().enumerate() {
+                    grads.push(if active(x) {
+                        vjp(&mut e, node, i, g, out)?
+                    } else {
+                        None
+                    });
+                }
+                grads
+            }
+        };
+        for (i, (&x, gx)) in node.inputs.iter().zip(grads).enumerate() {
             if !active(x) {
                 continue;
             }
-            let Some(gx) = vjp(&mut e, node, i, g, out)? else {
-                continue;
+            let gx = match (gx, &node.op) {
+                (Some(gx), _) => gx,
+                (None, Op::Fused(f)) => {
+                    return Err(AutodiffError::NoGradient {
+                        op: f.name(),
+                        operand: fused::operand_name(f, i),
+                    })
+                }
+                (None, _) => continue,
             };
             let acc = match adjoint.get(&x) {
                 Some(&prev) => e.add(prev, gx)?,
@@ -160,6 +214,8 @@ fn internal(msg: String) -> AutodiffError {
 }
 
 /// Whether gradients can flow through `op` at all (index-producing and constant ops stop them).
+/// Fused backward ops count as differentiable, so that one on a gradient path is reported
+/// ([`AutodiffError::BackwardOp`]) instead of silently cutting the path.
 fn differentiable(op: &Op) -> bool {
     !matches!(
         op,
@@ -170,6 +226,7 @@ fn differentiable(op: &Op) -> bool {
             | Op::Compare(_)
             | Op::TopK { .. }
             | Op::ArgSort { .. }
+            | Op::Fused(FusedOp::ExpertOffsets { .. })
     )
 }
 
@@ -388,50 +445,13 @@ fn vjp(e: &mut Emitter, node: &Node, i: usize, g: Value, out: Value) -> EmitResu
             let t = e.sub(total, c)?;
             e.add(t, g)?
         }
-        Op::Fused(FusedOp::RmsNorm { eps }) => {
-            // y = w * x * r with r = (mean(x^2) + eps)^-1/2 over the last axis.
-            let w = y.expect("rms_norm has a weight");
-            let last = xt.rank() - 1;
-            let n = xt.shape[last] as f64;
-            let x2 = e.mul(x, x)?;
-            let ms = e.sum_keep(x2, &[last])?;
-            let ms = e.scale(ms, 1.0 / n)?;
-            let epsv = e.konst(*eps, ms)?;
-            let ms = e.add(ms, epsv)?;
-            let r = e.unary(UnaryOp::Rsqrt, ms)?;
-            let r = e.broadcast(r, &xt.shape)?;
-            if i == 1 {
-                let xr = e.mul(x, r)?;
-                let t = e.mul(g, xr)?;
-                let lead: Vec<usize> = (0..last).collect();
-                let s = e.sum_keep(t, &lead)?;
-                e.reshape(s, &e.ty(w).shape.clone())?
-            } else {
-                let wb = e.reshape(w, &{
-                    let mut s = vec![1; xt.rank()];
-                    s[last] = xt.shape[last];
-                    s
-                })?;
-                let wb = e.broadcast(wb, &xt.shape)?;
-                let gw = e.mul(g, wb)?;
-                let a = e.mul(gw, r)?;
-                let gwx = e.mul(gw, x)?;
-                let m = e.sum_keep(gwx, &[last])?;
-                let m = e.scale(m, 1.0 / n)?;
-                let m = e.broadcast(m, &xt.shape)?;
-                let r2 = e.mul(r, r)?;
-                let r3 = e.mul(r2, r)?;
-                let xr3 = e.mul(x, r3)?;
-                let b = e.mul(xr3, m)?;
-                e.sub(a, b)?
-            }
-        }
-        Op::Fused(other) => {
+        Op::Fused(f) => {
             return Err(PassError {
                 pass: "autodiff",
                 source: mmc_ir::GraphError::Type(mmc_ir::TypeError {
-                    op: other.name(),
-                    reason: "this fused op has no backward rule yet".into(),
+                    op: f.name(),
+                    reason: "fused ops are differentiated by `fused::vjp_fused`, not per operand"
+                        .into(),
                 }),
             })
         }
