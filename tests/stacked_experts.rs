@@ -112,7 +112,7 @@ fn read_from_stacks(g: &Graph, stackings: &[ParamStacking]) -> Graph {
                 let r = add(
                     &mut out,
                     Op::Reshape {
-                        shape: vec![a, p.width].into(),
+                        shape: vec![a, p.width],
                     },
                     &[sl],
                 );
