@@ -492,3 +492,45 @@ fn routed_experts_cost_k_over_e_of_the_dense_experts() {
     );
     assert_eq!(ratio, 0.25);
 }
+
+#[test]
+fn the_routed_gradients_are_the_dense_ones_stacked() {
+    // Gradients of the loss through the routed graph (its fused backward ops) against the
+    // dense graph's, per expert: each stacked gradient's blocks are the per-expert gradients.
+    for (k, norm) in [(2, true), (1, false), (4, true)] {
+        let cfg = text_config(k, norm);
+        let dense = causal_lm_graph(&cfg, DType::F64, DType::F64);
+        let (routed, report) = fuse_moe(&dense).unwrap();
+        let gd = mmc_passes::autodiff(&dense, "loss", |_| true).unwrap();
+        let gr = mmc_passes::autodiff(&routed, "loss", |_| true).unwrap();
+        let b = bindings(&dense, 11, 16);
+        let want: BTreeMap<String, Tensor> = run(&gd, &b, Precision::F64).into_iter().collect();
+        let got: BTreeMap<String, Tensor> = run(&gr, &stack(&report, &b), Precision::F64)
+            .into_iter()
+            .collect();
+        let grad = |n: &str| format!("grad:{n}");
+        let mut checked = 0;
+        for s in &report.stackings {
+            let stacked = &got[&grad(&s.stacked)];
+            for (i, p) in s.parts.iter().enumerate() {
+                let part = s.read_part(stacked, i).unwrap();
+                let w = &want[&grad(&p.name)];
+                let err = mmc_ir::relative_error(&part, w);
+                assert!(err < 1e-10, "k={k}: grad of `{}`: {err:.2e}", p.name);
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 2 * 4 * 3);
+        // Every other gradient (router, attention, norms, embeddings) is unchanged too.
+        let mut common = 0;
+        for (n, w) in &want {
+            if let Some(g) = got.get(n) {
+                let err = mmc_ir::relative_error(g, w);
+                assert!(err < 1e-10, "k={k}: `{n}`: {err:.2e}");
+                common += 1;
+            }
+        }
+        // loss, lm_loss, aux_loss and the 2 x 7 + 3 other parameters' gradients.
+        assert!(common >= 3 + 17, "{common}");
+    }
+}
