@@ -214,7 +214,8 @@ impl Trainer {
     }
 
     /// The current value of a logical state tensor (a parameter, `adam_m:<p>`, ...); a
-    /// stacked one is copied out of its stack.
+    /// stacked one is copied out of its stack. A stack itself is found by its name too (what
+    /// the programs read), though it is not among [`Trainer::state_specs`].
     pub fn state(&self, name: &str) -> Option<Cow<'_, Tensor>> {
         match self.stacked.get(name) {
             Some(&(i, j)) => {
