@@ -419,6 +419,152 @@ fn every_op_round_trips_structurally() {
     }
 }
 
+/// Every fused op (`mmc_ir::fused::all()`, plus attention without segment ids and with other
+/// attributes) on small operands of the types its typing rule wants, each result an output.
+fn every_fused_op_graph() -> Graph {
+    let mut g = Graph::new(Stage::Fused);
+    let r = ScopeId::default();
+    let input = |g: &mut Graph, name: &str, dtype: DType, shape: &[usize]| {
+        add(
+            g,
+            r,
+            Op::Input {
+                name: name.into(),
+                ty: ty(dtype, shape),
+            },
+            &[],
+        )
+    };
+    let x = input(&mut g, "x", DType::F32, &[2, 4]);
+    let w = input(&mut g, "w", DType::F32, &[4]);
+    let b = input(&mut g, "b", DType::F32, &[4]);
+    let cos = input(&mut g, "cos", DType::F32, &[1, 4]);
+    let sin = input(&mut g, "sin", DType::F32, &[1, 4]);
+    let q = input(&mut g, "q", DType::F32, &[1, 2, 3, 4]);
+    let kv = input(&mut g, "kv", DType::F32, &[1, 1, 3, 4]);
+    let seg = input(&mut g, "seg", DType::I64, &[1, 3]);
+    let head = input(&mut g, "head", DType::F32, &[5, 4]);
+    let target = input(&mut g, "target", DType::I64, &[2]);
+    let weight = input(&mut g, "weight", DType::F32, &[2]);
+    let dloss = input(&mut g, "dloss", DType::F32, &[]);
+    let top = input(&mut g, "top", DType::I64, &[2, 1]);
+    let top_w = input(&mut g, "top_w", DType::F32, &[2, 1]);
+    let ew = input(&mut g, "ew", DType::F32, &[1, 4, 3]);
+    let off = input(&mut g, "off", DType::I64, &[2]);
+    let gy = input(&mut g, "gy", DType::F32, &[2, 3]);
+    let operands = |op: &FusedOp| -> Vec<Value> {
+        use FusedOp::*;
+        match op {
+            RmsNorm { .. } => vec![x, w],
+            LayerNorm { .. } => vec![x, w, b],
+            Softmax | Gelu => vec![x],
+            SwiGlu | SoftmaxGrad | GeluGrad => vec![x, x],
+            Rope | RopeGrad => vec![x, cos, sin],
+            Attention { .. } => vec![q, kv, kv, seg],
+            LinearCrossEntropy { .. } => vec![x, head, target, weight],
+            MoePermute { .. } | MoePermuteGrad => vec![x, top],
+            ExpertOffsets { .. } => vec![top],
+            GroupedMatMul => vec![x, ew, off],
+            MoeUnpermute => vec![x, top, top_w],
+            RmsNormGrad { .. } | LayerNormGrad { .. } => vec![x, w, x],
+            SwiGluGrad => vec![x, x, x],
+            AttentionGrad { .. } => vec![q, kv, kv, seg, q],
+            LinearCrossEntropyGrad { .. } => vec![x, head, target, weight, dloss],
+            GroupedMatMulGrad => vec![x, ew, off, gy],
+            MoeUnpermuteGrad => vec![x, top, top_w, x],
+        }
+    };
+    let mut ops: Vec<(FusedOp, Vec<Value>)> = mmc_ir::fused::all()
+        .into_iter()
+        .map(|op| {
+            let ins = operands(&op);
+            (op, ins)
+        })
+        .collect();
+    let odd = FusedOp::Attention {
+        scale: 0.35355339059327373,
+        causal: false,
+    };
+    let odd_grad = FusedOp::AttentionGrad {
+        scale: 1e-3,
+        causal: false,
+    };
+    ops.push((odd, vec![q, kv, kv]));
+    ops.push((odd_grad, vec![q, kv, kv, q]));
+    ops.push((
+        FusedOp::LinearCrossEntropy { chunk: 1 },
+        operands(&FusedOp::LinearCrossEntropy { chunk: 1 }),
+    ));
+    for (i, (op, ins)) in ops.into_iter().enumerate() {
+        let id = g.add_node(Op::Fused(op), &ins, r).expect("well typed");
+        for (j, &v) in g.node(id).outputs.clone().iter().enumerate() {
+            g.add_output(format!("r{i}.{j}"), v);
+        }
+    }
+    g
+}
+
+#[test]
+fn every_fused_op_round_trips_and_runs() {
+    let g = every_fused_op_graph();
+    assert_eq!(verify(&g), Ok(()));
+    let text = print(&g);
+    let parsed = round_trip(&g);
+    assert_eq!(parsed, g);
+    for op in mmc_ir::fused::all() {
+        let name = op.name();
+        assert!(
+            text.contains(&format!(" = {name} ")),
+            "{name} missing:\n{text}"
+        );
+    }
+    // The backward ops print all their results on one line.
+    for (name, results) in [
+        ("fused.rms_norm_grad", 2),
+        ("fused.layer_norm_grad", 3),
+        ("fused.swiglu_grad", 2),
+        ("fused.attention_grad", 3),
+        ("fused.linear_cross_entropy_grad", 2),
+        ("fused.grouped_matmul_grad", 2),
+        ("fused.moe_unpermute_grad", 2),
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.contains(&format!(" = {name} ")))
+            .unwrap_or_else(|| panic!("{name} missing:\n{text}"));
+        let lhs = line.trim().split(" = ").next().unwrap();
+        assert_eq!(lhs.matches('%').count(), results, "{line}");
+    }
+    assert!(
+        text.contains("scale=0.35355339059327373 causal=false"),
+        "{text}"
+    );
+    assert!(text.contains("chunk=1024"), "{text}");
+    // The parsed program runs (every top index is expert 0 of 1, the offsets split 2 rows).
+    let mut binds = bind_all(&parsed);
+    binds.insert(
+        "top".into(),
+        Tensor::new(vec![2, 1], mmc_ir::TensorData::I64(vec![0, 0])).unwrap(),
+    );
+    binds.insert(
+        "off".into(),
+        Tensor::new(vec![2], mmc_ir::TensorData::I64(vec![0, 2])).unwrap(),
+    );
+    binds.insert(
+        "target".into(),
+        Tensor::new(vec![2], mmc_ir::TensorData::I64(vec![4, -100])).unwrap(),
+    );
+    binds.insert(
+        "seg".into(),
+        Tensor::new(vec![1, 3], mmc_ir::TensorData::I64(vec![1, 1, 2])).unwrap(),
+    );
+    let outs = Interpreter::new(&parsed, Precision::Declared)
+        .unwrap()
+        .run(&binds)
+        .unwrap();
+    assert_eq!(outs.0.len(), g.outputs().len());
+}
+
 #[test]
 fn nan_and_infinite_constants_round_trip_as_text() {
     let mut g = Graph::new(Stage::Frontend);

@@ -19,7 +19,7 @@ use crate::TensorType;
 /// The result buffers of fused op `op` (one per result type in `out`), unrounded.
 pub(super) fn eval(op: &FusedOp, a: &[&Val], out: &[&TensorType]) -> Result<Vec<Buf>, String> {
     use FusedOp::*;
-    let f = |v: Vec<f64>| Buf::F(v);
+    let f = Buf::F;
     let last = |v: &Val| v.ty.shape.last().copied().unwrap_or(1);
     let bufs = match op {
         RmsNorm { eps } => vec![f(pointwise::rms_norm(a[0].f(), a[1].f(), *eps))],
@@ -234,7 +234,21 @@ fn gemm(
     }
 }
 
-/// The dot product of two equally long slices.
+/// The dot product of two equally long slices, in four independent partial sums so that the
+/// compiler can keep them in vector registers (the attention kernels are made of these).
 fn dot(x: &[f64], y: &[f64]) -> f64 {
-    x.iter().zip(y).map(|(a, b)| a * b).sum()
+    let (xc, yc) = (x.chunks_exact(4), y.chunks_exact(4));
+    let tail: f64 = xc
+        .remainder()
+        .iter()
+        .zip(yc.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    let mut acc = [0.0f64; 4];
+    for (a, b) in xc.zip(yc) {
+        for i in 0..4 {
+            acc[i] += a[i] * b[i];
+        }
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
 }
