@@ -78,5 +78,6 @@ pub fn build_plan(req: PlanRequest) -> Result<Plan, PlanBuildError> {
         checkpoint,
         state,
         programs: vec![step.micro_step, step.apply],
+        stackings: Vec::new(),
     })
 }

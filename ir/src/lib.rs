@@ -10,6 +10,7 @@ pub mod infer;
 pub mod interp;
 pub mod op;
 pub mod plan;
+pub mod stacking;
 pub mod summary;
 pub mod tensor;
 pub mod text;

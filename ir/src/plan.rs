@@ -12,6 +12,7 @@
 //! out of range and for programs that do not fit its state, so a hand-edited plan is refused
 //! instead of failing mid-run.
 
+pub use crate::stacking::{ParamStacking, StackPart, StackingError};
 use crate::text;
 use crate::verify::verify;
 use crate::{Graph, TensorType, WeightSource};
@@ -22,7 +23,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// The plan format this build reads and writes.
-pub const PLAN_FORMAT_VERSION: u32 = 2;
+///
+/// 3: the plan lists its parameter stackings (`Plan::stackings`).
+pub const PLAN_FORMAT_VERSION: u32 = 3;
 
 const MAGIC: &str = "mmc-plan";
 
@@ -271,8 +274,57 @@ pub struct Plan {
     pub settings: TrainSettings,
     /// The checkpoint folder `Init::Checkpoint` reads from, as resolved at compile time.
     pub checkpoint: Option<PathBuf>,
+    /// The logical state: every tensor as checkpoints and an unfused plan know it (the
+    /// per-expert weights of a routed MoE included), with how it starts.
     pub state: Vec<StateSpec>,
     pub programs: Vec<Program>,
+    /// Stacked state tensors that the programs read and write instead of some logical ones
+    /// (a routed MoE's `[E, H, 2I]` expert weights, their accumulators and moments). The
+    /// runtime holds each stack and gives checkpoints its parts under their logical names.
+    pub stackings: Vec<ParamStacking>,
+}
+
+/// The state of a plan whose programs read stacked tensors: each entry of `state` that is a
+/// stacked parameter of `params`, or a tensor derived from one by a role prefix (the
+/// accumulator `grad_acc:<p>`, the moments `adam_m:<p>`, `adam_v:<p>`: any `<role>:<p>`) of the
+/// stacked type, is replaced by its logical parts (named with the same prefix, of the same
+/// kind), and its stacking is returned. Plan emission calls it on the training step's state,
+/// then gives the logical entries their initialisers as it does for an unfused plan.
+#[allow(clippy::type_complexity)]
+pub fn expand_stackings(
+    state: Vec<(String, TensorType, StateKind)>,
+    params: &[ParamStacking],
+) -> Result<(Vec<(String, TensorType, StateKind)>, Vec<ParamStacking>), StackingError> {
+    for p in params {
+        p.check()?;
+    }
+    let by_name: BTreeMap<&str, &ParamStacking> =
+        params.iter().map(|p| (p.stacked.as_str(), p)).collect();
+    let mut out = Vec::with_capacity(state.len());
+    let mut stackings = Vec::new();
+    for (name, ty, kind) in state {
+        let (prefix, base) = match name.rsplit_once(':') {
+            Some((role, base)) if by_name.contains_key(base) => (format!("{role}:"), base),
+            _ => (String::new(), name.as_str()),
+        };
+        match by_name.get(base) {
+            Some(p) => {
+                if ty != p.ty {
+                    return Err(StackingError {
+                        stacked: name.clone(),
+                        message: format!("the state is {ty}, the stacking is {}", p.ty),
+                    });
+                }
+                let s = p.with_prefix(&prefix);
+                for i in 0..s.parts.len() {
+                    out.push((s.parts[i].name.clone(), s.part_type(i), kind));
+                }
+                stackings.push(s);
+            }
+            None => out.push((name, ty, kind)),
+        }
+    }
+    Ok((out, stackings))
 }
 
 /// Why a plan could not be read or written.
@@ -377,10 +429,72 @@ impl Plan {
         Ok(plan)
     }
 
+    /// Checks each stacking against the logical state: its parts are state tensors of the
+    /// part type and one kind, each in one stacking, and its name is new. Then replaces, in
+    /// `state`, the parts by the stacks: what the programs may read and write.
+    fn check_stackings<'a>(
+        &'a self,
+        state: &mut BTreeMap<&'a str, &'a TensorType>,
+    ) -> Result<(), String> {
+        let kinds: BTreeMap<&str, StateKind> = self
+            .state
+            .iter()
+            .map(|s| (s.name.as_str(), s.kind))
+            .collect();
+        let mut parts = std::collections::BTreeSet::new();
+        for st in &self.stackings {
+            st.check().map_err(|e| e.to_string())?;
+            if kinds.contains_key(st.stacked.as_str()) {
+                return Err(format!(
+                    "stacking `{}` has the name of a logical state tensor",
+                    st.stacked
+                ));
+            }
+            let mut kind = None;
+            for (i, p) in st.parts.iter().enumerate() {
+                let want = st.part_type(i);
+                match (state.get(p.name.as_str()), kinds.get(p.name.as_str())) {
+                    (Some(t), Some(k)) if **t == want => {
+                        if kind.get_or_insert(*k) != k {
+                            return Err(format!(
+                                "stacking `{}` mixes kinds of state (`{}`)",
+                                st.stacked, p.name
+                            ));
+                        }
+                    }
+                    (Some(t), _) => {
+                        return Err(format!(
+                            "stacking `{}` takes `{}` as {want}, but the state is {t}",
+                            st.stacked, p.name
+                        ))
+                    }
+                    _ => {
+                        return Err(format!(
+                            "stacking `{}` takes `{}`, which is not in the plan's state",
+                            st.stacked, p.name
+                        ))
+                    }
+                }
+                if !parts.insert(p.name.as_str()) {
+                    return Err(format!("`{}` is stacked twice", p.name));
+                }
+            }
+        }
+        for p in &parts {
+            state.remove(p);
+        }
+        for st in &self.stackings {
+            if state.insert(st.stacked.as_str(), &st.ty).is_some() {
+                return Err(format!("two stackings are called `{}`", st.stacked));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks that each program verifies, that its params are state of the same type, and
     /// that each update writes an existing state from an output of the same type.
     fn check_programs(&self) -> Result<(), String> {
-        let state: BTreeMap<&str, &TensorType> = self
+        let mut state: BTreeMap<&str, &TensorType> = self
             .state
             .iter()
             .map(|s| (s.name.as_str(), &s.ty))
@@ -388,6 +502,7 @@ impl Plan {
         if state.len() != self.state.len() {
             return Err("two state tensors have the same name".into());
         }
+        self.check_stackings(&mut state)?;
         for name in [MICRO_STEP_PROGRAM, APPLY_PROGRAM] {
             if self.program(name).is_none() {
                 return Err(format!("there is no `{name}` program"));
@@ -439,7 +554,7 @@ impl Plan {
     }
 }
 
-mod type_text {
+pub(crate) mod type_text {
     use crate::TensorType;
     use serde::{Deserialize, Deserializer, Serializer};
 

@@ -2,8 +2,8 @@
 //! plan at load, and Megatron's learning-rate schedule that the runtime applies from it.
 
 use mmc_ir::plan::{
-    Init, LossReduction, LrDecayStyle, LrSchedule, ModelFacts, Plan, PlanError, Program, StateKind,
-    StateSpec, StateUpdate, TrainSettings,
+    expand_stackings, Init, LossReduction, LrDecayStyle, LrSchedule, ModelFacts, ParamStacking,
+    Plan, PlanError, Program, StackPart, StateKind, StateSpec, StateUpdate, TrainSettings,
 };
 use mmc_ir::text::parse;
 use mmc_ir::{DType, TensorType};
@@ -88,6 +88,7 @@ fn plan() -> Plan {
                 }],
             },
         ],
+        stackings: vec![],
     }
 }
 
@@ -105,7 +106,7 @@ fn a_plan_round_trips_through_its_bytes() {
     let bytes = p.to_bytes();
     let header = String::from_utf8_lossy(&bytes[..bytes.iter().position(|&b| b == b'\n').unwrap()])
         .to_string();
-    assert!(header.starts_with("mmc-plan 2 sha256:"), "{header}");
+    assert!(header.starts_with("mmc-plan 3 sha256:"), "{header}");
     assert_eq!(load(&bytes).unwrap(), p);
 }
 
@@ -142,7 +143,7 @@ fn a_plan_from_another_version_or_without_checksum_is_refused() {
         e.contains("plan format 1") && e.contains("recompile"),
         "{e}"
     );
-    let mut bare = b"mmc-plan 2\n".to_vec();
+    let mut bare = b"mmc-plan 3\n".to_vec();
     bare.extend(body);
     assert!(load(&bare).unwrap_err().contains("no checksum"));
     assert!(load(b"hello").unwrap_err().contains("not an mmc plan"));
@@ -230,7 +231,150 @@ fn schedule_values_are_checked_with_the_keys_named() {
 #[test]
 fn errors_are_plan_errors() {
     // The damaged-plan error says to recompile, like the version error.
-    let e = Plan::from_bytes(Path::new("p.bin"), b"mmc-plan 2 sha256:00\n{}").unwrap_err();
+    let e = Plan::from_bytes(Path::new("p.bin"), b"mmc-plan 3 sha256:00\n{}").unwrap_err();
     assert!(matches!(e, PlanError::Malformed { .. }), "{e}");
     assert!(e.to_string().contains("mmc compile"), "{e}");
+}
+
+/// A plan whose programs read `s` [2, 2, 1], stacked from the logical `a` and `b` [1, 2]
+/// (transposed), with the accumulator `grad_acc:s` stacked from `grad_acc:a` and
+/// `grad_acc:b`.
+fn stacked_plan() -> Plan {
+    let mut p = plan();
+    let logical = |name: &str, kind| StateSpec {
+        name: name.into(),
+        ty: TensorType::new(DType::F32, vec![1, 2]),
+        init: Init::Const(0.0),
+        kind,
+    };
+    let param = StateKind::Parameter { trainable: true };
+    let (state, stackings) = expand_stackings(
+        vec![
+            ("s".into(), stack_ty(), param),
+            ("grad_acc:s".into(), stack_ty(), StateKind::GradAccumulator),
+        ],
+        &[stacking()],
+    )
+    .unwrap();
+    assert_eq!(
+        state.iter().map(|s| s.0.as_str()).collect::<Vec<_>>(),
+        ["a", "b", "grad_acc:a", "grad_acc:b"]
+    );
+    p.state = state.into_iter().map(|(n, _, k)| logical(&n, k)).collect();
+    p.stackings = stackings;
+    let micro = parse(
+        "graph autodiff {
+  %0 = param \"s\" : f32[2, 2, 1]
+  %1 = param \"grad_acc:s\" : f32[2, 2, 1]
+  %2 = add %0, %1 : f32[2, 2, 1]
+  output \"acc_new\" = %2
+}",
+    )
+    .unwrap();
+    p.programs[0].graph = micro;
+    p.programs[0].updates[0].state = "grad_acc:s".into();
+    p.programs[1].graph = parse(
+        "graph optimizer {
+  %0 = param \"s\" : f32[2, 2, 1]
+  %1 = neg %0 : f32[2, 2, 1]
+  output \"w_new\" = %1
+}",
+    )
+    .unwrap();
+    p.programs[1].updates[0].state = "s".into();
+    p
+}
+
+fn stack_ty() -> TensorType {
+    TensorType::new(DType::F32, vec![2, 2, 1])
+}
+
+fn stacking() -> ParamStacking {
+    let part = |name: &str, expert| StackPart {
+        name: name.into(),
+        expert,
+        column: 0,
+        width: 1,
+        transposed: true,
+    };
+    ParamStacking {
+        stacked: "s".into(),
+        ty: stack_ty(),
+        parts: vec![part("a", 0), part("b", 1)],
+    }
+}
+
+#[test]
+fn a_plan_with_stacked_state_round_trips_and_its_programs_read_the_stacks() {
+    let p = stacked_plan();
+    assert_eq!(p.stackings.len(), 2);
+    assert_eq!(p.stackings[1].stacked, "grad_acc:s");
+    assert_eq!(p.stackings[1].parts[1].name, "grad_acc:b");
+    assert_eq!(load(&p.to_bytes()).unwrap(), p);
+}
+
+fn edited_stacked(edit: impl FnOnce(&mut Plan)) -> String {
+    let mut p = stacked_plan();
+    edit(&mut p);
+    load(&p.to_bytes()).unwrap_err()
+}
+
+#[test]
+fn stackings_that_do_not_fit_the_state_are_refused_at_load() {
+    let e = edited_stacked(|p| p.state.retain(|s| s.name != "b"));
+    assert!(
+        e.contains("takes `b`") && e.contains("not in the plan's state"),
+        "{e}"
+    );
+    let e = edited_stacked(|p| p.state[0].ty = TensorType::new(DType::F32, vec![2, 1]));
+    assert!(e.contains("takes `a` as f32[1, 2]"), "{e}");
+    let e = edited_stacked(|p| {
+        p.stackings[0].parts.pop();
+    });
+    assert!(e.contains("not covered"), "{e}");
+    let e = edited_stacked(|p| p.stackings[0].stacked = "a".into());
+    assert!(e.contains("name of a logical state"), "{e}");
+    let e = edited_stacked(|p| p.stackings[1].parts[1].name = "b".into());
+    assert!(
+        e.contains("mixes kinds") || e.contains("stacked twice"),
+        "{e}"
+    );
+    // Programs read the stacks, never the parts they replace.
+    let e = edited_stacked(|p| {
+        p.programs[1].graph = parse(
+            "graph optimizer {
+  %0 = param \"a\" : f32[1, 2]
+  output \"w_new\" = %0
+}",
+        )
+        .unwrap();
+        p.programs[1].updates.clear();
+    });
+    assert!(e.contains("reads `a`"), "{e}");
+}
+
+#[test]
+fn expanding_a_state_of_another_type_than_its_stacking_fails() {
+    let e = expand_stackings(
+        vec![(
+            "adam_m:s".into(),
+            TensorType::new(DType::F32, vec![4]),
+            StateKind::OptimizerMoment,
+        )],
+        &[stacking()],
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("adam_m:s"), "{e}");
+    // Names that only end like a stack are left alone.
+    let (state, st) = expand_stackings(
+        vec![(
+            "other".into(),
+            TensorType::new(DType::F32, vec![4]),
+            StateKind::OptimizerMoment,
+        )],
+        &[stacking()],
+    )
+    .unwrap();
+    assert_eq!(state.len(), 1);
+    assert!(st.is_empty());
 }

@@ -4,13 +4,20 @@
 //!
 //! Programs run on the reference interpreter until code generation lands; the plan, the state
 //! and this loop stay the same when they run as kernels.
+//!
+//! The trainer holds the state the programs read: where the plan stacks logical tensors (a
+//! routed MoE's per-expert weights, accumulators and moments, `Plan::stackings`), it holds the
+//! stack, and its public view stays logical: [`Trainer::state_specs`], [`Trainer::state`],
+//! [`Trainer::set_state`] and [`Trainer::parameters`] name and return the per-expert tensors,
+//! so checkpoints are written and read exactly as for an unstacked plan.
 
 use crate::weights::{Checkpoint, ParamSpec, WeightError};
 use mmc_ir::interp::{Bindings, InterpError, Precision};
-use mmc_ir::plan::{Init, Plan, Program, GRAD_NORM_OUTPUT, LR_INPUT, STEP_INPUT};
+use mmc_ir::plan::{Init, Plan, Program, StackingError, GRAD_NORM_OUTPUT, LR_INPUT, STEP_INPUT};
 use mmc_ir::{Interpreter, Tensor, TensorData};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 /// Why a training step could not run.
@@ -43,6 +50,9 @@ pub enum TrainError {
     /// a caller's mistake rather than bad input.
     #[error("state `{name}`: {reason}")]
     StateMismatch { name: String, reason: String },
+    /// A stacking of the plan that does not fit its logical state.
+    #[error(transparent)]
+    Stacking(#[from] StackingError),
 }
 
 /// One micro-batch: the data inputs of the micro-step program, by name.
@@ -83,7 +93,10 @@ fn all_padding(mb: &MicroBatch) -> bool {
 /// A plan with its live state.
 pub struct Trainer {
     plan: Plan,
+    /// What the programs read: logical tensors, and stacks in place of their parts.
     state: HashMap<String, Tensor>,
+    /// For each stacked logical tensor, its stacking and its index among the parts.
+    stacked: HashMap<String, (usize, usize)>,
     /// Optimizer steps taken.
     step: u64,
 }
@@ -159,9 +172,34 @@ impl Trainer {
                 .expect("sizes come from the type");
             state.insert(s.name.clone(), t);
         }
+        // Each stack from its parts, initialised (or loaded) above as an unstacked plan would.
+        let mut stacked = HashMap::new();
+        for (i, st) in plan.stackings.iter().enumerate() {
+            let parts = st
+                .parts
+                .iter()
+                .map(|p| {
+                    state
+                        .remove(&p.name)
+                        .ok_or_else(|| TrainError::StateMismatch {
+                            name: p.name.clone(),
+                            reason: format!(
+                                "stacked into `{}` but not in the plan's state",
+                                st.stacked
+                            ),
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let refs: Vec<&Tensor> = parts.iter().collect();
+            state.insert(st.stacked.clone(), st.stack(&refs)?);
+            for (j, p) in st.parts.iter().enumerate() {
+                stacked.insert(p.name.clone(), (i, j));
+            }
+        }
         Ok(Trainer {
             plan,
             state,
+            stacked,
             step: 0,
         })
     }
@@ -175,13 +213,26 @@ impl Trainer {
         self.step
     }
 
-    /// The current value of a state tensor (a parameter, `adam_m:<p>`, ...).
-    pub fn state(&self, name: &str) -> Option<&Tensor> {
-        self.state.get(name)
+    /// The current value of a logical state tensor (a parameter, `adam_m:<p>`, ...); a
+    /// stacked one is copied out of its stack. A stack itself is found by its name too (what
+    /// the programs read), though it is not among [`Trainer::state_specs`].
+    pub fn state(&self, name: &str) -> Option<Cow<'_, Tensor>> {
+        match self.stacked.get(name) {
+            Some(&(i, j)) => {
+                let st = &self.plan.stackings[i];
+                let whole = self.state.get(&st.stacked)?;
+                Some(Cow::Owned(
+                    st.read_part(whole, j)
+                        .expect("stacks are built to their stacking"),
+                ))
+            }
+            None => self.state.get(name).map(Cow::Borrowed),
+        }
     }
 
-    /// The plan's state tensors (name, type, kind), in plan order: what a checkpoint stores
-    /// and what a loaded checkpoint must fit.
+    /// The plan's logical state tensors (name, type, kind), in plan order: what a checkpoint
+    /// stores and what a loaded checkpoint must fit, whether or not the programs read them
+    /// stacked.
     pub fn state_specs(&self) -> &[mmc_ir::plan::StateSpec] {
         &self.plan.state
     }
@@ -208,7 +259,17 @@ impl Trainer {
                 value.shape()
             )));
         }
-        self.state.insert(name.to_string(), value);
+        match self.stacked.get(name) {
+            Some(&(i, j)) => {
+                let st = &self.plan.stackings[i];
+                let whole = self.state.remove(&st.stacked).expect("every stack is held");
+                let whole = st.write_part(whole, j, &value)?;
+                self.state.insert(st.stacked.clone(), whole);
+            }
+            None => {
+                self.state.insert(name.to_string(), value);
+            }
+        }
         Ok(())
     }
 
@@ -310,7 +371,10 @@ impl Trainer {
             .state
             .iter()
             .filter(|s| matches!(s.kind, mmc_ir::plan::StateKind::Parameter { .. }))
-            .filter_map(|s| self.state.get(&s.name).map(|t| (s.name.clone(), t.clone())))
+            .filter_map(|s| {
+                self.state(&s.name)
+                    .map(|t| (s.name.clone(), t.into_owned()))
+            })
             .collect()
     }
 }

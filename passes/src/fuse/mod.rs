@@ -17,6 +17,7 @@ pub mod cost;
 pub mod extract;
 pub mod guard;
 pub mod lang;
+pub mod moe;
 pub mod region;
 pub mod rules;
 
