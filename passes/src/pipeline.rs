@@ -727,3 +727,321 @@ impl PipelineReport {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mmc_ir::text::parse;
+    use mmc_ir::{Op, Value};
+
+    /// A forward graph with a scalar loss: `loss = sum(exp(x * w) * 1)`, with a no-op reshape.
+    fn forward() -> Graph {
+        parse(
+            "graph frontend {
+  %0 = input \"x\" : f32[3]
+  %1 = param \"w\" : f32[3]
+  %2 = mul %0, %1 : f32[3]
+  %3 = reshape %2 : f32[3]
+  %4 = exp %3 : f32[3]
+  %5 = const value=1.0 : f32[3]
+  %6 = mul %4, %5 : f32[3]
+  %7 = reduce_sum %6 axes=[0] : f32[1]
+  %8 = reshape %7 : f32[]
+  output \"loss\" = %8
+}",
+        )
+        .expect("parses")
+    }
+
+    fn spec() -> StepSpec {
+        StepSpec {
+            trainable: Arc::new(|_| true),
+            decay: Arc::new(|_, _| true),
+            adamw: AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.0,
+                clip_grad: 1.0,
+            },
+        }
+    }
+
+    /// A pass that breaks SSA: its last node reads a value defined after it.
+    struct Breaks;
+    impl Pass for Breaks {
+        fn name(&self) -> &'static str {
+            "breaks"
+        }
+        fn run(&self, mut g: Graph, _: &mut Vec<String>) -> Result<Graph, BoxError> {
+            let ahead = Value(g.num_values() as u32 + 1);
+            let ty = g.ty(Value(0)).clone();
+            let scope = g.intern_scope("");
+            g.push_node_unchecked(Op::Unary(mmc_ir::UnaryOp::Exp), &[ahead], vec![ty], scope);
+            Ok(g)
+        }
+    }
+
+    /// A pass that appends one dead `exp` each time: never converges.
+    struct Grows;
+    impl Pass for Grows {
+        fn name(&self) -> &'static str {
+            "grows"
+        }
+        fn run(&self, mut g: Graph, _: &mut Vec<String>) -> Result<Graph, BoxError> {
+            let scope = g.intern_scope("");
+            g.add_node(Op::Unary(mmc_ir::UnaryOp::Exp), &[Value(0)], scope)?;
+            Ok(g)
+        }
+    }
+
+    fn with_forward(passes: Vec<Box<dyn Pass>>) -> Pipeline {
+        let mut p = cpu("loss", spec());
+        p.forward[0].passes = passes;
+        p
+    }
+
+    #[test]
+    fn cpu_runs_every_stage_and_records_each_pass() {
+        let (step, report) = cpu("loss", spec()).run(forward()).expect("runs");
+        assert_eq!(step.micro_step.graph.stage, Stage::Optimizer);
+        assert_eq!(step.apply.graph.stage, Stage::Optimizer);
+        let passes: Vec<&str> = report.records.iter().map(|r| r.pass).collect();
+        assert_eq!(
+            passes,
+            [
+                "frontend",
+                "simplify",
+                "enter-fused",
+                "autodiff",
+                "simplify",
+                "optimizer",
+                "optimizer"
+            ]
+        );
+        let simplify = &report.records[1];
+        assert_eq!((simplify.nodes_before, simplify.nodes_after), (9, 6));
+        assert!(report.to_string().contains("pipeline: "), "{report}");
+        let stages: Vec<Stage> = report.stage_nodes().iter().map(|s| s.0).collect();
+        assert_eq!(
+            stages,
+            [
+                Stage::Frontend,
+                Stage::Fused,
+                Stage::Autodiff,
+                Stage::Optimizer,
+                Stage::Optimizer
+            ]
+        );
+    }
+
+    #[test]
+    fn an_invalid_graph_names_the_pass_and_the_node() {
+        let err = with_forward(vec![Box::new(Breaks)])
+            .run_to(forward(), Stage::Fused)
+            .err()
+            .expect("the verifier rejects it");
+        let text = err.to_string();
+        assert!(
+            matches!(err, PipelineError::Invalid { pass: "breaks", .. }),
+            "{text}"
+        );
+        assert!(
+            text.contains("pass `breaks` produced an invalid frontend graph"),
+            "{text}"
+        );
+        assert!(text.contains("(`%9 = exp %?10 : f32[3]`)"), "{text}");
+    }
+
+    #[test]
+    fn without_the_verifier_an_invalid_graph_passes() {
+        let mut p = with_forward(vec![
+            Box::new(Breaks),
+            Box::new(EnterStage {
+                name: "enter-fused",
+                stage: Stage::Fused,
+            }),
+        ]);
+        p.options.verify = false;
+        assert!(p.run_to(forward(), Stage::Fused).is_ok());
+    }
+
+    #[test]
+    fn a_pass_that_lies_about_its_stage_is_an_error() {
+        struct Lies;
+        impl Pass for Lies {
+            fn name(&self) -> &'static str {
+                "lies"
+            }
+            fn stage_out(&self, _: Stage) -> Stage {
+                Stage::Fused
+            }
+            fn run(&self, g: Graph, _: &mut Vec<String>) -> Result<Graph, BoxError> {
+                Ok(g)
+            }
+        }
+        let err = with_forward(vec![Box::new(Lies)])
+            .run_to(forward(), Stage::Fused)
+            .err()
+            .expect("a wrong stage");
+        assert!(
+            matches!(
+                err,
+                PipelineError::WrongStage {
+                    pass: "lies",
+                    expected: Stage::Fused,
+                    got: Stage::Frontend,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_group_that_does_not_reach_its_stage_is_an_error() {
+        let err = with_forward(vec![Box::new(Simplify)])
+            .run_to(forward(), Stage::Fused)
+            .err()
+            .expect("still frontend");
+        assert!(err.to_string().contains("declares fused"), "{err}");
+    }
+
+    #[test]
+    fn stages_without_passes_are_not_built() {
+        for stage in [Stage::Parallel, Stage::Scheduled] {
+            let err = cpu("loss", spec())
+                .run_to(forward(), stage)
+                .err()
+                .expect("not built");
+            assert_eq!(
+                err.to_string(),
+                format!("stage `{stage}` is not built yet: no pass of this pipeline produces it")
+            );
+        }
+    }
+
+    #[test]
+    fn run_to_stops_at_the_stage() {
+        let p = cpu("loss", spec());
+        let (Artifact::Graph(g), report) = p.run_to(forward(), Stage::Fused).unwrap() else {
+            panic!("a graph")
+        };
+        assert_eq!(g.stage, Stage::Fused);
+        assert!(report.records.iter().all(|r| r.pass != "autodiff"));
+        let (Artifact::Graph(g), _) = p.run_to(forward(), Stage::Autodiff).unwrap() else {
+            panic!("a graph")
+        };
+        assert_eq!(g.stage, Stage::Autodiff);
+        assert!(g.output("grad:w").is_some());
+    }
+
+    #[test]
+    fn dumps_after_a_pass_and_at_a_stage() {
+        let mut p = cpu("loss", spec());
+        p.options.dump = Some(DumpAt::Pass("simplify".into()));
+        let (_, report) = p.run(forward()).unwrap();
+        let labels: Vec<&str> = report.dumps.iter().map(|d| d.label.as_str()).collect();
+        assert_eq!(labels, ["after simplify", "after simplify"]);
+        assert_eq!(report.dumps[1].graph.stage, Stage::Autodiff);
+
+        p.options.dump = Some(DumpAt::Stage(Stage::Optimizer));
+        let (_, report) = p.run(forward()).unwrap();
+        let labels: Vec<&str> = report.dumps.iter().map(|d| d.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "at optimizer (program micro_step)",
+                "at optimizer (program apply)"
+            ]
+        );
+    }
+
+    #[test]
+    fn fixpoint_stops_when_nothing_changes_or_at_its_limit() {
+        let mut notes = Vec::new();
+        let g = Fixpoint {
+            pass: Simplify,
+            max_rounds: 5,
+        }
+        .run(forward(), &mut notes)
+        .unwrap();
+        assert_eq!(g.nodes().len(), 6);
+        assert_eq!(notes.last().unwrap(), "converged after 2 round(s)");
+
+        let mut notes = Vec::new();
+        let g = Fixpoint {
+            pass: Grows,
+            max_rounds: 3,
+        }
+        .run(forward(), &mut notes)
+        .unwrap();
+        assert_eq!(g.nodes().len(), 12);
+        assert_eq!(
+            notes.last().unwrap(),
+            "stopped at the limit of 3 rounds, still changing"
+        );
+    }
+
+    #[test]
+    fn timed_notes_the_time() {
+        let mut notes = Vec::new();
+        Timed(Simplify).run(forward(), &mut notes).unwrap();
+        assert!(
+            notes.last().unwrap().starts_with("simplify took "),
+            "{notes:?}"
+        );
+    }
+
+    #[test]
+    fn program_passes_run_on_the_programs_they_apply_to() {
+        /// Marks the graph scheduled, and counts nothing else.
+        struct Schedules;
+        impl ProgramPass for Schedules {
+            fn name(&self) -> &'static str {
+                "schedules"
+            }
+            fn stage_out(&self, _: Stage) -> Stage {
+                Stage::Scheduled
+            }
+            fn run(&self, mut p: Program, notes: &mut Vec<String>) -> Result<Program, BoxError> {
+                p.graph.stage = Stage::Scheduled;
+                notes.push(format!("scheduled {}", p.name));
+                Ok(p)
+            }
+        }
+        let mut p = cpu("loss", spec());
+        assert!(!p.builds(Stage::Scheduled));
+        p.programs.push(Box::new(Schedules));
+        assert!(p.builds(Stage::Scheduled));
+        let (step, report) = p.run(forward()).unwrap();
+        assert_eq!(step.apply.graph.stage, Stage::Scheduled);
+        let last: Vec<_> = report
+            .records
+            .iter()
+            .rev()
+            .take(2)
+            .map(|r| r.notes[0].clone())
+            .collect();
+        assert_eq!(last, ["scheduled apply", "scheduled micro_step"]);
+    }
+
+    #[test]
+    fn a_graph_past_the_frontend_is_refused() {
+        let mut g = forward();
+        g.stage = Stage::Fused;
+        let err = cpu("loss", spec()).run(g).err().expect("refused");
+        assert!(matches!(
+            err,
+            PipelineError::NotFrontend { got: Stage::Fused }
+        ));
+    }
+
+    #[test]
+    fn same_program_ignores_scope_numbering_only() {
+        let a = forward();
+        let (b, _) = simplify(&a).unwrap();
+        assert!(same_program(&a, &a.clone()));
+        assert!(!same_program(&a, &b));
+    }
+}
