@@ -113,9 +113,18 @@ fn same_results(before: &Graph, after: &Graph, seed: u64) -> Result<(), String> 
     for (name, w) in &want.0 {
         let Some(o) = got.get(name) else { continue };
         if w.shape() != o.shape() || w.dtype() != o.dtype() {
-            return Err(format!("output `{name}` changed type: {} -> {}", w.ty(), o.ty()));
+            return Err(format!(
+                "output `{name}` changed type: {} -> {}",
+                w.ty(),
+                o.ty()
+            ));
         }
-        let both_nan = |t: &Tensor| t.to_f64_vec().iter().map(|x| x.is_nan()).collect::<Vec<_>>();
+        let both_nan = |t: &Tensor| {
+            t.to_f64_vec()
+                .iter()
+                .map(|x| x.is_nan())
+                .collect::<Vec<_>>()
+        };
         if both_nan(w) != both_nan(o) {
             return Err(format!("output `{name}`: NaNs moved"));
         }
@@ -159,7 +168,10 @@ fn filecheck(directives: &str, output: &str) -> Result<(), String> {
 
 /// The expected block of a precise-output case for `output`.
 fn expected_block(output: &str) -> Vec<String> {
-    output.lines().map(|l| format!("; {l}").trim_end().to_string()).collect()
+    output
+        .lines()
+        .map(|l| format!("; {l}").trim_end().to_string())
+        .collect()
 }
 
 /// Runs one file; returns its failures, and rewrites it in bless mode.
@@ -179,9 +191,14 @@ fn run_file(path: &Path, bless: bool) -> Vec<String> {
     let Some((_, make)) = PASSES.iter().find(|(n, _)| *n == pass_name) else {
         return fail(format!("no pass named `{pass_name}` in the registry"));
     };
-    let dir = path.parent().and_then(|p| p.file_name()).and_then(|n| n.to_str());
+    let dir = path
+        .parent()
+        .and_then(|p| p.file_name())
+        .and_then(|n| n.to_str());
     if dir != Some(pass_name) {
-        return fail(format!("a `{pass_name}` test belongs in filetests/{pass_name}/"));
+        return fail(format!(
+            "a `{pass_name}` test belongs in filetests/{pass_name}/"
+        ));
     }
     let cases = match cases(&lines) {
         Ok(c) if c.is_empty() => return fail("no `graph` case".into()),
@@ -201,8 +218,7 @@ fn run_file(path: &Path, bless: bool) -> Vec<String> {
             let output = pass
                 .run(input.clone(), &mut notes)
                 .map_err(|e: BoxError| format!("{pass_name} failed: {e}"))?;
-            verify(&output)
-                .map_err(|e| format!("{pass_name} produced an invalid graph: {e}"))?;
+            verify(&output).map_err(|e| format!("{pass_name} produced an invalid graph: {e}"))?;
             same_results(&input, &output, k as u64 + 1)?;
             Ok(print(&output))
         })();
@@ -295,8 +311,16 @@ fn a_failing_check_fails() {
     // The runner itself: a check that cannot match, a `not:` that matches, and a changed
     // result must each be reported.
     assert!(filecheck("; check: nowhere", "graph fused {\n}").is_err());
-    assert!(filecheck("; check: graph\n; not: exp", "graph fused {\n  %1 = exp %0\n}").is_err());
-    assert!(filecheck("; check: graph\n; nextln: exp", "graph fused {\n  %1 = exp %0\n}").is_ok());
+    assert!(filecheck(
+        "; check: graph\n; not: exp",
+        "graph fused {\n  %1 = exp %0\n}"
+    )
+    .is_err());
+    assert!(filecheck(
+        "; check: graph\n; nextln: exp",
+        "graph fused {\n  %1 = exp %0\n}"
+    )
+    .is_ok());
     let a = parse("graph frontend {\n  %0 = input \"x\" : f32[2]\n  %1 = exp %0 : f32[2]\n  output \"y\" = %1\n}").unwrap();
     let b = parse("graph frontend {\n  %0 = input \"x\" : f32[2]\n  %1 = neg %0 : f32[2]\n  output \"y\" = %1\n}").unwrap();
     assert!(same_results(&a, &b, 1).is_err());
