@@ -273,10 +273,13 @@ pub fn dump_ir(cfg: &Config, at: &DumpPoint, format: DumpFormat) -> Result<Strin
             let (artifact, _) = pipeline.run_to(graph, *stage).with_context(internal)?;
             match artifact {
                 Artifact::Graph(g) => vec![(format!("{stage} stage"), g)],
-                Artifact::Step(step) => [step.micro_step, step.apply]
-                    .into_iter()
-                    .map(|p| (format!("{stage} stage, program {}", p.name), p.graph))
-                    .collect(),
+                Artifact::Step(step) => {
+                    let step = *step;
+                    [step.micro_step, step.apply]
+                        .into_iter()
+                        .map(|p| (format!("{stage} stage, program {}", p.name), p.graph))
+                        .collect()
+                }
             }
         }
         DumpPoint::After(pass) => {

@@ -303,7 +303,7 @@ pub enum Artifact {
     /// The forward graph (stages `frontend`, `fused`, `parallel`) or the autodiff graph.
     Graph(Graph),
     /// The training step (stages `optimizer`, `scheduled`).
-    Step(TrainStep),
+    Step(Box<TrainStep>),
 }
 
 /// Why a pipeline run failed.
@@ -508,7 +508,7 @@ impl Pipeline {
             Stage::Optimizer
         };
         match self.run_to(forward, last)? {
-            (Artifact::Step(step), report) => Ok((step, report)),
+            (Artifact::Step(step), report) => Ok((*step, report)),
             (Artifact::Graph(_), _) => unreachable!("optimizer and scheduled stop at the step"),
         }
     }
@@ -611,7 +611,7 @@ impl Pipeline {
             ],
         );
         if stage == Stage::Optimizer {
-            return finish(run, Artifact::Step(step));
+            return finish(run, Artifact::Step(Box::new(step)));
         }
 
         for pass in &self.programs {
@@ -668,7 +668,7 @@ impl Pipeline {
                 (Some(step.apply.name.as_str()), &step.apply.graph),
             ],
         );
-        finish(run, Artifact::Step(step))
+        finish(run, Artifact::Step(Box::new(step)))
     }
 }
 
