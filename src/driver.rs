@@ -10,7 +10,7 @@ use mmc_ir::plan::{ModelFacts, Plan, TrainSettings};
 use mmc_ir::summary::GraphSummary;
 use mmc_ir::{Graph, Stage};
 use mmc_passes::optimizer::AdamW;
-use mmc_passes::pipeline::{self, Artifact, DumpAt, Pipeline, StepSpec};
+use mmc_passes::pipeline::{self, Artifact, DumpAt, Pipeline, Settings, StepSpec};
 use mmc_passes::PipelineReport;
 use mmc_runtime::weights::param_specs;
 use mmc_runtime::Checkpoint;
@@ -129,7 +129,10 @@ pub fn pipeline_for(cfg: &Config, forward: &Graph) -> Result<Pipeline> {
         },
     };
     // Only the CPU target is built (`check_buildable`); `pipeline::ascend` joins with it.
-    Ok(pipeline::cpu("loss", step))
+    Ok(pipeline::cpu(Settings {
+        loss: "loss".into(),
+        step,
+    }))
 }
 
 /// A compiled plan and what the pass pipeline did to get it.

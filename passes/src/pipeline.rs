@@ -82,6 +82,29 @@ impl<P: Pass> ProgramPass for EachGraph<P> {
     }
 }
 
+/// A graph pass run on one program only (recompute: the micro-step, which holds the backward
+/// pass; the apply program has none).
+pub struct Only<P> {
+    pub program: &'static str,
+    pub pass: P,
+}
+
+impl<P: Pass> ProgramPass for Only<P> {
+    fn name(&self) -> &'static str {
+        self.pass.name()
+    }
+    fn stage_out(&self, input: Stage) -> Stage {
+        self.pass.stage_out(input)
+    }
+    fn applies_to(&self, program: &str) -> bool {
+        program == self.program
+    }
+    fn run(&self, mut p: Program, notes: &mut Vec<String>) -> Result<Program, BoxError> {
+        p.graph = self.pass.run(p.graph, notes)?;
+        Ok(p)
+    }
+}
+
 // ---- the passes the pipeline itself provides ----
 
 /// Algebraic simplification ([`crate::simplify`]).
@@ -342,9 +365,18 @@ fn on(program: &Option<String>) -> String {
         .unwrap_or_default()
 }
 
+/// The settings a pipeline is built from: what the model's config says about training. The
+/// settings of later passes (the recompute mode, a memory budget) join here as fields.
+pub struct Settings {
+    /// The scalar output to minimise.
+    pub loss: String,
+    pub step: StepSpec,
+}
+
 /// The pipeline of the CPU target: simplify for the fused stage (the fusion pass joins there),
 /// autodiff then simplify on forward + backward, the optimizer step, and no program pass yet.
-pub fn cpu(loss: &str, step: StepSpec) -> Pipeline {
+pub fn cpu(settings: Settings) -> Pipeline {
+    let Settings { loss, step } = settings;
     Pipeline {
         options: Options::default(),
         forward: vec![Group {
@@ -363,7 +395,7 @@ pub fn cpu(loss: &str, step: StepSpec) -> Pipeline {
             stage: Stage::Autodiff,
             passes: vec![
                 Box::new(Autodiff {
-                    loss: loss.to_string(),
+                    loss,
                     trainable: step.trainable.clone(),
                 }),
                 Box::new(Simplify),
@@ -371,9 +403,12 @@ pub fn cpu(loss: &str, step: StepSpec) -> Pipeline {
         },
         step,
         programs: vec![
-            // Recompute registers here (micro-step only), then scheduling and memory planning,
-            // one line each, e.g. `Box::new(crate::recompute::Recompute { mode }),`; the last of
-            // them turns the stage to `scheduled`.
+            // Program passes register here in order, one line each; the last turns the stage
+            // to `scheduled` (until then that stage is reported as not built):
+            //   recompute, micro-step only:
+            //     Box::new(Only { program: mmc_ir::plan::MICRO_STEP_PROGRAM, pass: Recompute { mode } }),
+            //   scheduling and memory planning, every program:
+            //     Box::new(EachGraph(Schedule)), Box::new(Memory),
         ],
     }
 }
@@ -702,6 +737,15 @@ impl fmt::Display for PipelineReport {
                 }
             )?;
         }
+        let stages: Vec<String> = self
+            .stage_nodes()
+            .iter()
+            .map(|(stage, program, n)| match program {
+                Some(p) => format!("{stage} {p} {n}"),
+                None => format!("{stage} {n}"),
+            })
+            .collect();
+        writeln!(f, "nodes by stage: {}", stages.join(", "))?;
         write!(
             f,
             "pipeline: {} ({} in the verifier)",
@@ -753,16 +797,19 @@ mod tests {
         .expect("parses")
     }
 
-    fn spec() -> StepSpec {
-        StepSpec {
-            trainable: Arc::new(|_| true),
-            decay: Arc::new(|_, _| true),
-            adamw: AdamW {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.0,
-                clip_grad: 1.0,
+    fn settings() -> Settings {
+        Settings {
+            loss: "loss".into(),
+            step: StepSpec {
+                trainable: Arc::new(|_| true),
+                decay: Arc::new(|_, _| true),
+                adamw: AdamW {
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    weight_decay: 0.0,
+                    clip_grad: 1.0,
+                },
             },
         }
     }
@@ -796,14 +843,14 @@ mod tests {
     }
 
     fn with_forward(passes: Vec<Box<dyn Pass>>) -> Pipeline {
-        let mut p = cpu("loss", spec());
+        let mut p = cpu(settings());
         p.forward[0].passes = passes;
         p
     }
 
     #[test]
     fn cpu_runs_every_stage_and_records_each_pass() {
-        let (step, report) = cpu("loss", spec()).run(forward()).expect("runs");
+        let (step, report) = cpu(settings()).run(forward()).expect("runs");
         assert_eq!(step.micro_step.graph.stage, Stage::Optimizer);
         assert_eq!(step.apply.graph.stage, Stage::Optimizer);
         let passes: Vec<&str> = report.records.iter().map(|r| r.pass).collect();
@@ -910,7 +957,7 @@ mod tests {
     #[test]
     fn stages_without_passes_are_not_built() {
         for stage in [Stage::Parallel, Stage::Scheduled] {
-            let err = cpu("loss", spec())
+            let err = cpu(settings())
                 .run_to(forward(), stage)
                 .err()
                 .expect("not built");
@@ -923,7 +970,7 @@ mod tests {
 
     #[test]
     fn run_to_stops_at_the_stage() {
-        let p = cpu("loss", spec());
+        let p = cpu(settings());
         let (Artifact::Graph(g), report) = p.run_to(forward(), Stage::Fused).unwrap() else {
             panic!("a graph")
         };
@@ -938,7 +985,7 @@ mod tests {
 
     #[test]
     fn dumps_after_a_pass_and_at_a_stage() {
-        let mut p = cpu("loss", spec());
+        let mut p = cpu(settings());
         p.options.dump = Some(DumpAt::Pass("simplify".into()));
         let (_, report) = p.run(forward()).unwrap();
         let labels: Vec<&str> = report.dumps.iter().map(|d| d.label.as_str()).collect();
@@ -1010,7 +1057,7 @@ mod tests {
                 Ok(p)
             }
         }
-        let mut p = cpu("loss", spec());
+        let mut p = cpu(settings());
         assert!(!p.builds(Stage::Scheduled));
         p.programs.push(Box::new(Schedules));
         assert!(p.builds(Stage::Scheduled));
@@ -1027,10 +1074,43 @@ mod tests {
     }
 
     #[test]
+    fn only_runs_on_its_program() {
+        let only = Only {
+            program: mmc_ir::plan::MICRO_STEP_PROGRAM,
+            pass: Simplify,
+        };
+        assert!(only.applies_to("micro_step") && !only.applies_to("apply"));
+        let mut p = cpu(settings());
+        p.programs.push(Box::new(only));
+        p.programs.push(Box::new(EachGraph(EnterStage {
+            name: "enter-scheduled",
+            stage: Stage::Scheduled,
+        })));
+        let (_, report) = p.run(forward()).unwrap();
+        let ran: Vec<(&str, Option<&str>)> = report
+            .records
+            .iter()
+            .skip(7)
+            .map(|r| (r.pass, r.program.as_deref()))
+            .collect();
+        assert_eq!(
+            ran,
+            [
+                ("simplify", Some("micro_step")),
+                ("enter-scheduled", Some("micro_step")),
+                ("enter-scheduled", Some("apply"))
+            ]
+        );
+        assert!(report
+            .to_string()
+            .contains("nodes by stage: frontend 9, fused 6, autodiff "));
+    }
+
+    #[test]
     fn a_graph_past_the_frontend_is_refused() {
         let mut g = forward();
         g.stage = Stage::Fused;
-        let err = cpu("loss", spec()).run(g).err().expect("refused");
+        let err = cpu(settings()).run(g).err().expect("refused");
         assert!(matches!(
             err,
             PipelineError::NotFrontend { got: Stage::Fused }
