@@ -54,7 +54,9 @@ pub trait Pass {
 
 /// A pass over one program of the training step (its graph and its state updates).
 pub trait ProgramPass {
+    /// As [`Pass::name`].
     fn name(&self) -> &'static str;
+    /// As [`Pass::stage_out`], for the program's graph.
     fn stage_out(&self, input: Stage) -> Stage {
         input
     }
@@ -63,6 +65,7 @@ pub trait ProgramPass {
         let _ = program;
         true
     }
+    /// Runs the pass on one program; notes as for [`Pass::run`].
     fn run(&self, p: Program, notes: &mut Vec<String>) -> Result<Program, BoxError>;
 }
 
@@ -332,12 +335,14 @@ pub enum Artifact {
 /// Why a pipeline run failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
+    /// The pass itself returned an error (a bad setting, an internal failure of a rule).
     #[error("pass `{pass}`{} failed: {source}", on(.program))]
     Pass {
         pass: &'static str,
         program: Option<String>,
         source: BoxError,
     },
+    /// The verifier rejected the pass's result: a bug in that pass.
     #[error("pass `{pass}`{} produced an invalid {stage} graph: {error}", on(.program))]
     Invalid {
         pass: &'static str,
@@ -345,6 +350,7 @@ pub enum PipelineError {
         stage: Stage,
         error: VerifyError,
     },
+    /// The result is not at the stage the pass (or its group) declares.
     #[error("pass `{pass}`{} returned a {got} graph, but it declares {expected}", on(.program))]
     WrongStage {
         pass: &'static str,
@@ -352,8 +358,10 @@ pub enum PipelineError {
         expected: Stage,
         got: Stage,
     },
+    /// The input was not a frontend graph.
     #[error("the pipeline was given a {got} graph; it starts from a frontend graph")]
     NotFrontend { got: Stage },
+    /// A run was asked to stop at a stage that no pass produces.
     #[error("stage `{0}` is not built yet: no pass of this pipeline produces it")]
     NotBuilt(Stage),
 }
