@@ -1,7 +1,7 @@
 //! `mmc compile`: model TOML to plan.
 
 use anyhow::{Context, Result};
-use mmc::driver::compile_plan;
+use mmc::driver::compile as compile_model;
 use mmc_frontend::config::TargetKind;
 use mmc_frontend::Config;
 use mmc_ir::plan::StateKind;
@@ -30,7 +30,8 @@ pub fn compile(
         std::fs::create_dir_all(dir)
             .with_context(|| format!("--emit-dir: cannot create {}", dir.display()))?;
     }
-    let plan = compile_plan(&cfg)?;
+    let compiled = compile_model(&cfg)?;
+    let plan = compiled.plan;
     let train = &cfg.train;
     let accum = plan.settings.grad_accum_steps;
     plan.write(output)?;
@@ -64,7 +65,8 @@ pub fn compile(
             )
         })
         .collect();
-    crate::console::Console::default().out(&format!(
+    let mut console = crate::console::Console::default();
+    console.out(&format!(
         "compiled {} -> {}: {}; {} parameters ({} trained), {} MiB of state, {} micro-batch(es) of {} x {} per step",
         model.display(),
         output.display(),
@@ -76,5 +78,6 @@ pub fn compile(
         train.micro_batch_size,
         train.seq_length
     ));
+    console.out(&compiled.report.to_string());
     Ok(())
 }

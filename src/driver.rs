@@ -1,14 +1,20 @@
-//! The compile pipeline shared by `mmc compile` and the end-to-end tests: configuration to
-//! forward graph, checkpoint check, training step, plan.
+//! The compile pipeline shared by `mmc compile`, `mmc dump-ir` and the end-to-end tests:
+//! configuration to forward graph, checkpoint check, the pass pipeline
+//! (`mmc_passes::pipeline`), plan.
 
 use anyhow::{bail, Context, Result};
 use mmc_codegen::{build_plan, PlanRequest, Weights};
 use mmc_frontend::config::{Recompute, TargetKind};
-use mmc_frontend::{forward_graph, CheckpointLayout, Config, ForwardOptions};
+use mmc_frontend::{forward_graph, CheckpointLayout, Config, ForwardOptions, Model};
 use mmc_ir::plan::{ModelFacts, Plan, TrainSettings};
+use mmc_ir::summary::GraphSummary;
+use mmc_ir::{Graph, Stage};
 use mmc_passes::optimizer::AdamW;
+use mmc_passes::pipeline::{self, Artifact, DumpAt, Pipeline, Settings, StepSpec};
+use mmc_passes::PipelineReport;
 use mmc_runtime::weights::param_specs;
 use mmc_runtime::Checkpoint;
+use std::sync::Arc;
 
 /// Whether `name` is under one of the `freeze` prefixes (whole dotted segments).
 pub fn frozen(freeze: &[String], name: &str) -> bool {
@@ -70,22 +76,26 @@ pub fn check_buildable(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-/// Compiles a loaded model configuration into a training plan.
-pub fn compile_plan(cfg: &Config) -> Result<Plan> {
-    check_buildable(cfg)?;
-    let model = &cfg.path;
+/// The forward graph that training compiles: the `loss` output with the load-balancing term
+/// scaled for gradient accumulation, no logits output.
+pub fn training_forward(cfg: &Config) -> Result<Model> {
     let par = &cfg.parallel;
     let train = &cfg.train;
     let accum = train.global_batch_size / (train.micro_batch_size * par.dp);
-    let declared = forward_graph(
+    Ok(forward_graph(
         cfg,
         ForwardOptions {
             logits: false,
             aux_loss_scale: Some(1.0 / (accum * par.dp) as f64),
         },
-    )?;
-    let forward = &declared.graph;
+    )?)
+}
 
+/// The pass pipeline of the configured target for `forward`, with the training settings of
+/// `cfg`; refuses freeze prefixes that match nothing or everything.
+pub fn pipeline_for(cfg: &Config, forward: &Graph) -> Result<Pipeline> {
+    let model = &cfg.path;
+    let train = &cfg.train;
     for prefix in &train.freeze {
         if !forward
             .params()
@@ -97,7 +107,8 @@ pub fn compile_plan(cfg: &Config) -> Result<Plan> {
             );
         }
     }
-    let trainable = |name: &str| !frozen(&train.freeze, name);
+    let freeze = train.freeze.clone();
+    let trainable: pipeline::Trainable = Arc::new(move |name: &str| !frozen(&freeze, name));
     if !train.freeze.is_empty() && !forward.params().any(|(n, _, _)| trainable(n)) {
         bail!(
             "{}: [train] freeze = {:?} freezes every parameter, so there is nothing to train",
@@ -106,14 +117,51 @@ pub fn compile_plan(cfg: &Config) -> Result<Plan> {
         );
     }
     let decay_1d = train.weight_decay_1d;
-    let decay = |_: &str, ty: &mmc_ir::TensorType| decay_1d || ty.rank() > 1;
+    let step = StepSpec {
+        trainable,
+        decay: Arc::new(move |_: &str, ty: &mmc_ir::TensorType| decay_1d || ty.rank() > 1),
+        adamw: AdamW {
+            beta1: train.adam_beta1,
+            beta2: train.adam_beta2,
+            eps: train.adam_eps,
+            weight_decay: train.weight_decay,
+            clip_grad: train.clip_grad,
+        },
+    };
+    // Only the CPU target is built (`check_buildable`); `pipeline::ascend` joins with it.
+    Ok(pipeline::cpu(Settings {
+        loss: "loss".into(),
+        step,
+    }))
+}
 
+/// A compiled plan and what the pass pipeline did to get it.
+pub struct Compiled {
+    pub plan: Plan,
+    pub report: PipelineReport,
+}
+
+/// Compiles a loaded model configuration into a training plan.
+pub fn compile_plan(cfg: &Config) -> Result<Plan> {
+    Ok(compile(cfg)?.plan)
+}
+
+/// Compiles a loaded model configuration: checks, forward graph, checkpoint check, the pass
+/// pipeline, plan.
+pub fn compile(cfg: &Config) -> Result<Compiled> {
+    check_buildable(cfg)?;
+    let model = &cfg.path;
+    let par = &cfg.parallel;
+    let train = &cfg.train;
+    let accum = train.global_batch_size / (train.micro_batch_size * par.dp);
+    let declared = training_forward(cfg)?;
+    let pipeline = pipeline_for(cfg, &declared.graph)?;
     let checkpoint = match &cfg.model.init_from_hf_path {
         Some(init) => {
             let dir = cfg.resolve_path(init, "init_from_hf_path")?;
             let ckpt = Checkpoint::open(&dir)?;
             let layout = CheckpointLayout::detect(ckpt.names());
-            ckpt.check(&param_specs(forward, |n| layout.source(n)))?;
+            ckpt.check(&param_specs(&declared.graph, |n| layout.source(n)))?;
             let dir = dir
                 .canonicalize()
                 .with_context(|| format!("cannot resolve {}", dir.display()))?;
@@ -121,6 +169,10 @@ pub fn compile_plan(cfg: &Config) -> Result<Plan> {
         }
         None => None,
     };
+    let (step, report) = pipeline
+        .run(declared.graph)
+        .with_context(|| format!("{}: internal error in the compiler", model.display()))?;
+
     let source;
     let weights = match &checkpoint {
         Some((dir, layout)) => {
@@ -152,18 +204,130 @@ pub fn compile_plan(cfg: &Config) -> Result<Plan> {
         },
     };
     let plan = build_plan(PlanRequest {
-        forward,
+        step,
         weights,
         settings,
-        trainable: &trainable,
-        decay: &decay,
-        adamw: AdamW {
-            beta1: train.adam_beta1,
-            beta2: train.adam_beta2,
-            eps: train.adam_eps,
-            weight_decay: train.weight_decay,
-            clip_grad: train.clip_grad,
-        },
     })?;
-    Ok(plan)
+    Ok(Compiled { plan, report })
+}
+
+/// How `mmc dump-ir` writes a graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DumpFormat {
+    /// The IR's own text format, with the summary as `;` comments.
+    Text,
+    /// Graphviz dot, with the summary as `//` comments.
+    Dot,
+}
+
+/// What `mmc dump-ir` prints: where to stop the pipeline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DumpPoint {
+    /// The graph(s) when the pipeline reaches this stage.
+    Stage(Stage),
+    /// The graph(s) right after every run of the pass of this name.
+    After(String),
+}
+
+/// The text `mmc dump-ir` prints: each graph at the chosen point, followed by its summary as
+/// comments (so that a single graph's text still parses), and the checkpoint check's result.
+/// From the `optimizer` stage on there are two programs, each headed by a comment naming it.
+pub fn dump_ir(cfg: &Config, at: &DumpPoint, format: DumpFormat) -> Result<String> {
+    let model = &cfg.path;
+    let declared = training_forward(cfg)?;
+    let graph = declared.graph;
+    mmc_ir::verify(&graph).context("internal error: the model graph does not verify")?;
+
+    let mut notes = Vec::new();
+    if let Some(init) = &cfg.model.init_from_hf_path {
+        let dir = cfg.resolve_path(init, "init_from_hf_path")?;
+        let ckpt = Checkpoint::open(&dir)?;
+        let layout = CheckpointLayout::detect(ckpt.names());
+        ckpt.check(&param_specs(&graph, |n| layout.source(n)))?;
+        let layout_name = match layout {
+            CheckpointLayout::Native => "the model's own layout",
+            CheckpointLayout::Transformers { .. } => "the transformers-native InternVL layout",
+        };
+        notes.push(format!(
+            "checkpoint {} ({layout_name}): all {} tensors present with matching shapes",
+            dir.display(),
+            ckpt.len()
+        ));
+    }
+
+    let mut pipeline = pipeline_for(cfg, &graph)?;
+    if let DumpPoint::Stage(stage) = at {
+        if !pipeline.builds(*stage) {
+            let built: Vec<&str> = Stage::ALL
+                .into_iter()
+                .filter(|s| pipeline.builds(*s))
+                .map(|s| s.name())
+                .collect();
+            bail!(
+                "stage `{stage}` is not built yet: no pass of the pipeline produces it (the built stages are {})",
+                built.join(", ")
+            );
+        }
+    }
+    let internal = || format!("{}: internal error in the compiler", model.display());
+    // (label, graph) pairs to print.
+    let shown: Vec<(String, Graph)> = match at {
+        DumpPoint::Stage(stage) => {
+            let (artifact, _) = pipeline.run_to(graph, *stage).with_context(internal)?;
+            match artifact {
+                Artifact::Graph(g) => vec![(format!("{stage} stage"), g)],
+                Artifact::Step(step) => {
+                    let step = *step;
+                    [step.micro_step, step.apply]
+                        .into_iter()
+                        .map(|p| (format!("{stage} stage, program {}", p.name), p.graph))
+                        .collect()
+                }
+            }
+        }
+        DumpPoint::After(pass) => {
+            pipeline.options.dump = Some(DumpAt::Pass(pass.clone()));
+            let (_, report) = pipeline.run(graph).with_context(internal)?;
+            if report.dumps.is_empty() {
+                let mut names: Vec<&str> = report.records.iter().map(|r| r.pass).collect();
+                names.dedup();
+                bail!(
+                    "no pass named `{pass}` runs in this pipeline; its passes are: {}",
+                    names.join(", ")
+                );
+            }
+            report
+                .dumps
+                .into_iter()
+                .map(|d| (d.label, d.graph))
+                .collect()
+        }
+    };
+
+    let comment = match format {
+        DumpFormat::Text => ";",
+        DumpFormat::Dot => "//",
+    };
+    let mut out = String::new();
+    let several = shown.len() > 1;
+    for (label, g) in &shown {
+        if several {
+            out.push_str(&format!("{comment} {label}\n"));
+        }
+        out.push_str(&match format {
+            DumpFormat::Text => mmc_ir::text::print(g),
+            DumpFormat::Dot => mmc_ir::dot::to_dot(g),
+        });
+        out.push_str(&format!(
+            "{comment} summary of {} ({label})\n",
+            model.display()
+        ));
+        for line in GraphSummary::of(g).to_string().lines() {
+            out.push_str(&format!("{comment} {line}\n"));
+        }
+    }
+    for line in &notes {
+        out.push_str(&format!("{comment} {line}\n"));
+    }
+    Ok(out)
 }

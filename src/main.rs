@@ -12,11 +12,9 @@ mod run;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use mmc_frontend::{forward_graph, CheckpointLayout, Config, ForwardOptions};
-use mmc_ir::summary::GraphSummary;
+use mmc::driver::{dump_ir as dump_ir_text, DumpFormat, DumpPoint};
+use mmc_frontend::Config;
 use mmc_ir::Stage;
-use mmc_runtime::weights::param_specs;
-use mmc_runtime::Checkpoint;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -106,13 +104,18 @@ enum Command {
         #[arg(long)]
         plot: Option<PathBuf>,
     },
-    /// Print the IR of a model at a pipeline stage, with a size summary.
+    /// Print the IR of a model at a pipeline stage (or after a pass), with a size summary.
     DumpIr {
         /// The model TOML.
         model: PathBuf,
-        /// Which stage of the pipeline to print.
+        /// Which stage of the pipeline to print: the graph once the pipeline reaches it (from
+        /// `optimizer` on, both programs of the training step).
         #[arg(long, value_enum, default_value_t = StageArg::Frontend)]
         stage: StageArg,
+        /// Print the graph right after each run of this pass instead (as `mmc compile`'s
+        /// report names them: simplify, autodiff, ...).
+        #[arg(long, conflicts_with = "stage")]
+        after: Option<String>,
         /// Text (the IR's own format) or Graphviz dot.
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
@@ -205,55 +208,19 @@ impl StageArg {
     }
 }
 
-fn dump_ir(model: &Path, stage: StageArg, format: Format) -> Result<()> {
-    let stage = stage.stage();
-    if stage != Stage::Frontend {
-        bail!("stage `{stage}` is not built yet; this version of mmc prints the `frontend` stage only");
-    }
+fn dump_ir(model: &Path, stage: StageArg, after: Option<String>, format: Format) -> Result<()> {
     let cfg = Config::load(model)?;
-    let graph = forward_graph(&cfg, ForwardOptions::default())?.graph;
-    mmc_ir::verify(&graph).context("internal error: the model graph does not verify")?;
-
-    let mut notes = Vec::new();
-    if let Some(init) = &cfg.model.init_from_hf_path {
-        let dir = cfg.resolve_path(init, "init_from_hf_path")?;
-        let ckpt = Checkpoint::open(&dir)?;
-        let layout = CheckpointLayout::detect(ckpt.names());
-        ckpt.check(&param_specs(&graph, |n| layout.source(n)))?;
-        let layout_name = match layout {
-            CheckpointLayout::Native => "the model's own layout",
-            CheckpointLayout::Transformers { .. } => "the transformers-native InternVL layout",
-        };
-        notes.push(format!(
-            "checkpoint {} ({layout_name}): all {} tensors present with matching shapes",
-            dir.display(),
-            ckpt.len()
-        ));
-    }
-
-    let (body, comment) = match format {
-        Format::Text => (mmc_ir::text::print(&graph), ";"),
-        Format::Dot => (mmc_ir::dot::to_dot(&graph), "//"),
+    let at = match after {
+        Some(pass) => DumpPoint::After(pass),
+        None => DumpPoint::Stage(stage.stage()),
     };
-    let summary = GraphSummary::of(&graph).to_string();
+    let format = match format {
+        Format::Text => DumpFormat::Text,
+        Format::Dot => DumpFormat::Dot,
+    };
+    let text = dump_ir_text(&cfg, &at, format)?;
     let mut out = std::io::stdout().lock();
-    let write = |out: &mut std::io::StdoutLock| -> std::io::Result<()> {
-        out.write_all(body.as_bytes())?;
-        writeln!(
-            out,
-            "{comment} summary of {} ({stage} stage)",
-            model.display()
-        )?;
-        for line in summary
-            .lines()
-            .map(String::from)
-            .chain(notes.iter().cloned())
-        {
-            writeln!(out, "{comment} {line}")?;
-        }
-        out.flush()
-    };
-    match write(&mut out) {
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         r => r.context("cannot write to standard output"),
     }
@@ -281,8 +248,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::DumpIr {
             model,
             stage,
+            after,
             format,
-        } => dump_ir(&model, stage, format),
+        } => dump_ir(&model, stage, after, format),
         Command::Compile {
             model,
             output,

@@ -42,8 +42,62 @@ fn dump_ir_writes_graphviz() {
 
 #[test]
 fn stages_not_built_yet_are_an_error() {
-    let e = fails(&["dump-ir", "configs/qwen3-moe-tiny.toml", "--stage", "fused"]);
-    assert!(e.contains("`fused` is not built yet"), "{e}");
+    for stage in ["parallel", "scheduled"] {
+        let e = fails(&["dump-ir", "configs/qwen3-moe-tiny.toml", "--stage", stage]);
+        assert!(
+            e.contains(&format!("stage `{stage}` is not built yet"))
+                && e.contains("the built stages are frontend, fused, autodiff, optimizer"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn dump_ir_prints_every_built_stage() {
+    let run = |args: &[&str]| {
+        let out = mmc()
+            .args(["dump-ir", "configs/qwen3-moe-tiny.toml"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // One graph through the fused stage: it parses back and verifies.
+    for (stage, header) in [("fused", "graph fused {"), ("autodiff", "graph autodiff {")] {
+        let text = run(&["--stage", stage]);
+        assert!(text.starts_with(header), "{stage}: {}", &text[..80]);
+        assert!(text.contains(&format!("({stage} stage)")), "{stage}");
+        mmc_ir::verify(&mmc_ir::text::parse(&text).unwrap()).unwrap();
+    }
+    let autodiff = run(&["--stage", "autodiff"]);
+    assert!(autodiff.contains("output \"grad:model.norm.weight\""));
+    // From the optimizer stage on, both programs, each headed by its name.
+    let text = run(&["--stage", "optimizer"]);
+    assert!(text.starts_with("; optimizer stage, program micro_step\ngraph optimizer {"));
+    assert!(text.contains("; optimizer stage, program apply\ngraph optimizer {"));
+    // After a named pass: simplify runs twice (forward, then forward + backward).
+    let text = run(&["--after", "simplify"]);
+    assert!(
+        text.starts_with("; after simplify\ngraph frontend {"),
+        "{}",
+        &text[..80]
+    );
+    assert!(text.contains("; after simplify\ngraph autodiff {"));
+    let e = fails(&[
+        "dump-ir",
+        "configs/qwen3-moe-tiny.toml",
+        "--after",
+        "nosuch",
+    ]);
+    assert!(
+        e.contains("no pass named `nosuch`") && e.contains("simplify, enter-fused"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -250,6 +304,24 @@ fn compile_and_run_train_the_tiny_internvl_for_five_steps() {
     let said = String::from_utf8(out.stdout).unwrap();
     assert!(
         said.contains("micro_step") && said.contains("304,672 parameters"),
+        "{said}"
+    );
+    // The pass pipeline's report: a line per pass with its node counts, and the total time.
+    for pass in [
+        "frontend",
+        "simplify",
+        "enter-fused",
+        "autodiff",
+        "optimizer",
+    ] {
+        assert!(
+            said.lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(pass)),
+            "{pass}: {said}"
+        );
+    }
+    assert!(
+        said.contains("nodes before -> after") && said.contains("pipeline: "),
         "{said}"
     );
     assert!(emit.join("micro_step.mmcir").is_file() && emit.join("apply.mmcir").is_file());

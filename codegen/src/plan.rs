@@ -1,18 +1,17 @@
 //! Plan emission: the training step's programs and state, assembled into the plan that
-//! `mmc run` replays. (Kernels join the plan with the CPU and Ascend backends.)
+//! `mmc run` replays. The programs come from the pass pipeline (`mmc_passes::pipeline`); this
+//! module only decides where each state tensor starts from. (Kernels join the plan with the
+//! CPU and Ascend backends.)
 
 use mmc_ir::plan::{Init, Plan, StateKind, StateSpec, TrainSettings};
-use mmc_ir::{Graph, TensorType, WeightSource};
-use mmc_passes::optimizer::AdamW;
-use mmc_passes::{train_step, AutodiffError, TrainStepSpec};
+use mmc_ir::WeightSource;
+use mmc_passes::TrainStep;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// Why a plan could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanBuildError {
-    #[error(transparent)]
-    Autodiff(#[from] AutodiffError),
     #[error("parameter `{0}` has no initialiser and no checkpoint to load it from")]
     NoInit(String),
 }
@@ -30,26 +29,16 @@ pub enum Weights<'a> {
 
 /// Everything a training plan is made of.
 pub struct PlanRequest<'a> {
-    /// The model's forward graph with a scalar `loss` output.
-    pub forward: &'a Graph,
+    /// The training step as the pass pipeline left it: its programs and state.
+    pub step: TrainStep,
     pub weights: Weights<'a>,
     pub settings: TrainSettings,
-    pub trainable: &'a dyn Fn(&str) -> bool,
-    pub decay: &'a dyn Fn(&str, &TensorType) -> bool,
-    pub adamw: AdamW,
 }
 
-/// Differentiates the forward graph, builds the optimizer step, and lays out the state.
+/// Lays out the state of the training step (each tensor with where it starts from) and
+/// assembles the plan.
 pub fn build_plan(req: PlanRequest) -> Result<Plan, PlanBuildError> {
-    let step = train_step(
-        req.forward,
-        &TrainStepSpec {
-            loss: "loss",
-            trainable: req.trainable,
-            decay: req.decay,
-            adamw: req.adamw,
-        },
-    )?;
+    let step = req.step;
     let mut state = Vec::with_capacity(step.state.len());
     for (name, ty, kind) in step.state {
         let init = match (&kind, &req.weights) {

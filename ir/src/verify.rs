@@ -16,16 +16,32 @@ use std::fmt;
 pub struct VerifierIssue {
     /// The offending node, when the problem belongs to one.
     pub node: Option<NodeId>,
+    /// The offending node as the text format prints it (`%7 = add %3, %6 : f32[2]`), so that a
+    /// report can be read without the whole dump beside it, as Cranelift's `VerifierError`
+    /// carries its instruction.
+    pub context: Option<String>,
     pub message: String,
 }
 
 impl fmt::Display for VerifierIssue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.node {
-            Some(n) => write!(f, "node {}: {}", n.0, self.message),
-            None => f.write_str(&self.message),
+        match (self.node, &self.context) {
+            (Some(n), Some(line)) => write!(f, "node {} (`{line}`): {}", n.0, self.message),
+            (Some(n), None) => write!(f, "node {}: {}", n.0, self.message),
+            (None, _) => f.write_str(&self.message),
         }
     }
+}
+
+/// The printed line of every node, in node order: the lines of [`crate::text::print`] that
+/// define values (its `scope` and `output` lines and the braces are left out).
+pub fn node_lines(graph: &Graph) -> Vec<String> {
+    let text = crate::text::print(graph);
+    text.lines()
+        .skip(1)
+        .filter(|l| !l.starts_with("  scope ") && !l.starts_with("  output ") && *l != "}")
+        .map(|l| l.trim().to_string())
+        .collect()
 }
 
 /// All problems of a graph that failed verification.
@@ -60,6 +76,7 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
         let mut report = |message: String| {
             issues.push(VerifierIssue {
                 node: Some(id),
+                context: None,
                 message,
             })
         };
@@ -130,12 +147,14 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
         if name.is_empty() || !output_names.insert(name.as_str()) {
             issues.push(VerifierIssue {
                 node: None,
+                context: None,
                 message: format!("output name \"{name}\" is empty or repeated"),
             });
         }
         if !defined.get(v.0 as usize).copied().unwrap_or(false) {
             issues.push(VerifierIssue {
                 node: None,
+                context: None,
                 message: format!("output \"{name}\" refers to the unknown value %{}", v.0),
             });
         }
@@ -144,6 +163,13 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
     if issues.is_empty() {
         Ok(())
     } else {
+        // Printing is linear in the graph, so it runs once and only for a graph that failed.
+        let lines = node_lines(graph);
+        for issue in &mut issues {
+            if let Some(n) = issue.node {
+                issue.context = lines.get(n.0 as usize).cloned();
+            }
+        }
         Err(VerifyError { issues })
     }
 }

@@ -171,7 +171,14 @@ fn rejects_use_before_definition() {
     g.add_output("y", Value(0));
     let issue = expect_issue(&g, &["%1", "used before it is defined"]);
     assert_eq!(issue.node, Some(NodeId(0)));
-    assert!(issue.to_string().starts_with("node 0: "), "{issue}");
+    // The issue carries the node as the printer shows it (its operand is not yet defined).
+    assert_eq!(issue.context.as_deref(), Some("%0 = neg %?1 : f32[2]"));
+    assert!(
+        issue
+            .to_string()
+            .starts_with("node 0 (`%0 = neg %?1 : f32[2]`): "),
+        "{issue}"
+    );
 }
 
 #[test]
@@ -327,8 +334,8 @@ fn reports_every_issue_and_summarizes_them() {
     let text = err.to_string();
     assert!(text.starts_with("the graph is malformed: "), "{text}");
     for part in [
-        "node 1: the name \"x\" is bound twice",
-        "node 2: `exp` produces f32[2] but the node says f64[2]",
+        "node 1 (`%1 = input \"x\" : f32[2]`): the name \"x\" is bound twice",
+        "node 2 (`%2 = exp %0 : f64[2]`): `exp` produces f32[2] but the node says f64[2]",
         "output name \"\" is empty or repeated",
         "output \"z\" refers to the unknown value %99",
     ] {

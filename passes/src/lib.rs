@@ -1,11 +1,14 @@
-//! The passes of mmc: plain functions from graph to graph, each checked by the verifier.
+//! The passes of mmc: plain functions from graph to graph, run in one declared order by the
+//! pass manager ([`pipeline`]), which checks each result with the verifier.
 
 pub mod autodiff;
 pub mod cost;
 pub mod emit;
 pub mod fuse;
 pub mod optimizer;
+pub mod pipeline;
 pub mod recompute;
+pub mod simplify;
 pub mod train_step;
 
 pub use autodiff::{autodiff, grad_output, AutodiffError, GRAD_PREFIX};
@@ -14,4 +17,6 @@ pub use recompute::{
     activation_peak, live_values, recompute, LivePeak, RecomputeError, RecomputeMode,
     RecomputeReport,
 };
-pub use train_step::{train_step, TrainStep, TrainStepSpec};
+pub use pipeline::{Pass, Pipeline, PipelineError, PipelineReport};
+pub use simplify::{simplify, SimplifyReport};
+pub use train_step::{assemble, train_step, TrainStep, TrainStepSpec};

@@ -30,14 +30,27 @@ pub struct TrainStep {
     pub state: Vec<(String, TensorType, StateKind)>,
 }
 
-/// Builds the training step of `forward`.
+/// Builds the training step of `forward`: [`autodiff`], then [`assemble`].
 pub fn train_step(forward: &Graph, spec: &TrainStepSpec) -> Result<TrainStep, AutodiffError> {
-    let mut g = autodiff(forward, spec.loss, spec.trainable)?;
+    let g = autodiff(forward, spec.loss, spec.trainable)?;
+    assemble(g, spec)
+}
+
+/// Builds the training step from the graph [`autodiff`] returned (forward plus backward, with
+/// `grad:<name>` outputs), which the pipeline may have simplified in between: the gradients
+/// are added to their accumulators, the `grad:` outputs dropped, and the optimizer's apply
+/// program and the state list built. The parameters are those of `g`, in its order.
+pub fn assemble(mut g: Graph, spec: &TrainStepSpec) -> Result<TrainStep, AutodiffError> {
     let scope = g.intern_scope("grad_accumulate");
     let mut updates = Vec::new();
     let mut state = Vec::new();
     let mut optimized = Vec::new();
-    for (name, ty, _) in forward.params() {
+    let params: Vec<(String, TensorType)> = g
+        .params()
+        .map(|(n, t, _)| (n.to_string(), t.clone()))
+        .collect();
+    for (name, ty) in &params {
+        let (name, ty) = (name.as_str(), ty);
         let trainable = (spec.trainable)(name);
         state.push((
             name.to_string(),

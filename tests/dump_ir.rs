@@ -1,0 +1,135 @@
+//! Snapshots of `mmc dump-ir` for the tiny InternVL3.5 at every stage the pipeline builds
+//! (`cargo insta review` after a pass changes them on purpose). Each program is kept as its
+//! first lines, a count of every op, and its summary, so a snapshot stays small and still shows
+//! what a pass changed: a fused op appearing, a rule folding reshapes away.
+
+use mmc::driver::{dump_ir, DumpFormat, DumpPoint};
+use mmc_frontend::Config;
+use mmc_ir::Stage;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// How many lines of each program's text the digest keeps.
+const HEAD: usize = 40;
+
+/// The digest of a dump: per program, its header comment, its first lines, an op histogram,
+/// and the summary comments.
+fn digest(text: &str) -> String {
+    let mut out = String::new();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut i = 0;
+    while i < lines.len() {
+        // A section: optional `; <label>` header, `graph .. {`, body, `}`, summary comments.
+        let start = i;
+        while i < lines.len() && !lines[i].starts_with("graph ") {
+            out.push_str(lines[i]);
+            out.push('\n');
+            i += 1;
+        }
+        if i == lines.len() {
+            break;
+        }
+        let graph_start = i;
+        while i < lines.len() && lines[i] != "}" {
+            i += 1;
+        }
+        let body = &lines[graph_start..i];
+        for l in body.iter().take(HEAD) {
+            out.push_str(l);
+            out.push('\n');
+        }
+        out.push_str(&format!(
+            "  ;; ... {} more lines ...\n}}\n",
+            body.len().saturating_sub(HEAD)
+        ));
+        let mut ops: BTreeMap<&str, usize> = BTreeMap::new();
+        for l in body {
+            if let Some((_, rhs)) = l.split_once(" = ") {
+                if l.trim_start().starts_with('%') {
+                    let op = rhs.split_whitespace().next().unwrap_or("?");
+                    *ops.entry(op).or_default() += 1;
+                }
+            }
+        }
+        out.push_str(";; ops:");
+        for (op, n) in &ops {
+            out.push_str(&format!(" {op} {n},"));
+        }
+        out.pop();
+        out.push('\n');
+        i += 1;
+        while i < lines.len()
+            && lines[i].starts_with(';')
+            && !lines[i + 1..]
+                .first()
+                .is_some_and(|n| n.starts_with("graph "))
+        {
+            out.push_str(lines[i]);
+            out.push('\n');
+            i += 1;
+        }
+        if i == start {
+            i += 1;
+        }
+    }
+    out
+}
+
+fn dump(stage: Stage) -> String {
+    let cfg = Config::load(Path::new("configs/internvl35-tiny.toml")).expect("the tiny config");
+    dump_ir(&cfg, &DumpPoint::Stage(stage), DumpFormat::Text)
+        .unwrap_or_else(|e| panic!("{stage}: {e:#}"))
+}
+
+#[test]
+fn tiny_frontend() {
+    insta::assert_snapshot!(digest(&dump(Stage::Frontend)));
+}
+
+#[test]
+fn tiny_fused() {
+    insta::assert_snapshot!(digest(&dump(Stage::Fused)));
+}
+
+#[test]
+fn tiny_autodiff() {
+    insta::assert_snapshot!(digest(&dump(Stage::Autodiff)));
+}
+
+#[test]
+fn tiny_optimizer() {
+    insta::assert_snapshot!(digest(&dump(Stage::Optimizer)));
+}
+
+#[test]
+fn every_stage_the_pipeline_builds_has_a_snapshot() {
+    // A stage that becomes built (scheduled, with memory planning) needs its snapshot here.
+    let cfg = Config::load(Path::new("configs/internvl35-tiny.toml")).unwrap();
+    let declared = mmc::driver::training_forward(&cfg).unwrap();
+    let pipeline = mmc::driver::pipeline_for(&cfg, &declared.graph).unwrap();
+    let built: Vec<Stage> = Stage::ALL
+        .into_iter()
+        .filter(|s| pipeline.builds(*s))
+        .collect();
+    assert_eq!(
+        built,
+        [
+            Stage::Frontend,
+            Stage::Fused,
+            Stage::Autodiff,
+            Stage::Optimizer
+        ]
+    );
+}
+
+#[test]
+fn the_digest_keeps_every_program_and_its_summary() {
+    let text = "; a\ngraph optimizer {\n  %0 = input \"x\" : f32[2]\n  %1 = exp %0 : f32[2]\n  output \"y\" = %1\n}\n; summary of m (a)\n; nodes: 2\n; b\ngraph optimizer {\n  %0 = input \"x\" : f32[2]\n}\n; summary of m (b)\n";
+    let d = digest(text);
+    assert!(d.starts_with("; a\ngraph optimizer {\n"), "{d}");
+    assert!(
+        d.contains(";; ops: exp 1, input 1\n; summary of m (a)\n; nodes: 2\n; b\n"),
+        "{d}"
+    );
+    assert!(d.ends_with(";; ops: input 1\n; summary of m (b)\n"), "{d}");
+}
