@@ -6,15 +6,15 @@ use anyhow::{bail, Context, Result};
 use mmc_codegen::{build_plan, PlanRequest, Weights};
 use mmc_frontend::config::{Recompute, TargetKind};
 use mmc_frontend::{forward_graph, CheckpointLayout, Config, ForwardOptions, Model};
-use mmc_ir::plan::{ModelFacts, Plan, TrainSettings};
+use mmc_ir::plan::{ModelFacts, ParamStacking, Plan, TrainSettings};
 use mmc_ir::summary::GraphSummary;
 use mmc_ir::{Graph, Stage};
 use mmc_passes::optimizer::AdamW;
 use mmc_passes::pipeline::{self, Artifact, DumpAt, Pipeline, Settings, StepSpec};
-use mmc_passes::PipelineReport;
+use mmc_passes::{PipelineReport, RecomputeMode};
 use mmc_runtime::weights::param_specs;
 use mmc_runtime::Checkpoint;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Whether `name` is under one of the `freeze` prefixes (whole dotted segments).
 pub fn frozen(freeze: &[String], name: &str) -> bool {
@@ -44,15 +44,6 @@ pub fn check_buildable(cfg: &Config) -> Result<()> {
     if let Some(gb) = t.device_memory_gb {
         bail!(
             "{model}: [target] device_memory_gb = {gb}: fitting a plan to a device's memory is not built yet (it comes with the memory planner); remove the key"
-        );
-    }
-    if cfg.train.recompute != Recompute::None {
-        let mode = match cfg.train.recompute {
-            Recompute::Full => "full",
-            _ => "selective",
-        };
-        bail!(
-            "{model}: [train] recompute = \"{mode}\": recomputation is not built yet (it comes with the compiler passes); use recompute = \"none\""
         );
     }
     if let Some(tpl) = &cfg.model.template {
@@ -93,7 +84,11 @@ pub fn training_forward(cfg: &Config) -> Result<Model> {
 
 /// The pass pipeline of the configured target for `forward`, with the training settings of
 /// `cfg`; refuses freeze prefixes that match nothing or everything.
-pub fn pipeline_for(cfg: &Config, forward: &Graph) -> Result<Pipeline> {
+pub fn pipeline_for(
+    cfg: &Config,
+    forward: &Graph,
+    stackings: Arc<Mutex<Vec<ParamStacking>>>,
+) -> Result<Pipeline> {
     let model = &cfg.path;
     let train = &cfg.train;
     for prefix in &train.freeze {
@@ -116,6 +111,25 @@ pub fn pipeline_for(cfg: &Config, forward: &Graph) -> Result<Pipeline> {
             train.freeze
         );
     }
+    // The routed MoE trains each layer's experts as one stacked tensor, so a freeze prefix
+    // must take all of a layer's experts or none of them.
+    for prefix in &train.freeze {
+        for (name, _, _) in forward.params() {
+            let Some(at) = name.find(".mlp.experts.") else {
+                continue;
+            };
+            let experts = &name[..at + ".mlp.experts".len()];
+            let whole = format!("{experts}.gate_up_proj");
+            if frozen(std::slice::from_ref(prefix), name)
+                && !frozen(std::slice::from_ref(prefix), &whole)
+            {
+                bail!(
+                    "{}: [train] freeze prefix `{prefix}` freezes some experts of `{experts}` but not all: the experts of a layer train as one stacked tensor, so freeze `{experts}` (or a prefix above it) or none of them",
+                    model.display()
+                );
+            }
+        }
+    }
     let decay_1d = train.weight_decay_1d;
     let step = StepSpec {
         trainable,
@@ -132,7 +146,20 @@ pub fn pipeline_for(cfg: &Config, forward: &Graph) -> Result<Pipeline> {
     Ok(pipeline::cpu(Settings {
         loss: "loss".into(),
         step,
+        recompute: recompute_mode(train),
+        stackings,
     }))
+}
+
+/// The recompute mode `[train]` asks for: a memory budget decides on its own; otherwise the
+/// named mode.
+pub fn recompute_mode(train: &mmc_frontend::config::TrainConfig) -> RecomputeMode {
+    match (train.recompute_budget_gb, train.recompute) {
+        (Some(gb), _) => RecomputeMode::budget_gb(gb),
+        (None, Recompute::None) => RecomputeMode::None,
+        (None, Recompute::Selective) => RecomputeMode::Selective,
+        (None, Recompute::Full) => RecomputeMode::Full,
+    }
 }
 
 /// A compiled plan and what the pass pipeline did to get it.
@@ -155,7 +182,8 @@ pub fn compile(cfg: &Config) -> Result<Compiled> {
     let train = &cfg.train;
     let accum = train.global_batch_size / (train.micro_batch_size * par.dp);
     let declared = training_forward(cfg)?;
-    let pipeline = pipeline_for(cfg, &declared.graph)?;
+    let stackings = Arc::new(Mutex::new(Vec::new()));
+    let pipeline = pipeline_for(cfg, &declared.graph, stackings.clone())?;
     let checkpoint = match &cfg.model.init_from_hf_path {
         Some(init) => {
             let dir = cfg.resolve_path(init, "init_from_hf_path")?;
@@ -203,10 +231,16 @@ pub fn compile(cfg: &Config) -> Result<Compiled> {
             template: cfg.model.template.clone(),
         },
     };
+    let stackings = std::mem::take(
+        &mut *stackings
+            .lock()
+            .map_err(|_| anyhow::anyhow!("internal error: the stacking record was poisoned"))?,
+    );
     let plan = build_plan(PlanRequest {
         step,
         weights,
         settings,
+        stackings,
     })?;
     Ok(Compiled { plan, report })
 }
@@ -255,7 +289,7 @@ pub fn dump_ir(cfg: &Config, at: &DumpPoint, format: DumpFormat) -> Result<Strin
         ));
     }
 
-    let mut pipeline = pipeline_for(cfg, &graph)?;
+    let mut pipeline = pipeline_for(cfg, &graph, Arc::new(Mutex::new(Vec::new())))?;
     if let DumpPoint::Stage(stage) = at {
         if !pipeline.builds(*stage) {
             let built: Vec<&str> = Stage::ALL

@@ -59,14 +59,6 @@ fn settings_that_are_not_built_yet_are_refused_with_the_key_named() {
             "[target] device_memory_gb = 64: fitting a plan to a device's memory is not built yet",
         ),
         (
-            "[train]\nrecompute = \"full\"",
-            "[train] recompute = \"full\": recomputation is not built yet",
-        ),
-        (
-            "[train]\nrecompute = \"selective\"",
-            "[train] recompute = \"selective\"",
-        ),
-        (
             "[train]\nrecompute = \"none\"\n[parallel]\nzero = 3",
             "parallelism",
         ),

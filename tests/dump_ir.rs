@@ -106,7 +106,7 @@ fn every_stage_the_pipeline_builds_has_a_snapshot() {
     // A stage that becomes built (scheduled, with memory planning) needs its snapshot here.
     let cfg = Config::load(Path::new("configs/internvl35-tiny.toml")).unwrap();
     let declared = mmc::driver::training_forward(&cfg).unwrap();
-    let pipeline = mmc::driver::pipeline_for(&cfg, &declared.graph).unwrap();
+    let pipeline = mmc::driver::pipeline_for(&cfg, &declared.graph, Default::default()).unwrap();
     let built: Vec<Stage> = Stage::ALL
         .into_iter()
         .filter(|s| pipeline.builds(*s))

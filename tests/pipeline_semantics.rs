@@ -19,7 +19,7 @@ fn loss_and_gradients_are_unchanged_by_the_pipeline() {
     let forward = mmc::driver::training_forward(&cfg)
         .expect("model builds")
         .graph;
-    let pipeline = mmc::driver::pipeline_for(&cfg, &forward).expect("pipeline");
+    let pipeline = mmc::driver::pipeline_for(&cfg, &forward, Default::default()).expect("pipeline");
     let (Artifact::Graph(piped), report) = pipeline
         .run_to(forward.clone(), Stage::Autodiff)
         .expect("the pipeline runs")

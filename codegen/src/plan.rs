@@ -3,7 +3,7 @@
 //! module only decides where each state tensor starts from. (Kernels join the plan with the
 //! CPU and Ascend backends.)
 
-use mmc_ir::plan::{Init, Plan, StateKind, StateSpec, TrainSettings};
+use mmc_ir::plan::{expand_stackings, Init, ParamStacking, Plan, StateKind, StateSpec, TrainSettings};
 use mmc_ir::WeightSource;
 use mmc_passes::TrainStep;
 use std::collections::BTreeMap;
@@ -14,6 +14,8 @@ use std::path::PathBuf;
 pub enum PlanBuildError {
     #[error("parameter `{0}` has no initialiser and no checkpoint to load it from")]
     NoInit(String),
+    #[error("internal error in the expert stacking: {0}")]
+    Stacking(#[from] mmc_ir::stacking::StackingError),
 }
 
 /// Where the initial weights come from.
@@ -33,14 +35,21 @@ pub struct PlanRequest<'a> {
     pub step: TrainStep,
     pub weights: Weights<'a>,
     pub settings: TrainSettings,
+    /// The stacked parameters the programs read (the routed MoE's expert stacks), each
+    /// assembled from logical per-expert state.
+    pub stackings: Vec<ParamStacking>,
 }
 
 /// Lays out the state of the training step (each tensor with where it starts from) and
 /// assembles the plan.
 pub fn build_plan(req: PlanRequest) -> Result<Plan, PlanBuildError> {
     let step = req.step;
-    let mut state = Vec::with_capacity(step.state.len());
-    for (name, ty, kind) in step.state {
+    // The state stays logical (per-expert tensors, as checkpoints name them); the stackings
+    // say how the programs' stacked tensors are assembled from it, for every role (the
+    // parameter, its gradient accumulator and its moments).
+    let (logical, stackings) = expand_stackings(step.state, &req.stackings)?;
+    let mut state = Vec::with_capacity(logical.len());
+    for (name, ty, kind) in logical {
         let init = match (&kind, &req.weights) {
             (StateKind::Parameter { .. }, Weights::Checkpoint { source, .. }) => {
                 Init::Checkpoint(source(&name))
@@ -67,6 +76,6 @@ pub fn build_plan(req: PlanRequest) -> Result<Plan, PlanBuildError> {
         checkpoint,
         state,
         programs: vec![step.micro_step, step.apply],
-        stackings: Vec::new(),
+        stackings,
     })
 }

@@ -26,13 +26,16 @@
 //! the schedule); the forward simplification and the train step are shared.
 
 use crate::autodiff::autodiff;
+use crate::fuse::moe::fuse_moe;
+use crate::fuse::{fuse, FuseLimits};
+use crate::recompute::{recompute, RecomputeMode};
 use crate::optimizer::AdamW;
 use crate::simplify::{simplify, SimplifyReport};
 use crate::train_step::{assemble, TrainStep, TrainStepSpec};
-use mmc_ir::plan::Program;
+use mmc_ir::plan::{ParamStacking, Program, MICRO_STEP_PROGRAM};
 use mmc_ir::{Graph, Stage, TensorType, VerifyError};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A pass's own failure (not an invalid result, which the pipeline detects).
@@ -119,6 +122,76 @@ impl Pass for Simplify {
     }
     fn run(&self, g: Graph, notes: &mut Vec<String>) -> Result<Graph, BoxError> {
         let (g, report): (Graph, SimplifyReport) = simplify(&g)?;
+        notes.push(report.to_string());
+        Ok(g)
+    }
+}
+
+/// E-graph fusion ([`crate::fuse`]): primitive forms to fused ops; the graph leaves it at the
+/// `fused` stage.
+pub struct Fuse {
+    pub limits: FuseLimits,
+}
+
+impl Pass for Fuse {
+    fn name(&self) -> &'static str {
+        "fuse"
+    }
+    fn stage_out(&self, _input: Stage) -> Stage {
+        Stage::Fused
+    }
+    fn run(&self, g: Graph, notes: &mut Vec<String>) -> Result<Graph, BoxError> {
+        let (g, report) = fuse(&g, &self.limits)?;
+        notes.extend(report.to_string().lines().map(String::from));
+        Ok(g)
+    }
+}
+
+/// The routed MoE ([`crate::fuse::moe`]): the dense expert sum becomes grouped GEMMs over
+/// stacked expert weights. How each stack is assembled from the per-expert parameters goes
+/// to `stackings`, which plan emission needs (the loader fills the stacks from them).
+pub struct FuseMoe {
+    pub stackings: Arc<Mutex<Vec<ParamStacking>>>,
+}
+
+impl Pass for FuseMoe {
+    fn name(&self) -> &'static str {
+        "fuse-moe"
+    }
+    fn stage_out(&self, _input: Stage) -> Stage {
+        Stage::Fused
+    }
+    fn run(&self, g: Graph, notes: &mut Vec<String>) -> Result<Graph, BoxError> {
+        let (mut g, report) = fuse_moe(&g)?;
+        g.stage = Stage::Fused;
+        notes.push(format!(
+            "{} MoE layer(s) routed, {} stacked parameter(s), {} dense form(s) left",
+            report.layers.len(),
+            report.stackings.len(),
+            report.refused.len()
+        ));
+        for r in &report.refused {
+            notes.push(format!("not routed: {r:?}"));
+        }
+        self.stackings
+            .lock()
+            .map_err(|_| "the stacking record was poisoned by a panic")?
+            .extend(report.stackings);
+        Ok(g)
+    }
+}
+
+/// Activation recomputation ([`crate::recompute`]) on the micro-step.
+pub struct Recompute {
+    pub mode: RecomputeMode,
+}
+
+impl Pass for Recompute {
+    fn name(&self) -> &'static str {
+        "recompute"
+    }
+    fn run(&self, g: Graph, notes: &mut Vec<String>) -> Result<Graph, BoxError> {
+        let (g, report) = recompute(&g, self.mode)?;
         notes.push(report.to_string());
         Ok(g)
     }
@@ -379,24 +452,35 @@ pub struct Settings {
     /// The scalar output to minimise.
     pub loss: String,
     pub step: StepSpec,
+    /// What the backward pass recomputes instead of keeping.
+    pub recompute: RecomputeMode,
+    /// Where the routed MoE records its parameter stackings.
+    pub stackings: Arc<Mutex<Vec<ParamStacking>>>,
 }
 
 /// The pipeline of the CPU target: simplify for the fused stage (the fusion pass joins there),
 /// autodiff then simplify on forward + backward, the optimizer step, and no program pass yet.
 pub fn cpu(settings: Settings) -> Pipeline {
-    let Settings { loss, step } = settings;
+    let Settings {
+        loss,
+        step,
+        recompute,
+        stackings,
+    } = settings;
     Pipeline {
         options: Options::default(),
         forward: vec![Group {
             stage: Stage::Fused,
             passes: vec![
-                Box::new(Simplify),
-                // Fusion registers here, one line: `Box::new(crate::fuse::Fuse::default()),`
-                // (it turns the stage to `fused` itself, so `EnterStage` then does nothing).
-                Box::new(EnterStage {
-                    name: "enter-fused",
-                    stage: Stage::Fused,
+                // The routed MoE first: it matches the dense expert sum as the frontend
+                // declares it, before the e-graph rewrites the experts' SwiGLUs.
+                Box::new(FuseMoe { stackings }),
+                Box::new(Fuse {
+                    limits: FuseLimits::default(),
                 }),
+                // Then the algebra, CSE and dead code (the attention mask the fused attention
+                // no longer reads).
+                Box::new(Simplify),
             ],
         }],
         autodiff: Group {
@@ -410,14 +494,17 @@ pub fn cpu(settings: Settings) -> Pipeline {
             ],
         },
         step,
-        programs: vec![
+        programs: if recompute == RecomputeMode::None { vec![] } else { vec![
             // Program passes register here in order, one line each; the last turns the stage
             // to `scheduled` (until then that stage is reported as not built):
-            //   recompute, micro-step only:
-            //     Box::new(Only { program: mmc_ir::plan::MICRO_STEP_PROGRAM, pass: Recompute { mode } }),
+            // TEMP-RECOMPUTE
+            Box::new(Only {
+                program: MICRO_STEP_PROGRAM,
+                pass: Recompute { mode: recompute },
+            }),
             //   scheduling and memory planning, every program:
             //     Box::new(EachGraph(Schedule)), Box::new(Memory),
-        ],
+        ]},
     }
 }
 

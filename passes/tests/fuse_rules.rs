@@ -412,11 +412,14 @@ fn a_rule_that_changes_a_type_never_fires() {
 }
 
 #[test]
-fn a_frontend_graph_is_required() {
+fn a_forward_graph_is_required() {
     let mut g = softmax_graph(1);
+    g.stage = Stage::Autodiff;
+    let err = fuse(&g, &FuseLimits::default()).expect_err("an autodiff graph is refused");
+    assert!(err.to_string().contains("frontend or fused"), "{err}");
     g.stage = Stage::Fused;
-    let err = fuse(&g, &FuseLimits::default()).expect_err("a fused graph is refused");
-    assert!(err.to_string().contains("frontend"), "{err}");
+    let (f, _) = fuse(&g, &FuseLimits::default()).expect("a fused graph is taken");
+    assert_eq!(count(&f, "fused.softmax"), 1);
 }
 
 #[test]

@@ -165,10 +165,12 @@ pub fn fuse_with(
     rules: Vec<FuseRewrite>,
 ) -> Result<(Graph, FuseReport), PassError> {
     let start = Instant::now();
-    if g.stage != Stage::Frontend {
+    // A fused graph is taken too: the routed MoE runs first and leaves its fused ops, which
+    // the e-graph carries as opaque nodes. Backward graphs are not forward programs.
+    if !matches!(g.stage, Stage::Frontend | Stage::Fused) {
         return Err(error(
             "input",
-            format!("takes a frontend graph, got a {} graph", g.stage),
+            format!("takes a frontend or fused graph, got a {} graph", g.stage),
         ));
     }
     let rules = guard::guarded(rules);
