@@ -2,7 +2,9 @@
 
 pub mod autodiff;
 pub mod emit;
+pub mod memory;
 pub mod optimizer;
+pub mod schedule;
 pub mod train_step;
 
 pub use autodiff::{autodiff, grad_output, AutodiffError, GRAD_PREFIX};
