@@ -331,7 +331,7 @@ fn bad_plans_are_one_line_errors() {
     std::fs::write(&p, "hello").unwrap();
     let e = fails(&["run", p.to_str().unwrap(), "--data", "x.safetensors"]);
     assert!(e.contains("not an mmc plan"), "{e}");
-    std::fs::write(&p, "mmc-plan 2\n{\"settings\": ").unwrap();
+    std::fs::write(&p, "mmc-plan 3\n{\"settings\": ").unwrap();
     let e = fails(&["run", p.to_str().unwrap(), "--data", "x.safetensors"]);
     assert!(e.contains("damaged"), "{e}");
 }

@@ -71,22 +71,22 @@ fn plan() -> Plan {
             state("acc", StateKind::GradAccumulator),
         ],
         programs: vec![
-            Program {
-                name: "micro_step".into(),
-                graph: micro,
-                updates: vec![StateUpdate {
+            Program::new(
+                "micro_step",
+                micro,
+                vec![StateUpdate {
                     output: "acc_new".into(),
                     state: "acc".into(),
                 }],
-            },
-            Program {
-                name: "apply".into(),
-                graph: apply,
-                updates: vec![StateUpdate {
+            ),
+            Program::new(
+                "apply",
+                apply,
+                vec![StateUpdate {
                     output: "w_new".into(),
                     state: "w".into(),
                 }],
-            },
+            ),
         ],
     }
 }
@@ -105,7 +105,7 @@ fn a_plan_round_trips_through_its_bytes() {
     let bytes = p.to_bytes();
     let header = String::from_utf8_lossy(&bytes[..bytes.iter().position(|&b| b == b'\n').unwrap()])
         .to_string();
-    assert!(header.starts_with("mmc-plan 2 sha256:"), "{header}");
+    assert!(header.starts_with("mmc-plan 3 sha256:"), "{header}");
     assert_eq!(load(&bytes).unwrap(), p);
 }
 
@@ -142,7 +142,7 @@ fn a_plan_from_another_version_or_without_checksum_is_refused() {
         e.contains("plan format 1") && e.contains("recompile"),
         "{e}"
     );
-    let mut bare = b"mmc-plan 2\n".to_vec();
+    let mut bare = b"mmc-plan 3\n".to_vec();
     bare.extend(body);
     assert!(load(&bare).unwrap_err().contains("no checksum"));
     assert!(load(b"hello").unwrap_err().contains("not an mmc plan"));
@@ -230,7 +230,7 @@ fn schedule_values_are_checked_with_the_keys_named() {
 #[test]
 fn errors_are_plan_errors() {
     // The damaged-plan error says to recompile, like the version error.
-    let e = Plan::from_bytes(Path::new("p.bin"), b"mmc-plan 2 sha256:00\n{}").unwrap_err();
+    let e = Plan::from_bytes(Path::new("p.bin"), b"mmc-plan 3 sha256:00\n{}").unwrap_err();
     assert!(matches!(e, PlanError::Malformed { .. }), "{e}");
     assert!(e.to_string().contains("mmc compile"), "{e}");
 }

@@ -17,8 +17,12 @@
 //! name. Sizes come from the caller's bytes per element, so a report uses the declared dtypes
 //! while the interpreter (8-byte words) plans with [`ElemBytes::words`].
 
+use crate::emit::PassError;
+use crate::schedule::schedule_with;
+use mmc_ir::arena::WORD_BYTES;
 use mmc_ir::arena::{live_ends, ArenaLayout, Buffers, ElemBytes, Group, Slot};
 use mmc_ir::arena::{LayoutError, Reuse};
+use mmc_ir::plan::Program;
 use mmc_ir::{DType, Graph, Value};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -75,6 +79,22 @@ impl MemoryPlan {
     }
 }
 
+/// Schedules a program for the interpreter and attaches its arena layout (8-byte words):
+/// what the compile pipeline does to each program of a plan, so that `mmc run` allocates one
+/// arena per program and replays every step in it. The layout is checked before it is kept.
+pub fn plan_program(program: &Program) -> Result<Program, PassError> {
+    let graph = schedule_with(&program.graph, |_| WORD_BYTES)?;
+    let plan = plan_memory(&graph, |_| WORD_BYTES);
+    plan.verify(&graph)
+        .expect("the planner's layouts pass the layout check");
+    Ok(Program {
+        name: program.name.clone(),
+        graph,
+        updates: program.updates.clone(),
+        memory: Some(plan.layout),
+    })
+}
+
 /// Plans the arena of a scheduled graph with `elem_bytes` bytes per element.
 pub fn plan_memory(graph: &Graph, elem_bytes: impl Fn(DType) -> usize) -> MemoryPlan {
     let elem = ElemBytes::from_fn(elem_bytes);
@@ -122,7 +142,6 @@ pub fn plan_memory(graph: &Graph, elem_bytes: impl Fn(DType) -> usize) -> Memory
         largest_live_set,
         placement,
     };
-    debug_assert!(plan.verify(graph).is_ok());
     plan
 }
 

@@ -6,8 +6,8 @@
 //! and this loop stay the same when they run as kernels.
 
 use crate::weights::{Checkpoint, ParamSpec, WeightError};
-use mmc_ir::interp::{Bindings, InterpError, Precision};
-use mmc_ir::plan::{Init, Plan, Program, GRAD_NORM_OUTPUT, LR_INPUT, STEP_INPUT};
+use mmc_ir::interp::{Arena, Bindings, InterpError, Precision};
+use mmc_ir::plan::{Init, Plan, GRAD_NORM_OUTPUT, LR_INPUT, STEP_INPUT};
 use mmc_ir::{Interpreter, Tensor, TensorData};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
@@ -84,6 +84,9 @@ fn all_padding(mb: &MicroBatch) -> bool {
 pub struct Trainer {
     plan: Plan,
     state: HashMap<String, Tensor>,
+    /// The activation arena of each program that has an interpreter memory plan, allocated
+    /// once and reused by every step.
+    arenas: HashMap<String, Arena>,
     /// Optimizer steps taken.
     step: u64,
 }
@@ -111,11 +114,20 @@ impl Trainer {
     /// the state: parameters from the plan's checkpoint or seeded random init, optimizer state
     /// zeroed.
     pub fn new(plan: Plan) -> Result<Trainer, TrainError> {
+        let mut arenas = HashMap::new();
         for p in &plan.programs {
-            mmc_ir::verify(&p.graph).map_err(|e| TrainError::Program {
+            let err = |error| TrainError::Program {
                 program: p.name.clone(),
-                error: Box::new(InterpError::Malformed(e)),
-            })?;
+                error: Box::new(error),
+            };
+            mmc_ir::verify(&p.graph).map_err(|e| err(InterpError::Malformed(e)))?;
+            // A layout planned for other element sizes (generated code) is not the
+            // interpreter's; the program then runs without an arena.
+            if let Some(layout) = p.memory.as_ref().filter(|l| l.elem_bytes.is_words()) {
+                let arena = Arena::new(&p.graph, layout.clone())
+                    .map_err(|e| err(InterpError::Layout(e)))?;
+                arenas.insert(p.name.clone(), arena);
+            }
         }
         let mut state = HashMap::new();
         let from_checkpoint: Vec<ParamSpec> = plan
@@ -162,6 +174,7 @@ impl Trainer {
         Ok(Trainer {
             plan,
             state,
+            arenas,
             step: 0,
         })
     }
@@ -218,6 +231,11 @@ impl Trainer {
         self.step = steps;
     }
 
+    /// Bytes of the programs' activation arenas (0 for programs without a memory plan).
+    pub fn arena_bytes(&self) -> u64 {
+        self.arenas.values().map(Arena::bytes).sum()
+    }
+
     /// Bytes of persistent state.
     pub fn state_bytes(&self) -> u64 {
         self.state
@@ -226,25 +244,27 @@ impl Trainer {
             .sum()
     }
 
-    fn program(&self, name: &'static str) -> Result<&Program, TrainError> {
-        self.plan
-            .program(name)
-            .ok_or(TrainError::MissingProgram(name))
-    }
-
     /// Runs a program and writes its state updates back; returns its other outputs.
     fn run(
         &mut self,
         name: &'static str,
         data: &BTreeMap<String, Tensor>,
     ) -> Result<BTreeMap<String, Tensor>, TrainError> {
-        let program = self.program(name)?;
+        let program = self
+            .plan
+            .program(name)
+            .ok_or(TrainError::MissingProgram(name))?;
         let err = |error| TrainError::Program {
             program: name.to_string(),
             error: Box::new(error),
         };
         let interp = Interpreter::for_verified(&program.graph, Precision::Declared);
-        let outputs = interp.run(&Layered(&self.state, data)).map_err(err)?;
+        let bindings = Layered(&self.state, data);
+        let outputs = match self.arenas.get_mut(name) {
+            Some(arena) => interp.run_in(arena, &bindings),
+            None => interp.run(&bindings),
+        }
+        .map_err(err)?;
         let mut rest: BTreeMap<String, Tensor> = outputs.0.into_iter().collect();
         let updates = program.updates.clone();
         for u in &updates {

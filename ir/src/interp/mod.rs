@@ -7,6 +7,7 @@
 //! gradient checks need.
 
 mod kernels;
+mod planned;
 
 use crate::graph::Graph;
 use crate::op::{BinaryOp, CmpOp, FusedOp, Op, ReduceKind, UnaryOp};
@@ -16,6 +17,8 @@ use crate::{DType, Shape, TensorType};
 use half::{bf16, f16};
 use kernels::{strides, view_buf, Buf};
 use std::collections::{BTreeMap, HashMap};
+
+pub use planned::Arena;
 
 /// How the interpreter treats floating-point dtypes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -65,6 +68,8 @@ pub enum InterpError {
         expected: TensorType,
         got: TensorType,
     },
+    #[error("memory layout: {0}")]
+    Layout(#[from] crate::arena::LayoutError),
     #[error("node {node} (`{op}`): {message}")]
     Op {
         node: usize,
@@ -241,8 +246,14 @@ impl<'g> Interpreter<'g> {
     }
 
     fn round(&self, dtype: DType, mut v: Vec<f64>) -> Vec<f64> {
+        self.round_slice(dtype, &mut v);
+        v
+    }
+
+    /// Rounds floats in place to `dtype` (nothing under [`Precision::F64`]).
+    fn round_slice(&self, dtype: DType, v: &mut [f64]) {
         if self.precision == Precision::F64 {
-            return v;
+            return;
         }
         match dtype {
             DType::F32 => v.iter_mut().for_each(|x| *x = *x as f32 as f64),
@@ -250,7 +261,6 @@ impl<'g> Interpreter<'g> {
             DType::F16 => v.iter_mut().for_each(|x| *x = f16::from_f64(*x).to_f64()),
             _ => {}
         }
-        v
     }
 
     fn wrap_int(dtype: DType, mut v: Vec<i64>) -> Vec<i64> {

@@ -1,0 +1,326 @@
+//! Running a graph over a static arena: the memory plan's layout made real.
+//!
+//! The arena is allocated once (8-byte words: f64 values, or i64 bit patterns for integers and
+//! bools) and every value the program computes is kept at its planned slot, so the planned
+//! peak is the real one and a runtime reuses the same memory every step. Parameters and
+//! inputs are bound from outside as in [`Interpreter::run`]. Matmuls and float elementwise ops
+//! write into their slots directly (in place where the plan reuses an operand's buffer); other
+//! ops run through the same evaluation as the plain path, their operands copied out of the
+//! arena, their result copied in. Results are bit-identical to [`Interpreter::run`].
+
+use super::{binary_f, unary_f, Bindings, Dyn, EvalError, InterpError, Interpreter, Outputs, Val};
+use crate::arena::{in_arena, ArenaLayout, LayoutError, Slot, WORD_BYTES};
+use crate::interp::kernels::{self, Buf};
+use crate::op::{BinaryOp, Op, UnaryOp};
+use crate::{Graph, TensorType, Value};
+use std::ops::Range;
+
+/// A program's activation arena, laid out by a checked [`ArenaLayout`] in interpreter words.
+pub struct Arena {
+    layout: ArenaLayout,
+    words: Vec<f64>,
+}
+
+impl Arena {
+    /// Checks `layout` against `graph` ([`ArenaLayout::check_words`]) and allocates its arena.
+    pub fn new(graph: &Graph, layout: ArenaLayout) -> Result<Arena, LayoutError> {
+        layout.check_words(graph)?;
+        let words = usize::try_from(layout.size / WORD_BYTES as u64)
+            .map_err(|_| LayoutError::NotWords("the arena does not fit in memory".into()))?;
+        Ok(Arena {
+            layout,
+            words: vec![0.0; words],
+        })
+    }
+
+    pub fn layout(&self) -> &ArenaLayout {
+        &self.layout
+    }
+
+    /// Bytes the arena holds.
+    pub fn bytes(&self) -> u64 {
+        (self.words.len() * WORD_BYTES) as u64
+    }
+}
+
+/// Word range of a slot.
+fn word_range(s: Slot) -> Range<usize> {
+    let start = (s.offset / WORD_BYTES as u64) as usize;
+    start..start + (s.bytes / WORD_BYTES as u64) as usize
+}
+
+/// Where an operand is: in the arena, or an owned parameter or input.
+enum Src<'a> {
+    Arena(Range<usize>),
+    Owned(&'a Val),
+}
+
+/// The output slice and the arena operands' slices of one node at once; `None` if an operand
+/// overlaps the output (the caller then computes in place or through a copy).
+fn split<'a>(
+    words: &'a mut [f64],
+    out: &Range<usize>,
+    ins: &[Range<usize>],
+) -> Option<(&'a mut [f64], Vec<&'a [f64]>)> {
+    let len = words.len();
+    let ok = |r: &Range<usize>| r.start <= r.end && r.end <= len;
+    if !ok(out) || !ins.iter().all(ok) {
+        return None;
+    }
+    if ins
+        .iter()
+        .any(|r| !r.is_empty() && !out.is_empty() && r.start < out.end && out.start < r.end)
+    {
+        return None;
+    }
+    let base = words.as_mut_ptr();
+    // SAFETY: every range is inside `words` (checked above), and the mutable one is disjoint
+    // from every shared one (checked above); shared ones may overlap each other. All live for
+    // `'a`, the borrow of `words`.
+    unsafe {
+        let o = std::slice::from_raw_parts_mut(base.add(out.start), out.len());
+        let i = ins
+            .iter()
+            .map(|r| std::slice::from_raw_parts(base.add(r.start) as *const f64, r.len()))
+            .collect();
+        Some((o, i))
+    }
+}
+
+impl Interpreter<'_> {
+    /// Runs the graph once over `arena`, whose layout was planned for this graph: every value
+    /// the program computes lives at its slot. Returns the same outputs as [`Interpreter::run`].
+    pub fn run_in<B: Bindings + ?Sized>(
+        &self,
+        arena: &mut Arena,
+        bindings: &B,
+    ) -> Result<Outputs, InterpError> {
+        let g = self.graph;
+        if arena.layout.slots.len() != g.num_values() {
+            return Err(InterpError::Layout(LayoutError::SlotCount {
+                expected: g.num_values(),
+                got: arena.layout.slots.len(),
+            }));
+        }
+        let Arena { layout, words } = arena;
+        let slot = |v: Value| layout.slots[v.0 as usize].map(word_range);
+        // Parameters and inputs, converted once and dropped after their last reader.
+        let mut owned: Vec<Option<Val>> = vec![None; g.num_values()];
+        for (i, node) in g.nodes().iter().enumerate() {
+            let op_err = |message: String| InterpError::Op {
+                node: i,
+                op: node.op.name(),
+                message,
+            };
+            let out = node.outputs[0];
+            let out_ty = g.ty(out);
+            if !in_arena(&node.op) {
+                let v = self
+                    .eval(&node.op, &[], out_ty, &Dyn(bindings))
+                    .map_err(|e| match e {
+                        EvalError::Msg(m) => op_err(m),
+                        EvalError::Binding(b) => b,
+                    })?;
+                owned[out.0 as usize] = Some(v);
+                continue;
+            }
+            let out_r = slot(out).ok_or(LayoutError::MissingSlot(out.0))?;
+            let srcs: Vec<Src> = node
+                .inputs
+                .iter()
+                .map(|&v| match slot(v) {
+                    Some(r) => Src::Arena(r),
+                    None => Src::Owned(
+                        owned[v.0 as usize]
+                            .as_ref()
+                            .expect("verified: defined before use"),
+                    ),
+                })
+                .collect();
+            if !self.direct(node, out_ty, &out_r, &srcs, words) {
+                // The general path: operands copied out, the result copied in.
+                let copies: Vec<Option<Val>> = node
+                    .inputs
+                    .iter()
+                    .zip(&srcs)
+                    .map(|(&v, s)| match s {
+                        Src::Arena(r) => Some(read(g.ty(v), &words[r.clone()])),
+                        Src::Owned(_) => None,
+                    })
+                    .collect();
+                let args: Vec<&Val> = copies
+                    .iter()
+                    .zip(&srcs)
+                    .map(|(c, s)| match (c, s) {
+                        (Some(c), _) => c,
+                        (None, Src::Owned(v)) => *v,
+                        (None, Src::Arena(_)) => unreachable!("arena operands are copied"),
+                    })
+                    .collect();
+                let result =
+                    self.eval(&node.op, &args, out_ty, &Dyn(bindings))
+                        .map_err(|e| match e {
+                            EvalError::Msg(m) => op_err(m),
+                            EvalError::Binding(b) => b,
+                        })?;
+                drop(args);
+                drop(copies);
+                write(&result.buf, &mut words[out_r]);
+            }
+            drop(srcs);
+            for v in &node.inputs {
+                if self.last_use[v.0 as usize] == Some(i) {
+                    owned[v.0 as usize] = None;
+                }
+            }
+        }
+        let mut outs = Vec::new();
+        for (name, v) in g.outputs() {
+            let t = match slot(*v) {
+                Some(r) => self.to_tensor(&read(g.ty(*v), &words[r])),
+                None => self.to_tensor(owned[v.0 as usize].as_ref().expect("outputs are kept")),
+            };
+            outs.push((name.clone(), t));
+        }
+        Ok(Outputs(outs))
+    }
+
+    /// Computes reshapes, float elementwise ops and matmuls straight into the arena; `false`
+    /// when the node needs the general path.
+    fn direct(
+        &self,
+        node: &crate::Node,
+        ty: &TensorType,
+        out: &Range<usize>,
+        srcs: &[Src],
+        words: &mut [f64],
+    ) -> bool {
+        let float = ty.dtype.is_float();
+        match (&node.op, srcs) {
+            // A view of its operand's buffer: already in place.
+            (Op::Reshape { .. }, [Src::Arena(r)]) if r == out => true,
+            (Op::Unary(u), [x]) if float && *u != UnaryOp::Not => {
+                let f = unary_f(*u);
+                match x {
+                    Src::Arena(r) if r == out => {
+                        words[out.clone()].iter_mut().for_each(|e| *e = f(*e))
+                    }
+                    Src::Arena(r) => {
+                        let Some((o, i)) = split(words, out, std::slice::from_ref(r)) else {
+                            return false;
+                        };
+                        o.iter_mut().zip(i[0]).for_each(|(o, &x)| *o = f(x));
+                    }
+                    Src::Owned(v) => {
+                        let o = &mut words[out.clone()];
+                        o.iter_mut().zip(v.f()).for_each(|(o, &x)| *o = f(x));
+                    }
+                }
+                self.round_slice(ty.dtype, &mut words[out.clone()]);
+                true
+            }
+            (Op::Binary(b), [x, y]) if float && !matches!(b, BinaryOp::And | BinaryOp::Or) => {
+                let f = binary_f(*b);
+                let is_out = |s: &Src| matches!(s, Src::Arena(r) if r == out);
+                let arena_ins: Vec<Range<usize>> = [x, y]
+                    .iter()
+                    .filter_map(|s| match s {
+                        Src::Arena(r) if !is_out(s) => Some(r.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                let Some((o, ins)) = split(words, out, &arena_ins) else {
+                    return false;
+                };
+                let mut ins = ins.into_iter();
+                let px = operand(x, out, &mut ins);
+                let py = operand(y, out, &mut ins);
+                match (px, py) {
+                    (Opnd::Out, Opnd::Out) => o.iter_mut().for_each(|e| *e = f(*e, *e)),
+                    (Opnd::Out, Opnd::Slice(y)) => {
+                        o.iter_mut().zip(y).for_each(|(e, &y)| *e = f(*e, y))
+                    }
+                    (Opnd::Slice(x), Opnd::Out) => {
+                        o.iter_mut().zip(x).for_each(|(e, &x)| *e = f(x, *e))
+                    }
+                    (Opnd::Slice(x), Opnd::Slice(y)) => o
+                        .iter_mut()
+                        .zip(x.iter().zip(y))
+                        .for_each(|(e, (&x, &y))| *e = f(x, y)),
+                }
+                self.round_slice(ty.dtype, o);
+                true
+            }
+            // An empty product has nothing to write.
+            (Op::MatMul, _) if out.is_empty() => true,
+            (Op::MatMul, [x, y]) => {
+                let (xs, ys) = (
+                    &self.graph.ty(node.inputs[0]).shape,
+                    &self.graph.ty(node.inputs[1]).shape,
+                );
+                let r = xs.len();
+                let batch: usize = xs[..r - 2].iter().product();
+                let arena_ins: Vec<Range<usize>> = [x, y]
+                    .iter()
+                    .filter_map(|s| match s {
+                        Src::Arena(r) => Some(r.clone()),
+                        Src::Owned(_) => None,
+                    })
+                    .collect();
+                let Some((o, ins)) = split(words, out, &arena_ins) else {
+                    return false;
+                };
+                let mut ins = ins.into_iter();
+                let (Opnd::Slice(a), Opnd::Slice(b)) =
+                    (operand(x, out, &mut ins), operand(y, out, &mut ins))
+                else {
+                    unreachable!("split refuses an output overlapping an operand")
+                };
+                kernels::matmul_into(a, b, batch, xs[r - 2], xs[r - 1], ys[r - 1], o);
+                self.round_slice(ty.dtype, o);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// An elementwise operand: the output itself (computing in place) or a slice.
+enum Opnd<'s> {
+    Out,
+    Slice(&'s [f64]),
+}
+
+/// The operand `s` of a node writing `out`, taking arena slices from `ins` in operand order.
+fn operand<'s>(
+    s: &Src<'s>,
+    out: &Range<usize>,
+    ins: &mut impl Iterator<Item = &'s [f64]>,
+) -> Opnd<'s> {
+    match s {
+        Src::Arena(r) if r == out => Opnd::Out,
+        Src::Arena(_) => Opnd::Slice(ins.next().expect("one slice per arena operand")),
+        Src::Owned(v) => Opnd::Slice(v.f()),
+    }
+}
+
+/// A value of type `ty` read out of its words.
+fn read(ty: &TensorType, w: &[f64]) -> Val {
+    let buf = if ty.dtype.is_float() {
+        Buf::F(w.to_vec())
+    } else {
+        Buf::I(bytemuck::cast_slice::<f64, i64>(w).to_vec())
+    };
+    Val {
+        ty: ty.clone(),
+        buf,
+    }
+}
+
+/// A result written into its words.
+fn write(buf: &Buf, w: &mut [f64]) {
+    match buf {
+        Buf::F(v) => w.copy_from_slice(v),
+        Buf::I(v) => bytemuck::cast_slice_mut::<f64, i64>(w).copy_from_slice(v),
+    }
+}
