@@ -381,14 +381,14 @@ impl ArenaLayout {
                 self.elem_bytes.0
             )));
         }
-        if self.size % WORD_BYTES as u64 != 0 {
+        if !self.size.is_multiple_of(WORD_BYTES as u64) {
             return Err(LayoutError::NotWords(format!(
                 "the arena's {} bytes are not whole words",
                 self.size
             )));
         }
         if let Some((v, s)) = self.slots.iter().enumerate().find_map(|(v, s)| {
-            s.filter(|s| s.offset % WORD_BYTES as u64 != 0)
+            s.filter(|s| !s.offset.is_multiple_of(WORD_BYTES as u64))
                 .map(|s| (v, s))
         }) {
             return Err(LayoutError::NotWords(format!(

@@ -131,7 +131,7 @@ pub fn plan_memory(graph: &Graph, elem_bytes: impl Fn(DType) -> usize) -> Memory
             })
         })
         .collect();
-    let plan = MemoryPlan {
+    MemoryPlan {
         layout: ArenaLayout {
             elem_bytes: elem,
             size,
@@ -141,8 +141,7 @@ pub fn plan_memory(graph: &Graph, elem_bytes: impl Fn(DType) -> usize) -> Memory
         ends,
         largest_live_set,
         placement,
-    };
-    plan
+    }
 }
 
 fn reserved(bytes: u64) -> u64 {

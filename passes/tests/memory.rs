@@ -165,8 +165,8 @@ proptest! {
         let plan = plan_memory(&s, |_| 8);
         prop_assert_eq!(plan.verify(&s), Ok(()));
         prop_assert!(plan.arena_bytes() >= plan.largest_live_set);
-        let mut arena = Arena::new(&s, plan.layout.clone()).unwrap();
-        let interp = Interpreter::new(&s, Precision::Declared).unwrap();
+        let mut arena = Arena::default();
+        let interp = Interpreter::with_layout(&s, Precision::Declared, &plan.layout).unwrap();
         for _ in 0..2 {
             let planned = bits(&interp.run_in(&mut arena, &binds).unwrap());
             prop_assert_eq!(&planned, &plain);
@@ -299,8 +299,10 @@ fn the_layout_check_refuses_bad_layouts() {
     ));
     // Only interpreter-word layouts make an interpreter arena.
     assert!(matches!(
-        Arena::new(&g, good.clone()),
-        Err(LayoutError::NotWords(_))
+        Interpreter::with_layout(&g, Precision::Declared, &good),
+        Err(mmc_ir::interp::InterpError::Layout(LayoutError::NotWords(
+            _
+        )))
     ));
 }
 

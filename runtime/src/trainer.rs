@@ -84,9 +84,11 @@ fn all_padding(mb: &MicroBatch) -> bool {
 pub struct Trainer {
     plan: Plan,
     state: HashMap<String, Tensor>,
-    /// The activation arena of each program that has an interpreter memory plan, allocated
-    /// once and reused by every step.
-    arenas: HashMap<String, Arena>,
+    /// The activation arena of the programs that have an interpreter memory plan (their
+    /// names in `planned`): allocated once, at the largest of their sizes, and reused by every
+    /// program and every step.
+    arena: Arena,
+    planned: std::collections::HashSet<String>,
     /// Optimizer steps taken.
     step: u64,
 }
@@ -114,7 +116,8 @@ impl Trainer {
     /// the state: parameters from the plan's checkpoint or seeded random init, optimizer state
     /// zeroed.
     pub fn new(plan: Plan) -> Result<Trainer, TrainError> {
-        let mut arenas = HashMap::new();
+        let mut arena = Arena::default();
+        let mut planned = std::collections::HashSet::new();
         for p in &plan.programs {
             let err = |error| TrainError::Program {
                 program: p.name.clone(),
@@ -124,9 +127,11 @@ impl Trainer {
             // A layout planned for other element sizes (generated code) is not the
             // interpreter's; the program then runs without an arena.
             if let Some(layout) = p.memory.as_ref().filter(|l| l.elem_bytes.is_words()) {
-                let arena = Arena::new(&p.graph, layout.clone())
+                layout
+                    .check_words(&p.graph)
                     .map_err(|e| err(InterpError::Layout(e)))?;
-                arenas.insert(p.name.clone(), arena);
+                arena.reserve(layout.size);
+                planned.insert(p.name.clone());
             }
         }
         let mut state = HashMap::new();
@@ -174,7 +179,8 @@ impl Trainer {
         Ok(Trainer {
             plan,
             state,
-            arenas,
+            arena,
+            planned,
             step: 0,
         })
     }
@@ -231,9 +237,9 @@ impl Trainer {
         self.step = steps;
     }
 
-    /// Bytes of the programs' activation arenas (0 for programs without a memory plan).
+    /// Bytes of the activation arena (0 when no program has a memory plan).
     pub fn arena_bytes(&self) -> u64 {
-        self.arenas.values().map(Arena::bytes).sum()
+        self.arena.bytes()
     }
 
     /// Bytes of persistent state.
@@ -258,11 +264,13 @@ impl Trainer {
             program: name.to_string(),
             error: Box::new(error),
         };
-        let interp = Interpreter::for_verified(&program.graph, Precision::Declared);
         let bindings = Layered(&self.state, data);
-        let outputs = match self.arenas.get_mut(name) {
-            Some(arena) => interp.run_in(arena, &bindings),
-            None => interp.run(&bindings),
+        let outputs = match &program.memory {
+            Some(layout) if self.planned.contains(name) => {
+                Interpreter::for_checked_layout(&program.graph, Precision::Declared, layout)
+                    .run_in(&mut self.arena, &bindings)
+            }
+            _ => Interpreter::for_verified(&program.graph, Precision::Declared).run(&bindings),
         }
         .map_err(err)?;
         let mut rest: BTreeMap<String, Tensor> = outputs.0.into_iter().collect();

@@ -116,6 +116,8 @@ pub struct Interpreter<'g> {
     graph: &'g Graph,
     precision: Precision,
     last_use: Vec<Option<usize>>,
+    /// The arena layout [`Interpreter::run_in`] keeps values at, if any.
+    layout: Option<&'g crate::arena::ArenaLayout>,
 }
 
 impl<'g> Interpreter<'g> {
@@ -136,6 +138,7 @@ impl<'g> Interpreter<'g> {
             graph,
             precision,
             last_use,
+            layout: None,
         }
     }
 

@@ -8,33 +8,37 @@
 //! ops run through the same evaluation as the plain path, their operands copied out of the
 //! arena, their result copied in. Results are bit-identical to [`Interpreter::run`].
 
-use super::{binary_f, unary_f, Bindings, Dyn, EvalError, InterpError, Interpreter, Outputs, Val};
+use super::{
+    binary_f, unary_f, Bindings, Dyn, EvalError, InterpError, Interpreter, Outputs, Precision, Val,
+};
 use crate::arena::{in_arena, ArenaLayout, LayoutError, Slot, WORD_BYTES};
 use crate::interp::kernels::{self, Buf};
 use crate::op::{BinaryOp, Op, UnaryOp};
 use crate::{Graph, TensorType, Value};
 use std::ops::Range;
 
-/// A program's activation arena, laid out by a checked [`ArenaLayout`] in interpreter words.
+/// Memory for activation arenas, in interpreter words. One arena serves any number of
+/// programs run one after another (it grows to the largest layout once), so a runtime
+/// allocates it once and replays every step in it.
+#[derive(Default)]
 pub struct Arena {
-    layout: ArenaLayout,
     words: Vec<f64>,
 }
 
 impl Arena {
-    /// Checks `layout` against `graph` ([`ArenaLayout::check_words`]) and allocates its arena.
-    pub fn new(graph: &Graph, layout: ArenaLayout) -> Result<Arena, LayoutError> {
-        layout.check_words(graph)?;
-        let words = usize::try_from(layout.size / WORD_BYTES as u64)
-            .map_err(|_| LayoutError::NotWords("the arena does not fit in memory".into()))?;
-        Ok(Arena {
-            layout,
-            words: vec![0.0; words],
-        })
+    /// An arena of `bytes` bytes (rounded up to words).
+    pub fn with_bytes(bytes: u64) -> Arena {
+        let mut a = Arena::default();
+        a.reserve(bytes);
+        a
     }
 
-    pub fn layout(&self) -> &ArenaLayout {
-        &self.layout
+    /// Grows the arena to `bytes` bytes if it is smaller.
+    pub fn reserve(&mut self, bytes: u64) {
+        let words = bytes.div_ceil(WORD_BYTES as u64) as usize;
+        if self.words.len() < words {
+            self.words.resize(words, 0.0);
+        }
     }
 
     /// Bytes the arena holds.
@@ -87,22 +91,53 @@ fn split<'a>(
     }
 }
 
-impl Interpreter<'_> {
-    /// Runs the graph once over `arena`, whose layout was planned for this graph: every value
-    /// the program computes lives at its slot. Returns the same outputs as [`Interpreter::run`].
+impl<'g> Interpreter<'g> {
+    /// Verifies `graph` and checks `layout` against it ([`ArenaLayout::check_words`]), to run
+    /// it with [`Interpreter::run_in`].
+    pub fn with_layout(
+        graph: &'g Graph,
+        precision: Precision,
+        layout: &'g ArenaLayout,
+    ) -> Result<Self, InterpError> {
+        let mut i = Interpreter::new(graph, precision)?;
+        layout.check_words(graph)?;
+        i.layout = Some(layout);
+        Ok(i)
+    }
+
+    /// [`Interpreter::with_layout`] for a graph and layout the caller has already checked (a
+    /// runtime checks them once, when it loads the plan). A layout that does not fit gives
+    /// wrong values or an error, never undefined behaviour: every slice is bounds-checked.
+    pub fn for_checked_layout(
+        graph: &'g Graph,
+        precision: Precision,
+        layout: &'g ArenaLayout,
+    ) -> Self {
+        let mut i = Interpreter::for_verified(graph, precision);
+        i.layout = Some(layout);
+        i
+    }
+
+    /// Runs the graph once over `arena` (grown to the layout's size if smaller), keeping every
+    /// value the program computes at its slot. Returns the same outputs as
+    /// [`Interpreter::run`]; without a layout it is [`Interpreter::run`].
     pub fn run_in<B: Bindings + ?Sized>(
         &self,
         arena: &mut Arena,
         bindings: &B,
     ) -> Result<Outputs, InterpError> {
         let g = self.graph;
-        if arena.layout.slots.len() != g.num_values() {
+        let Some(layout) = self.layout else {
+            return self.run(bindings);
+        };
+        if layout.slots.len() != g.num_values() {
             return Err(InterpError::Layout(LayoutError::SlotCount {
                 expected: g.num_values(),
-                got: arena.layout.slots.len(),
+                got: layout.slots.len(),
             }));
         }
-        let Arena { layout, words } = arena;
+        arena.reserve(layout.size);
+        let words = &mut arena.words;
         let slot = |v: Value| layout.slots[v.0 as usize].map(word_range);
         // Parameters and inputs, converted once and dropped after their last reader.
         let mut owned: Vec<Option<Val>> = vec![None; g.num_values()];
