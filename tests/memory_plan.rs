@@ -10,12 +10,13 @@ use mmc::driver::compile_plan;
 use mmc_frontend::{forward_graph, Config, ForwardOptions};
 use mmc_ir::plan::Plan;
 use mmc_ir::{DType, Graph};
+use mmc_ir::{Tensor, TensorData};
 use mmc_passes::memory::plan_memory;
 use mmc_passes::memory::plan_program;
 use mmc_passes::optimizer::AdamW;
 use mmc_passes::schedule::{peak_live_bytes, schedule};
 use mmc_passes::{train_step, TrainStepSpec};
-use mmc_runtime::Trainer;
+use mmc_runtime::{MicroBatch, Trainer};
 use std::path::Path;
 use std::time::Instant;
 
@@ -103,11 +104,10 @@ fn the_30b_micro_step_plans_within_ten_percent() {
     check_config("internvl35-30b-a3b.toml");
 }
 
-/// The tiny InternVL fixture's plan, and the same plan with every program scheduled and
-/// memory-planned (through the plan's bytes, as `mmc run` would read it).
-fn tiny_plans() -> (Plan, Plan) {
-    let cfg = Config::load(&fixture("internvl35_tiny/model_ogv.toml")).unwrap();
-    let plan = compile_plan(&cfg).unwrap_or_else(|e| panic!("{e:#}"));
+/// A config's plan, and the same plan with every program scheduled and memory-planned
+/// (through the plan's bytes, as `mmc run` would read it).
+fn plans(cfg: &Config) -> (Plan, Plan) {
+    let plan = compile_plan(cfg).unwrap_or_else(|e| panic!("{e:#}"));
     let mut planned = plan.clone();
     planned.programs = plan
         .programs
@@ -117,6 +117,54 @@ fn tiny_plans() -> (Plan, Plan) {
     let planned = Plan::from_bytes(Path::new("plan.bin"), &planned.to_bytes())
         .unwrap_or_else(|e| panic!("{e}"));
     (plan, planned)
+}
+
+/// The tiny InternVL fixture's plans (see [`plans`]).
+fn tiny_plans() -> (Plan, Plan) {
+    plans(&Config::load(&fixture("internvl35_tiny/model_ogv.toml")).unwrap())
+}
+
+/// A text micro-batch for `configs/internvl35-tiny.toml` (seq 256, 7 empty tile slots).
+fn tiny_config_batch(cfg: &Config) -> MicroBatch {
+    let s = cfg.train.seq_length;
+    let tiles = cfg.train.max_tiles;
+    let ids: Vec<i64> = (0..s as i64).map(|i| 1 + (i * 7919) % 150_000).collect();
+    let labels: Vec<i64> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| if i == 0 { -100 } else { t })
+        .collect();
+    let seg = vec![1i64; s];
+    let w = mmc_runtime::loss::loss_weights(
+        mmc_ir::plan::LossReduction::Token,
+        &[mmc_runtime::loss::Row {
+            labels: &labels,
+            segment_ids: &seg,
+        }],
+    );
+    let t = |shape: Vec<usize>, d: TensorData| Tensor::new(shape, d).unwrap();
+    MicroBatch(
+        [
+            ("input_ids", t(vec![1, s], TensorData::I64(ids))),
+            ("labels", t(vec![1, s], TensorData::I64(labels))),
+            (
+                "position_ids",
+                t(vec![1, s], TensorData::I64((0..s as i64).collect())),
+            ),
+            ("segment_ids", t(vec![1, s], TensorData::I64(seg))),
+            ("loss_weights", t(vec![1, s], TensorData::F32(w.concat()))),
+            (
+                "pixel_values",
+                t(
+                    vec![tiles, 3, 56, 56],
+                    TensorData::F32(vec![0.0; tiles * 3 * 56 * 56]),
+                ),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+    )
 }
 
 #[test]
@@ -150,26 +198,44 @@ fn the_tiny_model_trains_bit_identically_in_its_arenas() {
     }
 }
 
-/// Peak RSS of three training steps of the tiny fixture, with the arenas when
-/// `MMC_ARENA=1`: run it once per mode (each in its own process) to compare, e.g.
+/// Peak RSS of three training steps, with the arena when `MMC_ARENA=1`, of the tiny fixture
+/// or (`MMC_CONFIG=tiny`) of `configs/internvl35-tiny.toml`: run it once per mode, each in
+/// its own process, e.g.
 /// `MMC_ARENA=1 cargo test --release --test memory_plan -- --ignored --nocapture peak_rss`.
 #[test]
 #[ignore = "a measurement: run by hand, one process per mode"]
 fn peak_rss_of_a_short_run() {
     let with_arena = std::env::var("MMC_ARENA").is_ok_and(|v| v == "1");
-    let (plan, planned) = tiny_plans();
+    let (plan, planned, batch) = if std::env::var("MMC_CONFIG").is_ok_and(|v| v == "tiny") {
+        let cfg = Config::load(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/internvl35-tiny.toml"),
+        )
+        .unwrap();
+        let (a, b) = plans(&cfg);
+        (a, b, tiny_config_batch(&cfg))
+    } else {
+        let (a, b) = tiny_plans();
+        (a, b, common::internvl_image_batch())
+    };
+    drop(if with_arena {
+        plan.clone()
+    } else {
+        planned.clone()
+    });
     let mut t = Trainer::new(if with_arena { planned } else { plan }).unwrap();
-    let batch = [common::internvl_image_batch()];
+    let batch = [batch];
     let start = Instant::now();
+    let mut loss = 0.0;
     for _ in 0..3 {
-        t.train_step(&batch, 1e-3).unwrap();
+        loss = t.train_step(&batch, 1e-3).unwrap().loss;
     }
     // SAFETY: getrusage writes into the struct it is given.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
     println!(
-        "arena {with_arena}: arena bytes {:.3} GB, 3 steps {:.2?}, peak RSS {:.3} GB",
+        "arena {with_arena}: arena {:.3} GB, state {:.3} GB, 3 steps {:.2?}, loss {loss}, peak RSS {:.3} GB",
         gb(t.arena_bytes()),
+        gb(t.state_bytes()),
         start.elapsed(),
         usage.ru_maxrss as f64 * 1024.0 / 1e9
     );

@@ -53,7 +53,7 @@ fn random_dag(dtype: DType, m: usize, n: usize, steps: &[(u8, u32)]) -> Graph {
     for (i, &(kind, seed)) in steps.iter().enumerate() {
         let pick = |k: u32| pool[(seed.rotate_right(k) as usize) % pool.len()];
         let (a, b) = (pick(0), pick(7));
-        let v = match kind % 9 {
+        let v = match kind % 12 {
             0 => add(&mut g, Op::Unary(UNARY[seed as usize % 6]), &[a]),
             1 | 2 => add(&mut g, Op::Binary(BINARY[seed as usize % 5]), &[a, b]),
             3 => {
@@ -100,7 +100,58 @@ fn random_dag(dtype: DType, m: usize, n: usize, steps: &[(u8, u32)]) -> Graph {
                 let k2 = add(&mut g, Op::Binary(BinaryOp::Add), &[k, k]);
                 add(&mut g, Op::Cast { to: dtype }, &[k2])
             }
-            _ if m == n => add(&mut g, Op::Permute { perm: vec![1, 0] }, &[a]),
+            8 if m == n => add(&mut g, Op::Permute { perm: vec![1, 0] }, &[a]),
+            9 | 10 => {
+                let idx = add(
+                    &mut g,
+                    Op::Iota {
+                        axis: 1,
+                        ty: TensorType::new(DType::I64, vec![m, n]),
+                    },
+                    &[],
+                );
+                let rev = add(
+                    &mut g,
+                    Op::Const {
+                        value: (n - 1) as f64,
+                        ty: TensorType::new(DType::I64, vec![m, n]),
+                    },
+                    &[],
+                );
+                let idx = add(&mut g, Op::Binary(BinaryOp::Sub), &[rev, idx]);
+                if kind % 12 == 9 {
+                    add(&mut g, Op::Gather { axis: 1 }, &[a, idx])
+                } else {
+                    add(&mut g, Op::ScatterAdd { axis: 1 }, &[a, idx, b])
+                }
+            }
+            11 if n >= 2 => {
+                let r = add(
+                    &mut g,
+                    Op::Reduce {
+                        kind: ReduceKind::Max,
+                        axes: vec![0],
+                    },
+                    &[a],
+                );
+                let r = add(&mut g, Op::Broadcast { shape: vec![m, n] }, &[r]);
+                let s = add(
+                    &mut g,
+                    Op::Slice {
+                        start: vec![0, 1],
+                        end: vec![m, n],
+                    },
+                    &[r],
+                );
+                add(
+                    &mut g,
+                    Op::Pad {
+                        low: vec![0, 0],
+                        high: vec![0, 1],
+                    },
+                    &[s],
+                )
+            }
             _ => add(&mut g, Op::Unary(UnaryOp::Cos), &[a]),
         };
         pool.push(v);

@@ -71,6 +71,34 @@ pub fn view<T: Copy>(src: &[T], shape: &[usize], strides: &[usize], base: usize)
     out
 }
 
+/// [`view`] into `out` (as many elements as `shape` has), for planned runs that write results
+/// straight into their arena slot.
+pub fn view_into<T: Copy>(
+    src: &[T],
+    shape: &[usize],
+    strides: &[usize],
+    base: usize,
+    out: &mut [T],
+) {
+    let Some((&inner, outer)) = shape.split_last() else {
+        out[0] = src[base];
+        return;
+    };
+    let inner_stride = strides[strides.len() - 1];
+    let outer_strides = &strides[..strides.len() - 1];
+    for_each_offset(outer, outer_strides, base, |k, off| {
+        let o = &mut out[k * inner..(k + 1) * inner];
+        match inner_stride {
+            0 => o.fill(src[off]),
+            1 => o.copy_from_slice(&src[off..off + inner]),
+            s => o
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, e)| *e = src[off + i * s]),
+        }
+    });
+}
+
 /// Gathers a buffer through a strided view (either element kind).
 pub fn view_buf(src: &Buf, shape: &[usize], strides: &[usize], base: usize) -> Buf {
     match src {

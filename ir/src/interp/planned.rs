@@ -172,7 +172,13 @@ impl<'g> Interpreter<'g> {
                     ),
                 })
                 .collect();
-            if !self.direct(node, out_ty, &out_r, &srcs, words) {
+            let done = self
+                .direct(node, out_ty, &out_r, &srcs, words)
+                .map_err(|e| match e {
+                    EvalError::Msg(m) => op_err(m),
+                    EvalError::Binding(b) => b,
+                })?;
+            if !done {
                 // The general path: operands copied out, the result copied in.
                 let copies: Vec<Option<Val>> = node
                     .inputs
@@ -220,9 +226,149 @@ impl<'g> Interpreter<'g> {
         Ok(Outputs(outs))
     }
 
-    /// Computes reshapes, float elementwise ops and matmuls straight into the arena; `false`
-    /// when the node needs the general path.
+    /// Computes reshapes, float elementwise ops, matmuls, layout ops, float reductions,
+    /// comparisons, selects, gathers and scatter-adds straight into the arena, reading their
+    /// operands in place; `Ok(false)` when the node needs the general path.
     fn direct(
+        &self,
+        node: &crate::Node,
+        ty: &TensorType,
+        out: &Range<usize>,
+        srcs: &[Src],
+        words: &mut [f64],
+    ) -> Result<bool, EvalError> {
+        if let Some(done) = self.direct_layout(node, ty, out, srcs, words)? {
+            return Ok(done);
+        }
+        Ok(self.direct_elementwise(node, ty, out, srcs, words))
+    }
+
+    /// The layout ops, reductions, comparisons, selects, gathers and scatter-adds of
+    /// [`Interpreter::direct`]; `None` for other ops. Their results never share an operand's
+    /// slot, so every operand is read as a separate slice (`Some(false)` if one overlaps).
+    fn direct_layout(
+        &self,
+        node: &crate::Node,
+        ty: &TensorType,
+        out: &Range<usize>,
+        srcs: &[Src],
+        words: &mut [f64],
+    ) -> Result<Option<bool>, EvalError> {
+        use crate::op::{CmpOp, ReduceKind};
+        let g = self.graph;
+        let in_ty = |k: usize| g.ty(node.inputs[k]);
+        let handled = matches!(
+            node.op,
+            Op::Broadcast { .. }
+                | Op::Permute { .. }
+                | Op::Slice { .. }
+                | Op::Compare(_)
+                | Op::Select
+                | Op::Gather { .. }
+        ) || matches!(node.op, Op::Reduce { .. } | Op::ScatterAdd { .. } if ty.dtype.is_float());
+        if !handled {
+            return Ok(None);
+        }
+        let arena_ins: Vec<Range<usize>> = srcs
+            .iter()
+            .filter_map(|s| match s {
+                Src::Arena(r) => Some(r.clone()),
+                Src::Owned(_) => None,
+            })
+            .collect();
+        let Some((o, ins)) = split(words, out, &arena_ins) else {
+            return Ok(Some(false));
+        };
+        let mut ins = ins.into_iter();
+        let a: Vec<&[f64]> = srcs
+            .iter()
+            .map(|s| match s {
+                Src::Arena(_) => ins.next().expect("one slice per arena operand"),
+                Src::Owned(v) => match &v.buf {
+                    Buf::F(x) => x.as_slice(),
+                    Buf::I(x) => bytemuck::cast_slice::<i64, f64>(x),
+                },
+            })
+            .collect();
+        let ints = |w: &[f64]| -> Vec<i64> { bytemuck::cast_slice::<f64, i64>(w).to_vec() };
+        match &node.op {
+            Op::Broadcast { shape } => {
+                let src = &in_ty(0).shape;
+                let st = kernels::strides(src);
+                let bs: Vec<usize> = (0..shape.len())
+                    .map(|i| if src[i] == 1 { 0 } else { st[i] })
+                    .collect();
+                kernels::view_into(a[0], shape, &bs, 0, o);
+            }
+            Op::Permute { perm } => {
+                let st = kernels::strides(&in_ty(0).shape);
+                let ps: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
+                kernels::view_into(a[0], &ty.shape, &ps, 0, o);
+            }
+            Op::Slice { start, .. } => {
+                let st = kernels::strides(&in_ty(0).shape);
+                let base: usize = start.iter().zip(&st).map(|(a, b)| a * b).sum();
+                kernels::view_into(a[0], &ty.shape, &st, base, o);
+            }
+            Op::Reduce { kind, .. } => {
+                let (ishape, oshape) = (&in_ty(0).shape, &ty.shape);
+                let r = match kind {
+                    ReduceKind::Sum => kernels::reduce(a[0], ishape, oshape, 0.0, |p, q| p + q),
+                    ReduceKind::Max => {
+                        kernels::reduce(a[0], ishape, oshape, f64::NEG_INFINITY, super::nan_max)
+                    }
+                };
+                o.copy_from_slice(&r);
+                self.round_slice(ty.dtype, o);
+            }
+            Op::Compare(c) => {
+                let cmp = |ord: Option<std::cmp::Ordering>| -> i64 {
+                    use std::cmp::Ordering::*;
+                    (match c {
+                        CmpOp::Eq => ord == Some(Equal),
+                        CmpOp::Ne => ord != Some(Equal),
+                        CmpOp::Lt => ord == Some(Less),
+                        CmpOp::Le => matches!(ord, Some(Less | Equal)),
+                        CmpOp::Gt => ord == Some(Greater),
+                        CmpOp::Ge => matches!(ord, Some(Greater | Equal)),
+                    }) as i64
+                };
+                let res: Vec<i64> = if in_ty(0).dtype.is_float() {
+                    a[0].iter()
+                        .zip(a[1])
+                        .map(|(x, y)| cmp(x.partial_cmp(y)))
+                        .collect()
+                } else {
+                    let (x, y) = (ints(a[0]), ints(a[1]));
+                    x.iter().zip(&y).map(|(x, y)| cmp(Some(x.cmp(y)))).collect()
+                };
+                bytemuck::cast_slice_mut::<f64, i64>(o).copy_from_slice(&res);
+            }
+            Op::Select => {
+                let c = bytemuck::cast_slice::<f64, i64>(a[0]);
+                for (k, e) in o.iter_mut().enumerate() {
+                    *e = if c[k] != 0 { a[1][k] } else { a[2][k] };
+                }
+            }
+            Op::Gather { axis } => {
+                let idx = ints(a[1]);
+                let offs = super::index_offsets(&in_ty(0).shape, &in_ty(1).shape, &idx, *axis)?;
+                o.iter_mut().zip(&offs).for_each(|(e, &off)| *e = a[0][off]);
+            }
+            Op::ScatterAdd { axis } => {
+                let idx = ints(a[1]);
+                let offs = super::index_offsets(&in_ty(0).shape, &in_ty(1).shape, &idx, *axis)?;
+                o.copy_from_slice(a[0]);
+                offs.iter().zip(a[2]).for_each(|(&off, &s)| o[off] += s);
+                self.round_slice(ty.dtype, o);
+            }
+            _ => unreachable!("only the ops matched above"),
+        }
+        Ok(Some(true))
+    }
+
+    /// Reshapes, float elementwise ops and matmuls of [`Interpreter::direct`].
+    fn direct_elementwise(
         &self,
         node: &crate::Node,
         ty: &TensorType,
