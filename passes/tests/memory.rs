@@ -95,6 +95,15 @@ fn random_dag(dtype: DType, m: usize, n: usize, steps: &[(u8, u32)]) -> Graph {
                 let mask = add(&mut g, Op::Compare(CmpOp::Lt), &[a, c]);
                 add(&mut g, Op::Select, &[mask, a, b])
             }
+            7 if seed & 1 == 1 => {
+                let other = if dtype == DType::BF16 {
+                    DType::F32
+                } else {
+                    DType::BF16
+                };
+                let k = add(&mut g, Op::Cast { to: other }, &[a]);
+                add(&mut g, Op::Cast { to: dtype }, &[k])
+            }
             7 => {
                 let k = add(&mut g, Op::Cast { to: DType::I64 }, &[a]);
                 let k2 = add(&mut g, Op::Binary(BinaryOp::Add), &[k, k]);

@@ -378,6 +378,31 @@ impl<'g> Interpreter<'g> {
     ) -> bool {
         let float = ty.dtype.is_float();
         match (&node.op, srcs) {
+            (Op::Const { value, .. }, []) => {
+                let o = &mut words[out.clone()];
+                if float {
+                    o.fill(*value);
+                    self.round_slice(ty.dtype, o);
+                } else {
+                    let v = Interpreter::wrap_int(ty.dtype, vec![*value as i64]);
+                    bytemuck::cast_slice_mut::<f64, i64>(o).fill(v[0]);
+                }
+                true
+            }
+            // A float to float cast is a copy rounded to the new type.
+            (Op::Cast { .. }, [x]) if float && self.graph.ty(node.inputs[0]).dtype.is_float() => {
+                match x {
+                    Src::Arena(r) => {
+                        let Some((o, i)) = split(words, out, std::slice::from_ref(r)) else {
+                            return false;
+                        };
+                        o.copy_from_slice(i[0]);
+                    }
+                    Src::Owned(v) => words[out.clone()].copy_from_slice(v.f()),
+                }
+                self.round_slice(ty.dtype, &mut words[out.clone()]);
+                true
+            }
             // A view of its operand's buffer: already in place.
             (Op::Reshape { .. }, [Src::Arena(r)]) if r == out => true,
             (Op::Unary(u), [x]) if float && *u != UnaryOp::Not => {
