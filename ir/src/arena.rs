@@ -19,6 +19,10 @@ use std::fmt;
 /// integer, as one 8-byte word, so a layout it runs on plans 8 bytes per element.
 pub const WORD_BYTES: usize = 8;
 
+/// The alignment planners give slots (a cache line; vector loads want it). The layout check
+/// uses it to bound an arena's size.
+pub const ALIGN_BYTES: u64 = 64;
+
 /// Where one value lives in the arena.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(from = "[u64; 2]", into = "[u64; 2]")]
@@ -151,6 +155,10 @@ pub enum LayoutError {
     Overlap { a: u32, b: u32 },
     #[error("the layout is not in interpreter words: {0}")]
     NotWords(String),
+    #[error("the arena's {size} bytes exceed the {total} bytes of all its slots side by side")]
+    Oversized { size: u64, total: u64 },
+    #[error("cannot allocate an arena of {0} bytes")]
+    Alloc(u64),
 }
 
 /// Whether a node's value lives in the arena: everything but parameters and inputs.
@@ -346,6 +354,17 @@ impl ArenaLayout {
                     (false, None) => {}
                 }
             }
+        }
+        // No arena needs more than every slot side by side (each aligned): a larger
+        // size is a damaged plan, refused before anything allocates it.
+        let total = self.slots.iter().flatten().fold(0u64, |t, s| {
+            t.saturating_add(s.bytes.div_ceil(ALIGN_BYTES).saturating_mul(ALIGN_BYTES))
+        });
+        if self.size > total {
+            return Err(LayoutError::Oversized {
+                size: self.size,
+                total,
+            });
         }
         let ends = live_ends(graph);
         let slot = |v: Value| self.slots[v.0 as usize].expect("checked above");

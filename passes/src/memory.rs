@@ -27,7 +27,7 @@ use mmc_ir::{DType, Graph, Value};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Slots start at multiples of this many bytes (a cache line; vector loads want it).
-pub const ALIGN: u64 = 64;
+pub const ALIGN: u64 = mmc_ir::arena::ALIGN_BYTES;
 
 /// Which placement gave the arena.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -352,6 +352,10 @@ fn the_layout_check_refuses_bad_layouts() {
         Err(LayoutError::OutOfArena { .. })
     ));
     assert!(matches!(
+        edit(&|l| l.size = u64::MAX / 2),
+        Err(LayoutError::Oversized { .. })
+    ));
+    assert!(matches!(
         edit(&|l| {
             l.slots.pop();
         }),

@@ -130,7 +130,9 @@ impl Trainer {
                 layout
                     .check_words(&p.graph)
                     .map_err(|e| err(InterpError::Layout(e)))?;
-                arena.reserve(layout.size);
+                arena
+                    .reserve(layout.size)
+                    .map_err(|e| err(InterpError::Layout(e)))?;
                 planned.insert(p.name.clone());
             }
         }

@@ -27,18 +27,24 @@ pub struct Arena {
 
 impl Arena {
     /// An arena of `bytes` bytes (rounded up to words).
-    pub fn with_bytes(bytes: u64) -> Arena {
+    pub fn with_bytes(bytes: u64) -> Result<Arena, LayoutError> {
         let mut a = Arena::default();
-        a.reserve(bytes);
-        a
+        a.reserve(bytes)?;
+        Ok(a)
     }
 
-    /// Grows the arena to `bytes` bytes if it is smaller.
-    pub fn reserve(&mut self, bytes: u64) {
-        let words = bytes.div_ceil(WORD_BYTES as u64) as usize;
+    /// Grows the arena to `bytes` bytes if it is smaller; an error, not an abort, when the
+    /// memory is not there.
+    pub fn reserve(&mut self, bytes: u64) -> Result<(), LayoutError> {
+        let too_big = || LayoutError::Alloc(bytes);
+        let words = usize::try_from(bytes.div_ceil(WORD_BYTES as u64)).map_err(|_| too_big())?;
         if self.words.len() < words {
+            self.words
+                .try_reserve_exact(words - self.words.len())
+                .map_err(|_| too_big())?;
             self.words.resize(words, 0.0);
         }
+        Ok(())
     }
 
     /// Bytes the arena holds.
@@ -136,7 +142,7 @@ impl<'g> Interpreter<'g> {
                 got: layout.slots.len(),
             }));
         }
-        arena.reserve(layout.size);
+        arena.reserve(layout.size)?;
         let words = &mut arena.words;
         let slot = |v: Value| layout.slots[v.0 as usize].map(word_range);
         // Parameters and inputs, converted once and dropped after their last reader.
