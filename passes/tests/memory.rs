@@ -436,3 +436,40 @@ fn a_planned_program_carries_its_layout() {
     let back: mmc_ir::plan::Program = serde_json::from_str(&json).unwrap();
     assert_eq!(back, planned);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Whatever a damaged layout holds, the check refuses it or the run in it gives exactly the
+    /// plain run's bits: an accepted layout is a correct one.
+    #[test]
+    fn a_layout_the_check_accepts_runs_correctly(
+        steps in prop::collection::vec((any::<u8>(), any::<u32>()), 1..20),
+        edits in prop::collection::vec((any::<u16>(), 0u64..8, 0u8..4), 1..4),
+    ) {
+        let g = schedule(&random_dag(DType::F32, 2, 3, &steps)).unwrap();
+        let binds = bind_all(&g);
+        let plain = bits(&Interpreter::new(&g, Precision::Declared).unwrap().run(&binds).unwrap());
+        let mut layout = plan_memory(&g, |_| 8).layout;
+        for &(v, k, what) in &edits {
+            let v = v as usize % layout.slots.len();
+            match (what, layout.slots[v]) {
+                (0, Some(s)) => layout.slots[v] = Some(Slot { offset: k * 8, ..s }),
+                (1, Some(s)) => layout.slots[v] = Some(Slot { offset: s.offset + 8 * k, ..s }),
+                (2, _) => {
+                    // Share another value's slot.
+                    let other = layout.slots[(v + k as usize + 1) % layout.slots.len()];
+                    if other.is_some() && layout.slots[v].is_some() {
+                        layout.slots[v] = other;
+                    }
+                }
+                _ => layout.size += 8 * k,
+            }
+        }
+        if let Ok(interp) = Interpreter::with_layout(&g, Precision::Declared, &layout) {
+            let mut arena = Arena::default();
+            let planned = bits(&interp.run_in(&mut arena, &binds).unwrap());
+            prop_assert_eq!(planned, plain);
+        }
+    }
+}
