@@ -178,12 +178,13 @@ impl<'g> Interpreter<'g> {
                     ),
                 })
                 .collect();
-            let done = self
-                .direct(node, out_ty, &out_r, &srcs, words)
-                .map_err(|e| match e {
-                    EvalError::Msg(m) => op_err(m),
-                    EvalError::Binding(b) => b,
-                })?;
+            let done = node.outputs.len() == 1
+                && self
+                    .direct(node, out_ty, &out_r, &srcs, words)
+                    .map_err(|e| match e {
+                        EvalError::Msg(m) => op_err(m),
+                        EvalError::Binding(b) => b,
+                    })?;
             if !done {
                 // The general path: operands copied out, the result copied in.
                 let copies: Vec<Option<Val>> = node
@@ -204,15 +205,18 @@ impl<'g> Interpreter<'g> {
                         (None, Src::Arena(_)) => unreachable!("arena operands are copied"),
                     })
                     .collect();
-                let result =
-                    self.eval(&node.op, &args, out_ty, &Dyn(bindings))
-                        .map_err(|e| match e {
-                            EvalError::Msg(m) => op_err(m),
-                            EvalError::Binding(b) => b,
-                        })?;
+                let results = self
+                    .eval_node(node, &args, &Dyn(bindings))
+                    .map_err(|e| match e {
+                        EvalError::Msg(m) => op_err(m),
+                        EvalError::Binding(b) => b,
+                    })?;
                 drop(args);
                 drop(copies);
-                write(&result.buf, &mut words[out_r]);
+                for (&v, result) in node.outputs.iter().zip(&results) {
+                    let r = slot(v).ok_or(LayoutError::MissingSlot(v.0))?;
+                    write(&result.buf, &mut words[r]);
+                }
             }
             drop(srcs);
             for v in &node.inputs {
@@ -230,6 +234,18 @@ impl<'g> Interpreter<'g> {
             outs.push((name.clone(), t));
         }
         Ok(Outputs(outs))
+    }
+
+    /// Every result of a node on the general path, in output order. (Ops with several results,
+    /// such as fused ops with their statistics, dispatch here.)
+    fn eval_node(
+        &self,
+        node: &crate::Node,
+        args: &[&Val],
+        bindings: &dyn Bindings,
+    ) -> Result<Vec<Val>, EvalError> {
+        let ty = self.graph.ty(node.outputs[0]);
+        Ok(vec![self.eval(&node.op, args, ty, bindings)?])
     }
 
     /// Computes reshapes, float elementwise ops, matmuls, layout ops, float reductions,
