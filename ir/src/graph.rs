@@ -110,6 +110,21 @@ pub enum GraphError {
     UnknownValue(Value),
     #[error(transparent)]
     Type(#[from] TypeError),
+    #[error(transparent)]
+    Reorder(#[from] ReorderError),
+}
+
+/// Why [`Graph::reordered`] refused an order.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReorderError {
+    #[error("the order lists {got} nodes, but the graph has {expected}")]
+    Length { expected: usize, got: usize },
+    #[error("the order names node {0}, which is not in the graph")]
+    UnknownNode(u32),
+    #[error("the order lists node {0} twice")]
+    Duplicate(u32),
+    #[error("the order puts node {user} before node {def}, which defines its operand")]
+    NotTopological { user: u32, def: u32 },
 }
 
 /// A typed SSA tensor program with named outputs.
@@ -280,6 +295,67 @@ impl Graph {
             Op::Input { name, ty } => Some((name.as_str(), ty, n.outputs[0])),
             _ => None,
         })
+    }
+
+    /// A copy of the graph with its nodes in `order` (a permutation of the node ids in which
+    /// every node comes after the nodes defining its operands). Values are renumbered in the
+    /// new definition order; outputs (names and order), scopes and stage are kept. Schedulers
+    /// and other passes that move nodes build their result with it.
+    pub fn reordered(&self, order: &[NodeId]) -> Result<Graph, ReorderError> {
+        let n = self.nodes.len();
+        if order.len() != n {
+            return Err(ReorderError::Length {
+                expected: n,
+                got: order.len(),
+            });
+        }
+        const UNPLACED: u32 = u32::MAX;
+        // New value of each old value, set once its defining node is placed.
+        let mut new_value = vec![UNPLACED; self.values.len()];
+        let mut placed = vec![false; n];
+        let mut g = Graph {
+            stage: self.stage,
+            nodes: Vec::with_capacity(n),
+            values: Vec::with_capacity(self.values.len()),
+            outputs: Vec::with_capacity(self.outputs.len()),
+            scopes: self.scopes.clone(),
+            scope_ids: self.scope_ids.clone(),
+        };
+        for &id in order {
+            let node = self
+                .nodes
+                .get(id.0 as usize)
+                .ok_or(ReorderError::UnknownNode(id.0))?;
+            if std::mem::replace(&mut placed[id.0 as usize], true) {
+                return Err(ReorderError::Duplicate(id.0));
+            }
+            let mut inputs: SmallVec<[Value; 3]> = SmallVec::with_capacity(node.inputs.len());
+            for v in &node.inputs {
+                let nv = new_value[v.0 as usize];
+                if nv == UNPLACED {
+                    return Err(ReorderError::NotTopological {
+                        user: id.0,
+                        def: self.values[v.0 as usize].node.0,
+                    });
+                }
+                inputs.push(Value(nv));
+            }
+            let results = node
+                .outputs
+                .iter()
+                .map(|v| self.values[v.0 as usize].ty.clone())
+                .collect();
+            let new_id = g.push_node_unchecked(node.op.clone(), &inputs, results, node.scope);
+            for (old, new) in node.outputs.iter().zip(&g.nodes[new_id.0 as usize].outputs) {
+                new_value[old.0 as usize] = new.0;
+            }
+        }
+        g.outputs = self
+            .outputs
+            .iter()
+            .map(|(name, v)| (name.clone(), Value(new_value[v.0 as usize])))
+            .collect();
+        Ok(g)
     }
 
     /// For every value, the index of the last node that reads it (`None` when only a graph

@@ -2,6 +2,7 @@
 //! a text format that round-trips, Graphviz output, and the reference interpreter that every
 //! pass and kernel is checked against.
 
+pub mod arena;
 pub mod dot;
 mod dtype;
 pub mod fused;
@@ -19,7 +20,7 @@ pub mod verify;
 mod weight_source;
 
 pub use dtype::{DType, UnknownDType};
-pub use graph::{Graph, GraphError, Node, NodeId, ScopeId, Stage, Value};
+pub use graph::{Graph, GraphError, Node, NodeId, ReorderError, ScopeId, Stage, Value};
 pub use infer::TypeError;
 pub use interp::{Interpreter, Outputs, Precision};
 pub use op::{BinaryOp, CmpOp, FusedOp, Op, OpClass, ReduceKind, UnaryOp};

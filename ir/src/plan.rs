@@ -13,6 +13,7 @@
 //! instead of failing mid-run.
 
 pub use crate::stacking::{ParamStacking, StackPart, StackingError};
+use crate::arena::ArenaLayout;
 use crate::text;
 use crate::verify::verify;
 use crate::{Graph, TensorType, WeightSource};
@@ -24,7 +25,8 @@ use std::path::{Path, PathBuf};
 
 /// The plan format this build reads and writes.
 ///
-/// 3: the plan lists its parameter stackings (`Plan::stackings`).
+/// 3: the plan lists its parameter stackings (`Plan::stackings`), and each program may carry
+/// its arena layout (`Program::memory`).
 pub const PLAN_FORMAT_VERSION: u32 = 3;
 
 const MAGIC: &str = "mmc-plan";
@@ -266,6 +268,23 @@ pub struct Program {
     #[serde(with = "graph_text")]
     pub graph: Graph,
     pub updates: Vec<StateUpdate>,
+    /// Where each computed value lives in the program's activation arena, when the memory
+    /// planner ran: the runtime allocates the arena once and runs every step in it. Checked
+    /// against the graph at load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<ArenaLayout>,
+}
+
+impl Program {
+    /// A program without a memory plan (its values are allocated as they are computed).
+    pub fn new(name: impl Into<String>, graph: Graph, updates: Vec<StateUpdate>) -> Self {
+        Program {
+            name: name.into(),
+            graph,
+            updates,
+            memory: None,
+        }
+    }
 }
 
 /// A whole training plan.
@@ -491,7 +510,8 @@ impl Plan {
         Ok(())
     }
 
-    /// Checks that each program verifies, that its params are state of the same type, and
+    /// Checks that each program verifies, that its memory layout (if any) fits it, that its
+    /// params are state of the same type, and
     /// that each update writes an existing state from an output of the same type.
     fn check_programs(&self) -> Result<(), String> {
         let mut state: BTreeMap<&str, &TensorType> = self
@@ -510,6 +530,11 @@ impl Plan {
         }
         for p in &self.programs {
             verify(&p.graph).map_err(|e| format!("program `{}`: {e}", p.name))?;
+            if let Some(layout) = &p.memory {
+                layout
+                    .check(&p.graph)
+                    .map_err(|e| format!("program `{}`: its memory layout: {e}", p.name))?;
+            }
             for (name, ty, _) in p.graph.params() {
                 match state.get(name) {
                     Some(t) if *t == ty => {}

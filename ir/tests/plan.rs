@@ -71,22 +71,22 @@ fn plan() -> Plan {
             state("acc", StateKind::GradAccumulator),
         ],
         programs: vec![
-            Program {
-                name: "micro_step".into(),
-                graph: micro,
-                updates: vec![StateUpdate {
+            Program::new(
+                "micro_step",
+                micro,
+                vec![StateUpdate {
                     output: "acc_new".into(),
                     state: "acc".into(),
                 }],
-            },
-            Program {
-                name: "apply".into(),
-                graph: apply,
-                updates: vec![StateUpdate {
+            ),
+            Program::new(
+                "apply",
+                apply,
+                vec![StateUpdate {
                     output: "w_new".into(),
                     state: "w".into(),
                 }],
-            },
+            ),
         ],
         stackings: vec![],
     }
@@ -377,4 +377,70 @@ fn expanding_a_state_of_another_type_than_its_stacking_fails() {
     .unwrap();
     assert_eq!(state.len(), 1);
     assert!(st.is_empty());
+/// A plan whose program carries a memory layout that does not fit its graph is refused at
+/// load with a message naming the program and the fault; a fitting one round-trips.
+#[test]
+fn a_layout_that_does_not_fit_its_graph_is_refused() {
+    use mmc_ir::arena::{ArenaLayout, ElemBytes, Slot};
+    let mut p = plan();
+    let slot = |offset, bytes| Some(Slot { offset, bytes });
+    // micro_step: %0, %1 params (outside), %2 = add: one f32[2] slot, in words 16 bytes.
+    let good = ArenaLayout {
+        elem_bytes: ElemBytes::words(),
+        size: 16,
+        slots: vec![None, None, slot(0, 16)],
+    };
+    p.programs[0].memory = Some(good.clone());
+    assert_eq!(load(&p.to_bytes()).unwrap(), p);
+    for (bad, want) in [
+        (
+            ArenaLayout {
+                size: 8,
+                ..good.clone()
+            },
+            "past the arena",
+        ),
+        (
+            ArenaLayout {
+                slots: vec![None, None, slot(0, 8)],
+                ..good.clone()
+            },
+            "needs 16 bytes",
+        ),
+        (
+            ArenaLayout {
+                slots: vec![slot(0, 16), None, slot(0, 16)],
+                ..good.clone()
+            },
+            "parameter or input",
+        ),
+        (
+            ArenaLayout {
+                slots: vec![None, None],
+                ..good.clone()
+            },
+            "2 slots",
+        ),
+    ] {
+        p.programs[0].memory = Some(bad);
+        let e = load(&p.to_bytes()).unwrap_err();
+        assert!(
+            e.contains("program `micro_step`: its memory layout") && e.contains(want),
+            "{e}"
+        );
+    }
+    // A damaged layout in the JSON is an error too, not a panic.
+    p.programs[0].memory = Some(good);
+    let text = String::from_utf8(p.to_bytes()).unwrap();
+    let body = &text[text.find('\n').unwrap() + 1..];
+    let edited = body.replace("\"f64\":8", "\"f64\":0");
+    let digest: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(edited.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let e = load(format!("mmc-plan 3 sha256:{digest}\n{edited}").as_bytes()).unwrap_err();
+    assert!(e.contains("f64 0 bytes"), "{e}");
 }

@@ -5,9 +5,11 @@ pub mod autodiff;
 pub mod cost;
 pub mod emit;
 pub mod fuse;
+pub mod memory;
 pub mod optimizer;
 pub mod pipeline;
 pub mod recompute;
+pub mod schedule;
 pub mod simplify;
 pub mod train_step;
 

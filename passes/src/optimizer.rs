@@ -199,9 +199,5 @@ pub fn apply_program(params: &[OptimizedParam], opt: &AdamW) -> Result<Program, 
             updates.push(StateUpdate { output: out, state });
         }
     }
-    Ok(Program {
-        name: APPLY_PROGRAM.into(),
-        graph: g,
-        updates,
-    })
+    Ok(Program::new(APPLY_PROGRAM, g, updates))
 }

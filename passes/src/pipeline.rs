@@ -28,12 +28,15 @@
 use crate::autodiff::autodiff;
 use crate::fuse::moe::fuse_moe;
 use crate::fuse::{fuse, FuseLimits};
+use crate::memory::plan_memory;
 use crate::recompute::{recompute, RecomputeMode};
+use crate::schedule::schedule_with;
 use crate::optimizer::AdamW;
 use crate::simplify::{simplify, SimplifyReport};
 use crate::train_step::{assemble, TrainStep, TrainStepSpec};
 use mmc_ir::plan::{ParamStacking, Program, MICRO_STEP_PROGRAM};
-use mmc_ir::{Graph, Stage, TensorType, VerifyError};
+use mmc_ir::arena::WORD_BYTES;
+use mmc_ir::{DType, Graph, Stage, TensorType, VerifyError};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -194,6 +197,58 @@ impl Pass for Recompute {
         let (g, report) = recompute(&g, self.mode)?;
         notes.push(report.to_string());
         Ok(g)
+    }
+}
+
+/// Scheduling ([`crate::schedule`]): a topological order with a lower peak of live bytes,
+/// counted as the interpreter stores values (8-byte words); the program is then `scheduled`.
+pub struct Schedule;
+
+impl Pass for Schedule {
+    fn name(&self) -> &'static str {
+        "schedule"
+    }
+    fn stage_out(&self, _input: Stage) -> Stage {
+        Stage::Scheduled
+    }
+    fn run(&self, g: Graph, _notes: &mut Vec<String>) -> Result<Graph, BoxError> {
+        let mut g = schedule_with(&g, |_| WORD_BYTES)?;
+        g.stage = Stage::Scheduled;
+        Ok(g)
+    }
+}
+
+/// Memory planning ([`crate::memory`]): every activation gets an offset in one static arena,
+/// which the runtime allocates once. The layout is the interpreter's (8-byte words); the
+/// notes also give the arena in the declared dtypes, what a device backend allocates.
+pub struct Memory;
+
+impl ProgramPass for Memory {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+    fn run(&self, mut p: Program, notes: &mut Vec<String>) -> Result<Program, BoxError> {
+        let words = plan_memory(&p.graph, |_| WORD_BYTES);
+        words.verify(&p.graph)?;
+        let declared = plan_memory(&p.graph, DType::size_bytes);
+        notes.push(format!(
+            "arena {} (largest live set {}) in the declared dtypes; {} as the interpreter stores values",
+            gb(declared.arena_bytes()),
+            gb(declared.largest_live_set),
+            gb(words.arena_bytes()),
+        ));
+        p.memory = Some(words.layout);
+        Ok(p)
+    }
+}
+
+/// Bytes in GB (1e9), with enough digits for small arenas.
+fn gb(bytes: u64) -> String {
+    let g = bytes as f64 / 1e9;
+    if g >= 10.0 {
+        format!("{g:.1} GB")
+    } else {
+        format!("{g:.3} GB")
     }
 }
 
@@ -494,17 +549,16 @@ pub fn cpu(settings: Settings) -> Pipeline {
             ],
         },
         step,
-        programs: if recompute == RecomputeMode::None { vec![] } else { vec![
-            // Program passes register here in order, one line each; the last turns the stage
-            // to `scheduled` (until then that stage is reported as not built):
-            // TEMP-RECOMPUTE
+        programs: vec![
+            // Recompute, on the micro-step only (the apply program has no backward pass).
             Box::new(Only {
                 program: MICRO_STEP_PROGRAM,
                 pass: Recompute { mode: recompute },
             }),
-            //   scheduling and memory planning, every program:
-            //     Box::new(EachGraph(Schedule)), Box::new(Memory),
-        ]},
+            // Then every program is scheduled and memory-planned.
+            Box::new(EachGraph(Schedule)),
+            Box::new(Memory),
+        ],
     }
 }
 
@@ -756,11 +810,7 @@ impl Pipeline {
                 let t = Instant::now();
                 let taken = std::mem::replace(
                     program,
-                    Program {
-                        name: name.clone(),
-                        graph: Graph::new(Stage::Optimizer),
-                        updates: Vec::new(),
-                    },
+                    Program::new(name.clone(), Graph::new(Stage::Optimizer), Vec::new()),
                 );
                 *program = pass
                     .run(taken, &mut notes)

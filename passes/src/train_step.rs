@@ -105,11 +105,7 @@ pub fn assemble(mut g: Graph, spec: &TrainStepSpec) -> Result<TrainStep, Autodif
     g.retain_outputs(|n, _| !n.starts_with(crate::autodiff::GRAD_PREFIX));
     let apply = apply_program(&optimized, &spec.adamw).map_err(AutodiffError::Internal)?;
     Ok(TrainStep {
-        micro_step: Program {
-            name: MICRO_STEP_PROGRAM.into(),
-            graph: g,
-            updates,
-        },
+        micro_step: Program::new(MICRO_STEP_PROGRAM, g, updates),
         apply,
         state,
     })

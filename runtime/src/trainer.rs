@@ -12,8 +12,8 @@
 //! so checkpoints are written and read exactly as for an unstacked plan.
 
 use crate::weights::{Checkpoint, ParamSpec, WeightError};
-use mmc_ir::interp::{Bindings, InterpError, Precision};
-use mmc_ir::plan::{Init, Plan, Program, StackingError, GRAD_NORM_OUTPUT, LR_INPUT, STEP_INPUT};
+use mmc_ir::interp::{Arena, Bindings, InterpError, Precision};
+use mmc_ir::plan::{Init, Plan, StackingError, GRAD_NORM_OUTPUT, LR_INPUT, STEP_INPUT};
 use mmc_ir::{Interpreter, Tensor, TensorData};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
@@ -97,6 +97,11 @@ pub struct Trainer {
     state: HashMap<String, Tensor>,
     /// For each stacked logical tensor, its stacking and its index among the parts.
     stacked: HashMap<String, (usize, usize)>,
+    /// The activation arena of the programs that have an interpreter memory plan (their
+    /// names in `planned`): allocated once, at the largest of their sizes, and reused by every
+    /// program and every step.
+    arena: Arena,
+    planned: std::collections::HashSet<String>,
     /// Optimizer steps taken.
     step: u64,
 }
@@ -124,11 +129,25 @@ impl Trainer {
     /// the state: parameters from the plan's checkpoint or seeded random init, optimizer state
     /// zeroed.
     pub fn new(plan: Plan) -> Result<Trainer, TrainError> {
+        let mut arena = Arena::default();
+        let mut planned = std::collections::HashSet::new();
         for p in &plan.programs {
-            mmc_ir::verify(&p.graph).map_err(|e| TrainError::Program {
+            let err = |error| TrainError::Program {
                 program: p.name.clone(),
-                error: Box::new(InterpError::Malformed(e)),
-            })?;
+                error: Box::new(error),
+            };
+            mmc_ir::verify(&p.graph).map_err(|e| err(InterpError::Malformed(e)))?;
+            // A layout planned for other element sizes (generated code) is not the
+            // interpreter's; the program then runs without an arena.
+            if let Some(layout) = p.memory.as_ref().filter(|l| l.elem_bytes.is_words()) {
+                layout
+                    .check_words(&p.graph)
+                    .map_err(|e| err(InterpError::Layout(e)))?;
+                arena
+                    .reserve(layout.size)
+                    .map_err(|e| err(InterpError::Layout(e)))?;
+                planned.insert(p.name.clone());
+            }
         }
         let mut state = HashMap::new();
         let from_checkpoint: Vec<ParamSpec> = plan
@@ -200,6 +219,8 @@ impl Trainer {
             plan,
             state,
             stacked,
+            arena,
+            planned,
             step: 0,
         })
     }
@@ -279,6 +300,11 @@ impl Trainer {
         self.step = steps;
     }
 
+    /// Bytes of the activation arena (0 when no program has a memory plan).
+    pub fn arena_bytes(&self) -> u64 {
+        self.arena.bytes()
+    }
+
     /// Bytes of persistent state.
     pub fn state_bytes(&self) -> u64 {
         self.state
@@ -287,25 +313,29 @@ impl Trainer {
             .sum()
     }
 
-    fn program(&self, name: &'static str) -> Result<&Program, TrainError> {
-        self.plan
-            .program(name)
-            .ok_or(TrainError::MissingProgram(name))
-    }
-
     /// Runs a program and writes its state updates back; returns its other outputs.
     fn run(
         &mut self,
         name: &'static str,
         data: &BTreeMap<String, Tensor>,
     ) -> Result<BTreeMap<String, Tensor>, TrainError> {
-        let program = self.program(name)?;
+        let program = self
+            .plan
+            .program(name)
+            .ok_or(TrainError::MissingProgram(name))?;
         let err = |error| TrainError::Program {
             program: name.to_string(),
             error: Box::new(error),
         };
-        let interp = Interpreter::for_verified(&program.graph, Precision::Declared);
-        let outputs = interp.run(&Layered(&self.state, data)).map_err(err)?;
+        let bindings = Layered(&self.state, data);
+        let outputs = match &program.memory {
+            Some(layout) if self.planned.contains(name) => {
+                Interpreter::for_checked_layout(&program.graph, Precision::Declared, layout)
+                    .run_in(&mut self.arena, &bindings)
+            }
+            _ => Interpreter::for_verified(&program.graph, Precision::Declared).run(&bindings),
+        }
+        .map_err(err)?;
         let mut rest: BTreeMap<String, Tensor> = outputs.0.into_iter().collect();
         let updates = program.updates.clone();
         for u in &updates {

@@ -71,6 +71,34 @@ pub fn view<T: Copy>(src: &[T], shape: &[usize], strides: &[usize], base: usize)
     out
 }
 
+/// [`view`] into `out` (as many elements as `shape` has), for planned runs that write results
+/// straight into their arena slot.
+pub fn view_into<T: Copy>(
+    src: &[T],
+    shape: &[usize],
+    strides: &[usize],
+    base: usize,
+    out: &mut [T],
+) {
+    let Some((&inner, outer)) = shape.split_last() else {
+        out[0] = src[base];
+        return;
+    };
+    let inner_stride = strides[strides.len() - 1];
+    let outer_strides = &strides[..strides.len() - 1];
+    for_each_offset(outer, outer_strides, base, |k, off| {
+        let o = &mut out[k * inner..(k + 1) * inner];
+        match inner_stride {
+            0 => o.fill(src[off]),
+            1 => o.copy_from_slice(&src[off..off + inner]),
+            s => o
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, e)| *e = src[off + i * s]),
+        }
+    });
+}
+
 /// Gathers a buffer through a strided view (either element kind).
 pub fn view_buf(src: &Buf, shape: &[usize], strides: &[usize], base: usize) -> Buf {
     match src {
@@ -112,15 +140,36 @@ pub fn reduce<T: Copy>(
 /// `[.., m, k] x [.., k, n]` in f64 (the well-tested `matrixmultiply` dgemm).
 pub fn matmul(a: &[f64], b: &[f64], batch: usize, m: usize, k: usize, n: usize) -> Vec<f64> {
     let mut out = vec![0.0; batch * m * n];
+    matmul_into(a, b, batch, m, k, n, &mut out);
+    out
+}
+
+/// [`matmul`] into `out` (`batch * m * n` elements, overwritten whatever they hold), so that
+/// a planned run writes the product straight into its arena slot.
+pub fn matmul_into(
+    a: &[f64],
+    b: &[f64],
+    batch: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f64],
+) {
+    assert!(a.len() >= batch * m * k && b.len() >= batch * k * n && out.len() == batch * m * n);
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
     for bi in 0..batch {
         let a = &a[bi * m * k..(bi + 1) * m * k];
         let b = &b[bi * k * n..(bi + 1) * k * n];
         let o = &mut out[bi * m * n..(bi + 1) * m * n];
-        if m == 0 || n == 0 || k == 0 {
+        if m == 0 || n == 0 {
             continue;
         }
         // SAFETY: the slices hold exactly m*k, k*n and m*n elements laid out row-major, which
-        // is what the strides below describe; `o` does not alias `a` or `b`.
+        // is what the strides below describe; `o` is a `&mut` and so aliases neither `a` nor
+        // `b`. With beta = 0, dgemm does not read `o`.
         unsafe {
             matrixmultiply::dgemm(
                 m,
@@ -140,7 +189,6 @@ pub fn matmul(a: &[f64], b: &[f64], batch: usize, m: usize, k: usize, n: usize) 
             );
         }
     }
-    out
 }
 
 /// Offsets into `x` for gather / scatter-add: for each index element, the offset of the element

@@ -8,6 +8,7 @@
 
 mod fused;
 mod kernels;
+mod planned;
 
 use crate::graph::Graph;
 use crate::op::{BinaryOp, CmpOp, Op, ReduceKind, UnaryOp};
@@ -17,6 +18,8 @@ use crate::{DType, Shape, TensorType};
 use half::{bf16, f16};
 use kernels::{strides, view_buf, Buf};
 use std::collections::{BTreeMap, HashMap};
+
+pub use planned::Arena;
 
 /// How the interpreter treats floating-point dtypes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -66,6 +69,8 @@ pub enum InterpError {
         expected: TensorType,
         got: TensorType,
     },
+    #[error("memory layout: {0}")]
+    Layout(#[from] crate::arena::LayoutError),
     #[error("node {node} (`{op}`): {message}")]
     Op {
         node: usize,
@@ -112,6 +117,8 @@ pub struct Interpreter<'g> {
     graph: &'g Graph,
     precision: Precision,
     last_use: Vec<Option<usize>>,
+    /// The arena layout [`Interpreter::run_in`] keeps values at, if any.
+    layout: Option<&'g crate::arena::ArenaLayout>,
 }
 
 impl<'g> Interpreter<'g> {
@@ -132,6 +139,7 @@ impl<'g> Interpreter<'g> {
             graph,
             precision,
             last_use,
+            layout: None,
         }
     }
 
@@ -257,8 +265,14 @@ impl<'g> Interpreter<'g> {
     }
 
     fn round(&self, dtype: DType, mut v: Vec<f64>) -> Vec<f64> {
+        self.round_slice(dtype, &mut v);
+        v
+    }
+
+    /// Rounds floats in place to `dtype` (nothing under [`Precision::F64`]).
+    fn round_slice(&self, dtype: DType, v: &mut [f64]) {
         if self.precision == Precision::F64 {
-            return v;
+            return;
         }
         match dtype {
             DType::F32 => v.iter_mut().for_each(|x| *x = *x as f32 as f64),
@@ -266,7 +280,6 @@ impl<'g> Interpreter<'g> {
             DType::F16 => v.iter_mut().for_each(|x| *x = f16::from_f64(*x).to_f64()),
             _ => {}
         }
-        v
     }
 
     fn wrap_int(dtype: DType, mut v: Vec<i64>) -> Vec<i64> {
