@@ -34,6 +34,12 @@ pub fn compile(
     let plan = compiled.plan;
     let train = &cfg.train;
     let accum = plan.settings.grad_accum_steps;
+    let mut console = crate::console::Console::default();
+    if let Some(why) = compiled.unbuilt {
+        console.out(&compiled.report.to_string());
+        console.out(&memory_summary(&plan, "one CPU device, no sharding"));
+        anyhow::bail!("{why}; no plan was written");
+    }
     plan.write(output)?;
 
     if let Some(dir) = emit_dir {
@@ -65,7 +71,6 @@ pub fn compile(
             )
         })
         .collect();
-    let mut console = crate::console::Console::default();
     console.out(&format!(
         "compiled {} -> {}: {}; {} parameters ({} trained), {} MiB of state, {} micro-batch(es) of {} x {} per step",
         model.display(),
@@ -79,5 +84,40 @@ pub fn compile(
         train.seq_length
     ));
     console.out(&compiled.report.to_string());
+    console.out(&memory_summary(&plan, "one CPU device"));
     Ok(())
+}
+
+/// The plan's memory, in GB (1e9 bytes): the persistent state by kind, and each program's
+/// activation arena, both as a device backend lays them out (declared dtypes) and as the
+/// interpreter does (8 bytes per element).
+fn memory_summary(plan: &mmc_ir::plan::Plan, device: &str) -> String {
+    let (mut weights, mut grads, mut moments) = (0u64, 0u64, 0u64);
+    for s in &plan.state {
+        let b = s.ty.size_bytes() as u64;
+        match s.kind {
+            StateKind::Parameter { .. } => weights += b,
+            StateKind::GradAccumulator => grads += b,
+            StateKind::OptimizerMoment => moments += b,
+        }
+    }
+    let gb = |b: u64| b as f64 / 1e9;
+    let mut out = format!(
+        "memory plan ({device}): weights {:.3} GB, gradients {:.3} GB, optimizer state {:.3} GB",
+        gb(weights),
+        gb(grads),
+        gb(moments)
+    );
+    for p in &plan.programs {
+        let declared = mmc_passes::memory::plan_memory(&p.graph, mmc_ir::DType::size_bytes);
+        out.push_str(&format!(
+            "; {} arena {:.3} GB",
+            p.name,
+            gb(declared.arena_bytes())
+        ));
+        if let Some(layout) = &p.memory {
+            out.push_str(&format!(" ({:.3} GB in the interpreter)", gb(layout.size)));
+        }
+    }
+    out
 }

@@ -6,8 +6,9 @@ use anyhow::{bail, Context, Result};
 use mmc_codegen::{build_plan, PlanRequest, Weights};
 use mmc_frontend::config::{Recompute, TargetKind};
 use mmc_frontend::{forward_graph, CheckpointLayout, Config, ForwardOptions, Model};
+use mmc_ir::arena::ArenaLayout;
 use mmc_ir::plan::{ModelFacts, ParamStacking, Plan, TrainSettings};
-use mmc_ir::summary::GraphSummary;
+use mmc_ir::summary::{grouped, GraphSummary};
 use mmc_ir::{Graph, Stage};
 use mmc_passes::optimizer::AdamW;
 use mmc_passes::pipeline::{self, Artifact, DumpAt, Pipeline, Settings, StepSpec};
@@ -27,25 +28,40 @@ pub fn frozen(freeze: &[String], name: &str) -> bool {
 /// The chat templates the data pipeline implements.
 pub const TEMPLATES: &[&str] = &["internvl2_5"];
 
-/// Refuses the settings that parse but that this version cannot act on yet, naming the key:
-/// a setting mmc accepts must take effect.
-pub fn check_buildable(cfg: &Config) -> Result<()> {
+/// The settings that parse but that this version cannot act on yet, as an error naming the
+/// key (a setting mmc accepts must take effect); `None` when everything is built. The
+/// pipeline still runs for such a configuration (as one CPU device), so `mmc compile` can
+/// print the memory plan before it refuses to write the plan.
+pub fn unbuilt(cfg: &Config) -> Option<String> {
     let model = cfg.path.display();
     let t = &cfg.target;
     if t.kind == TargetKind::Ascend {
-        bail!("{model}: [target] kind = \"ascend\": the Ascend target is not built yet; use kind = \"cpu\"");
+        return Some(format!("{model}: [target] kind = \"ascend\": the Ascend target is not built yet; use kind = \"cpu\" (or --target cpu)"));
     }
     if t.devices != 1 {
-        bail!(
+        return Some(format!(
             "{model}: [target] devices = {}: running on more than one device is not built yet (it comes with data, tensor and expert parallelism); set devices = 1",
             t.devices
-        );
+        ));
     }
     if let Some(gb) = t.device_memory_gb {
-        bail!(
-            "{model}: [target] device_memory_gb = {gb}: fitting a plan to a device's memory is not built yet (it comes with the memory planner); remove the key"
-        );
+        return Some(format!(
+            "{model}: [target] device_memory_gb = {gb}: fitting a plan to a device's memory is not built yet (use [train] recompute_budget_gb to bound the activations); remove the key"
+        ));
     }
+    let par = &cfg.parallel;
+    if par.tp * par.dp * par.ep > 1 || par.zero != 0 {
+        return Some(format!(
+            "{model}: tensor, data and expert parallelism ([parallel] tp={}, dp={}, ep={}, zero={}) are not built yet; set them to 1 (and zero = 0)",
+            par.tp, par.dp, par.ep, par.zero
+        ));
+    }
+    None
+}
+
+/// Refuses what no compilation can go on with: a chat template the data pipeline lacks.
+pub fn check_buildable(cfg: &Config) -> Result<()> {
+    let model = cfg.path.display();
     if let Some(tpl) = &cfg.model.template {
         if !TEMPLATES.contains(&tpl.as_str()) {
             bail!(
@@ -53,16 +69,6 @@ pub fn check_buildable(cfg: &Config) -> Result<()> {
                 TEMPLATES.join(", ")
             );
         }
-    }
-    let par = &cfg.parallel;
-    if par.tp * par.dp * par.ep > 1 || par.zero != 0 {
-        bail!(
-            "{model}: tensor, data and expert parallelism ([parallel] tp={}, dp={}, ep={}, zero={}) are not built yet; set them to 1 (and zero = 0)",
-            par.tp,
-            par.dp,
-            par.ep,
-            par.zero
-        );
     }
     Ok(())
 }
@@ -166,11 +172,19 @@ pub fn recompute_mode(train: &mmc_frontend::config::TrainConfig) -> RecomputeMod
 pub struct Compiled {
     pub plan: Plan,
     pub report: PipelineReport,
+    /// Why the plan must not be written or run (a setting not built yet), if so: the plan is
+    /// still the single-CPU-device one, for its memory plan.
+    pub unbuilt: Option<String>,
 }
 
-/// Compiles a loaded model configuration into a training plan.
+/// Compiles a loaded model configuration into a training plan; refuses settings that are
+/// not built yet.
 pub fn compile_plan(cfg: &Config) -> Result<Plan> {
-    Ok(compile(cfg)?.plan)
+    let compiled = compile(cfg)?;
+    if let Some(why) = compiled.unbuilt {
+        bail!(why);
+    }
+    Ok(compiled.plan)
 }
 
 /// Compiles a loaded model configuration: checks, forward graph, checkpoint check, the pass
@@ -242,7 +256,39 @@ pub fn compile(cfg: &Config) -> Result<Compiled> {
         settings,
         stackings,
     })?;
-    Ok(Compiled { plan, report })
+    Ok(Compiled {
+        plan,
+        report,
+        unbuilt: unbuilt(cfg),
+    })
+}
+
+/// The graph's text with each computed value's arena slot as a comment at the end of its line
+/// (`; @offset +bytes`): a memory-planned program as the runtime lays it out. The comments
+/// keep the text parseable.
+fn with_arena_slots(g: &Graph, layout: &ArenaLayout) -> String {
+    let text = mmc_ir::text::print(g);
+    let mut nodes = g.nodes().iter();
+    let mut out = String::with_capacity(text.len() * 5 / 4);
+    for line in text.lines() {
+        out.push_str(line);
+        if line.trim_start().starts_with('%') {
+            if let Some(node) = nodes.next() {
+                let slots: Vec<String> = node
+                    .outputs
+                    .iter()
+                    .filter_map(|v| layout.slots.get(v.0 as usize).copied().flatten())
+                    .map(|s| format!("@{} +{}", s.offset, s.bytes))
+                    .collect();
+                if !slots.is_empty() {
+                    out.push_str("  ; ");
+                    out.push_str(&slots.join(", "));
+                }
+            }
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// How `mmc dump-ir` writes a graph.
@@ -304,17 +350,20 @@ pub fn dump_ir(cfg: &Config, at: &DumpPoint, format: DumpFormat) -> Result<Strin
         }
     }
     let internal = || format!("{}: internal error in the compiler", model.display());
-    // (label, graph) pairs to print.
-    let shown: Vec<(String, Graph)> = match at {
+    // (label, graph, its arena layout once memory-planned) to print.
+    let shown: Vec<(String, Graph, Option<ArenaLayout>)> = match at {
         DumpPoint::Stage(stage) => {
             let (artifact, _) = pipeline.run_to(graph, *stage).with_context(internal)?;
             match artifact {
-                Artifact::Graph(g) => vec![(format!("{stage} stage"), g)],
+                Artifact::Graph(g) => vec![(format!("{stage} stage"), g, None)],
                 Artifact::Step(step) => {
                     let step = *step;
                     [step.micro_step, step.apply]
                         .into_iter()
-                        .map(|p| (format!("{stage} stage, program {}", p.name), p.graph))
+                        .map(|p| {
+                            let label = format!("{stage} stage, program {}", p.name);
+                            (label, p.graph, p.memory)
+                        })
                         .collect()
                 }
             }
@@ -333,7 +382,7 @@ pub fn dump_ir(cfg: &Config, at: &DumpPoint, format: DumpFormat) -> Result<Strin
             report
                 .dumps
                 .into_iter()
-                .map(|d| (d.label, d.graph))
+                .map(|d| (d.label, d.graph, None))
                 .collect()
         }
     };
@@ -344,14 +393,26 @@ pub fn dump_ir(cfg: &Config, at: &DumpPoint, format: DumpFormat) -> Result<Strin
     };
     let mut out = String::new();
     let several = shown.len() > 1;
-    for (label, g) in &shown {
+    for (label, g, memory) in &shown {
         if several {
             out.push_str(&format!("{comment} {label}\n"));
         }
-        out.push_str(&match format {
-            DumpFormat::Text => mmc_ir::text::print(g),
-            DumpFormat::Dot => mmc_ir::dot::to_dot(g),
+        out.push_str(&match (format, memory) {
+            (DumpFormat::Text, Some(layout)) => with_arena_slots(g, layout),
+            (DumpFormat::Text, None) => mmc_ir::text::print(g),
+            (DumpFormat::Dot, _) => mmc_ir::dot::to_dot(g),
         });
+        if let Some(layout) = memory {
+            out.push_str(&format!(
+                "{comment} arena: {} bytes{}\n",
+                grouped(layout.size),
+                if layout.elem_bytes.is_words() {
+                    " (8 bytes per element, as the interpreter stores values)"
+                } else {
+                    ""
+                }
+            ));
+        }
         out.push_str(&format!(
             "{comment} summary of {} ({label})\n",
             model.display()

@@ -3,7 +3,9 @@
 //! module only decides where each state tensor starts from. (Kernels join the plan with the
 //! CPU and Ascend backends.)
 
-use mmc_ir::plan::{expand_stackings, Init, ParamStacking, Plan, StateKind, StateSpec, TrainSettings};
+use mmc_ir::plan::{
+    expand_stackings, Init, ParamStacking, Plan, StateKind, StateSpec, TrainSettings,
+};
 use mmc_ir::WeightSource;
 use mmc_passes::TrainStep;
 use std::collections::BTreeMap;

@@ -12,8 +12,8 @@
 //! out of range and for programs that do not fit its state, so a hand-edited plan is refused
 //! instead of failing mid-run.
 
-pub use crate::stacking::{ParamStacking, StackPart, StackingError};
 use crate::arena::ArenaLayout;
+pub use crate::stacking::{ParamStacking, StackPart, StackingError};
 use crate::text;
 use crate::verify::verify;
 use crate::{Graph, TensorType, WeightSource};

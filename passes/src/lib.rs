@@ -15,10 +15,10 @@ pub mod train_step;
 
 pub use autodiff::{autodiff, grad_output, AutodiffError, GRAD_PREFIX};
 pub use emit::{Emitter, PassError};
+pub use pipeline::{Pass, Pipeline, PipelineError, PipelineReport};
 pub use recompute::{
     activation_peak, live_values, recompute, LivePeak, RecomputeError, RecomputeMode,
     RecomputeReport,
 };
-pub use pipeline::{Pass, Pipeline, PipelineError, PipelineReport};
 pub use simplify::{simplify, SimplifyReport};
 pub use train_step::{assemble, train_step, TrainStep, TrainStepSpec};

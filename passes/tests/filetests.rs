@@ -18,7 +18,11 @@
 
 use mmc_ir::text::{parse, print};
 use mmc_ir::{relative_error, verify, DType, Graph, Interpreter, Precision, Tensor};
-use mmc_passes::pipeline::{Autodiff, BoxError, Pass, Simplify};
+use mmc_passes::fuse::FuseLimits;
+use mmc_passes::pipeline::{
+    Autodiff, BoxError, Fuse, FuseMoe, Pass, Recompute, Schedule, Simplify,
+};
+use mmc_passes::RecomputeMode;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
@@ -28,10 +32,26 @@ use std::sync::Arc;
 /// A pass that a test line can name.
 type PassFn = fn() -> Box<dyn Pass>;
 
-/// The registry of testable passes: `; test <name>` runs the pass built here. `fuse`,
-/// `recompute`, `schedule` and `memory` join with their passes, one line each.
+/// The registry of testable passes: `; test <name>` runs the pass built here. (`memory` is
+/// a program pass whose result is a layout, not a graph: `passes/tests/memory.rs` tests it.)
 const PASSES: &[(&str, PassFn)] = &[
     ("simplify", || Box::new(Simplify)),
+    ("fuse", || {
+        Box::new(Fuse {
+            limits: FuseLimits::default(),
+        })
+    }),
+    ("fuse-moe", || {
+        Box::new(FuseMoe {
+            stackings: Default::default(),
+        })
+    }),
+    ("recompute", || {
+        Box::new(Recompute {
+            mode: RecomputeMode::Full,
+        })
+    }),
+    ("schedule", || Box::new(Schedule)),
     ("autodiff", || {
         Box::new(Autodiff {
             loss: "loss".into(),
