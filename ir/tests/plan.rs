@@ -377,6 +377,8 @@ fn expanding_a_state_of_another_type_than_its_stacking_fails() {
     .unwrap();
     assert_eq!(state.len(), 1);
     assert!(st.is_empty());
+}
+
 /// A plan whose program carries a memory layout that does not fit its graph is refused at
 /// load with a message naming the program and the fault; a fitting one round-trips.
 #[test]
