@@ -145,7 +145,28 @@ impl Pass for Fuse {
     }
     fn run(&self, g: Graph, notes: &mut Vec<String>) -> Result<Graph, BoxError> {
         let (g, report) = fuse(&g, &self.limits)?;
-        notes.extend(report.to_string().lines().map(String::from));
+        let limits: Vec<String> = report
+            .templates
+            .iter()
+            .filter(|t| !matches!(t.stop_reason, egg::StopReason::Saturated))
+            .map(|t| format!("template {:?} stopped: {:?}", t.region, t.stop_reason))
+            .collect();
+        notes.push(format!(
+            "{} regions, {} templates{}",
+            report.regions,
+            report.templates.len(),
+            if limits.is_empty() {
+                ", all saturated".to_string()
+            } else {
+                format!("; {}", limits.join("; "))
+            }
+        ));
+        let ops: Vec<String> = report
+            .fused_ops
+            .iter()
+            .map(|(op, n)| format!("{} {n}", op.trim_start_matches("fused.")))
+            .collect();
+        notes.push(format!("fused: {}", ops.join(", ")));
         Ok(g)
     }
 }
