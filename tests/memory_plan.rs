@@ -107,7 +107,11 @@ fn the_30b_micro_step_plans_within_ten_percent() {
 /// A config's plan, and the same plan with every program scheduled and memory-planned
 /// (through the plan's bytes, as `mmc run` would read it).
 fn plans(cfg: &Config) -> (Plan, Plan) {
-    let plan = compile_plan(cfg).unwrap_or_else(|e| panic!("{e:#}"));
+    // The plain plan: `mmc compile`'s, with the layouts the pipeline attached removed.
+    let mut plan = compile_plan(cfg).unwrap_or_else(|e| panic!("{e:#}"));
+    for p in &mut plan.programs {
+        p.memory = None;
+    }
     let mut planned = plan.clone();
     planned.programs = plan
         .programs
