@@ -977,6 +977,8 @@ mod tests {
                     clip_grad: 1.0,
                 },
             },
+            recompute: RecomputeMode::None,
+            stackings: Default::default(),
         }
     }
 
@@ -1017,22 +1019,29 @@ mod tests {
     #[test]
     fn cpu_runs_every_stage_and_records_each_pass() {
         let (step, report) = cpu(settings()).run(forward()).expect("runs");
-        assert_eq!(step.micro_step.graph.stage, Stage::Optimizer);
-        assert_eq!(step.apply.graph.stage, Stage::Optimizer);
+        assert_eq!(step.micro_step.graph.stage, Stage::Scheduled);
+        assert_eq!(step.apply.graph.stage, Stage::Scheduled);
+        assert!(step.micro_step.memory.is_some() && step.apply.memory.is_some());
         let passes: Vec<&str> = report.records.iter().map(|r| r.pass).collect();
         assert_eq!(
             passes,
             [
                 "frontend",
+                "fuse-moe",
+                "fuse",
                 "simplify",
-                "enter-fused",
                 "autodiff",
                 "simplify",
                 "optimizer",
-                "optimizer"
+                "optimizer",
+                "recompute",
+                "schedule",
+                "schedule",
+                "memory",
+                "memory"
             ]
         );
-        let simplify = &report.records[1];
+        let simplify = &report.records[3];
         assert_eq!((simplify.nodes_before, simplify.nodes_after), (9, 6));
         assert!(report.to_string().contains("pipeline: "), "{report}");
         let stages: Vec<Stage> = report.stage_nodes().iter().map(|s| s.0).collect();
@@ -1043,7 +1052,9 @@ mod tests {
                 Stage::Fused,
                 Stage::Autodiff,
                 Stage::Optimizer,
-                Stage::Optimizer
+                Stage::Optimizer,
+                Stage::Scheduled,
+                Stage::Scheduled
             ]
         );
     }
@@ -1122,11 +1133,13 @@ mod tests {
 
     #[test]
     fn stages_without_passes_are_not_built() {
-        for stage in [Stage::Parallel, Stage::Scheduled] {
-            let err = cpu(settings())
-                .run_to(forward(), stage)
-                .err()
-                .expect("not built");
+        let mut without_programs = cpu(settings());
+        without_programs.programs.clear();
+        for (stage, p) in [
+            (Stage::Parallel, cpu(settings())),
+            (Stage::Scheduled, without_programs),
+        ] {
+            let err = p.run_to(forward(), stage).err().expect("not built");
             assert_eq!(
                 err.to_string(),
                 format!("stage `{stage}` is not built yet: no pass of this pipeline produces it")
@@ -1224,6 +1237,7 @@ mod tests {
             }
         }
         let mut p = cpu(settings());
+        p.programs.clear();
         assert!(!p.builds(Stage::Scheduled));
         p.programs.push(Box::new(Schedules));
         assert!(p.builds(Stage::Scheduled));
@@ -1247,6 +1261,7 @@ mod tests {
         };
         assert!(only.applies_to("micro_step") && !only.applies_to("apply"));
         let mut p = cpu(settings());
+        p.programs.clear();
         p.programs.push(Box::new(only));
         p.programs.push(Box::new(EachGraph(EnterStage {
             name: "enter-scheduled",
@@ -1256,7 +1271,7 @@ mod tests {
         let ran: Vec<(&str, Option<&str>)> = report
             .records
             .iter()
-            .skip(7)
+            .skip(8)
             .map(|r| (r.pass, r.program.as_deref()))
             .collect();
         assert_eq!(
