@@ -18,7 +18,8 @@
 //!
 //! The optimizer step (gradient accumulation, the apply program) is not run: recompute and
 //! scheduling run on the autodiff graph itself, so its outputs (loss and gradients) can be
-//! compared. A failure names its seed; `RANDOM_PIPELINE_SEED=n` reruns that case alone.
+//! compared. A failure names its seed; `RANDOM_PIPELINE_SEED=n` reruns that case alone, and
+//! `RANDOM_PIPELINE_CASES=n` runs n cases instead of the default.
 
 mod fuse_common;
 
@@ -45,9 +46,10 @@ const CASES: u64 = 500;
 const FORWARD_TOL: f64 = 1e-9;
 /// The backward passes keep the loss and gradients within this relative error.
 const GRAD_TOL: f64 = 1e-8;
-/// Errors are relative to the largest magnitude of the expected tensor, or to this when it is
-/// smaller: the data are O(1), and a gradient that is nearly zero (a key the softmax hardly
-/// weighs, a bias a softmax over another axis cancels) carries the rounding of O(1) terms.
+/// Errors are relative to the largest magnitude of the expected tensor, or to this fraction of
+/// the largest magnitude of all expected outputs when that is more: a gradient that is nearly
+/// zero (a key a saturated softmax hardly weighs, a bias a softmax over another axis cancels)
+/// carries the rounding of the case's large terms.
 const NORM_FLOOR: f64 = 1e-3;
 
 /// How a norm departs from the frontend's.
@@ -94,13 +96,19 @@ enum Piece {
         full: bool,
         swapped: bool,
     },
-    Attention {
-        heads: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        mask: Mask,
-    },
+    Attention(AttnShape),
     Moe(MoeShape),
+}
+
+/// An attention piece.
+#[derive(Clone, Copy, Debug)]
+struct AttnShape {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    mask: Mask,
+    /// The decoder's q/k RMSNorm and RoPE before the scores.
+    qk_norm_rope: bool,
 }
 
 /// A dense MoE piece.
@@ -195,8 +203,9 @@ impl Case {
                     } else {
                         pick(&mut rng, &[2, 4])
                     };
+                    // Query heads a multiple of the key/value heads (GQA).
                     let kv_heads = pick(&mut rng, &[1, 2, 4].map(|k: usize| k.min(heads)));
-                    Piece::Attention {
+                    Piece::Attention(AttnShape {
                         heads,
                         kv_heads,
                         head_dim: pick(&mut rng, &[2, 4]),
@@ -208,7 +217,8 @@ impl Case {
                         } else {
                             Mask::PackedCausal
                         },
-                    }
+                        qk_norm_rope: rng.random_bool(0.5),
+                    })
                 }
                 _ => {
                     let experts = rng.random_range(2..=4);
@@ -220,21 +230,6 @@ impl Case {
                         missing: miss,
                     })
                 }
-            };
-            // GQA needs the query heads to be a multiple of the key/value heads.
-            let p = match p {
-                Piece::Attention {
-                    heads,
-                    kv_heads,
-                    head_dim,
-                    mask,
-                } if heads % kv_heads != 0 => Piece::Attention {
-                    heads,
-                    kv_heads: 1,
-                    head_dim,
-                    mask,
-                },
-                p => p,
             };
             pieces.push(p);
         }
@@ -458,18 +453,35 @@ fn rope(
     b.reshape(y, &[bs, s, d])
 }
 
-/// The Qwen3 decoder's attention (projections, GQA expansion, scaled scores, the mask with a
-/// -inf fill, an f32 softmax, the output projection) with the piece's mask.
-fn attention(
-    b: &mut ModelBuilder,
-    c: &mut Ctx,
-    x: Sym,
-    nh: usize,
-    nkv: usize,
-    hd: usize,
-    mask: Mask,
-) -> BuildResult {
+/// `x * cos + rotate_half(x) * sin` for x [b, h, s, d], as `qwen3_moe::apply_rope` declares it.
+fn apply_rope(b: &mut ModelBuilder, x: Sym, cos: Sym, sin: Sym) -> BuildResult {
+    let d = b.shape(x)[3];
+    let x1 = b.slice(x, 3, 0, d / 2)?;
+    let x2 = b.slice(x, 3, d / 2, d)?;
+    let nx2 = b.neg(x2)?;
+    let rot = b.concat(&[nx2, x1], 3)?;
+    let a = b.mul(x, cos)?;
+    let r = b.mul(rot, sin)?;
+    b.add(a, r)
+}
+
+/// The Qwen3 decoder's attention (projections, q/k RMSNorm and RoPE when asked, GQA
+/// expansion, scaled scores, the mask with a -inf fill, an f32 softmax, the output
+/// projection) with the piece's mask.
+fn attention(b: &mut ModelBuilder, c: &mut Ctx, x: Sym, a: AttnShape) -> BuildResult {
     let (bs, s, d) = (c.batch, c.seq, c.hidden);
+    let (nh, nkv, hd, mask) = (a.heads, a.kv_heads, a.head_dim, a.mask);
+    // The rotary tables [b, s, hd], as `rope_tables` gives them.
+    let rope = if a.qk_norm_rope {
+        c.expect("fused.rms_norm", 2);
+        c.expect("fused.rope", 2);
+        Some((
+            c.input(b, "cos", &[bs, s, hd])?,
+            c.input(b, "sin", &[bs, s, hd])?,
+        ))
+    } else {
+        None
+    };
     let m = match mask {
         Mask::PackedCausal | Mask::QueryAxisSoftmax => c.packed_mask(b)?,
         Mask::MixedIds | Mask::Strict => {
@@ -507,12 +519,22 @@ fn attention(
         let q = b.linear("q_proj", x, nh * hd, false)?;
         let k = b.linear("k_proj", x, nkv * hd, false)?;
         let v = b.linear("v_proj", x, nkv * hd, false)?;
-        let q = b.reshape(q, &[bs, s, nh, hd])?;
-        let k = b.reshape(k, &[bs, s, nkv, hd])?;
+        let mut q = b.reshape(q, &[bs, s, nh, hd])?;
+        let mut k = b.reshape(k, &[bs, s, nkv, hd])?;
         let v = b.reshape(v, &[bs, s, nkv, hd])?;
-        let q = b.transpose(q, 1, 2)?;
-        let k = b.transpose(k, 1, 2)?;
+        if rope.is_some() {
+            q = b.rms_norm("q_norm", q, 1e-6)?;
+            k = b.rms_norm("k_norm", k, 1e-6)?;
+        }
+        let mut q = b.transpose(q, 1, 2)?;
+        let mut k = b.transpose(k, 1, 2)?;
         let v = b.transpose(v, 1, 2)?;
+        if let Some((cos, sin)) = rope {
+            let cos = b.reshape(cos, &[bs, 1, s, hd])?;
+            let sin = b.reshape(sin, &[bs, 1, s, hd])?;
+            q = apply_rope(b, q, cos, sin)?;
+            k = apply_rope(b, k, cos, sin)?;
+        }
         let rep = nh / nkv;
         let expand = |b: &mut ModelBuilder, t: Sym| -> BuildResult {
             let t = b.reshape(t, &[bs, nkv, 1, s, hd])?;
@@ -636,10 +658,10 @@ fn cross_entropy(
 fn reads_packed_mask(p: &Piece) -> bool {
     matches!(
         p,
-        Piece::Attention {
+        Piece::Attention(AttnShape {
             mask: Mask::PackedCausal | Mask::QueryAxisSoftmax,
             ..
-        }
+        })
     )
 }
 
@@ -694,21 +716,16 @@ fn build(c: &Case) -> (Graph, BTreeMap<&'static str, usize>) {
                     full,
                     swapped,
                 } => rope(b, ctx, x, *heads, *full, *swapped),
-                Piece::Attention {
-                    heads,
-                    kv_heads,
-                    head_dim,
-                    mask,
-                } => attention(b, ctx, x, *heads, *kv_heads, *head_dim, *mask),
+                Piece::Attention(a) => attention(b, ctx, x, *a),
                 Piece::Moe(m) => moe(b, ctx, x, *m),
             })
             .unwrap_or_else(|e| panic!("seed {}: piece {p:?} declares: {e}", c.seed));
         if matches!(
             p,
-            Piece::Attention {
+            Piece::Attention(AttnShape {
                 mask: Mask::Strict,
                 ..
-            }
+            })
         ) {
             side.push((format!("strict{i}"), y));
         } else {
@@ -825,6 +842,13 @@ fn assert_close(
             }
         }
     }
+    let largest = |t: &Tensor| {
+        t.to_f64_vec()
+            .iter()
+            .filter(|x| x.is_finite())
+            .fold(0.0f64, |m, x| m.max(x.abs()))
+    };
+    let floor = NORM_FLOOR * want.values().map(largest).fold(0.0, f64::max);
     for (name, w) in want {
         let g = got
             .get(name)
@@ -832,12 +856,8 @@ fn assert_close(
             .unwrap_or_else(|| panic!("{what}: no output `{name}`"));
         assert_eq!(g.shape(), w.shape(), "{what}: `{name}`");
         // Relative to the largest magnitude, floored (see `NORM_FLOOR`).
-        let norm = w
-            .to_f64_vec()
-            .iter()
-            .filter(|x| x.is_finite())
-            .fold(0.0f64, |m, x| m.max(x.abs()));
-        let diff = max_rel_diff(g, w) * norm.max(1e-30) / norm.max(NORM_FLOOR);
+        let norm = largest(w);
+        let diff = max_rel_diff(g, w) * norm.max(1e-30) / norm.max(floor).max(1e-30);
         assert!(
             diff <= tol,
             "{what}: `{name}` differs by {diff:e} (above {tol:e}) of its largest magnitude \
@@ -894,6 +914,11 @@ fn fused_counts(g: &Graph) -> BTreeMap<String, usize> {
 
 /// Runs one graph pass, checks that the result verifies, and returns it.
 fn step(what: &str, pass: &dyn Pass, g: Graph) -> Graph {
+    step_with_notes(what, pass, g).0
+}
+
+/// [`step`], with the pass's notes.
+fn step_with_notes(what: &str, pass: &dyn Pass, g: Graph) -> (Graph, Vec<String>) {
     let mut notes = Vec::new();
     let out = pass
         .run(g, &mut notes)
@@ -905,7 +930,7 @@ fn step(what: &str, pass: &dyn Pass, g: Graph) -> Graph {
             text::print(&out)
         )
     });
-    out
+    (out, notes)
 }
 
 /// The fused ops some positive piece produces: each must occur in some case.
@@ -948,7 +973,12 @@ fn check_case(seed: u64) -> BTreeMap<String, usize> {
     let fuse = Fuse {
         limits: Default::default(),
     };
-    let f = step(&what, &fuse, f);
+    let (f, notes) = step_with_notes(&what, &fuse, f);
+    // A saturation stopped by a limit would hide missed fusions.
+    assert!(
+        notes.iter().any(|n| n.contains("all saturated")),
+        "{what}: {notes:?}"
+    );
     assert_close(
         &format!("{what}, after fuse"),
         &want,
@@ -1020,22 +1050,28 @@ fn check_case(seed: u64) -> BTreeMap<String, usize> {
 fn every_pass_keeps_random_graphs_and_fuses_only_the_positive_pieces() {
     let t = std::time::Instant::now();
     let mut total: BTreeMap<String, usize> = BTreeMap::new();
-    // `RANDOM_PIPELINE_SEED=n` reruns one case (a failure names its seed).
-    let seeds = match std::env::var("RANDOM_PIPELINE_SEED") {
-        Ok(s) => {
-            let n: u64 = s.parse().expect("RANDOM_PIPELINE_SEED is a number");
-            n..n + 1
-        }
-        Err(_) => 0..CASES,
+    // `RANDOM_PIPELINE_SEED=n` reruns one case (a failure names its seed);
+    // `RANDOM_PIPELINE_CASES=n` runs more cases than the default.
+    let env = |name: &str| {
+        std::env::var(name).ok().map(|s| {
+            s.parse::<u64>()
+                .unwrap_or_else(|_| panic!("{name} is a number"))
+        })
     };
-    let all = seeds == (0..CASES);
-    for seed in seeds {
+    let cases = env("RANDOM_PIPELINE_CASES").unwrap_or(CASES);
+    let seeds = match env("RANDOM_PIPELINE_SEED") {
+        Some(n) => n..n + 1,
+        None => 0..cases,
+    };
+    let all = seeds.start == 0 && seeds.end >= CASES;
+    for seed in seeds.clone() {
         for (op, n) in check_case(seed) {
             *total.entry(op).or_default() += n;
         }
     }
     eprintln!(
-        "{CASES} random graphs in {:.1?}; fused ops: {total:?}",
+        "{} random graphs in {:.1?}; fused ops: {total:?}",
+        seeds.end - seeds.start,
         t.elapsed()
     );
     // Every kind of positive piece was drawn and fused somewhere.
@@ -1059,12 +1095,13 @@ fn small_case(pieces: Vec<Piece>) -> Case {
 }
 
 fn packed_attention(heads: usize, kv_heads: usize) -> Piece {
-    Piece::Attention {
+    Piece::Attention(AttnShape {
         heads,
         kv_heads,
         head_dim: 4,
         mask: Mask::PackedCausal,
-    }
+        qk_norm_rope: false,
+    })
 }
 
 /// Seed 16 of the random test drew this. With one query head the DSL emits no broadcast of the
@@ -1111,7 +1148,10 @@ fn attention_in_some_layers_of_a_stack_fuses() {
                 if i == 1 {
                     gelu(b, ctx, x, false)
                 } else {
-                    attention(b, ctx, x, 2, 1, 4, Mask::PackedCausal)
+                    let Piece::Attention(a) = packed_attention(2, 1) else {
+                        unreachable!("an attention piece")
+                    };
+                    attention(b, ctx, x, a)
                 }
             })
             .expect("declares");
