@@ -34,7 +34,7 @@ use mmc_ir::{text, verify, CmpOp, DType, Graph, Interpreter, Op, Precision, Tens
 use mmc_passes::memory::plan_memory;
 use mmc_passes::pipeline::{Autodiff, Fuse, FuseMoe, Pass, Recompute, Schedule, Simplify};
 use mmc_passes::recompute::RecomputeMode;
-use mmc_passes::GRAD_PREFIX;
+use mmc_passes::{activation_peak, recompute, RecomputeError, GRAD_PREFIX};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, HashMap};
@@ -244,6 +244,8 @@ impl Case {
                 RecomputeMode::None,
                 RecomputeMode::Selective,
                 RecomputeMode::Full,
+                // Resolved against the graph (see `check_case`).
+                RecomputeMode::Budget { bytes: 0 },
             ],
         );
         Case {
@@ -946,8 +948,9 @@ const FUSED_KINDS: [&str; 9] = [
     "fused.moe_permute",
 ];
 
-/// Checks one random case; returns the fused ops it produced (for the test's summary).
-fn check_case(seed: u64) -> BTreeMap<String, usize> {
+/// Checks one random case; returns the fused ops it produced and whether recompute cloned
+/// anything (for the test's summary).
+fn check_case(seed: u64) -> (BTreeMap<String, usize>, bool) {
     let c = Case::random(seed);
     let what = format!("seed {seed} ({c:?})");
     let (g, expected) = build(&c);
@@ -1031,25 +1034,50 @@ fn check_case(seed: u64) -> BTreeMap<String, usize> {
     let reference = step(&what, &ad, g.clone());
     let want_grads = run(&reference, &b);
     let mut a = step(&what, &ad, f);
-    let recompute = Recompute { mode: c.recompute };
-    let passes: [&dyn Pass; 3] = [&Simplify, &recompute, &Schedule];
     let check = |a: &Graph, name: &str| {
         let w = format!("{what}, after {name}");
         assert_close(&w, &want_grads, &run(a, &bs), &stackings, GRAD_TOL);
     };
     check(&a, "autodiff");
-    for pass in passes {
-        a = step(&what, pass, a);
-        check(&a, pass.name());
+    a = step(&what, &Simplify, a);
+    check(&a, "simplify");
+    // A budget halfway between the peak and the smallest peak recomputation reaches.
+    let mode = match c.recompute {
+        RecomputeMode::Budget { .. } => {
+            let before = activation_peak(&a).bytes;
+            let smallest = match recompute(&a, RecomputeMode::Budget { bytes: 0 }) {
+                Err(RecomputeError::BudgetTooSmall { smallest_bytes, .. }) => smallest_bytes,
+                Ok(_) => 0,
+                Err(e) => panic!("{what}: recompute: {e}"),
+            };
+            RecomputeMode::Budget {
+                bytes: smallest + before.saturating_sub(smallest) / 2,
+            }
+        }
+        m => m,
+    };
+    let before = a.nodes().len();
+    a = step(&what, &Recompute { mode }, a);
+    let recomputed = a.nodes().len() > before;
+    check(&a, "recompute");
+    if let RecomputeMode::Budget { bytes } = mode {
+        let peak = activation_peak(&a).bytes;
+        assert!(
+            peak <= bytes,
+            "{what}: peak {peak} above the budget {bytes}"
+        );
     }
+    a = step(&what, &Schedule, a);
+    check(&a, "schedule");
     assert_arena_bit_identical(&format!("{what}, memory"), &a, &bs);
-    counts
+    (counts, recomputed)
 }
 
 #[test]
 fn every_pass_keeps_random_graphs_and_fuses_only_the_positive_pieces() {
     let t = std::time::Instant::now();
     let mut total: BTreeMap<String, usize> = BTreeMap::new();
+    let mut recomputing = 0;
     // `RANDOM_PIPELINE_SEED=n` reruns one case (a failure names its seed);
     // `RANDOM_PIPELINE_CASES=n` runs more cases than the default.
     let env = |name: &str| {
@@ -1065,16 +1093,19 @@ fn every_pass_keeps_random_graphs_and_fuses_only_the_positive_pieces() {
     };
     let all = seeds.start == 0 && seeds.end >= CASES;
     for seed in seeds.clone() {
-        for (op, n) in check_case(seed) {
+        let (counts, recomputed) = check_case(seed);
+        for (op, n) in counts {
             *total.entry(op).or_default() += n;
         }
+        recomputing += usize::from(recomputed);
     }
     eprintln!(
-        "{} random graphs in {:.1?}; fused ops: {total:?}",
+        "{} random graphs in {:.1?}, {recomputing} with recomputed nodes; fused ops: {total:?}",
         seeds.end - seeds.start,
         t.elapsed()
     );
     // Every kind of positive piece was drawn and fused somewhere.
+    assert!(!all || recomputing > 0, "recompute never cloned a node");
     for op in if all { &FUSED_KINDS[..] } else { &[] } {
         assert!(total.contains_key(*op), "no case fused `{op}`: {total:?}");
     }
