@@ -4,8 +4,11 @@
 //! fusion rules match (elementwise chains with broadcasts, RMSNorm, LayerNorm, softmax,
 //! SwiGLU, GELU, RoPE, attention with packed segments and GQA, a dense MoE, the LM head with
 //! the shifted cross-entropy) or as near misses of them that must stay unfused (a norm over a
-//! non-last axis or with a wrong 1/n, softmax over a non-last axis, a `kj < qi` mask, key
-//! segments from another tensor, a dense MoE missing an expert, a flipped loss...). The passes
+//! non-last axis or with a wrong 1/n, softmax over a non-last axis, GELU with the wrong erf
+//! scale, SwiGLU with `exp(+g)`, RoPE with swapped halves, a `kj < qi` mask, key segments from
+//! another tensor, attention with the softmax over the queries, a dense MoE missing an expert,
+//! weighting an expert by another's column or summing one twice, a flipped loss, the picked
+//! logit from other logits). The passes
 //! run in pipeline order (`fuse-moe`, `fuse`, `simplify`, `autodiff`, `simplify`,
 //! `recompute`, `schedule`, memory planning), and after each:
 //!
@@ -119,8 +122,19 @@ struct MoeShape {
     norm_topk: bool,
     /// The experts' intermediate size.
     width: usize,
+    miss: MoeMiss,
+}
+
+/// How a dense MoE departs from the frontend's.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum MoeMiss {
+    None,
     /// The last expert is left out of the sum.
-    missing: bool,
+    MissingExpert,
+    /// Expert 1 is weighted by the routing column of expert 0.
+    WrongColumn,
+    /// Expert 0 is summed twice (as expert 0 and in place of expert 1).
+    DuplicateExpert,
 }
 
 /// How the scalar loss is formed from the last value.
@@ -132,6 +146,8 @@ enum Loss {
     CrossEntropy,
     /// The same with `picked - lse`: stays.
     Flipped,
+    /// The picked logit from other logits (an input) than the logsumexp's: stays.
+    OtherLogits,
 }
 
 /// A random case: sizes, pieces, loss, recompute mode.
@@ -227,16 +243,28 @@ impl Case {
                         k: rng.random_range(1..=experts),
                         norm_topk: rng.random_bool(0.5),
                         width: pick(&mut rng, &[2, 4]),
-                        missing: miss,
+                        miss: if miss {
+                            pick(
+                                &mut rng,
+                                &[
+                                    MoeMiss::MissingExpert,
+                                    MoeMiss::WrongColumn,
+                                    MoeMiss::DuplicateExpert,
+                                ],
+                            )
+                        } else {
+                            MoeMiss::None
+                        },
                     })
                 }
             };
             pieces.push(p);
         }
-        let loss = match rng.random_range(0..5) {
+        let loss = match rng.random_range(0..6) {
             0 | 1 => Loss::Dot,
             2 | 3 => Loss::CrossEntropy,
-            _ => Loss::Flipped,
+            4 => Loss::Flipped,
+            _ => Loss::OtherLogits,
         };
         let recompute = pick(
             &mut rng,
@@ -563,13 +591,19 @@ fn attention(b: &mut ModelBuilder, c: &mut Ctx, x: Sym, a: AttnShape) -> BuildRe
 /// The dense MoE block as `qwen3_moe::moe` declares it, on x viewed as [tokens, hidden].
 fn moe(b: &mut ModelBuilder, c: &mut Ctx, x: Sym, m: MoeShape) -> BuildResult {
     let (bs, s, d) = (c.batch, c.seq, c.hidden);
-    let (e, k, norm_topk, width, missing) = (m.experts, m.k, m.norm_topk, m.width, m.missing);
+    let (e, k, norm_topk, width, miss) = (m.experts, m.k, m.norm_topk, m.width, m.miss);
     let t = bs * s;
     // The router's softmax over the experts fuses either way; the routed block has one
     // SwiGLU over the grouped rows of all experts, the dense near miss one per summed expert.
     c.expect("fused.softmax", 1);
-    if missing {
-        c.expect("fused.swiglu", e - 1);
+    if miss != MoeMiss::None {
+        // A duplicated expert's SwiGLU is one value, read twice.
+        let distinct = if miss == MoeMiss::WrongColumn {
+            e
+        } else {
+            e - 1
+        };
+        c.expect("fused.swiglu", distinct);
     } else {
         c.expect("fused.moe_permute", 1);
         c.expect("fused.moe_unpermute", 1);
@@ -591,17 +625,27 @@ fn moe(b: &mut ModelBuilder, c: &mut Ctx, x: Sym, m: MoeShape) -> BuildResult {
         let dense = b.scatter_add(zeros, top, weights, 1)?;
         let mut out: Option<Sym> = None;
         for ei in 0..e {
-            if missing && ei == e - 1 {
+            if miss == MoeMiss::MissingExpert && ei == e - 1 {
                 continue;
             }
-            let y = b.scope(format!("experts.{ei}"), |b| {
+            let which = if miss == MoeMiss::DuplicateExpert && ei == 1 {
+                0
+            } else {
+                ei
+            };
+            let y = b.scope(format!("experts.{which}"), |b| {
                 let g = b.linear("gate_proj", xt, width, false)?;
                 let u = b.linear("up_proj", xt, width, false)?;
                 let a = b.silu(g)?;
                 let h = b.mul(a, u)?;
                 b.linear("down_proj", h, d, false)
             })?;
-            let w = b.slice(dense, 1, ei, ei + 1)?;
+            let col = if miss == MoeMiss::WrongColumn && ei == 1 {
+                0
+            } else {
+                which
+            };
+            let w = b.slice(dense, 1, col, col + 1)?;
             let y = b.mul(y, w)?;
             out = Some(match out {
                 Some(acc) => b.add(acc, y)?,
@@ -613,16 +657,17 @@ fn moe(b: &mut ModelBuilder, c: &mut Ctx, x: Sym, m: MoeShape) -> BuildResult {
     b.reshape(out, &[bs, s, d])
 }
 
-/// `shifted_cross_entropy` of the LM head on y (flipped: `picked - lse`).
+/// `shifted_cross_entropy` of the LM head on y, or one of its near misses.
 fn cross_entropy(
     b: &mut ModelBuilder,
     c: &mut Ctx,
     y: Sym,
     vocab: usize,
-    flipped: bool,
+    loss: Loss,
 ) -> BuildResult {
     let (bs, s) = (c.batch, c.seq);
-    if !flipped {
+    let flipped = loss == Loss::Flipped;
+    if loss == Loss::CrossEntropy {
         c.expect("fused.linear_cross_entropy", 1);
     }
     let labels = b.input("labels", DType::I64, &[bs, s])?;
@@ -643,7 +688,12 @@ fn cross_entropy(
     let safe = b.select(valid, target, zero_id)?;
     let lse = b.logsumexp(logits, 2)?;
     let idx = b.reshape(safe, &[bs, s, 1])?;
-    let picked = b.gather(logits, idx, 2)?;
+    let source = if loss == Loss::OtherLogits {
+        b.input("other_logits", DType::F32, &[bs, s, vocab])?
+    } else {
+        logits
+    };
+    let picked = b.gather(source, idx, 2)?;
     let ce = if flipped {
         b.sub(picked, lse)?
     } else {
@@ -742,8 +792,8 @@ fn build(c: &Case) -> (Graph, BTreeMap<&'static str, usize>) {
             let p = b.mul(x, r).expect("declares");
             b.sum_all(p).expect("declares")
         }
-        Loss::CrossEntropy | Loss::Flipped => {
-            cross_entropy(&mut b, &mut ctx, x, c.vocab, c.loss == Loss::Flipped).expect("declares")
+        Loss::CrossEntropy | Loss::Flipped | Loss::OtherLogits => {
+            cross_entropy(&mut b, &mut ctx, x, c.vocab, c.loss).expect("declares")
         }
     };
     b.output("loss", loss);
