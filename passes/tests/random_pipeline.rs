@@ -8,9 +8,9 @@
 //! scale, SwiGLU with `exp(+g)`, RoPE with swapped halves, a `kj < qi` mask, key segments from
 //! another tensor, attention with the softmax over the queries, a dense MoE missing an expert,
 //! weighting an expert by another's column or summing one twice, a flipped loss, the picked
-//! logit from other logits). The passes
-//! run in pipeline order (`fuse-moe`, `fuse`, `simplify`, `autodiff`, `simplify`,
-//! `recompute`, `schedule`, memory planning), and after each:
+//! logit from other logits). Sizes, pieces and the recompute mode are random. The passes run
+//! in pipeline order (`fuse-moe`, `fuse`, `simplify`, `autodiff`, `simplify`, `recompute`,
+//! `schedule`, then the `memory` pass's `plan_memory`), and after each:
 //!
 //! - the graph verifies;
 //! - forward passes: every output matches the frontend graph within 1e-9 (f64 interpreter);
@@ -1185,7 +1185,8 @@ fn packed_attention(heads: usize, kv_heads: usize) -> Piece {
     })
 }
 
-/// Seed 16 of the random test drew this. With one query head the DSL emits no broadcast of the
+/// An early run of the random test drew this (one query head, one kv head, the packed causal
+/// mask, batch 2). With one query head the DSL emits no broadcast of the
 /// [b, 1, s, s] mask over the heads (the shapes already agree), and every packed-causal
 /// pattern of `fuse/rules/attention.rs` requires `(broadcast (reshape (and ..) ?m4) ?mh)`: the
 /// attention stays primitive (only its softmax fuses).
