@@ -231,7 +231,10 @@ pub fn streamed_values(graph: &Graph, stream: impl Fn(&str) -> bool) -> Vec<u32>
     for (name, v) in graph.outputs() {
         *all.entry(v.0).or_insert(true) &= stream(name);
     }
-    all.into_iter().filter(|&(_, s)| s).map(|(v, _)| v).collect()
+    all.into_iter()
+        .filter(|&(_, s)| s)
+        .map(|(v, _)| v)
+        .collect()
 }
 
 /// Values grouped into buffers: a group is one allocation shared by a value and the views and

@@ -20,7 +20,7 @@
 //! while the interpreter (8-byte words) plans with [`ElemBytes::words`].
 
 use crate::emit::PassError;
-use crate::schedule::schedule_with;
+use crate::schedule::schedule_streaming;
 use mmc_ir::arena::WORD_BYTES;
 use mmc_ir::arena::{live_ends, streamed_values, ArenaLayout, Buffers, ElemBytes, Group, Slot};
 use mmc_ir::arena::{LayoutError, Reuse};
@@ -86,7 +86,8 @@ impl MemoryPlan {
 /// program of a plan, so that `mmc run` allocates one arena per program and replays every
 /// step in it. The layout is checked before it is kept.
 pub fn plan_program(program: &Program) -> Result<Program, PassError> {
-    let graph = schedule_with(&program.graph, |_| WORD_BYTES)?;
+    let before = update_values(&program.graph, program);
+    let graph = schedule_streaming(&program.graph, |_| WORD_BYTES, &before)?;
     let streamed = update_values(&graph, program);
     let plan = plan_memory_streaming(&graph, |_| WORD_BYTES, &streamed);
     plan.verify(&graph)

@@ -31,7 +31,7 @@ use crate::fuse::{fuse, FuseLimits};
 use crate::memory::{plan_memory_streaming, update_values};
 use crate::optimizer::AdamW;
 use crate::recompute::{recompute, RecomputeMode};
-use crate::schedule::schedule_with;
+use crate::schedule::{schedule_streaming, schedule_with};
 use crate::simplify::{simplify, SimplifyReport};
 use crate::train_step::{assemble, TrainStep, TrainStepSpec};
 use mmc_ir::arena::WORD_BYTES;
@@ -228,6 +228,9 @@ impl ProgramPass for Memory {
         "memory"
     }
     fn run(&self, mut p: Program, notes: &mut Vec<String>) -> Result<Program, BoxError> {
+        // Rescheduled knowing which outputs are streamed (their values ids change with it).
+        let streamed = update_values(&p.graph, &p);
+        p.graph = schedule_streaming(&p.graph, |_| WORD_BYTES, &streamed)?;
         let streamed = update_values(&p.graph, &p);
         let words = plan_memory_streaming(&p.graph, |_| WORD_BYTES, &streamed);
         words.verify(&p.graph)?;

@@ -509,7 +509,12 @@ fn a_streamed_output_frees_its_slot() {
 /// that is returned under another name as well.
 #[test]
 fn a_planned_program_streams_its_state_updates() {
-    let g = random_dag(DType::F32, 2, 2, &[(0, 1), (1, 5), (3, 9), (5, 2), (2, 77), (0, 3)]);
+    let g = random_dag(
+        DType::F32,
+        2,
+        2,
+        &[(0, 1), (1, 5), (3, 9), (5, 2), (2, 77), (0, 3)],
+    );
     let names: Vec<String> = g.outputs().iter().map(|(n, _)| n.clone()).collect();
     assert!(names.len() >= 2, "{names:?}");
     let mut g2 = g.clone();

@@ -175,9 +175,7 @@ fn immediate_updates(program: &mmc_ir::plan::Program) -> HashMap<String, String>
     program
         .updates
         .iter()
-        .filter(|u| {
-            count(&|o| o.state == u.state) == 1 && count(&|o| o.output == u.output) == 1
-        })
+        .filter(|u| count(&|o| o.state == u.state) == 1 && count(&|o| o.output == u.output) == 1)
         .filter(|u| {
             let Some(def) = g.output(&u.output).and_then(|v| g.value_data(v)) else {
                 return false;
@@ -489,5 +487,72 @@ impl Trainer {
                     .map(|t| (s.name.clone(), t.into_owned()))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::immediate_updates;
+    use mmc_ir::plan::{Program, StateUpdate};
+    use mmc_ir::{DType, Graph, Op, ScopeId, Stage, TensorType, UnaryOp};
+
+    /// An update replaces its state at once only when every read of that state comes before
+    /// it: a zeroing computed before the accumulator is read, or a state updated twice, waits.
+    #[test]
+    fn only_updates_after_every_read_of_their_state_are_immediate() {
+        let t = TensorType::new(DType::F32, vec![2]);
+        let mut g = Graph::new(Stage::Autodiff);
+        let add = |g: &mut Graph, op: Op, ins: &[mmc_ir::Value]| {
+            let id = g.add_node(op, ins, ScopeId::default()).expect("valid node");
+            g.result(id)
+        };
+        let zero = add(
+            &mut g,
+            Op::Const {
+                value: 0.0,
+                ty: t.clone(),
+            },
+            &[],
+        );
+        let acc = add(
+            &mut g,
+            Op::Param {
+                name: "acc".into(),
+                ty: t.clone(),
+            },
+            &[],
+        );
+        let w = add(
+            &mut g,
+            Op::Param {
+                name: "w".into(),
+                ty: t.clone(),
+            },
+            &[],
+        );
+        let w_new = add(&mut g, Op::Unary(UnaryOp::Neg), &[w]);
+        let acc_neg = add(&mut g, Op::Unary(UnaryOp::Neg), &[acc]);
+        g.add_output("acc_zero", zero);
+        g.add_output("w_new", w_new);
+        g.add_output("acc_neg", acc_neg);
+        let up = |output: &str, state: &str| StateUpdate {
+            output: output.into(),
+            state: state.into(),
+        };
+        let p = Program::new(
+            "apply",
+            g.clone(),
+            vec![up("acc_zero", "acc"), up("w_new", "w")],
+        );
+        let m = immediate_updates(&p);
+        assert_eq!(m.len(), 1, "{m:?}");
+        assert_eq!(m.get("w_new").map(String::as_str), Some("w"));
+        // Two updates of one state keep the plan's order: both wait.
+        let p = Program::new(
+            "apply",
+            g,
+            vec![up("w_new", "w"), up("acc_neg", "w"), up("acc_neg", "acc")],
+        );
+        assert!(immediate_updates(&p).is_empty());
     }
 }
