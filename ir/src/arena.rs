@@ -136,6 +136,11 @@ pub struct ArenaLayout {
     /// Bytes of the arena.
     pub size: u64,
     pub slots: Vec<Option<Slot>>,
+    /// Graph outputs moved out of the arena as soon as they are computed (state updates: the
+    /// runtime takes each one at its node), ascending value ids. Being an output does not keep
+    /// such a value live to the end, so its slot is reused once its last reader has run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub streamed: Vec<u32>,
 }
 
 /// Why a layout does not fit a graph.
@@ -159,6 +164,10 @@ pub enum LayoutError {
     Oversized { size: u64, total: u64 },
     #[error("cannot allocate an arena of {0} bytes")]
     Alloc(u64),
+    #[error("value %{0} is listed as streamed, but it is not a graph output")]
+    StreamedNotOutput(u32),
+    #[error("the streamed values are not in ascending order without repeats at %{0}")]
+    StreamedOrder(u32),
 }
 
 /// Whether a node's value lives in the arena: everything but parameters and inputs.
@@ -194,8 +203,9 @@ pub fn reuse_kind(graph: &Graph, node: &crate::Node, operand: usize) -> Option<R
 
 /// For every value, the last program point at which it is needed: the last node reading it,
 /// its own node when nothing reads it, and `graph.nodes().len()` (a point after the last node)
-/// for graph outputs.
-pub fn live_ends(graph: &Graph) -> Vec<u32> {
+/// for graph outputs, except those in `streamed` (value ids), which are taken out of the arena
+/// at their node and so are needed no later than their last reader.
+pub fn live_ends(graph: &Graph, streamed: &[u32]) -> Vec<u32> {
     let n = graph.nodes().len() as u32;
     let mut end: Vec<u32> = (0..graph.num_values())
         .map(|v| graph.value_data(Value(v as u32)).map_or(0, |d| d.node.0))
@@ -206,9 +216,25 @@ pub fn live_ends(graph: &Graph) -> Vec<u32> {
         }
     }
     for (_, v) in graph.outputs() {
-        end[v.0 as usize] = n;
+        if streamed.binary_search(&v.0).is_err() {
+            end[v.0 as usize] = n;
+        }
     }
     end
+}
+
+/// The values of `graph` to stream: those whose every output name `stream` accepts (a value
+/// that is also returned under another name must stay in the arena to the end), ascending, as
+/// [`ArenaLayout::streamed`] lists them.
+pub fn streamed_values(graph: &Graph, stream: impl Fn(&str) -> bool) -> Vec<u32> {
+    let mut all: BTreeMap<u32, bool> = BTreeMap::new();
+    for (name, v) in graph.outputs() {
+        *all.entry(v.0).or_insert(true) &= stream(name);
+    }
+    all.into_iter()
+        .filter(|&(_, s)| s)
+        .map(|(v, _)| v)
+        .collect()
 }
 
 /// Values grouped into buffers: a group is one allocation shared by a value and the views and
@@ -316,8 +342,9 @@ impl Buffers {
 
 impl ArenaLayout {
     /// Checks that the layout fits `graph`: one slot per value computed in the arena (none for
-    /// parameters and inputs), of the value's size, inside the arena, and no two slots
-    /// overlapping while both are needed, except a result sharing its operand's slot as
+    /// parameters and inputs), of the value's size, inside the arena, streamed values that are
+    /// graph outputs, and no two slots overlapping while both are needed (a streamed output
+    /// only up to its last reader), except a result sharing its operand's slot as
     /// [`reuse_kind`] allows. `O(n log n)` in the number of values.
     pub fn check(&self, graph: &Graph) -> Result<(), LayoutError> {
         if self.slots.len() != graph.num_values() {
@@ -325,6 +352,14 @@ impl ArenaLayout {
                 expected: graph.num_values(),
                 got: self.slots.len(),
             });
+        }
+        if let Some(w) = self.streamed.windows(2).find(|w| w[0] >= w[1]) {
+            return Err(LayoutError::StreamedOrder(w[1]));
+        }
+        let outputs: std::collections::HashSet<u32> =
+            graph.outputs().iter().map(|(_, v)| v.0).collect();
+        if let Some(&v) = self.streamed.iter().find(|v| !outputs.contains(v)) {
+            return Err(LayoutError::StreamedNotOutput(v));
         }
         for node in graph.nodes() {
             for &v in &node.outputs {
@@ -366,7 +401,7 @@ impl ArenaLayout {
                 total,
             });
         }
-        let ends = live_ends(graph);
+        let ends = live_ends(graph, &self.streamed);
         let slot = |v: Value| self.slots[v.0 as usize].expect("checked above");
         let buffers = Buffers::build(
             graph,

@@ -391,6 +391,7 @@ fn a_layout_that_does_not_fit_its_graph_is_refused() {
         elem_bytes: ElemBytes::words(),
         size: 16,
         slots: vec![None, None, slot(0, 16)],
+        streamed: vec![],
     };
     p.programs[0].memory = Some(good.clone());
     assert_eq!(load(&p.to_bytes()).unwrap(), p);
@@ -422,6 +423,13 @@ fn a_layout_that_does_not_fit_its_graph_is_refused() {
                 ..good.clone()
             },
             "2 slots",
+        ),
+        (
+            ArenaLayout {
+                streamed: vec![1],
+                ..good.clone()
+            },
+            "not a graph output",
         ),
     ] {
         p.programs[0].memory = Some(bad);

@@ -3,7 +3,9 @@
 //! the planned peak is the real one.
 //!
 //! Three steps, as in XLA's buffer assignment and tinygrad's memory planner:
-//! 1. liveness: a value is needed from its node to its last reader (graph outputs to the end);
+//! 1. liveness: a value is needed from its node to its last reader (graph outputs to the end,
+//!    except streamed ones: state updates, which the runtime takes out of the arena as soon as
+//!    they are computed, so their slots are reused);
 //! 2. in-place reuse ([`mmc_ir::arena::reuse_kind`]): a reshape shares its operand's buffer,
 //!    and a float elementwise op takes over an operand buffer that dies at it, so a chain of
 //!    elementwise ops runs in one buffer;
@@ -18,9 +20,9 @@
 //! while the interpreter (8-byte words) plans with [`ElemBytes::words`].
 
 use crate::emit::PassError;
-use crate::schedule::schedule_with;
+use crate::schedule::schedule_streaming;
 use mmc_ir::arena::WORD_BYTES;
-use mmc_ir::arena::{live_ends, ArenaLayout, Buffers, ElemBytes, Group, Slot};
+use mmc_ir::arena::{live_ends, streamed_values, ArenaLayout, Buffers, ElemBytes, Group, Slot};
 use mmc_ir::arena::{LayoutError, Reuse};
 use mmc_ir::plan::Program;
 use mmc_ir::{DType, Graph, Value};
@@ -79,12 +81,15 @@ impl MemoryPlan {
     }
 }
 
-/// Schedules a program for the interpreter and attaches its arena layout (8-byte words):
-/// what the compile pipeline does to each program of a plan, so that `mmc run` allocates one
-/// arena per program and replays every step in it. The layout is checked before it is kept.
+/// Schedules a program for the interpreter and attaches its arena layout (8-byte words), with
+/// its state updates streamed ([`update_values`]): what the compile pipeline does to each
+/// program of a plan, so that `mmc run` allocates one arena per program and replays every
+/// step in it. The layout is checked before it is kept.
 pub fn plan_program(program: &Program) -> Result<Program, PassError> {
-    let graph = schedule_with(&program.graph, |_| WORD_BYTES)?;
-    let plan = plan_memory(&graph, |_| WORD_BYTES);
+    let before = update_values(&program.graph, program);
+    let graph = schedule_streaming(&program.graph, |_| WORD_BYTES, &before)?;
+    let streamed = update_values(&graph, program);
+    let plan = plan_memory_streaming(&graph, |_| WORD_BYTES, &streamed);
     plan.verify(&graph)
         .expect("the planner's layouts pass the layout check");
     Ok(Program {
@@ -95,10 +100,29 @@ pub fn plan_program(program: &Program) -> Result<Program, PassError> {
     })
 }
 
-/// Plans the arena of a scheduled graph with `elem_bytes` bytes per element.
+/// The values of `graph` (the graph of `program`, or a reordering of it) that the runtime
+/// streams: those output only as state updates (`program.updates`), ascending.
+pub fn update_values(graph: &Graph, program: &Program) -> Vec<u32> {
+    let updates: BTreeSet<&str> = program.updates.iter().map(|u| u.output.as_str()).collect();
+    streamed_values(graph, |name| updates.contains(name))
+}
+
+/// Plans the arena of a scheduled graph with `elem_bytes` bytes per element, every output
+/// kept to the end.
 pub fn plan_memory(graph: &Graph, elem_bytes: impl Fn(DType) -> usize) -> MemoryPlan {
+    plan_memory_streaming(graph, elem_bytes, &[])
+}
+
+/// [`plan_memory`] with the outputs `streamed` (ascending value ids, such as
+/// [`update_values`]) taken out of the arena at their node: each is needed only up to its
+/// last reader, and the layout lists them ([`ArenaLayout::streamed`]).
+pub fn plan_memory_streaming(
+    graph: &Graph,
+    elem_bytes: impl Fn(DType) -> usize,
+    streamed: &[u32],
+) -> MemoryPlan {
     let elem = ElemBytes::from_fn(elem_bytes);
-    let ends = live_ends(graph);
+    let ends = live_ends(graph, streamed);
     let bytes = |v: Value| elem.value_bytes(graph, v);
     // An overwrite is always taken when legal: the result needs a buffer of that size anyway,
     // and the operand's dies here.
@@ -136,6 +160,7 @@ pub fn plan_memory(graph: &Graph, elem_bytes: impl Fn(DType) -> usize) -> Memory
             elem_bytes: elem,
             size,
             slots,
+            streamed: streamed.to_vec(),
         },
         buffers,
         ends,

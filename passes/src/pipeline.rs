@@ -28,10 +28,10 @@
 use crate::autodiff::autodiff;
 use crate::fuse::moe::fuse_moe;
 use crate::fuse::{fuse, FuseLimits};
-use crate::memory::plan_memory;
+use crate::memory::{plan_memory_streaming, update_values};
 use crate::optimizer::AdamW;
 use crate::recompute::{recompute, RecomputeMode};
-use crate::schedule::schedule_with;
+use crate::schedule::{schedule_streaming, schedule_with};
 use crate::simplify::{simplify, SimplifyReport};
 use crate::train_step::{assemble, TrainStep, TrainStepSpec};
 use mmc_ir::arena::WORD_BYTES;
@@ -249,9 +249,13 @@ impl ProgramPass for Memory {
         "memory"
     }
     fn run(&self, mut p: Program, notes: &mut Vec<String>) -> Result<Program, BoxError> {
-        let words = plan_memory(&p.graph, |_| WORD_BYTES);
+        // Rescheduled knowing which outputs are streamed (their values ids change with it).
+        let streamed = update_values(&p.graph, &p);
+        p.graph = schedule_streaming(&p.graph, |_| WORD_BYTES, &streamed)?;
+        let streamed = update_values(&p.graph, &p);
+        let words = plan_memory_streaming(&p.graph, |_| WORD_BYTES, &streamed);
         words.verify(&p.graph)?;
-        let declared = plan_memory(&p.graph, DType::size_bytes);
+        let declared = plan_memory_streaming(&p.graph, DType::size_bytes, &streamed);
         notes.push(format!(
             "arena {} (largest live set {}) in the declared dtypes; {} as the interpreter stores values",
             gb(declared.arena_bytes()),

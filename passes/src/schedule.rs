@@ -33,14 +33,29 @@ pub fn schedule_with(
     graph: &Graph,
     elem_bytes: impl Fn(DType) -> usize,
 ) -> Result<Graph, PassError> {
+    schedule_streaming(graph, elem_bytes, &[])
+}
+
+/// [`schedule_with`] for a run that takes the outputs `streamed` (value ids, see
+/// [`mmc_ir::arena::ArenaLayout::streamed`]) out of the arena at their node: they are needed
+/// only to their last reader, so computing them early costs nothing.
+pub fn schedule_streaming(
+    graph: &Graph,
+    elem_bytes: impl Fn(DType) -> usize,
+    streamed: &[u32],
+) -> Result<Graph, PassError> {
+    let kept = kept_outputs(graph, streamed);
     let elem = ElemBytes::from_fn(elem_bytes);
     let bytes: Vec<u64> = (0..graph.num_values())
         .map(|v| elem.value_bytes(graph, Value(v as u32)))
         .collect();
     let identity: Vec<NodeId> = (0..graph.nodes().len() as u32).map(NodeId).collect();
-    let mut best = (peak_of_order(graph, &identity, &bytes), identity);
-    for order in [sink_order(graph, &bytes), greedy_order(graph, &bytes)] {
-        let peak = peak_of_order(graph, &order, &bytes);
+    let mut best = (peak_of_order(graph, &identity, &bytes, &kept), identity);
+    for order in [
+        sink_order(graph, &bytes, &kept),
+        greedy_order(graph, &bytes, &kept),
+    ] {
+        let peak = peak_of_order(graph, &order, &bytes, &kept);
         if peak < best.0 {
             best = (peak, order);
         }
@@ -58,11 +73,21 @@ pub fn peak_live_bytes(graph: &Graph, elem_bytes: impl Fn(DType) -> usize) -> u6
         .map(|v| elem.value_bytes(graph, Value(v as u32)))
         .collect();
     let identity: Vec<NodeId> = (0..graph.nodes().len() as u32).map(NodeId).collect();
-    peak_of_order(graph, &identity, &bytes)
+    peak_of_order(graph, &identity, &bytes, &kept_outputs(graph, &[]))
 }
 
-/// The peak of live bytes if the nodes ran in `order` (a topological order).
-fn peak_of_order(graph: &Graph, order: &[NodeId], bytes: &[u64]) -> u64 {
+/// Whether each value is an output kept to the end of the run (not in `streamed`).
+fn kept_outputs(graph: &Graph, streamed: &[u32]) -> Vec<bool> {
+    let mut o = vec![false; graph.num_values()];
+    for (_, v) in graph.outputs() {
+        o[v.0 as usize] = streamed.binary_search(&v.0).is_err();
+    }
+    o
+}
+
+/// The peak of live bytes if the nodes ran in `order` (a topological order), the outputs
+/// `kept` live to the end.
+fn peak_of_order(graph: &Graph, order: &[NodeId], bytes: &[u64], kept: &[bool]) -> u64 {
     let n = order.len();
     let mut pos = vec![0u32; n];
     for (p, id) in order.iter().enumerate() {
@@ -77,7 +102,9 @@ fn peak_of_order(graph: &Graph, order: &[NodeId], bytes: &[u64]) -> u64 {
         }
     }
     for (_, v) in graph.outputs() {
-        end[v.0 as usize] = n as u32;
+        if kept[v.0 as usize] {
+            end[v.0 as usize] = n as u32;
+        }
     }
     let mut delta = vec![0i128; n + 2];
     for (i, node) in graph.nodes().iter().enumerate() {
@@ -119,19 +146,13 @@ fn out_bytes(graph: &Graph, i: usize, bytes: &[u64]) -> u64 {
 }
 
 /// Sinks each node whose results outweigh the operands that die at it (in program order) to
-/// just before its first user; other nodes keep their place after their operands.
-fn sink_order(graph: &Graph, bytes: &[u64]) -> Vec<NodeId> {
+/// just before its first user; other nodes keep their place after their operands. Outputs
+/// `kept` to the end never die.
+fn sink_order(graph: &Graph, bytes: &[u64], kept: &[bool]) -> Vec<NodeId> {
     let n = graph.nodes().len();
     let users = users(graph);
     let last = graph.last_uses();
-    let is_output = {
-        let mut o = vec![false; graph.num_values()];
-        graph
-            .outputs()
-            .iter()
-            .for_each(|(_, v)| o[v.0 as usize] = true);
-        o
-    };
+    let is_output = kept;
     let sinks: Vec<bool> = (0..n)
         .map(|i| {
             let node = &graph.nodes()[i];
@@ -178,18 +199,11 @@ fn sink_order(graph: &Graph, bytes: &[u64]) -> Vec<NodeId> {
 /// List scheduling: runs, among the nodes whose operands are computed, the one with the
 /// lowest (bytes it allocates − bytes of operands it is the last reader of), ties to program
 /// order. Priorities change as other readers run; stale heap entries are skipped.
-fn greedy_order(graph: &Graph, bytes: &[u64]) -> Vec<NodeId> {
+fn greedy_order(graph: &Graph, bytes: &[u64], kept: &[bool]) -> Vec<NodeId> {
     let n = graph.nodes().len();
     let users = users(graph);
     let def = |v: &Value| graph.value_data(*v).expect("value").node.0 as usize;
-    let is_output = {
-        let mut o = vec![false; graph.num_values()];
-        graph
-            .outputs()
-            .iter()
-            .for_each(|(_, v)| o[v.0 as usize] = true);
-        o
-    };
+    let is_output = kept;
     // Readers not yet scheduled, per value; operands not yet computed, per node.
     let mut pending_readers = vec![0u32; graph.num_values()];
     let mut waiting = vec![0u32; n];

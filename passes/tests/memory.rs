@@ -9,7 +9,7 @@ use mmc_ir::{
     BinaryOp, CmpOp, DType, Graph, Interpreter, Op, Precision, ReduceKind, ScopeId, Stage, Tensor,
     TensorType, UnaryOp, Value,
 };
-use mmc_passes::memory::{plan_memory, plan_program};
+use mmc_passes::memory::{plan_memory, plan_memory_streaming, plan_program, update_values};
 use mmc_passes::schedule::{peak_live_bytes, schedule, schedule_with};
 use proptest::prelude::*;
 use std::collections::HashMap;
@@ -437,6 +437,179 @@ fn a_planned_program_carries_its_layout() {
     assert_eq!(back, planned);
 }
 
+/// A streamed output is needed only to its last reader: a later value may take its slot,
+/// while a kept output's slot may not be reused; a streamed output read later stays live to
+/// that reader; and the streamed list must name graph outputs in ascending order.
+#[test]
+fn a_streamed_output_frees_its_slot() {
+    let mut g = Graph::new(Stage::Autodiff);
+    let t = TensorType::new(DType::F32, vec![16]);
+    let x = add(
+        &mut g,
+        Op::Input {
+            name: "x".into(),
+            ty: t.clone(),
+        },
+        &[],
+    );
+    let a = add(&mut g, Op::Unary(UnaryOp::Exp), &[x]);
+    let b = add(&mut g, Op::Unary(UnaryOp::Neg), &[x]);
+    let c = add(&mut g, Op::Binary(BinaryOp::Mul), &[b, x]);
+    g.add_output("a", a);
+    g.add_output("c", c);
+    let kept = plan_memory(&g, |_| 8);
+    let streamed = plan_memory_streaming(&g, |_| 8, &[a.0]);
+    assert_eq!(streamed.verify(&g), Ok(()));
+    assert_eq!(streamed.layout.streamed, vec![a.0]);
+    assert!(
+        streamed.arena_bytes() < kept.arena_bytes(),
+        "{} vs {}",
+        streamed.arena_bytes(),
+        kept.arena_bytes()
+    );
+    // b (and c, overwriting it) in a's slot.
+    let mut layout = kept.layout.clone();
+    let a_slot = layout.slots[a.0 as usize];
+    layout.slots[b.0 as usize] = a_slot;
+    layout.slots[c.0 as usize] = a_slot;
+    assert!(matches!(layout.check(&g), Err(LayoutError::Overlap { .. })));
+    layout.streamed = vec![a.0];
+    assert_eq!(layout.check(&g), Ok(()));
+    // c is kept to the end: streaming a does not let a later value into c's slot.
+    let mut d_graph = g.clone();
+    let d = add(&mut d_graph, Op::Unary(UnaryOp::Tanh), &[x]);
+    d_graph.add_output("d", d);
+    let mut l = plan_memory_streaming(&d_graph, |_| 8, &[a.0, d.0]).layout;
+    assert_eq!(l.check(&d_graph), Ok(()));
+    l.slots[d.0 as usize] = l.slots[c.0 as usize];
+    assert!(matches!(
+        l.check(&d_graph),
+        Err(LayoutError::Overlap { .. })
+    ));
+    // A streamed output read by a later node stays live to that node.
+    let mut r = g.clone();
+    let e = add(&mut r, Op::Binary(BinaryOp::Add), &[c, a]);
+    r.add_output("e", e);
+    let mut l = plan_memory_streaming(&r, |_| 8, &[a.0]).layout;
+    assert_eq!(l.check(&r), Ok(()));
+    l.slots[b.0 as usize] = l.slots[a.0 as usize];
+    l.slots[c.0 as usize] = l.slots[a.0 as usize];
+    assert!(matches!(l.check(&r), Err(LayoutError::Overlap { .. })));
+    // The list itself.
+    let mut l = streamed.layout.clone();
+    l.streamed = vec![b.0];
+    assert_eq!(l.check(&g), Err(LayoutError::StreamedNotOutput(b.0)));
+    l.streamed = vec![c.0, a.0];
+    assert_eq!(l.check(&g), Err(LayoutError::StreamedOrder(a.0)));
+    l.streamed = vec![a.0, a.0];
+    assert_eq!(l.check(&g), Err(LayoutError::StreamedOrder(a.0)));
+}
+
+/// `plan_program` streams the outputs that only update state: not the loss, and not a value
+/// that is returned under another name as well.
+#[test]
+fn a_planned_program_streams_its_state_updates() {
+    let g = random_dag(
+        DType::F32,
+        2,
+        2,
+        &[(0, 1), (1, 5), (3, 9), (5, 2), (2, 77), (0, 3)],
+    );
+    let names: Vec<String> = g.outputs().iter().map(|(n, _)| n.clone()).collect();
+    assert!(names.len() >= 2, "{names:?}");
+    let mut g2 = g.clone();
+    let y = g.output("y").unwrap();
+    g2.add_output("y_again", y);
+    let updates = names
+        .iter()
+        .chain(std::iter::once(&"y_again".to_string()))
+        .filter(|n| *n != "y")
+        .map(|n| mmc_ir::plan::StateUpdate {
+            output: n.clone(),
+            state: format!("s_{n}"),
+        })
+        .collect();
+    let p = mmc_ir::plan::Program::new("apply", g2, updates);
+    let planned = plan_program(&p).unwrap();
+    let layout = planned.memory.as_ref().unwrap();
+    let pg = &planned.graph;
+    let want: Vec<u32> = {
+        let mut v: Vec<u32> = names
+            .iter()
+            .filter(|n| *n != "y")
+            .map(|n| pg.output(n).unwrap().0)
+            .filter(|&v| v != pg.output("y").unwrap().0)
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    assert!(!want.is_empty());
+    assert_eq!(layout.streamed, want);
+    assert_eq!(update_values(pg, &planned), want);
+    assert_eq!(layout.check_words(pg), Ok(()));
+    let json = serde_json::to_string(&planned).unwrap();
+    let back: mmc_ir::plan::Program = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, planned);
+}
+
+/// The outputs of a value `sample` picks (by output index) to stream, ascending.
+fn pick_streamed(g: &Graph, sample: u32) -> Vec<u32> {
+    let names: Vec<&str> = g
+        .outputs()
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| sample.rotate_right(*k as u32) & 1 == 1)
+        .map(|(_, (n, _))| n.as_str())
+        .collect();
+    mmc_ir::arena::streamed_values(g, |n| names.contains(&n))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(150))]
+
+    /// With some outputs streamed, the planned run hands exactly those to the sink, each once,
+    /// returns the others, and every output has the plain run's bits; `run_in` still returns
+    /// them all, in output order. Twice in the same arena.
+    #[test]
+    fn streamed_runs_are_bit_identical(
+        dtype in prop::sample::select(vec![DType::F32, DType::BF16]),
+        m in 1usize..=3,
+        n in 1usize..=3,
+        steps in prop::collection::vec((any::<u8>(), any::<u32>()), 1..30),
+        sample in any::<u32>(),
+    ) {
+        let g = schedule(&random_dag(dtype, m, n, &steps)).unwrap();
+        let binds = bind_all(&g);
+        let plain = bits(&Interpreter::new(&g, Precision::Declared).unwrap().run(&binds).unwrap());
+        let streamed = pick_streamed(&g, sample);
+        let plan = plan_memory_streaming(&g, |_| 8, &streamed);
+        prop_assert_eq!(plan.verify(&g), Ok(()));
+        let interp = Interpreter::with_layout(&g, Precision::Declared, &plan.layout).unwrap();
+        let mut arena = Arena::default();
+        for _ in 0..2 {
+            let mut got: Vec<(String, Tensor)> = Vec::new();
+            let rest = interp
+                .run_in_streaming(&mut arena, &binds, &mut |name, t| got.push((name.to_string(), t)))
+                .unwrap();
+            for (name, _) in &got {
+                let v = g.output(name).unwrap();
+                prop_assert!(streamed.contains(&v.0), "{} was streamed", name);
+            }
+            for (name, _) in &rest.0 {
+                let v = g.output(name).unwrap();
+                prop_assert!(!streamed.contains(&v.0), "{} was returned", name);
+            }
+            got.extend(rest.0);
+            got.sort_by_key(|(name, _)| {
+                g.outputs().iter().position(|(n, _)| n == name).unwrap()
+            });
+            prop_assert_eq!(bits(&mmc_ir::Outputs(got)), plain.clone());
+            prop_assert_eq!(bits(&interp.run_in(&mut arena, &binds).unwrap()), plain.clone());
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
 
@@ -446,11 +619,13 @@ proptest! {
     fn a_layout_the_check_accepts_runs_correctly(
         steps in prop::collection::vec((any::<u8>(), any::<u32>()), 1..20),
         edits in prop::collection::vec((any::<u16>(), 0u64..8, 0u8..4), 1..4),
+        sample in any::<u32>(),
     ) {
         let g = schedule(&random_dag(DType::F32, 2, 3, &steps)).unwrap();
         let binds = bind_all(&g);
         let plain = bits(&Interpreter::new(&g, Precision::Declared).unwrap().run(&binds).unwrap());
-        let mut layout = plan_memory(&g, |_| 8).layout;
+        // Some outputs streamed (none for a sample of 0), whose slots the plan reuses.
+        let mut layout = plan_memory_streaming(&g, |_| 8, &pick_streamed(&g, sample)).layout;
         for &(v, k, what) in &edits {
             let v = v as usize % layout.slots.len();
             match (what, layout.slots[v]) {

@@ -12,7 +12,7 @@
 //! so checkpoints are written and read exactly as for an unstacked plan.
 
 use crate::weights::{Checkpoint, ParamSpec, WeightError};
-use mmc_ir::interp::{Arena, Bindings, InterpError, Precision};
+use mmc_ir::interp::{Arena, Bindings, InterpError, Precision, Stream};
 use mmc_ir::plan::{Init, Plan, StackingError, GRAD_NORM_OUTPUT, LR_INPUT, STEP_INPUT};
 use mmc_ir::{Interpreter, Tensor, TensorData};
 use rand::SeedableRng;
@@ -102,6 +102,10 @@ pub struct Trainer {
     /// program and every step.
     arena: Arena,
     planned: std::collections::HashSet<String>,
+    /// Per planned program, the state updates that replace their state as soon as the run
+    /// streams them (output name to state name): those whose state no node reads after the
+    /// update is computed, and that no other update writes. Other updates wait for the end.
+    immediate: HashMap<String, HashMap<String, String>>,
     /// Optimizer steps taken.
     step: u64,
 }
@@ -124,6 +128,66 @@ impl Bindings for Layered<'_> {
     }
 }
 
+/// A streaming run's bindings (the state, then the data) and the receiver of its streamed
+/// outputs: an update in `immediate` replaces its state at once (dropping the old tensor while
+/// the run goes on), every other streamed output is kept for the end of the run.
+struct Streaming<'a> {
+    state: &'a mut HashMap<String, Tensor>,
+    data: &'a BTreeMap<String, Tensor>,
+    immediate: Option<&'a HashMap<String, String>>,
+    later: BTreeMap<String, Tensor>,
+}
+
+impl Bindings for Streaming<'_> {
+    fn lookup(&self, name: &str) -> Option<&Tensor> {
+        self.state.get(name).or_else(|| self.data.get(name))
+    }
+}
+
+impl Stream for Streaming<'_> {
+    fn stream(&mut self, name: &str, value: Tensor) {
+        match self.immediate.and_then(|m| m.get(name)) {
+            Some(state) => {
+                self.state.insert(state.clone(), value);
+            }
+            None => {
+                self.later.insert(name.to_string(), value);
+            }
+        }
+    }
+}
+
+/// The updates of `program` that may replace their state as soon as they are computed: the
+/// only update writing that state, from an output no other update takes, whose value is
+/// computed after every node reading the state (the interpreter reads a parameter at its node
+/// and keeps its own copy, so the state tensor is not needed after that).
+fn immediate_updates(program: &mmc_ir::plan::Program) -> HashMap<String, String> {
+    let g = &program.graph;
+    let mut last_read: HashMap<&str, usize> = HashMap::new();
+    for (i, node) in g.nodes().iter().enumerate() {
+        if let mmc_ir::Op::Param { name, .. } = &node.op {
+            last_read.insert(name.as_str(), i);
+        }
+    }
+    let count = |f: &dyn Fn(&mmc_ir::plan::StateUpdate) -> bool| {
+        program.updates.iter().filter(|u| f(u)).count()
+    };
+    program
+        .updates
+        .iter()
+        .filter(|u| count(&|o| o.state == u.state) == 1 && count(&|o| o.output == u.output) == 1)
+        .filter(|u| {
+            let Some(def) = g.output(&u.output).and_then(|v| g.value_data(v)) else {
+                return false;
+            };
+            last_read
+                .get(u.state.as_str())
+                .is_none_or(|&r| r < def.node.0 as usize)
+        })
+        .map(|u| (u.output.clone(), u.state.clone()))
+        .collect()
+}
+
 impl Trainer {
     /// Verifies the plan's programs (once: each step replays them as they are), then creates
     /// the state: parameters from the plan's checkpoint or seeded random init, optimizer state
@@ -131,6 +195,7 @@ impl Trainer {
     pub fn new(plan: Plan) -> Result<Trainer, TrainError> {
         let mut arena = Arena::default();
         let mut planned = std::collections::HashSet::new();
+        let mut immediate = HashMap::new();
         for p in &plan.programs {
             let err = |error| TrainError::Program {
                 program: p.name.clone(),
@@ -147,6 +212,7 @@ impl Trainer {
                     .reserve(layout.size)
                     .map_err(|e| err(InterpError::Layout(e)))?;
                 planned.insert(p.name.clone());
+                immediate.insert(p.name.clone(), immediate_updates(p));
             }
         }
         let mut state = HashMap::new();
@@ -221,6 +287,7 @@ impl Trainer {
             stacked,
             arena,
             planned,
+            immediate,
             step: 0,
         })
     }
@@ -313,7 +380,9 @@ impl Trainer {
             .sum()
     }
 
-    /// Runs a program and writes its state updates back; returns its other outputs.
+    /// Runs a program and writes its state updates back; returns its other outputs. A planned
+    /// program streams its updates out of the arena, and each that can
+    /// ([`immediate_updates`]) replaces its state while the program still runs.
     fn run(
         &mut self,
         name: &'static str,
@@ -327,18 +396,30 @@ impl Trainer {
             program: name.to_string(),
             error: Box::new(error),
         };
-        let bindings = Layered(&self.state, data);
-        let outputs = match &program.memory {
+        let mut rest: BTreeMap<String, Tensor> = match &program.memory {
             Some(layout) if self.planned.contains(name) => {
-                Interpreter::for_checked_layout(&program.graph, Precision::Declared, layout)
-                    .run_in(&mut self.arena, &bindings)
+                let mut io = Streaming {
+                    state: &mut self.state,
+                    data,
+                    immediate: self.immediate.get(name),
+                    later: BTreeMap::new(),
+                };
+                let outputs =
+                    Interpreter::for_checked_layout(&program.graph, Precision::Declared, layout)
+                        .run_in_stream(&mut self.arena, &mut io)
+                        .map_err(err)?;
+                let mut rest = io.later;
+                rest.extend(outputs.0);
+                rest
             }
-            _ => Interpreter::for_verified(&program.graph, Precision::Declared).run(&bindings),
-        }
-        .map_err(err)?;
-        let mut rest: BTreeMap<String, Tensor> = outputs.0.into_iter().collect();
-        let updates = program.updates.clone();
-        for u in &updates {
+            _ => Interpreter::for_verified(&program.graph, Precision::Declared)
+                .run(&Layered(&self.state, data))
+                .map_err(err)?
+                .0
+                .into_iter()
+                .collect(),
+        };
+        for u in &program.updates {
             if let Some(t) = rest.remove(&u.output) {
                 self.state.insert(u.state.clone(), t);
             }
@@ -406,5 +487,72 @@ impl Trainer {
                     .map(|t| (s.name.clone(), t.into_owned()))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::immediate_updates;
+    use mmc_ir::plan::{Program, StateUpdate};
+    use mmc_ir::{DType, Graph, Op, ScopeId, Stage, TensorType, UnaryOp};
+
+    /// An update replaces its state at once only when every read of that state comes before
+    /// it: a zeroing computed before the accumulator is read, or a state updated twice, waits.
+    #[test]
+    fn only_updates_after_every_read_of_their_state_are_immediate() {
+        let t = TensorType::new(DType::F32, vec![2]);
+        let mut g = Graph::new(Stage::Autodiff);
+        let add = |g: &mut Graph, op: Op, ins: &[mmc_ir::Value]| {
+            let id = g.add_node(op, ins, ScopeId::default()).expect("valid node");
+            g.result(id)
+        };
+        let zero = add(
+            &mut g,
+            Op::Const {
+                value: 0.0,
+                ty: t.clone(),
+            },
+            &[],
+        );
+        let acc = add(
+            &mut g,
+            Op::Param {
+                name: "acc".into(),
+                ty: t.clone(),
+            },
+            &[],
+        );
+        let w = add(
+            &mut g,
+            Op::Param {
+                name: "w".into(),
+                ty: t.clone(),
+            },
+            &[],
+        );
+        let w_new = add(&mut g, Op::Unary(UnaryOp::Neg), &[w]);
+        let acc_neg = add(&mut g, Op::Unary(UnaryOp::Neg), &[acc]);
+        g.add_output("acc_zero", zero);
+        g.add_output("w_new", w_new);
+        g.add_output("acc_neg", acc_neg);
+        let up = |output: &str, state: &str| StateUpdate {
+            output: output.into(),
+            state: state.into(),
+        };
+        let p = Program::new(
+            "apply",
+            g.clone(),
+            vec![up("acc_zero", "acc"), up("w_new", "w")],
+        );
+        let m = immediate_updates(&p);
+        assert_eq!(m.len(), 1, "{m:?}");
+        assert_eq!(m.get("w_new").map(String::as_str), Some("w"));
+        // Two updates of one state keep the plan's order: both wait.
+        let p = Program::new(
+            "apply",
+            g,
+            vec![up("w_new", "w"), up("acc_neg", "w"), up("acc_neg", "acc")],
+        );
+        assert!(immediate_updates(&p).is_empty());
     }
 }

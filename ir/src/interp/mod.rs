@@ -19,7 +19,7 @@ use half::{bf16, f16};
 use kernels::{strides, view_buf, Buf};
 use std::collections::{BTreeMap, HashMap};
 
-pub use planned::Arena;
+pub use planned::{Arena, Stream};
 
 /// How the interpreter treats floating-point dtypes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

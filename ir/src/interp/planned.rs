@@ -7,6 +7,10 @@
 //! write into their slots directly (in place where the plan reuses an operand's buffer); other
 //! ops run through the same evaluation as the plain path, their operands copied out of the
 //! arena, their result copied in. Results are bit-identical to [`Interpreter::run`].
+//!
+//! Outputs the layout streams (state updates) are converted and handed to the caller as soon
+//! as their node has run, so their slots are reused for later values instead of holding every
+//! update to the end.
 
 use super::{
     binary_f, unary_f, Bindings, Dyn, EvalError, InterpError, Interpreter, Outputs, Precision, Val,
@@ -14,8 +18,17 @@ use super::{
 use crate::arena::{in_arena, ArenaLayout, LayoutError, Slot, WORD_BYTES};
 use crate::interp::kernels::{self, Buf};
 use crate::op::{BinaryOp, Op, UnaryOp};
-use crate::{Graph, TensorType, Value};
+use crate::{Graph, Tensor, TensorType, Value};
+use std::collections::HashMap;
 use std::ops::Range;
+
+/// What a streaming run ([`Interpreter::run_in_stream`]) reads its parameters and inputs from
+/// and hands its streamed outputs to, in one object, so that the receiver may update what it
+/// binds (a separate sink could not change tensors the bindings lend to the run).
+pub trait Stream: Bindings {
+    /// Takes the streamed output `name`, just computed.
+    fn stream(&mut self, name: &str, value: Tensor);
+}
 
 /// Memory for activation arenas, in interpreter words. One arena serves any number of
 /// programs run one after another (it grows to the largest layout once), so a runtime
@@ -126,21 +139,85 @@ impl<'g> Interpreter<'g> {
 
     /// Runs the graph once over `arena` (grown to the layout's size if smaller), keeping every
     /// value the program computes at its slot. Returns the same outputs as
-    /// [`Interpreter::run`]; without a layout it is [`Interpreter::run`].
+    /// [`Interpreter::run`], streamed ones included; without a layout it is
+    /// [`Interpreter::run`].
     pub fn run_in<B: Bindings + ?Sized>(
         &self,
         arena: &mut Arena,
         bindings: &B,
     ) -> Result<Outputs, InterpError> {
+        let mut streamed: HashMap<String, Tensor> = HashMap::new();
+        let rest = self.run_in_streaming(arena, bindings, &mut |name, t| {
+            streamed.insert(name.to_string(), t);
+        })?;
+        if streamed.is_empty() {
+            return Ok(rest);
+        }
+        let mut rest: HashMap<String, Tensor> = rest.0.into_iter().collect();
+        let outs = self
+            .graph
+            .outputs()
+            .iter()
+            .map(|(name, _)| {
+                let t = streamed
+                    .remove(name)
+                    .or_else(|| rest.remove(name))
+                    .expect("every output is streamed or returned");
+                (name.clone(), t)
+            })
+            .collect();
+        Ok(Outputs(outs))
+    }
+
+    /// [`Interpreter::run_in`], handing each output that the layout streams
+    /// ([`ArenaLayout::streamed`]) to `sink` as soon as its node has run, and returning the
+    /// others; the values are those of [`Interpreter::run`], bit for bit.
+    pub fn run_in_streaming<B: Bindings + ?Sized>(
+        &self,
+        arena: &mut Arena,
+        bindings: &B,
+        sink: &mut dyn FnMut(&str, Tensor),
+    ) -> Result<Outputs, InterpError> {
+        struct Sink<'a, B: ?Sized>(&'a B, &'a mut dyn FnMut(&str, Tensor));
+        impl<B: Bindings + ?Sized> Bindings for Sink<'_, B> {
+            fn lookup(&self, name: &str) -> Option<&Tensor> {
+                self.0.lookup(name)
+            }
+        }
+        impl<B: Bindings + ?Sized> Stream for Sink<'_, B> {
+            fn stream(&mut self, name: &str, value: Tensor) {
+                (self.1)(name, value)
+            }
+        }
+        self.run_in_stream(arena, &mut Sink(bindings, sink))
+    }
+
+    /// [`Interpreter::run_in_streaming`] with the bindings and the sink in one object, which
+    /// may change what it binds as outputs arrive: the run reads each parameter and input
+    /// once, at its node, so a runtime can replace a state tensor with its update as soon as
+    /// the update arrives, provided no node reading that state comes after it.
+    pub fn run_in_stream<S: Stream + ?Sized>(
+        &self,
+        arena: &mut Arena,
+        io: &mut S,
+    ) -> Result<Outputs, InterpError> {
         let g = self.graph;
         let Some(layout) = self.layout else {
-            return self.run(bindings);
+            return self.run(&Dyn(&*io));
         };
         if layout.slots.len() != g.num_values() {
             return Err(InterpError::Layout(LayoutError::SlotCount {
                 expected: g.num_values(),
                 got: layout.slots.len(),
             }));
+        }
+        // The output names of each streamed value.
+        let mut streamed: HashMap<u32, Vec<&str>> =
+            layout.streamed.iter().map(|&v| (v, Vec::new())).collect();
+        for (name, v) in g.outputs() {
+            if let Some(names) = streamed.get_mut(&v.0) {
+                names.push(name);
+            }
         }
         arena.reserve(layout.size)?;
         let words = &mut arena.words;
@@ -157,11 +234,14 @@ impl<'g> Interpreter<'g> {
             let out_ty = g.ty(out);
             if !in_arena(&node.op) {
                 let v = self
-                    .eval(&node.op, &[], out_ty, &Dyn(bindings))
+                    .eval(&node.op, &[], out_ty, &Dyn(&*io))
                     .map_err(|e| match e {
                         EvalError::Msg(m) => op_err(m),
                         EvalError::Binding(b) => b,
                     })?;
+                if let Some(names) = streamed.get(&out.0) {
+                    emit(io, names, self.to_tensor(&v));
+                }
                 owned[out.0 as usize] = Some(v);
                 continue;
             }
@@ -206,7 +286,7 @@ impl<'g> Interpreter<'g> {
                     })
                     .collect();
                 let results = self
-                    .eval_node(node, &args, &Dyn(bindings))
+                    .eval_node(node, &args, &Dyn(&*io))
                     .map_err(|e| match e {
                         EvalError::Msg(m) => op_err(m),
                         EvalError::Binding(b) => b,
@@ -219,6 +299,12 @@ impl<'g> Interpreter<'g> {
                 }
             }
             drop(srcs);
+            for v in &node.outputs {
+                if let Some(names) = streamed.get(&v.0) {
+                    let r = slot(*v).ok_or(LayoutError::MissingSlot(v.0))?;
+                    emit(io, names, self.to_tensor(&read(g.ty(*v), &words[r])));
+                }
+            }
             for v in &node.inputs {
                 if self.last_use[v.0 as usize] == Some(i) {
                     owned[v.0 as usize] = None;
@@ -227,6 +313,9 @@ impl<'g> Interpreter<'g> {
         }
         let mut outs = Vec::new();
         for (name, v) in g.outputs() {
+            if streamed.contains_key(&v.0) {
+                continue;
+            }
             let t = match slot(*v) {
                 Some(r) => self.to_tensor(&read(g.ty(*v), &words[r])),
                 None => self.to_tensor(owned[v.0 as usize].as_ref().expect("outputs are kept")),
@@ -519,6 +608,16 @@ impl<'g> Interpreter<'g> {
             }
             _ => false,
         }
+    }
+}
+
+/// Hands a streamed value to `io` under each of its output names.
+fn emit<S: Stream + ?Sized>(io: &mut S, names: &[&str], t: Tensor) {
+    if let Some((last, rest)) = names.split_last() {
+        for name in rest {
+            io.stream(name, t.clone());
+        }
+        io.stream(last, t);
     }
 }
 
