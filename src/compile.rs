@@ -109,7 +109,12 @@ fn memory_summary(plan: &mmc_ir::plan::Plan, device: &str) -> String {
         gb(moments)
     );
     for p in &plan.programs {
-        let declared = mmc_passes::memory::plan_memory(&p.graph, mmc_ir::DType::size_bytes);
+        let streamed = mmc_passes::memory::update_values(&p.graph, p);
+        let declared = mmc_passes::memory::plan_memory_streaming(
+            &p.graph,
+            mmc_ir::DType::size_bytes,
+            &streamed,
+        );
         out.push_str(&format!(
             "; {} arena {:.3} GB",
             p.name,
