@@ -101,9 +101,23 @@ fn tiny_optimizer() {
     insta::assert_snapshot!(digest(&dump(Stage::Optimizer)));
 }
 
+/// The scheduled programs: each computed value's arena slot (`; @offset +bytes`) ends its
+/// line, and each program's arena size follows it.
+#[test]
+fn tiny_scheduled() {
+    let text = dump(Stage::Scheduled);
+    let mut shown = digest(&text);
+    shown.push_str(";; the first computed values of micro_step with their arena slots:\n");
+    for l in text.lines().filter(|l| l.contains("  ; @")).take(30) {
+        shown.push_str(l);
+        shown.push('\n');
+    }
+    insta::assert_snapshot!(shown);
+}
+
 #[test]
 fn every_stage_the_pipeline_builds_has_a_snapshot() {
-    // A stage that becomes built (scheduled, with memory planning) needs its snapshot here.
+    // A stage that becomes built (parallel, with sharding) needs its snapshot here.
     let cfg = Config::load(Path::new("configs/internvl35-tiny.toml")).unwrap();
     let declared = mmc::driver::training_forward(&cfg).unwrap();
     let pipeline = mmc::driver::pipeline_for(&cfg, &declared.graph, Default::default()).unwrap();
@@ -117,7 +131,8 @@ fn every_stage_the_pipeline_builds_has_a_snapshot() {
             Stage::Frontend,
             Stage::Fused,
             Stage::Autodiff,
-            Stage::Optimizer
+            Stage::Optimizer,
+            Stage::Scheduled
         ]
     );
 }

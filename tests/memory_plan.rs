@@ -108,9 +108,11 @@ fn the_30b_micro_step_plans_within_ten_percent() {
 /// memory-planned
 /// (through the plan's bytes, as `mmc run` would read it).
 fn plans(cfg: &Config) -> (Plan, Plan) {
+    // The plain plan: `mmc compile`'s, with the layouts the pipeline attached removed.
     let mut plan = compile_plan(cfg).unwrap_or_else(|e| panic!("{e:#}"));
-    // The pipeline memory-plans every program; the plain plan runs without arenas.
-    plan.programs.iter_mut().for_each(|p| p.memory = None);
+    for p in &mut plan.programs {
+        p.memory = None;
+    }
     let mut planned = plan.clone();
     planned.programs = plan
         .programs

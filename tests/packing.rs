@@ -830,24 +830,46 @@ fn accumulate(
     micro_batches: &[BTreeMap<String, Tensor>],
 ) -> (BTreeMap<String, Vec<f64>>, Vec<Outputs>) {
     let program = plan.program("micro_step").unwrap();
-    let mut acc: BTreeMap<String, Tensor> = params
-        .iter()
-        .map(|(n, t)| {
+    // The program reads each MoE layer's experts as stacks (`plan.stackings`): the parameters
+    // are stacked for it, and its stacked accumulators are read back per expert at the end.
+    let mut params = params.clone();
+    for st in &plan.stackings {
+        let parts: Option<Vec<&Tensor>> = st.parts.iter().map(|p| params.get(&p.name)).collect();
+        if let Some(parts) = parts {
+            let stacked = st.stack(&parts).unwrap();
+            params.insert(st.stacked.clone(), stacked);
+        }
+    }
+    let mut acc: BTreeMap<String, Tensor> = program
+        .graph
+        .inputs()
+        .filter(|(n, _, _)| n.starts_with("grad_acc:"))
+        .map(|(n, ty, _)| {
             (
-                format!("grad_acc:{n}"),
-                Tensor::from_f64(DType::F64, t.shape().to_vec(), &vec![0.0; t.numel()]).unwrap(),
+                n.to_string(),
+                Tensor::from_f64(DType::F64, ty.shape.clone(), &vec![0.0; ty.numel()]).unwrap(),
             )
         })
         .collect();
     let interp = Interpreter::new(&program.graph, Precision::F64).unwrap();
     let mut outs = Vec::new();
     for mb in micro_batches {
-        let b: [&dyn mmc_ir::interp::Bindings; 3] = [params, &acc, mb];
+        let b: [&dyn mmc_ir::interp::Bindings; 3] = [&params, &acc, mb];
         let out = interp.run(&b[..]).unwrap_or_else(|e| panic!("{e}"));
         for u in &program.updates {
             acc.insert(u.state.clone(), out.get(&u.output).unwrap().clone());
         }
         outs.push(out);
+    }
+    for st in &plan.stackings {
+        if let Some(stacked) = acc.remove(&st.stacked) {
+            // The program ran in f64, so its accumulators are f64 stacks.
+            let mut st = st.clone();
+            st.ty = st.ty.with_dtype(DType::F64);
+            for (i, p) in st.parts.iter().enumerate() {
+                acc.insert(p.name.clone(), st.read_part(&stacked, i).unwrap());
+            }
+        }
     }
     let g = acc
         .into_iter()

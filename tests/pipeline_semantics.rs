@@ -19,7 +19,9 @@ fn loss_and_gradients_are_unchanged_by_the_pipeline() {
     let forward = mmc::driver::training_forward(&cfg)
         .expect("model builds")
         .graph;
-    let pipeline = mmc::driver::pipeline_for(&cfg, &forward, Default::default()).expect("pipeline");
+    let stackings: std::sync::Arc<std::sync::Mutex<Vec<mmc_ir::plan::ParamStacking>>> =
+        Default::default();
+    let pipeline = mmc::driver::pipeline_for(&cfg, &forward, stackings.clone()).expect("pipeline");
     let (Artifact::Graph(piped), report) = pipeline
         .run_to(forward.clone(), Stage::Autodiff)
         .expect("the pipeline runs")
@@ -37,9 +39,18 @@ fn loss_and_gradients_are_unchanged_by_the_pipeline() {
         .unwrap();
     let ckpt = Checkpoint::open(&dir).expect("checkpoint opens");
     let layout = CheckpointLayout::detect(ckpt.names());
-    let weights = ckpt
+    let mut weights = ckpt
         .load(&param_specs(&forward, |n| layout.source(n)))
         .unwrap_or_else(|e| panic!("{e}"));
+    // The routed MoE reads each layer's experts as stacks; the gradients of a stack are
+    // compared per expert.
+    let stackings = stackings.lock().unwrap().clone();
+    assert!(!stackings.is_empty(), "the pipeline routes the MoE");
+    for st in &stackings {
+        let parts: Vec<&mmc_ir::Tensor> = st.parts.iter().map(|p| &weights[&p.name]).collect();
+        let stacked = st.stack(&parts).unwrap();
+        weights.insert(st.stacked.clone(), stacked);
+    }
     let batch = internvl_image_batch();
     let bindings: [&dyn Bindings; 2] = [&weights, &batch.0];
     let run = |g| {
@@ -48,7 +59,22 @@ fn loss_and_gradients_are_unchanged_by_the_pipeline() {
             .run(&bindings[..])
             .unwrap_or_else(|e| panic!("{e}"))
     };
-    let (want, got) = (run(&plain), run(&piped));
+    let (want, mut got) = (run(&plain), run(&piped));
+    for st in &stackings {
+        let name = mmc_passes::grad_output(&st.stacked);
+        let at = got
+            .0
+            .iter()
+            .position(|(n, _)| *n == name)
+            .expect("a stack's gradient");
+        let (_, stacked) = got.0.remove(at);
+        for (i, p) in st.parts.iter().enumerate() {
+            got.0.push((
+                mmc_passes::grad_output(&p.name),
+                st.read_part(&stacked, i).unwrap(),
+            ));
+        }
+    }
     assert_eq!(want.0.len(), got.0.len());
     let mut worst = 0.0f64;
     for (name, w) in &want.0 {

@@ -193,8 +193,15 @@ struct Plans {
 
 fn plans(from_checkpoint: bool) -> Plans {
     let cfg = config(from_checkpoint);
-    let unstacked = compile_plan(&cfg).unwrap_or_else(|e| panic!("{e:#}"));
+    // `mmc compile`'s plan routes the MoE and fuses everything; its state is logical, so it
+    // lends its initialisers to the unfused, unstacked plan built here from the frontend graph.
+    let compiled = compile_plan(&cfg).unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(
+        !compiled.stackings.is_empty(),
+        "mmc compile stacks the experts"
+    );
     let fwd = forward(&cfg);
+    let unstacked = stacked_plan(&cfg, &compiled, &fwd, &[]);
     let (routed, report) = fuse_moe(&fwd).unwrap();
     assert_eq!(report.layers.len(), 2);
     // Each layer's stacks are mmc's checkpoint stacks: 8 experts, [E, H, 2I] and [E, I, H].

@@ -145,7 +145,28 @@ impl Pass for Fuse {
     }
     fn run(&self, g: Graph, notes: &mut Vec<String>) -> Result<Graph, BoxError> {
         let (g, report) = fuse(&g, &self.limits)?;
-        notes.extend(report.to_string().lines().map(String::from));
+        let limits: Vec<String> = report
+            .templates
+            .iter()
+            .filter(|t| !matches!(t.stop_reason, egg::StopReason::Saturated))
+            .map(|t| format!("template {:?} stopped: {:?}", t.region, t.stop_reason))
+            .collect();
+        notes.push(format!(
+            "{} regions, {} templates{}",
+            report.regions,
+            report.templates.len(),
+            if limits.is_empty() {
+                ", all saturated".to_string()
+            } else {
+                format!("; {}", limits.join("; "))
+            }
+        ));
+        let ops: Vec<String> = report
+            .fused_ops
+            .iter()
+            .map(|(op, n)| format!("{} {n}", op.trim_start_matches("fused.")))
+            .collect();
+        notes.push(format!("fused: {}", ops.join(", ")));
         Ok(g)
     }
 }
@@ -961,6 +982,8 @@ mod tests {
                     clip_grad: 1.0,
                 },
             },
+            recompute: RecomputeMode::None,
+            stackings: Default::default(),
         }
     }
 
@@ -1001,22 +1024,29 @@ mod tests {
     #[test]
     fn cpu_runs_every_stage_and_records_each_pass() {
         let (step, report) = cpu(settings()).run(forward()).expect("runs");
-        assert_eq!(step.micro_step.graph.stage, Stage::Optimizer);
-        assert_eq!(step.apply.graph.stage, Stage::Optimizer);
+        assert_eq!(step.micro_step.graph.stage, Stage::Scheduled);
+        assert_eq!(step.apply.graph.stage, Stage::Scheduled);
+        assert!(step.micro_step.memory.is_some() && step.apply.memory.is_some());
         let passes: Vec<&str> = report.records.iter().map(|r| r.pass).collect();
         assert_eq!(
             passes,
             [
                 "frontend",
+                "fuse-moe",
+                "fuse",
                 "simplify",
-                "enter-fused",
                 "autodiff",
                 "simplify",
                 "optimizer",
-                "optimizer"
+                "optimizer",
+                "recompute",
+                "schedule",
+                "schedule",
+                "memory",
+                "memory"
             ]
         );
-        let simplify = &report.records[1];
+        let simplify = &report.records[3];
         assert_eq!((simplify.nodes_before, simplify.nodes_after), (9, 6));
         assert!(report.to_string().contains("pipeline: "), "{report}");
         let stages: Vec<Stage> = report.stage_nodes().iter().map(|s| s.0).collect();
@@ -1027,7 +1057,9 @@ mod tests {
                 Stage::Fused,
                 Stage::Autodiff,
                 Stage::Optimizer,
-                Stage::Optimizer
+                Stage::Optimizer,
+                Stage::Scheduled,
+                Stage::Scheduled
             ]
         );
     }
@@ -1106,11 +1138,13 @@ mod tests {
 
     #[test]
     fn stages_without_passes_are_not_built() {
-        for stage in [Stage::Parallel, Stage::Scheduled] {
-            let err = cpu(settings())
-                .run_to(forward(), stage)
-                .err()
-                .expect("not built");
+        let mut without_programs = cpu(settings());
+        without_programs.programs.clear();
+        for (stage, p) in [
+            (Stage::Parallel, cpu(settings())),
+            (Stage::Scheduled, without_programs),
+        ] {
+            let err = p.run_to(forward(), stage).err().expect("not built");
             assert_eq!(
                 err.to_string(),
                 format!("stage `{stage}` is not built yet: no pass of this pipeline produces it")
@@ -1208,6 +1242,7 @@ mod tests {
             }
         }
         let mut p = cpu(settings());
+        p.programs.clear();
         assert!(!p.builds(Stage::Scheduled));
         p.programs.push(Box::new(Schedules));
         assert!(p.builds(Stage::Scheduled));
@@ -1231,6 +1266,7 @@ mod tests {
         };
         assert!(only.applies_to("micro_step") && !only.applies_to("apply"));
         let mut p = cpu(settings());
+        p.programs.clear();
         p.programs.push(Box::new(only));
         p.programs.push(Box::new(EachGraph(EnterStage {
             name: "enter-scheduled",
@@ -1240,7 +1276,7 @@ mod tests {
         let ran: Vec<(&str, Option<&str>)> = report
             .records
             .iter()
-            .skip(7)
+            .skip(8)
             .map(|r| (r.pass, r.program.as_deref()))
             .collect();
         assert_eq!(

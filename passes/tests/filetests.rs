@@ -19,9 +19,7 @@
 use mmc_ir::text::{parse, print};
 use mmc_ir::{relative_error, verify, DType, Graph, Interpreter, Precision, Tensor};
 use mmc_passes::fuse::FuseLimits;
-use mmc_passes::pipeline::{
-    Autodiff, BoxError, Fuse, FuseMoe, Pass, Recompute, Schedule, Simplify,
-};
+use mmc_passes::pipeline::{Autodiff, BoxError, Fuse, Pass, Recompute, Schedule, Simplify};
 use mmc_passes::RecomputeMode;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -33,17 +31,13 @@ use std::sync::Arc;
 type PassFn = fn() -> Box<dyn Pass>;
 
 /// The registry of testable passes: `; test <name>` runs the pass built here. (`memory` is
-/// a program pass whose result is a layout, not a graph: `passes/tests/memory.rs` tests it.)
+/// a program pass whose result is a layout, not a graph, and the routed MoE's dense input is
+/// hundreds of lines: `passes/tests/memory.rs` and `passes/tests/fuse_moe.rs` test them.)
 const PASSES: &[(&str, PassFn)] = &[
     ("simplify", || Box::new(Simplify)),
     ("fuse", || {
         Box::new(Fuse {
             limits: FuseLimits::default(),
-        })
-    }),
-    ("fuse-moe", || {
-        Box::new(FuseMoe {
-            stackings: Default::default(),
         })
     }),
     ("recompute", || {
@@ -150,11 +144,24 @@ fn same_results(before: &Graph, after: &Graph, seed: u64) -> Result<(), String> 
         }
         let (wc, oc) = (finite(w), finite(o));
         let err = relative_error(&oc, &wc);
-        if err > TOLERANCE {
+        if err > tolerance(before) {
             return Err(format!("output `{name}` differs by {err:.3e}"));
         }
     }
     Ok(())
+}
+
+/// The tolerance of a graph's comparison: [`TOLERANCE`], or the rounding of its least precise
+/// float dtype, since a fused op rounds once where the primitive form rounds after every op.
+fn tolerance(g: &Graph) -> f64 {
+    let widest_rounding = (0..g.num_values())
+        .map(|v| match g.ty(mmc_ir::Value(v as u32)).dtype {
+            DType::BF16 => 2e-2,
+            DType::F16 => 2e-3,
+            _ => 0.0,
+        })
+        .fold(0.0, f64::max);
+    TOLERANCE.max(widest_rounding)
 }
 
 /// The tensor with NaNs zeroed (their positions are compared separately).
