@@ -104,7 +104,8 @@ fn the_30b_micro_step_plans_within_ten_percent() {
     check_config("internvl35-30b-a3b.toml");
 }
 
-/// A config's plan, and the same plan with every program scheduled and memory-planned
+/// A config's plan without memory plans, and the same plan with every program scheduled and
+/// memory-planned
 /// (through the plan's bytes, as `mmc run` would read it).
 fn plans(cfg: &Config) -> (Plan, Plan) {
     // The plain plan: `mmc compile`'s, with the layouts the pipeline attached removed.
@@ -193,11 +194,22 @@ fn the_tiny_model_trains_bit_identically_in_its_arenas() {
     let batch = [common::internvl_image_batch()];
     let mut plain = Trainer::new(plan).unwrap();
     let mut arena = Trainer::new(planned).unwrap();
+    // The plan as `mmc compile` writes it: memory-planned by the pipeline, updates streamed.
+    let compiled =
+        compile_plan(&Config::load(&fixture("internvl35_tiny/model_ogv.toml")).unwrap()).unwrap();
+    assert!(compiled
+        .programs
+        .iter()
+        .all(|p| p.memory.as_ref().is_some_and(|l| !l.streamed.is_empty())));
+    let mut compiled = Trainer::new(compiled).unwrap();
     assert_eq!(plain.arena_bytes(), 0);
     assert!(arena.arena_bytes() > 0);
     for step in 0..2 {
         let a = plain.train_step(&batch, 1e-3).unwrap();
         let b = arena.train_step(&batch, 1e-3).unwrap();
+        let c = compiled.train_step(&batch, 1e-3).unwrap();
+        assert_eq!(a.loss.to_bits(), c.loss.to_bits(), "step {step}");
+        assert_eq!(a.grad_norm.to_bits(), c.grad_norm.to_bits(), "step {step}");
         assert_eq!(
             a.loss.to_bits(),
             b.loss.to_bits(),
@@ -208,6 +220,13 @@ fn the_tiny_model_trains_bit_identically_in_its_arenas() {
     }
     for s in plain.state_specs() {
         let (x, y) = (plain.state(&s.name).unwrap(), arena.state(&s.name).unwrap());
+        let z = compiled.state(&s.name).unwrap();
+        assert_eq!(
+            x.to_le_bytes(),
+            z.to_le_bytes(),
+            "state `{}` differs",
+            s.name
+        );
         assert_eq!(
             x.to_le_bytes(),
             y.to_le_bytes(),

@@ -241,7 +241,8 @@ impl Pass for Schedule {
 
 /// Memory planning ([`crate::memory`]): every activation gets an offset in one static arena,
 /// which the runtime allocates once. The layout is the interpreter's (8-byte words); the
-/// notes also give the arena in the declared dtypes, what a device backend allocates.
+/// notes also give the arena in the declared dtypes, what a device backend allocates. State
+/// updates are streamed out of the arena (the program is rescheduled knowing it).
 pub struct Memory;
 
 impl ProgramPass for Memory {

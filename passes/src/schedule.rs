@@ -2,7 +2,8 @@
 //! what the memory planner's arena must hold at its fullest.
 //!
 //! The live bytes at a node are the sizes of the values computed so far and still needed
-//! there (graph outputs are needed to the end); parameters and inputs are bound from outside
+//! there (graph outputs are needed to the end, unless streamed: see [`schedule_streaming`]);
+//! parameters and inputs are bound from outside
 //! and do not count. Two orders are tried and the one with the lower peak is kept, the input
 //! order included, so the pass never makes the peak worse:
 //! - sinking: a node whose result is larger than the operands that die at it moves to just

@@ -382,7 +382,8 @@ impl Trainer {
 
     /// Runs a program and writes its state updates back; returns its other outputs. A planned
     /// program streams its updates out of the arena, and each that can
-    /// ([`immediate_updates`]) replaces its state while the program still runs.
+    /// ([`immediate_updates`]) replaces its state while the program still runs, so a program
+    /// that fails part way may leave some of its updates applied.
     fn run(
         &mut self,
         name: &'static str,
