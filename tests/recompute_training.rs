@@ -15,8 +15,11 @@ fn config() -> Config {
     Config::load(&fixture("internvl35_tiny/model_ogv.toml")).expect("the tiny fixture")
 }
 
+/// The bits of each step's loss and grad norm, and every state tensor's bytes after them.
+type Trained = (Vec<(u64, u64)>, Vec<(String, Vec<u8>)>);
+
 /// Loss, grad norm and every state tensor after two steps.
-fn train(cfg: &Config) -> (Vec<(u64, u64)>, Vec<(String, Vec<u8>)>) {
+fn train(cfg: &Config) -> Trained {
     let plan = compile_plan(cfg).unwrap_or_else(|e| panic!("{e:#}"));
     let mut t = Trainer::new(plan).unwrap();
     let batch = [common::internvl_image_batch()];
