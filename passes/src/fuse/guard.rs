@@ -24,6 +24,21 @@ pub fn guarded(rules: Vec<FuseRewrite>) -> Vec<FuseRewrite> {
         .collect()
 }
 
+/// The guard's check for appliers that build their right side in code (they have no pattern
+/// for [`TypeGuard`] to type): adds `node` to `eclass` only when it types as the e-class does.
+pub fn union_if_typed(egraph: &mut FuseGraph, eclass: Id, node: Fuse) -> Vec<Id> {
+    let data = node_data(&node, |id| egraph[id].data.clone());
+    if !matches!(&data, Data::Tensor(_)) || data != egraph[eclass].data {
+        return vec![];
+    }
+    let id = egraph.add(node);
+    if egraph.union(eclass, id) {
+        vec![eclass]
+    } else {
+        vec![]
+    }
+}
+
 /// The data the right side `ast` would have under `subst`, computed without adding anything.
 pub fn instantiated_data(egraph: &FuseGraph, ast: &PatternAst<Fuse>, subst: &Subst) -> Data {
     let mut data: Vec<Data> = Vec::with_capacity(ast.as_ref().len());

@@ -21,7 +21,8 @@
 //! attention).
 
 use super::{attr_of, pat, tensor_of, var, Cond, FuseRewrite};
-use crate::fuse::lang::{node_data, AttrValue, Data, Float, Fuse, FuseGraph, TensorAnalysis};
+use crate::fuse::guard::union_if_typed;
+use crate::fuse::lang::{AttrValue, Float, Fuse, FuseGraph, TensorAnalysis};
 use egg::{rewrite, Applier, Id, Pattern, PatternAst, Subst, Symbol};
 use mmc_ir::{DType, TensorType};
 
@@ -249,15 +250,6 @@ impl Applier<Fuse, TensorAnalysis> for FuseAttention {
         children.push(eg.add(Fuse::Bool(self.causal)));
         let node = Fuse::Attention(children.into_boxed_slice());
         // The fused op must type as the e-class it joins (q's type is the output's).
-        let data = node_data(&node, |id| eg[id].data.clone());
-        if !matches!(&data, Data::Tensor(_)) || data != eg[eclass].data {
-            return vec![];
-        }
-        let id = eg.add(node);
-        if eg.union(eclass, id) {
-            vec![eclass]
-        } else {
-            vec![]
-        }
+        union_if_typed(eg, eclass, node)
     }
 }

@@ -22,7 +22,8 @@
 //! time: as many as keep one [chunk, vocab] f32 block of logits within 64 MiB.
 
 use super::{attr_of, pat, tensor_of, var, Cond, FuseRewrite};
-use crate::fuse::lang::{node_data, AttrValue, Data, Fuse, FuseGraph, Ints, TensorAnalysis};
+use crate::fuse::guard::union_if_typed;
+use crate::fuse::lang::{AttrValue, Fuse, FuseGraph, Ints, TensorAnalysis};
 use egg::{rewrite, Applier, Id, Pattern, PatternAst, Subst, Symbol};
 use mmc_ir::{DType, TensorType};
 
@@ -147,15 +148,6 @@ impl Applier<Fuse, TensorAnalysis> for FuseLinearCrossEntropy {
         let weight = eg.add(Fuse::Reshape([subst[var("?weight")], flat]));
         let chunk = eg.add(Fuse::Num(chunk_rows(n, vocab)));
         let node = Fuse::LinearCrossEntropy([x, w, target, weight, chunk]);
-        let data = node_data(&node, |id| eg[id].data.clone());
-        if !matches!(&data, Data::Tensor(_)) || data != eg[eclass].data {
-            return vec![];
-        }
-        let id = eg.add(node);
-        if eg.union(eclass, id) {
-            vec![eclass]
-        } else {
-            vec![]
-        }
+        union_if_typed(eg, eclass, node)
     }
 }
