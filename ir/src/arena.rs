@@ -197,6 +197,14 @@ pub fn reuse_kind(graph: &Graph, node: &crate::Node, operand: usize) -> Option<R
         Op::Binary(b) if !matches!(b, crate::BinaryOp::And | crate::BinaryOp::Or) && float => {
             Some(Reuse::Overwrite)
         }
+        // A program reads each chunk of its operands before writing that chunk of its result,
+        // so an operand of the result's shape (not one read broadcast) may be overwritten.
+        // (Not an epilogue's extras: its product is written first.)
+        Op::Fused(crate::FusedOp::Elementwise { shape, .. })
+            if float && graph.ty(x).shape == *shape =>
+        {
+            Some(Reuse::Overwrite)
+        }
         _ => None,
     }
 }

@@ -6,9 +6,10 @@
 //! directly. Everything a fused op needs (its name, attributes and typing rule) lives here, so
 //! adding one touches one module of the IR.
 
+use crate::elementwise::Program;
 use crate::infer::{ResultTypes, TypeError};
 use crate::op::{Attr, Attrs};
-use crate::{DType, TensorType};
+use crate::{DType, Shape, TensorType};
 use smallvec::smallvec;
 
 /// A fused op. Forward ops come first, then the backward ops autodiff emits for them (which
@@ -43,6 +44,14 @@ pub enum FusedOp {
     GroupedMatMul,
     /// The weighted sum of each token's expert outputs, back in token order (ys, top, weights).
     MoeUnpermute,
+    /// A chain of elementwise ops as one pass over memory: `program` over operands that have
+    /// `shape`'s rank and on every axis its size or 1 (read broadcast), one result of `shape`.
+    /// Formed after autodiff, over forward, backward and optimizer chains alike.
+    Elementwise { program: Program, shape: Shape },
+    /// A matmul whose product goes through an elementwise program (bias, activation,
+    /// residual) before it is stored: (a, b, extras..) with `$0` the product `a @ b` and the
+    /// extras read broadcast to its shape.
+    MatMulEpilogue { program: Program },
     /// Backward of [`FusedOp::RmsNorm`]: (x, w, dy) -> (dx, dw).
     RmsNormGrad { eps: f64 },
     /// Backward of [`FusedOp::LayerNorm`]: (x, w, dy) -> (dx, dw, db).
@@ -88,6 +97,13 @@ pub fn all() -> Vec<FusedOp> {
         ExpertOffsets { experts: 1 },
         GroupedMatMul,
         MoeUnpermute,
+        Elementwise {
+            program: "$1 = neg $0".parse().expect("a valid program"),
+            shape: vec![2, 4],
+        },
+        MatMulEpilogue {
+            program: "$2 = add $0 $1".parse().expect("a valid program"),
+        },
         RmsNormGrad { eps: 1e-6 },
         LayerNormGrad { eps: 1e-6 },
         SoftmaxGrad,
@@ -122,6 +138,8 @@ impl FusedOp {
             ExpertOffsets { .. } => "fused.expert_offsets",
             GroupedMatMul => "fused.grouped_matmul",
             MoeUnpermute => "fused.moe_unpermute",
+            Elementwise { .. } => "fused.elementwise",
+            MatMulEpilogue { .. } => "fused.matmul_epilogue",
             RmsNormGrad { .. } => "fused.rms_norm_grad",
             LayerNormGrad { .. } => "fused.layer_norm_grad",
             SoftmaxGrad => "fused.softmax_grad",
@@ -172,6 +190,11 @@ impl FusedOp {
             MoePermute { experts } | ExpertOffsets { experts } => {
                 vec![("experts", Attr::Int(*experts as i64))]
             }
+            Elementwise { program, shape } => vec![
+                ("shape", Attr::Ints(shape.iter().map(|&d| d as i64).collect())),
+                ("body", Attr::Str(program.to_string())),
+            ],
+            MatMulEpilogue { program } => vec![("body", Attr::Str(program.to_string()))],
             Softmax | SwiGlu | Gelu | Rope | GroupedMatMul | MoeUnpermute | SoftmaxGrad
             | SwiGluGrad | GeluGrad | RopeGrad | GroupedMatMulGrad | MoePermuteGrad
             | MoeUnpermuteGrad => vec![],
@@ -181,6 +204,11 @@ impl FusedOp {
     /// Rebuilds a fused op from its mnemonic and attributes; `None` if `name` is not fused.
     pub fn from_parts(name: &str, attrs: &Attrs) -> Option<Result<FusedOp, String>> {
         use FusedOp::*;
+        // Every fused mnemonic has this prefix; checking it first also keeps `all()` (whose
+        // programs are parsed, through `Op::from_parts`) from recursing.
+        if !name.starts_with("fused.") {
+            return None;
+        }
         let template = all().into_iter().find(|f| f.name() == name)?;
         Some((|| {
             Ok(match template {
@@ -215,6 +243,13 @@ impl FusedOp {
                 },
                 ExpertOffsets { .. } => ExpertOffsets {
                     experts: attrs.usize("experts")?,
+                },
+                Elementwise { .. } => Elementwise {
+                    program: attrs.str("body")?.parse().map_err(|e| format!("{e}"))?,
+                    shape: attrs.usizes("shape")?.into_iter().collect(),
+                },
+                MatMulEpilogue { .. } => MatMulEpilogue {
+                    program: attrs.str("body")?.parse().map_err(|e| format!("{e}"))?,
                 },
                 other => other,
             })
@@ -318,6 +353,28 @@ impl FusedOp {
                     ys.dtype,
                     [top.shape[0], ys.shape[1]]
                 )])
+            }
+            Elementwise { program, shape } => {
+                let dtype = t.program(program, inputs)?;
+                for x in inputs {
+                    t.broadcasts_to(x, shape)?;
+                }
+                Ok(smallvec![TensorType::new(dtype, shape.clone())])
+            }
+            MatMulEpilogue { program } => {
+                t.check(inputs.len() >= 2, || {
+                    format!("takes a, b and the extras, got {} operand(s)", inputs.len())
+                })?;
+                let product = crate::infer::infer(&crate::Op::MatMul, &inputs[..2])?
+                    .pop()
+                    .expect("matmul has one result");
+                let mut reads = vec![&product];
+                reads.extend_from_slice(&inputs[2..]);
+                let dtype = t.program(program, &reads)?;
+                for x in &inputs[2..] {
+                    t.broadcasts_to(x, &product.shape)?;
+                }
+                Ok(smallvec![TensorType::new(dtype, product.shape)])
             }
             RmsNormGrad { .. } => {
                 t.arity(3)?;
@@ -445,6 +502,24 @@ impl Typer<'_> {
 
     fn same(&self, a: &TensorType, b: &TensorType) -> Result<(), TypeError> {
         self.check(a == b, || format!("operand types differ: {a} vs {b}"))
+    }
+
+    /// The result dtype of `program` over operands of types `ins`.
+    fn program(&self, program: &Program, ins: &[&TensorType]) -> Result<DType, TypeError> {
+        let dtypes: Vec<DType> = ins.iter().map(|t| t.dtype).collect();
+        program.result_dtype(&dtypes).map_err(|e| TypeError {
+            op: self.op,
+            reason: e.0,
+        })
+    }
+
+    /// `x` has `shape`'s rank and on every axis its size or 1.
+    fn broadcasts_to(&self, x: &TensorType, shape: &[usize]) -> Result<(), TypeError> {
+        self.check(
+            x.rank() == shape.len()
+                && x.shape.iter().zip(shape).all(|(&a, &b)| a == b || a == 1),
+            || format!("operand {x} does not broadcast to {shape:?} (same rank, size 1 or equal on every axis)"),
+        )
     }
 
     fn float_rank1(&self, x: &TensorType, what: &str) -> Result<(), TypeError> {

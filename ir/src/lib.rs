@@ -5,6 +5,7 @@
 pub mod arena;
 pub mod dot;
 mod dtype;
+pub mod elementwise;
 pub mod fused;
 pub mod graph;
 pub mod infer;

@@ -423,6 +423,8 @@ pub enum Attr {
     Float(f64),
     Bool(bool),
     Ints(Vec<i64>),
+    /// A quoted string (an elementwise program's body).
+    Str(String),
 }
 
 /// The attributes of one op as parsed from text, in source order.
@@ -461,6 +463,13 @@ impl Attrs {
             _ => Err(format!(
                 "attribute `{key}` must be a list of non-negative integers"
             )),
+        }
+    }
+
+    pub(crate) fn str(&self, key: &str) -> Result<&str, String> {
+        match self.get(key)? {
+            Attr::Str(s) => Ok(s),
+            _ => Err(format!("attribute `{key}` must be a quoted string")),
         }
     }
 

@@ -80,6 +80,13 @@ fn fused_flops(f: &FusedOp, ins: &[&TensorType], outs: &[&TensorType]) -> u64 {
             });
             4 * x + 3 * rows
         }
+        FusedOp::Elementwise { program, .. } => {
+            program.flops_per_element() * outs.first().map_or(0, |t| t.numel() as u64)
+        }
+        FusedOp::MatMulEpilogue { program } => {
+            matmul_flops(ins)
+                + program.flops_per_element() * outs.first().map_or(0, |t| t.numel() as u64)
+        }
         // Fused ops added after this model: as elementwise over their operands and results,
         // until their own line is written in `fused_flops_by_name`.
         #[allow(unreachable_patterns)]

@@ -5,6 +5,7 @@ pub mod autodiff;
 pub mod cost;
 pub mod emit;
 pub mod fuse;
+pub mod fuse_elementwise;
 pub mod memory;
 pub mod optimizer;
 pub mod pipeline;

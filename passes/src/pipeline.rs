@@ -221,6 +221,21 @@ impl Pass for Recompute {
     }
 }
 
+/// Elementwise fusion ([`crate::fuse_elementwise`]): the chains of every program, forward,
+/// backward and optimizer, into `fused.elementwise` kernels and matmul epilogues.
+pub struct FuseElementwise;
+
+impl Pass for FuseElementwise {
+    fn name(&self) -> &'static str {
+        "fuse-elementwise"
+    }
+    fn run(&self, g: Graph, notes: &mut Vec<String>) -> Result<Graph, BoxError> {
+        let (g, report) = crate::fuse_elementwise::fuse_elementwise(&g)?;
+        notes.push(report.to_string());
+        Ok(g)
+    }
+}
+
 /// Scheduling ([`crate::schedule`]): a topological order with a lower peak of live bytes,
 /// counted as the interpreter stores values (8-byte words); the program is then `scheduled`.
 pub struct Schedule;
@@ -581,6 +596,8 @@ pub fn cpu(settings: Settings) -> Pipeline {
                 program: MICRO_STEP_PROGRAM,
                 pass: Recompute { mode: recompute },
             }),
+            // Elementwise chains into kernels, once the backward and recomputed nodes exist.
+            Box::new(EachGraph(FuseElementwise)),
             // Then every program is scheduled and memory-planned.
             Box::new(EachGraph(Schedule)),
             Box::new(Memory),

@@ -19,7 +19,9 @@
 use mmc_ir::text::{parse, print};
 use mmc_ir::{relative_error, verify, DType, Graph, Interpreter, Precision, Tensor};
 use mmc_passes::fuse::FuseLimits;
-use mmc_passes::pipeline::{Autodiff, BoxError, Fuse, Pass, Recompute, Schedule, Simplify};
+use mmc_passes::pipeline::{
+    Autodiff, BoxError, Fuse, FuseElementwise, Pass, Recompute, Schedule, Simplify,
+};
 use mmc_passes::RecomputeMode;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -46,6 +48,7 @@ const PASSES: &[(&str, PassFn)] = &[
         })
     }),
     ("schedule", || Box::new(Schedule)),
+    ("fuse-elementwise", || Box::new(FuseElementwise)),
     ("autodiff", || {
         Box::new(Autodiff {
             loss: "loss".into(),

@@ -59,6 +59,12 @@ pub(super) fn eval(op: &FusedOp, a: &[&Val], out: &[&TensorType]) -> Result<Vec<
             let g = grouped_args(a);
             vec![f(moe::grouped_matmul(&g, a[0].f(), a[1].f())?)]
         }
+        Elementwise { .. } | MatMulEpilogue { .. } => {
+            return Err(format!(
+                "`{}` is a program, evaluated by the interpreter's program evaluator",
+                op.name()
+            ))
+        }
         MoeUnpermute => {
             let hidden = a[0].ty.shape[1];
             vec![f(moe::unpermute(a[0].f(), pairs(a[1]), a[2].f(), hidden)?)]

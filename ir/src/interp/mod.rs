@@ -9,6 +9,7 @@
 mod fused;
 mod kernels;
 mod planned;
+mod program;
 
 use crate::graph::Graph;
 use crate::op::{BinaryOp, CmpOp, Op, ReduceKind, UnaryOp};
@@ -168,10 +169,13 @@ impl<'g> Interpreter<'g> {
             if let Op::Fused(f) = &node.op {
                 let tys: Vec<&TensorType> =
                     node.outputs.iter().map(|&v| self.graph.ty(v)).collect();
-                let bufs = fused::eval(f, &args, &tys).map_err(|message| InterpError::Op {
-                    node: i,
-                    op: node.op.name(),
-                    message,
+                let bufs = self.eval_fused(f, &args, &tys).map_err(|e| match e {
+                    EvalError::Msg(message) => InterpError::Op {
+                        node: i,
+                        op: node.op.name(),
+                        message,
+                    },
+                    EvalError::Binding(b) => b,
                 })?;
                 drop(args);
                 for ((&v, ty), buf) in node.outputs.iter().zip(tys).zip(bufs) {

@@ -73,14 +73,14 @@ fn word_range(s: Slot) -> Range<usize> {
 }
 
 /// Where an operand is: in the arena, or an owned parameter or input.
-enum Src<'a> {
+pub(super) enum Src<'a> {
     Arena(Range<usize>),
     Owned(&'a Val),
 }
 
 /// The output slice and the arena operands' slices of one node at once; `None` if an operand
 /// overlaps the output (the caller then computes in place or through a copy).
-fn split<'a>(
+pub(super) fn split<'a>(
     words: &'a mut [f64],
     out: &Range<usize>,
     ins: &[Range<usize>],
@@ -335,7 +335,7 @@ impl<'g> Interpreter<'g> {
     ) -> Result<Vec<Val>, EvalError> {
         if let Op::Fused(f) = &node.op {
             let tys: Vec<&TensorType> = node.outputs.iter().map(|&v| self.graph.ty(v)).collect();
-            let bufs = super::fused::eval(f, args, &tys).map_err(EvalError::Msg)?;
+            let bufs = self.eval_fused(f, args, &tys)?;
             return Ok(tys
                 .into_iter()
                 .zip(bufs)
@@ -357,6 +357,9 @@ impl<'g> Interpreter<'g> {
         srcs: &[Src],
         words: &mut [f64],
     ) -> Result<bool, EvalError> {
+        if matches!(node.op, Op::Fused(_)) {
+            return self.direct_program(node, ty, out, srcs, words);
+        }
         if let Some(done) = self.direct_layout(node, ty, out, srcs, words)? {
             return Ok(done);
         }

@@ -20,3 +20,4 @@ mod print;
 
 pub use parse::{parse, ParseError};
 pub use print::print;
+pub(crate) use print::fmt_float;

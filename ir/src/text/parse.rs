@@ -159,6 +159,7 @@ impl Cursor {
         match self.next() {
             Some(Tok::Num(n, true)) => Ok(Attr::Int(n as i64)),
             Some(Tok::Num(n, false)) => Ok(Attr::Float(n)),
+            Some(Tok::Str(s)) => Ok(Attr::Str(s)),
             Some(Tok::Word(w)) if w == "true" => Ok(Attr::Bool(true)),
             Some(Tok::Word(w)) if w == "false" => Ok(Attr::Bool(false)),
             Some(Tok::Word(w)) if matches!(w.as_str(), "inf" | "nan") => {

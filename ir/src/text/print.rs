@@ -37,6 +37,7 @@ fn fmt_attr(a: &Attr) -> String {
             let items: Vec<String> = v.iter().map(|i| i.to_string()).collect();
             format!("[{}]", items.join(", "))
         }
+        Attr::Str(s) => quote(s),
     }
 }
 

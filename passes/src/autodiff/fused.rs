@@ -49,6 +49,9 @@ pub(super) fn vjp_fused(
         | GroupedMatMulGrad
         | MoePermuteGrad
         | MoeUnpermuteGrad => return Err(AutodiffError::BackwardOp { op: op.name() }),
+        Elementwise { .. } | MatMulEpilogue { .. } => {
+            return Err(AutodiffError::AfterAutodiff { op: op.name() })
+        }
     })
 }
 
@@ -77,6 +80,7 @@ pub(super) fn operand_name(op: &FusedOp, i: usize) -> &'static str {
         GroupedMatMulGrad => &["xs", "w", "offsets", "dy"],
         MoePermuteGrad => &["dxs", "top"],
         MoeUnpermuteGrad => &["ys", "top", "weights", "dout"],
+        Elementwise { .. } | MatMulEpilogue { .. } => &[],
     };
     names.get(i).copied().unwrap_or("?")
 }

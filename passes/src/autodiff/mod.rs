@@ -37,6 +37,13 @@ pub enum AutodiffError {
          differentiate the forward graph instead"
     )]
     BackwardOp { op: &'static str },
+    /// Elementwise programs are formed after autodiff (over forward, backward and optimizer
+    /// chains at once), so a graph that holds one has already been differentiated.
+    #[error(
+        "`{op}` is formed after autodiff and is not differentiated; differentiate the graph \
+         before elementwise fusion"
+    )]
+    AfterAutodiff { op: &'static str },
     /// A fused op gives no gradient to this float operand (rope's tables, the loss weights of
     /// the fused cross-entropy), yet it depends on a trainable parameter: dropping it silently
     /// would train on a wrong gradient.
