@@ -216,7 +216,7 @@ mod tests {
     fn bad_programs_are_refused() {
         for (text, why) in [
             ("$2 = mul $0 $3", "not defined before"),
-            ("$2 = reduce_sum $0", "not an elementwise op"),
+            ("$2 = matmul $0 $1", "not an elementwise op"),
             ("$2 = mul $0 $1; $4 = exp $2", "expected $3"),
             ("$2 = frob $0", "unknown op"),
             ("mul $0 $1", "is not `$N = op"),

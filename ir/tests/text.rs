@@ -452,6 +452,7 @@ fn every_fused_op_graph() -> Graph {
     let ew = input(&mut g, "ew", DType::F32, &[1, 4, 3]);
     let off = input(&mut g, "off", DType::I64, &[2]);
     let gy = input(&mut g, "gy", DType::F32, &[2, 3]);
+    let wt = input(&mut g, "wt", DType::F32, &[4, 3]);
     let operands = |op: &FusedOp| -> Vec<Value> {
         use FusedOp::*;
         match op {
@@ -472,6 +473,8 @@ fn every_fused_op_graph() -> Graph {
             LinearCrossEntropyGrad { .. } => vec![x, head, target, weight, dloss],
             GroupedMatMulGrad => vec![x, ew, off, gy],
             MoeUnpermuteGrad => vec![x, top, top_w, x],
+            Elementwise { .. } => vec![x],
+            MatMulEpilogue { .. } => vec![x, wt, gy],
         }
     };
     let mut ops: Vec<(FusedOp, Vec<Value>)> = mmc_ir::fused::all()

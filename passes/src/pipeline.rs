@@ -1057,6 +1057,8 @@ mod tests {
                 "optimizer",
                 "optimizer",
                 "recompute",
+                "fuse-elementwise",
+                "fuse-elementwise",
                 "schedule",
                 "schedule",
                 "memory",

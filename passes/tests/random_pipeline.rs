@@ -35,7 +35,9 @@ use mmc_ir::interp::Arena;
 use mmc_ir::plan::{Init, ParamStacking};
 use mmc_ir::{text, verify, CmpOp, DType, Graph, Interpreter, Op, Precision, Tensor, UnaryOp};
 use mmc_passes::memory::plan_memory;
-use mmc_passes::pipeline::{Autodiff, Fuse, FuseMoe, Pass, Recompute, Schedule, Simplify};
+use mmc_passes::pipeline::{
+    Autodiff, Fuse, FuseElementwise, FuseMoe, Pass, Recompute, Schedule, Simplify,
+};
 use mmc_passes::recompute::RecomputeMode;
 use mmc_passes::{activation_peak, recompute, RecomputeError, GRAD_PREFIX};
 use rand::{Rng, SeedableRng};
@@ -1117,6 +1119,8 @@ fn check_case(seed: u64) -> (BTreeMap<String, usize>, bool) {
             "{what}: peak {peak} above the budget {bytes}"
         );
     }
+    a = step(&what, &FuseElementwise, a);
+    check(&a, "fuse-elementwise");
     a = step(&what, &Schedule, a);
     check(&a, "schedule");
     assert_arena_bit_identical(&format!("{what}, memory"), &a, &bs);
