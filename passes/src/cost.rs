@@ -109,6 +109,8 @@ pub fn fused_flops_by_name(mnemonic: &str, ins: &[&TensorType], outs: &[&TensorT
         "fused.layer_norm" => 7 * n(0) + 3 * (n(0) / last(0)),
         // max, x - max, exp, sum, divide.
         "fused.softmax" => 5 * n(0),
+        // max, x - max, exp, sum, x - lse per element; log and + max per row.
+        "fused.log_softmax" => 5 * n(0) + 2 * (n(0) / last(0)),
         // neg, exp, +1, divide, times up.
         "fused.swiglu" => 5 * n(0),
         // x / sqrt 2, erf, +1, x / 2, product.
