@@ -204,6 +204,28 @@ mod tests {
     }
 
     #[test]
+    fn fused_log_softmax_costs_its_primitive_form() {
+        let (x, r) = (t(&[3, 7]), t(&[3, 1]));
+        let reduce = |kind| Op::Reduce {
+            kind,
+            axes: vec![1],
+        };
+        let un = |u| Op::Unary(u);
+        let sub = Op::Binary(BinaryOp::Sub);
+        // x - (log(sum(exp(x - max x))) + max x), the broadcasts free.
+        let prim = op_flops(&reduce(ReduceKind::Max), &[&x], &[&r])
+            + op_flops(&sub, &[&x, &x], &[&x])
+            + op_flops(&un(UnaryOp::Exp), &[&x], &[&x])
+            + op_flops(&reduce(ReduceKind::Sum), &[&x], &[&r])
+            + op_flops(&un(UnaryOp::Log), &[&r], &[&r])
+            + op_flops(&Op::Binary(BinaryOp::Add), &[&r, &r], &[&r])
+            + op_flops(&sub, &[&x, &x], &[&x]);
+        let op = Op::Fused(FusedOp::LogSoftmax);
+        assert_eq!(op_flops(&op, &[&x], &[&x]), prim);
+        assert_eq!(prim, 5 * 21 + 2 * 3);
+    }
+
+    #[test]
     fn fused_attention_counts_both_matmuls_and_the_softmax() {
         let q = t(&[1, 4, 16, 8]);
         let kv = t(&[1, 2, 16, 8]);
