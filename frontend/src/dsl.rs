@@ -601,6 +601,14 @@ impl ModelBuilder {
         self.add(l, m)
     }
 
+    /// Log-softmax along `axis`, `x - logsumexp(x)`: the log-probabilities without a
+    /// `log(exp(..))` round trip, stabilised by the row maximum inside [`Self::logsumexp`]. The
+    /// fusion pass turns it into `fused.log_softmax` when `axis` is the last.
+    pub fn log_softmax(&mut self, x: Sym, axis: usize) -> BuildResult {
+        let l = self.logsumexp(x, axis)?;
+        self.sub(x, l)
+    }
+
     /// `x * sigmoid(x)`, with the sigmoid as `1 / (1 + exp(-x))`.
     pub fn silu(&mut self, x: Sym) -> BuildResult {
         let n = self.neg(x)?;

@@ -22,6 +22,9 @@ pub enum FusedOp {
     LayerNorm { eps: f64 },
     /// Softmax over the last axis, stabilised by the row maximum (x).
     Softmax,
+    /// `x - logsumexp(x)` over the last axis, the log-sum-exp stabilised by the row maximum
+    /// (x): the log-probabilities without the `log(exp(..))` round trip.
+    LogSoftmax,
     /// `silu(gate) * up` (gate, up).
     SwiGlu,
     /// The exact GELU `x/2 * (1 + erf(x / sqrt 2))` (x).
@@ -58,6 +61,9 @@ pub enum FusedOp {
     LayerNormGrad { eps: f64 },
     /// Backward of [`FusedOp::Softmax`] from its result: (y, dy) -> dx.
     SoftmaxGrad,
+    /// Backward of [`FusedOp::LogSoftmax`] from its result:
+    /// (y, dy) -> dx = dy - exp(y) * sum(dy, last axis).
+    LogSoftmaxGrad,
     /// Backward of [`FusedOp::SwiGlu`]: (gate, up, dy) -> (dgate, dup).
     SwiGluGrad,
     /// Backward of [`FusedOp::Gelu`]: (x, dy) -> dx.
@@ -85,6 +91,7 @@ pub fn all() -> Vec<FusedOp> {
         RmsNorm { eps: 1e-6 },
         LayerNorm { eps: 1e-6 },
         Softmax,
+        LogSoftmax,
         SwiGlu,
         Gelu,
         Rope,
@@ -107,6 +114,7 @@ pub fn all() -> Vec<FusedOp> {
         RmsNormGrad { eps: 1e-6 },
         LayerNormGrad { eps: 1e-6 },
         SoftmaxGrad,
+        LogSoftmaxGrad,
         SwiGluGrad,
         GeluGrad,
         RopeGrad,
@@ -129,6 +137,7 @@ impl FusedOp {
             RmsNorm { .. } => "fused.rms_norm",
             LayerNorm { .. } => "fused.layer_norm",
             Softmax => "fused.softmax",
+            LogSoftmax => "fused.log_softmax",
             SwiGlu => "fused.swiglu",
             Gelu => "fused.gelu",
             Rope => "fused.rope",
@@ -143,6 +152,7 @@ impl FusedOp {
             RmsNormGrad { .. } => "fused.rms_norm_grad",
             LayerNormGrad { .. } => "fused.layer_norm_grad",
             SoftmaxGrad => "fused.softmax_grad",
+            LogSoftmaxGrad => "fused.log_softmax_grad",
             SwiGluGrad => "fused.swiglu_grad",
             GeluGrad => "fused.gelu_grad",
             RopeGrad => "fused.rope_grad",
@@ -162,6 +172,7 @@ impl FusedOp {
             RmsNormGrad { .. }
                 | LayerNormGrad { .. }
                 | SoftmaxGrad
+                | LogSoftmaxGrad
                 | SwiGluGrad
                 | GeluGrad
                 | RopeGrad
@@ -195,9 +206,9 @@ impl FusedOp {
                 ("body", Attr::Str(program.to_string())),
             ],
             MatMulEpilogue { program } => vec![("body", Attr::Str(program.to_string()))],
-            Softmax | SwiGlu | Gelu | Rope | GroupedMatMul | MoeUnpermute | SoftmaxGrad
-            | SwiGluGrad | GeluGrad | RopeGrad | GroupedMatMulGrad | MoePermuteGrad
-            | MoeUnpermuteGrad => vec![],
+            Softmax | LogSoftmax | SwiGlu | Gelu | Rope | GroupedMatMul | MoeUnpermute
+            | SoftmaxGrad | LogSoftmaxGrad | SwiGluGrad | GeluGrad | RopeGrad
+            | GroupedMatMulGrad | MoePermuteGrad | MoeUnpermuteGrad => vec![],
         }
     }
 
@@ -281,7 +292,7 @@ impl FusedOp {
                 t.check(*eps >= 0.0, || "eps must be non-negative".into())?;
                 Ok(smallvec![x.clone()])
             }
-            Softmax | Gelu => {
+            Softmax | LogSoftmax | Gelu => {
                 t.arity(1)?;
                 t.float_rank1(inputs[0], "x")?;
                 Ok(smallvec![inputs[0].clone()])
@@ -392,7 +403,7 @@ impl FusedOp {
                 t.same(x, dy)?;
                 Ok(smallvec![x.clone(), w.clone(), w.clone()])
             }
-            SoftmaxGrad | GeluGrad => {
+            SoftmaxGrad | LogSoftmaxGrad | GeluGrad => {
                 t.arity(2)?;
                 t.float_rank1(inputs[0], "x")?;
                 t.same(inputs[0], inputs[1])?;

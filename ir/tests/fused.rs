@@ -435,6 +435,11 @@ impl B {
         self.add(l, m)
     }
 
+    fn log_softmax(&mut self, x: Value, axis: usize) -> Value {
+        let l = self.logsumexp(x, axis);
+        self.sub(x, l)
+    }
+
     fn silu(&mut self, x: Value) -> Value {
         let n = self.unary(UnaryOp::Neg, x);
         let e = self.unary(UnaryOp::Exp, n);
@@ -674,6 +679,83 @@ fn softmax_is_the_frontend_softmax_with_nan_for_rows_of_minus_infinity() {
     assert!(y[7..14].iter().all(|v| v.is_nan()), "{y:?}");
     assert!(y[..7].iter().chain(&y[14..]).all(|v| v.is_finite()));
     assert_eq!(y[15], 0.0);
+}
+
+#[test]
+fn log_softmax_is_the_frontend_log_softmax_with_nan_for_rows_of_minus_infinity() {
+    let mut b = B::new(10);
+    let mut values = b.rng.vec(5 * 13, -3.0, 3.0);
+    values[13..26].fill(f64::NEG_INFINITY); // a fully masked row
+    values[30] = f64::NEG_INFINITY; // a single masked entry
+    let x = b.floats("x", &[5, 13], values);
+    let prim = b.log_softmax(x, 1);
+    let fused = b.fused(FusedOp::LogSoftmax, &[x]);
+    b.g.add_output("prim", prim);
+    b.g.add_output("fused", fused);
+    check_forms(&b, "log_softmax", true);
+    let y = b
+        .run(Precision::F64)
+        .unwrap()
+        .get("fused")
+        .unwrap()
+        .to_f64_vec();
+    assert!(y[13..26].iter().all(|v| v.is_nan()), "{y:?}");
+    assert_eq!(y[30], f64::NEG_INFINITY);
+    assert!(y[..13]
+        .iter()
+        .chain(&y[26..30])
+        .chain(&y[31..])
+        .all(|v| v.is_finite() && *v <= 0.0));
+}
+
+/// Rows around +-1000 to +-3000, where `exp(x)` overflows even f64: the fused op must shift by
+/// the row maximum as the primitive form does. The primitive form in f32 rounds the logsumexp
+/// at the magnitude of the row maximum (an absolute error of about 1e-4 here), so the forms are
+/// compared in f64; in f32 the fused op's result is its f64 result rounded once.
+#[test]
+fn log_softmax_is_stabilised_by_the_row_maximum() {
+    let mut b = B::new(11);
+    let (rows, n) = (6, 11);
+    let mut values = Vec::new();
+    for _ in 0..rows {
+        let offset = b.rng.signed(1000.0, 3000.0);
+        values.extend((0..n).map(|_| (offset + b.rng.uniform(-4.0, 4.0)) as f32 as f64));
+    }
+    assert!(
+        values.iter().any(|v| v.exp().is_infinite()),
+        "the case needs the shift"
+    );
+    let x = b.floats("x", &[3, 2, n], values);
+    let prim = b.log_softmax(x, 2);
+    let fused = b.fused(FusedOp::LogSoftmax, &[x]);
+    b.g.add_output("prim", prim);
+    b.g.add_output("fused", fused);
+    verify(&b.g).unwrap();
+    let outs = b.run(Precision::F64).unwrap();
+    let (p, y) = (
+        outs.get("prim").unwrap().to_f64_vec(),
+        outs.get("fused").unwrap().to_f64_vec(),
+    );
+    assert!(close(&y, &p, F64_TOL), "fused = {y:?}\n  prim  = {p:?}");
+    for row in y.chunks(n) {
+        assert!(row.iter().all(|v| v.is_finite() && *v <= 0.0), "{row:?}");
+        let total: f64 = row.iter().map(|v| v.exp()).sum();
+        assert!(
+            (total - 1.0).abs() < 1e-9,
+            "the probabilities sum to {total}"
+        );
+    }
+    let declared = b
+        .run(Precision::Declared)
+        .unwrap()
+        .get("fused")
+        .unwrap()
+        .to_f64_vec();
+    let rounded: Vec<f64> = y.iter().map(|&v| v as f32 as f64).collect();
+    assert!(
+        close(&declared, &rounded, 0.0),
+        "the declared result is the f64 one rounded once"
+    );
 }
 
 #[test]
@@ -1193,6 +1275,23 @@ fn softmax_grad_matches_finite_differences() {
             format!("softmax_grad {shape:?}"),
             FusedOp::Softmax,
             FusedOp::SoftmaxGrad,
+            &[x],
+            |_, y, dy| vec![y, dy],
+            &[0],
+        ));
+    }
+}
+
+#[test]
+fn log_softmax_grad_matches_finite_differences() {
+    for (seed, shape) in [(125, vec![7]), (126, vec![3, 5]), (127, vec![2, 3, 11])] {
+        let mut b = B::new(seed);
+        let x = b.rand("x", &shape, -3.0, 3.0);
+        check_grads(grad_case(
+            b,
+            format!("log_softmax_grad {shape:?}"),
+            FusedOp::LogSoftmax,
+            FusedOp::LogSoftmaxGrad,
             &[x],
             |_, y, dy| vec![y, dy],
             &[0],

@@ -458,8 +458,8 @@ fn every_fused_op_graph() -> Graph {
         match op {
             RmsNorm { .. } => vec![x, w],
             LayerNorm { .. } => vec![x, w, b],
-            Softmax | Gelu => vec![x],
-            SwiGlu | SoftmaxGrad | GeluGrad => vec![x, x],
+            Softmax | LogSoftmax | Gelu => vec![x],
+            SwiGlu | SoftmaxGrad | LogSoftmaxGrad | GeluGrad => vec![x, x],
             Rope | RopeGrad => vec![x, cos, sin],
             Attention { .. } => vec![q, kv, kv, seg],
             LinearCrossEntropy { .. } => vec![x, head, target, weight],

@@ -116,6 +116,8 @@ pub fn fused_flops_by_name(mnemonic: &str, ins: &[&TensorType], outs: &[&TensorT
         "fused.layer_norm" => 7 * n(0) + 3 * (n(0) / last(0)),
         // max, x - max, exp, sum, divide.
         "fused.softmax" => 5 * n(0),
+        // max, x - max, exp, sum, x - lse per element; log and + max per row.
+        "fused.log_softmax" => 5 * n(0) + 2 * (n(0) / last(0)),
         // neg, exp, +1, divide, times up.
         "fused.swiglu" => 5 * n(0),
         // x / sqrt 2, erf, +1, x / 2, product.
@@ -206,6 +208,28 @@ mod tests {
             fused_flops_by_name("fused.rms_norm", &[&x, &w], &[&x]),
             4 * 32 + 3 * 4
         );
+    }
+
+    #[test]
+    fn fused_log_softmax_costs_its_primitive_form() {
+        let (x, r) = (t(&[3, 7]), t(&[3, 1]));
+        let reduce = |kind| Op::Reduce {
+            kind,
+            axes: vec![1],
+        };
+        let un = |u| Op::Unary(u);
+        let sub = Op::Binary(BinaryOp::Sub);
+        // x - (log(sum(exp(x - max x))) + max x), the broadcasts free.
+        let prim = op_flops(&reduce(ReduceKind::Max), &[&x], &[&r])
+            + op_flops(&sub, &[&x, &x], &[&x])
+            + op_flops(&un(UnaryOp::Exp), &[&x], &[&x])
+            + op_flops(&reduce(ReduceKind::Sum), &[&x], &[&r])
+            + op_flops(&un(UnaryOp::Log), &[&r], &[&r])
+            + op_flops(&Op::Binary(BinaryOp::Add), &[&r, &r], &[&r])
+            + op_flops(&sub, &[&x, &x], &[&x]);
+        let op = Op::Fused(FusedOp::LogSoftmax);
+        assert_eq!(op_flops(&op, &[&x], &[&x]), prim);
+        assert_eq!(prim, 5 * 21 + 2 * 3);
     }
 
     #[test]

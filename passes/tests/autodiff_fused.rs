@@ -328,6 +328,22 @@ fn prim_softmax(n: &mut Net, x: Value) -> Value {
     n.div(e, sum)
 }
 
+/// Log-softmax over the last axis, `x - logsumexp(x)` with the logsumexp stabilised by the row
+/// maximum (`ModelBuilder::log_softmax`).
+fn prim_log_softmax(n: &mut Net, x: Value) -> Value {
+    let s = n.shape(x);
+    let last = s.len() - 1;
+    let m = n.reduce(ReduceKind::Max, x, last);
+    let mb = n.bcast(m, &s);
+    let z = n.sub(x, mb);
+    let e = n.un(UnaryOp::Exp, z);
+    let sum = n.reduce(ReduceKind::Sum, e, last);
+    let l = n.un(UnaryOp::Log, sum);
+    let lse = n.add(l, m);
+    let lse = n.bcast(lse, &s);
+    n.sub(x, lse)
+}
+
 /// `gate / (1 + exp(-gate)) * up` (`ModelBuilder::silu` and the MLP's product).
 fn prim_swiglu(n: &mut Net, gate: Value, up: Value) -> Value {
     let ng = n.un(UnaryOp::Neg, gate);
@@ -520,6 +536,20 @@ fn case_softmax(fused: bool, seed: u64) -> Case {
         n.fused(FusedOp::Softmax, &[x])
     } else {
         prim_softmax(&mut n, x)
+    };
+    n.finish(y, &mut rng)
+}
+
+/// Log-softmax of x [2, 3, 7] over the last axis.
+fn case_log_softmax(fused: bool, seed: u64) -> Case {
+    let mut rng = Rng(seed);
+    let mut n = Net::new(stage(fused));
+    let xv = rng.vec(42, -3.0, 3.0);
+    let x = n.param("x", &[2, 3, 7], &xv);
+    let y = if fused {
+        n.fused(FusedOp::LogSoftmax, &[x])
+    } else {
+        prim_log_softmax(&mut n, x)
     };
     n.finish(y, &mut rng)
 }
@@ -792,6 +822,7 @@ fn fused_cases(seed: u64) -> Vec<(&'static str, Case)> {
         ("rms_norm", case_rms_norm(true, seed)),
         ("layer_norm", case_layer_norm(true, seed)),
         ("softmax", case_softmax(true, seed)),
+        ("log_softmax", case_log_softmax(true, seed)),
         ("swiglu", case_swiglu(true, seed)),
         ("gelu", case_gelu(true, seed)),
         ("rope", case_rope(true, seed)),
@@ -940,6 +971,13 @@ fn fd_softmax() {
 }
 
 #[test]
+fn fd_log_softmax() {
+    for seed in SEEDS {
+        fd_check("log_softmax", &case_log_softmax(true, seed));
+    }
+}
+
+#[test]
 fn fd_swiglu() {
     for seed in SEEDS {
         fd_check("swiglu", &case_swiglu(true, seed));
@@ -1034,6 +1072,11 @@ fn fused_gradients_equal_primitive_gradients() {
                 case_softmax(true, seed),
                 case_softmax(false, seed),
             ),
+            (
+                "log_softmax",
+                case_log_softmax(true, seed),
+                case_log_softmax(false, seed),
+            ),
             ("swiglu", case_swiglu(true, seed), case_swiglu(false, seed)),
             ("gelu", case_gelu(true, seed), case_gelu(false, seed)),
             ("rope", case_rope(true, seed), case_rope(false, seed)),
@@ -1068,6 +1111,7 @@ fn backward_name(f: &FusedOp) -> Option<&'static str> {
         RmsNorm { eps } => RmsNormGrad { eps: *eps },
         LayerNorm { eps } => LayerNormGrad { eps: *eps },
         Softmax => SoftmaxGrad,
+        LogSoftmax => LogSoftmaxGrad,
         SwiGlu => SwiGluGrad,
         Gelu => GeluGrad,
         Rope => RopeGrad,

@@ -251,6 +251,41 @@ fn softmax_over_axis_0_of_a_matrix_stays() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// log-softmax
+// ---------------------------------------------------------------------------------------------
+
+fn log_softmax_graph(axis: usize) -> Graph {
+    build(DType::F32, |b| {
+        let x = b.input("x", DType::F32, &[3, 4])?;
+        b.log_softmax(x, axis)
+    })
+}
+
+#[test]
+fn log_softmax_over_the_last_axis_fuses() {
+    let f = assert_fuses(&log_softmax_graph(1), "fused.log_softmax", 1e-6);
+    assert_eq!(count(&f, "exp"), 0);
+    assert_eq!(count(&f, "log"), 0);
+}
+
+#[test]
+fn log_softmax_over_axis_0_of_a_matrix_stays() {
+    assert_stays(&log_softmax_graph(0));
+}
+
+/// `x - logsumexp(z)` for another tensor `z` of x's type is not a log-softmax of either.
+#[test]
+fn x_minus_the_logsumexp_of_another_tensor_stays() {
+    let g = build(DType::F32, |b| {
+        let x = b.input("x", DType::F32, &[3, 4])?;
+        let z = b.input("z", DType::F32, &[3, 4])?;
+        let l = b.logsumexp(z, 1)?;
+        b.sub(x, l)
+    });
+    assert_stays(&g);
+}
+
+// ---------------------------------------------------------------------------------------------
 // swiglu
 // ---------------------------------------------------------------------------------------------
 
@@ -556,6 +591,11 @@ fn file_layer_norm() {
 #[test]
 fn file_softmax() {
     file_test("softmax.mmcir");
+}
+
+#[test]
+fn file_log_softmax() {
+    file_test("log_softmax.mmcir");
 }
 
 #[test]

@@ -90,6 +90,8 @@ enum Piece {
     Layer(NormMiss),
     /// Softmax over `axis` (fuses when it is the last).
     Softmax(usize),
+    /// Log-softmax over `axis` (fuses when it is the last).
+    LogSoftmax(usize),
     /// The SwiGLU MLP; `true`: the sigmoid uses `exp(+g)`.
     SwiGlu(bool),
     /// GELU; `true`: the erf argument is scaled by 0.5 instead of 1/sqrt 2.
@@ -198,15 +200,22 @@ impl Case {
                 } else {
                     NormMiss::None
                 }),
-                3 => Piece::Softmax(if miss {
-                    if batch > 1 {
-                        pick(&mut rng, &[0, 1])
+                3 => {
+                    let axis = if miss {
+                        if batch > 1 {
+                            pick(&mut rng, &[0, 1])
+                        } else {
+                            1
+                        }
                     } else {
-                        1
+                        2
+                    };
+                    if rng.random_bool(0.5) {
+                        Piece::Softmax(axis)
+                    } else {
+                        Piece::LogSoftmax(axis)
                     }
-                } else {
-                    2
-                }),
+                }
                 4 => Piece::SwiGlu(miss),
                 5 => Piece::Gelu(miss),
                 6 => Piece::Rope {
@@ -763,6 +772,12 @@ fn build(c: &Case) -> (Graph, BTreeMap<&'static str, usize>) {
                     }
                     b.softmax(x, *axis)
                 }
+                Piece::LogSoftmax(axis) => {
+                    if *axis == 2 {
+                        ctx.expect("fused.log_softmax", 1);
+                    }
+                    b.log_softmax(x, *axis)
+                }
                 Piece::SwiGlu(miss) => swiglu(b, ctx, x, *miss),
                 Piece::Gelu(miss) => gelu(b, ctx, x, *miss),
                 Piece::Rope {
@@ -988,10 +1003,11 @@ fn step_with_notes(what: &str, pass: &dyn Pass, g: Graph) -> (Graph, Vec<String>
 }
 
 /// The fused ops some positive piece produces: each must occur in some case.
-const FUSED_KINDS: [&str; 9] = [
+const FUSED_KINDS: [&str; 10] = [
     "fused.rms_norm",
     "fused.layer_norm",
     "fused.softmax",
+    "fused.log_softmax",
     "fused.swiglu",
     "fused.gelu",
     "fused.rope",

@@ -25,6 +25,7 @@ pub(super) fn eval(op: &FusedOp, a: &[&Val], out: &[&TensorType]) -> Result<Vec<
         RmsNorm { eps } => vec![f(pointwise::rms_norm(a[0].f(), a[1].f(), *eps))],
         LayerNorm { eps } => vec![f(pointwise::layer_norm(a[0].f(), a[1].f(), a[2].f(), *eps))],
         Softmax => vec![f(pointwise::softmax(a[0].f(), last(a[0])))],
+        LogSoftmax => vec![f(pointwise::log_softmax(a[0].f(), last(a[0])))],
         SwiGlu => vec![f(pointwise::swiglu(a[0].f(), a[1].f()))],
         Gelu => vec![f(pointwise::gelu(a[0].f()))],
         Rope => vec![f(pointwise::rope(
@@ -78,6 +79,11 @@ pub(super) fn eval(op: &FusedOp, a: &[&Val], out: &[&TensorType]) -> Result<Vec<
             vec![f(dx), f(dw), f(db)]
         }
         SoftmaxGrad => vec![f(pointwise::softmax_grad(a[0].f(), a[1].f(), last(a[0])))],
+        LogSoftmaxGrad => vec![f(pointwise::log_softmax_grad(
+            a[0].f(),
+            a[1].f(),
+            last(a[0]),
+        ))],
         SwiGluGrad => {
             let (dg, du) = pointwise::swiglu_grad(a[0].f(), a[1].f(), a[2].f());
             vec![f(dg), f(du)]

@@ -28,6 +28,7 @@ pub(super) fn vjp_fused(
         RmsNorm { eps } => rms_norm(e, *eps, ins, g)?,
         LayerNorm { eps } => layer_norm(e, *eps, ins, g)?,
         Softmax => softmax(e, out, g)?,
+        LogSoftmax => log_softmax(e, out, g)?,
         SwiGlu => swiglu(e, ins, g)?,
         Gelu => gelu(e, ins, g)?,
         Rope => rope(e, ins, g)?,
@@ -41,6 +42,7 @@ pub(super) fn vjp_fused(
         RmsNormGrad { .. }
         | LayerNormGrad { .. }
         | SoftmaxGrad
+        | LogSoftmaxGrad
         | SwiGluGrad
         | GeluGrad
         | RopeGrad
@@ -61,7 +63,7 @@ pub(super) fn operand_name(op: &FusedOp, i: usize) -> &'static str {
     let names: &[&'static str] = match op {
         RmsNorm { .. } => &["x", "w"],
         LayerNorm { .. } => &["x", "w", "b"],
-        Softmax | Gelu => &["x"],
+        Softmax | LogSoftmax | Gelu => &["x"],
         SwiGlu => &["gate", "up"],
         Rope => &["x", "cos", "sin"],
         Attention { .. } => &["q", "k", "v", "segment_ids"],
@@ -71,7 +73,7 @@ pub(super) fn operand_name(op: &FusedOp, i: usize) -> &'static str {
         GroupedMatMul => &["xs", "w", "offsets"],
         MoeUnpermute => &["ys", "top", "weights"],
         RmsNormGrad { .. } | LayerNormGrad { .. } => &["x", "w", "dy"],
-        SoftmaxGrad => &["y", "dy"],
+        SoftmaxGrad | LogSoftmaxGrad => &["y", "dy"],
         SwiGluGrad => &["gate", "up", "dy"],
         GeluGrad => &["x", "dy"],
         RopeGrad => &["dy", "cos", "sin"],
@@ -114,6 +116,12 @@ fn layer_norm(e: &mut Emitter, eps: f64, ins: &[Value], g: Value) -> Grads {
 /// `x -> dx` by `fused.softmax_grad(y, dy)`, from the forward result `y`.
 fn softmax(e: &mut Emitter, y: Value, g: Value) -> Grads {
     let r = backward(e, FusedOp::SoftmaxGrad, &[y, g])?;
+    Ok(vec![Some(r[0])])
+}
+
+/// `x -> dx` by `fused.log_softmax_grad(y, dy)`, from the forward result `y`.
+fn log_softmax(e: &mut Emitter, y: Value, g: Value) -> Grads {
+    let r = backward(e, FusedOp::LogSoftmaxGrad, &[y, g])?;
     Ok(vec![Some(r[0])])
 }
 

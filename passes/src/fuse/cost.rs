@@ -101,6 +101,8 @@ pub fn node_cost<'a>(node: &Fuse, out: &Data, data: impl Fn(Id) -> &'a Data) -> 
         LayerNorm(_) => moved(7.0 * n),
         // Per element: max, subtract, exp, sum, divide.
         Softmax(_) => moved((4.0 + TRANSCENDENTAL_FLOPS) * n),
+        // Per element: max, subtract, exp, sum, subtract (the log is per row).
+        LogSoftmax(_) => moved((4.0 + TRANSCENDENTAL_FLOPS) * n),
         // Per element: neg, exp, add, div, mul.
         SwiGlu(_) => moved((4.0 + TRANSCENDENTAL_FLOPS) * n),
         // Per element: scale, erf, add, halve, mul.

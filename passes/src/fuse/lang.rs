@@ -188,6 +188,7 @@ define_language! {
         "fused.rms_norm" = RmsNorm([Id; 3]),
         "fused.layer_norm" = LayerNorm([Id; 4]),
         "fused.softmax" = Softmax(Id),
+        "fused.log_softmax" = LogSoftmax(Id),
         "fused.swiglu" = SwiGlu([Id; 2]),
         "fused.gelu" = Gelu(Id),
         "fused.rope" = Rope([Id; 3]),
@@ -286,7 +287,10 @@ fn arity_ok(op: &Op, n: usize) -> Result<(), LangError> {
         Op::Select | Op::ScatterAdd { .. } => (3, 3),
         Op::Concat { .. } => (1, usize::MAX),
         Op::Fused(f) => match f {
-            FusedOp::Softmax | FusedOp::Gelu | FusedOp::ExpertOffsets { .. } => (1, 1),
+            FusedOp::Softmax
+            | FusedOp::LogSoftmax
+            | FusedOp::Gelu
+            | FusedOp::ExpertOffsets { .. } => (1, 1),
             FusedOp::RmsNorm { .. } | FusedOp::SwiGlu | FusedOp::MoePermute { .. } => (2, 2),
             FusedOp::LayerNorm { .. }
             | FusedOp::Rope
@@ -570,6 +574,7 @@ impl Fuse {
             Fuse::RmsNorm(_) => fused(FusedOp::RmsNorm { eps: float(2)? }, 2),
             Fuse::LayerNorm(_) => fused(FusedOp::LayerNorm { eps: float(3)? }, 3),
             Fuse::Softmax(_) => fused(FusedOp::Softmax, 1),
+            Fuse::LogSoftmax(_) => fused(FusedOp::LogSoftmax, 1),
             Fuse::SwiGlu(_) => fused(FusedOp::SwiGlu, 2),
             Fuse::Gelu(_) => fused(FusedOp::Gelu, 1),
             Fuse::Rope(_) => fused(FusedOp::Rope, 3),
@@ -606,6 +611,7 @@ fn fused_node(
         FusedOp::RmsNorm { eps } => Fuse::RmsNorm([i(0), i(1), leaf(float(*eps))]),
         FusedOp::LayerNorm { eps } => Fuse::LayerNorm([i(0), i(1), i(2), leaf(float(*eps))]),
         FusedOp::Softmax => Fuse::Softmax(i(0)),
+        FusedOp::LogSoftmax => Fuse::LogSoftmax(i(0)),
         FusedOp::SwiGlu => Fuse::SwiGlu([i(0), i(1)]),
         FusedOp::Gelu => Fuse::Gelu(i(0)),
         FusedOp::Rope => Fuse::Rope([i(0), i(1), i(2)]),

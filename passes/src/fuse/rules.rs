@@ -53,6 +53,11 @@ pub fn rules() -> Vec<FuseRewrite> {
     let e = format!("(exp {z})");
     let softmax = pat(&format!("(div {e} (broadcast (reduce_sum {e} ?axes) ?shape))"));
 
+    // ---- log_softmax(x) = x - logsumexp(x) (dsl.rs `log_softmax`) ----
+    // lse = log(sum(exp(x - max x))) + max x, kept [.., 1] and broadcast back (dsl.rs `logsumexp`)
+    let lse = format!("(add (log (reduce_sum {e} ?axes)) (reduce_max ?x ?axes))");
+    let log_softmax = pat(&format!("(sub ?x (broadcast {lse} ?shape))"));
+
     // ---- SwiGLU: silu(gate) * up, silu(g) = g / (1 + exp(-g)) (dsl.rs `silu`) ----
     let silu = "(div ?g (add (exp (neg ?g)) (const 1.0 ?t)))";
     let swiglu = pat(&format!("(mul {silu} ?u)"));
@@ -76,6 +81,7 @@ pub fn rules() -> Vec<FuseRewrite> {
         rewrite!("layer-norm"; layer_norm_f32 => "(fused.layer_norm ?x ?w ?b ?eps)" if is_last_axis("?axes", "?x") if is_inv_len("?inv_n", "?x") if is_row_vector("?w", "?row", "?x") if is_row_vector("?b", "?row", "?x") if is_non_negative("?eps")),
         rewrite!("layer-norm-cast"; layer_norm_cast => "(fused.layer_norm ?x ?w ?b ?eps)" if is_last_axis("?axes", "?x") if is_inv_len("?inv_n", "?x") if is_row_vector("?w", "?row", "?x") if is_row_vector("?b", "?row", "?x") if is_non_negative("?eps")),
         rewrite!("softmax"; softmax => "(fused.softmax ?x)" if is_last_axis("?axes", "?x")),
+        rewrite!("log-softmax"; log_softmax => "(fused.log_softmax ?x)" if is_last_axis("?axes", "?x")),
         rewrite!("swiglu"; swiglu => "(fused.swiglu ?g ?u)"),
         rewrite!("gelu"; gelu => "(fused.gelu ?x)" if is_value("?c", FRAC_1_SQRT_2)),
         rewrite!("rope"; rope => "(fused.rope ?x ?cos ?sin)" if is_last_axis("?axis", "?x") if is_low_half("?lo_start", "?lo_end", "?x") if is_high_half("?hi_start", "?hi_end", "?x") if tables_fit("?cos", "?sin", "?x")),

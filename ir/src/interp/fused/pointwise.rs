@@ -126,6 +126,31 @@ pub fn softmax_grad(y: &[f64], dy: &[f64], n: usize) -> Vec<f64> {
     dx
 }
 
+/// Log-softmax over rows of length `n`, `x - (log(sum(exp(x - max))) + max)` in the order of
+/// the primitive form (`ModelBuilder::log_softmax`): a row of all -inf (or with a NaN or +inf)
+/// comes out all NaN, as there.
+pub fn log_softmax(x: &[f64], n: usize) -> Vec<f64> {
+    let mut y = Vec::with_capacity(x.len());
+    for row in rows(x, n) {
+        let m = row.iter().copied().fold(f64::NEG_INFINITY, nan_max);
+        let s: f64 = row.iter().map(|v| (v - m).exp()).sum();
+        let lse = s.ln() + m;
+        y.extend(row.iter().map(|v| v - lse));
+    }
+    y
+}
+
+/// The gradient of log-softmax from its result: `dx = dy - exp(y) * sum(dy)` per row
+/// (`exp(y)` is the softmax).
+pub fn log_softmax_grad(y: &[f64], dy: &[f64], n: usize) -> Vec<f64> {
+    let mut dx = Vec::with_capacity(y.len());
+    for (y, dy) in rows(y, n).zip(rows(dy, n)) {
+        let s: f64 = dy.iter().sum();
+        dx.extend(y.iter().zip(dy).map(|(y, d)| d - y.exp() * s));
+    }
+    dx
+}
+
 /// The logistic sigmoid as the frontend's SiLU forms it, `1 / (1 + exp(-x))`.
 fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
