@@ -1198,12 +1198,11 @@ fn single_head_attention_fuses() {
 }
 
 /// The packed mask is built before the layers and read by only some layers of the stack
-/// `layers` (a GELU layer between two attention layers): `fuse/region.rs` makes a global
-/// value's producers context only when every layer of the stack reads it, so neither
-/// attention sees its mask and neither fuses. Every layer of today's decoders has attention;
-/// a stack mixing layer kinds would lose the fusion.
+/// `layers` (a GELU layer between two attention layers). `fuse/region.rs` once made a global
+/// value's producers context only when every layer of the stack read it, so neither
+/// attention saw its mask and neither fused; it now groups the layers by their skeleton, and
+/// the two attention layers (one template) see the mask they both read.
 #[test]
-#[ignore = "missed fusion: a mask read by only some layers of a stack is not context for their patterns (fuse/region.rs)"]
 fn attention_in_some_layers_of_a_stack_fuses() {
     let mut b = ModelBuilder::new(DType::F32, DType::F32);
     let mut ctx = Ctx {

@@ -14,8 +14,8 @@
 //!
 //! The mask is built once before the decoder layers, so the rule needs the mask's producers in
 //! the e-graph of a layer: the engine brings a global value's producers into a layer's template
-//! as context when several layers read it (`region.rs`), which every model with two or more
-//! decoder layers has.
+//! as context where that keeps identical layers one template (`region.rs`): in every layer that
+//! reads the mask, also when other layers of the stack do not.
 //!
 //! What does not fuse: a mask other than `kj <= qi` and equal segments of one tensor, a
 //! softmax over another axis, a scale that is not a constant, and a GQA expansion that is
