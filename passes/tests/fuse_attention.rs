@@ -326,6 +326,49 @@ fn vit_attention_fuses_without_mask() {
     assert_eq!(count(&f, "exp"), 0);
 }
 
+/// One query head (and one kv head): the DSL does not broadcast the [b, 1, s, s] mask over
+/// the heads, which the `-one-head` rules take.
+fn one_head(batch: usize, dtype: DType) -> Case {
+    Case {
+        heads: 1,
+        kv_heads: 1,
+        batch,
+        dtype,
+        ..Case::qwen()
+    }
+}
+
+#[test]
+fn single_head_attention_fuses() {
+    let c = one_head(1, DType::F32);
+    let f = fuse_and_compare(&c, Some("attention-packed-causal-one-head"));
+    assert_eq!(attention_nodes(&f, &c, true).len(), c.layers);
+}
+
+#[test]
+fn single_head_attention_fuses_with_a_batch_of_two() {
+    let c = one_head(2, DType::F32);
+    let f = fuse_and_compare(&c, Some("attention-packed-causal-batched-one-head"));
+    assert_eq!(attention_nodes(&f, &c, true).len(), c.layers);
+}
+
+#[test]
+fn bf16_single_head_attention_fuses() {
+    let c = one_head(1, DType::BF16);
+    let f = fused_by(&build(&c), "attention-packed-causal-one-head-f32-softmax");
+    assert_eq!(attention_nodes(&f, &c, true).len(), c.layers);
+}
+
+#[test]
+fn bf16_single_head_attention_fuses_with_a_batch_of_two() {
+    let c = one_head(2, DType::BF16);
+    let f = fused_by(
+        &build(&c),
+        "attention-packed-causal-batched-one-head-f32-softmax",
+    );
+    assert_eq!(attention_nodes(&f, &c, true).len(), c.layers);
+}
+
 /// The near misses: the graph stays as it was (no fused attention), and still computes the
 /// same.
 fn assert_not_fused(c: &Case) {
@@ -341,6 +384,14 @@ fn a_strict_causal_mask_does_not_fuse() {
     assert_not_fused(&Case {
         mask: Mask::Strict,
         ..Case::qwen()
+    });
+}
+
+#[test]
+fn a_strict_causal_mask_over_one_head_does_not_fuse() {
+    assert_not_fused(&Case {
+        mask: Mask::Strict,
+        ..one_head(2, DType::F32)
     });
 }
 

@@ -8,8 +8,9 @@
 //! replaced by a numbered `(arg i ty)`. Identical layers give equal templates; the pass
 //! saturates each distinct template once and stamps the result onto every instance.
 //!
-//! Values the global region computes once for all layers (the rotary tables, the attention
-//! mask) must stay visible to patterns: for those, the template also holds their producers, as
+//! Values the global region computes once for the layers (the rotary tables, the attention
+//! mask) must stay visible to patterns: for those (`context_values` says which), the template
+//! also holds their producers, as
 //! read-only context, and the argument is unioned with its producer, so a pattern sees through
 //! the argument while extraction (which prices an argument at zero) keeps reading the value
 //! from outside.
@@ -17,7 +18,7 @@
 use super::lang::{AttrValue, Fuse, LangError};
 use egg::Id;
 use mmc_ir::{Graph, NodeId, Op, ScopeId, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// How many producer steps of a shared outside value a template includes as context.
 pub const CONTEXT_DEPTH: usize = 12;
@@ -97,66 +98,26 @@ pub fn split(g: &Graph) -> Result<Regions, LangError> {
         let node = g.value_data(v).expect("a value of this graph").node;
         region_of_node[node.0 as usize]
     };
-    // Layers of one stack (`...layers`): the decoder, the vision encoder.
-    let mut stacks: HashMap<&str, usize> = HashMap::new();
-    let mut stack_of = vec![usize::MAX; names.len()];
-    let mut stack_size: Vec<usize> = Vec::new();
-    for (r, name) in names.iter().enumerate().skip(1) {
-        let stack = name.rsplit_once('.').map_or("", |(s, _)| s);
-        let id = *stacks.entry(stack).or_insert_with(|| {
-            stack_size.push(0);
-            stack_size.len() - 1
-        });
-        stack_of[r] = id;
-        stack_size[id] += 1;
-    }
-    // Which values leave their region, and which layers read each global value.
+    // Which values leave their region.
     let mut live_out = vec![false; g.num_values()];
-    let mut layer_readers: HashMap<Value, Vec<usize>> = HashMap::new();
     for (i, node) in g.nodes().iter().enumerate() {
-        let r = region_of_node[i];
         if node.outputs.len() != 1 {
             return Err(LangError::Unsupported(node.op.name()));
         }
         for &v in &node.inputs {
-            let def = region_of_value(v);
-            if def != r {
+            if region_of_value(v) != region_of_node[i] {
                 live_out[v.0 as usize] = true;
-                if def == 0 {
-                    let readers = layer_readers.entry(v).or_default();
-                    if !readers.contains(&r) {
-                        readers.push(r);
-                    }
-                }
             }
         }
     }
     for (_, v) in g.outputs() {
         live_out[v.0 as usize] = true;
     }
-    // A global value every layer of a stack reads (the rotary tables, the attention mask) is
-    // built once for the layers: its producers become context. A value only some layers read
-    // (the embeddings, read by the first layer) stays a plain argument, so that the first
-    // layer's template is the others'.
-    let shared: HashMap<Value, bool> = layer_readers
-        .iter()
-        .map(|(&v, readers)| {
-            let mut per_stack = vec![0usize; stack_size.len()];
-            for &r in readers {
-                per_stack[stack_of[r]] += 1;
-            }
-            let all = per_stack
-                .iter()
-                .zip(&stack_size)
-                .any(|(&n, &size)| n == size);
-            (v, all)
-        })
-        .collect();
-    let shared = |v: Value| shared.get(&v).copied().unwrap_or(false);
     let mut members: Vec<Vec<NodeId>> = vec![Vec::new(); names.len()];
     for (i, &r) in region_of_node.iter().enumerate() {
         members[r].push(NodeId(i as u32));
     }
+    let context = context_values(g, &members, &region_of_value)?;
     let mut templates: Vec<Template> = Vec::new();
     let mut template_index: HashMap<Template, usize> = HashMap::new();
     let mut instances = Vec::new();
@@ -165,42 +126,10 @@ pub fn split(g: &Graph) -> Result<Regions, LangError> {
         if nodes.is_empty() {
             continue;
         }
-        let mut b = Builder::new(g);
-        for &nid in nodes {
-            let node = g.node(nid);
-            let out = node.outputs[0];
-            let id = match &node.op {
-                Op::Param { .. } | Op::Input { .. } => b.arg(out),
-                op => {
-                    let mut inputs = Vec::with_capacity(node.inputs.len());
-                    for &v in &node.inputs {
-                        let id = match b.local.get(&v) {
-                            Some(&id) => id,
-                            None if r != 0 && shared(v) => b.context(v, CONTEXT_DEPTH)?,
-                            None => b.arg(v),
-                        };
-                        inputs.push(id);
-                    }
-                    b.op(op, &inputs, node.scope)?
-                }
-            };
-            b.local.insert(out, id);
+        let (template, instance) = build(g, nodes, &live_out, |v| context[r].contains(&v))?;
+        for (i, &v) in instance.roots.iter().enumerate() {
+            root_of.insert(v, (instances.len(), i));
         }
-        let mut roots = Vec::new();
-        let mut root_values = Vec::new();
-        for &nid in nodes {
-            let v = g.node(nid).outputs[0];
-            if live_out[v.0 as usize] {
-                root_of.insert(v, (instances.len(), roots.len()));
-                roots.push(b.local[&v]);
-                root_values.push(v);
-            }
-        }
-        let template = Template {
-            nodes: b.nodes,
-            unions: b.unions,
-            roots,
-        };
         let t = *template_index.entry(template.clone()).or_insert_with(|| {
             templates.push(template);
             templates.len() - 1
@@ -209,9 +138,7 @@ pub fn split(g: &Graph) -> Result<Regions, LangError> {
             t,
             Instance {
                 name: names[r].clone(),
-                args: b.args,
-                roots: root_values,
-                scopes: b.scopes,
+                ..instance
             },
         ));
     }
@@ -220,6 +147,134 @@ pub fn split(g: &Graph) -> Result<Regions, LangError> {
         instances,
         root_of,
     })
+}
+
+/// The outside values whose producers each layer region holds as context.
+///
+/// Values the global region builds once for the layers (the rotary tables, the attention
+/// mask) must be matchable inside them, but context must not split identical layers: the
+/// first decoder layer reads the embeddings where the others read the previous layer's
+/// output, and its template must stay theirs. So the layers are grouped by their skeleton
+/// (the template with every outside value a plain argument), and an argument becomes context
+/// in a group when every member reads a global value there and those values have equal
+/// producers (most often the same value: the mask every attention layer reads). A group of
+/// one layer takes every global value it reads as context. Layers whose skeletons differ
+/// (an attention layer and a GELU layer of one stack) are grouped apart, so each sees the
+/// globals it reads.
+fn context_values(
+    g: &Graph,
+    members: &[Vec<NodeId>],
+    region_of_value: &impl Fn(Value) -> usize,
+) -> Result<Vec<HashSet<Value>>, LangError> {
+    let no_roots = vec![false; g.num_values()];
+    // The arguments of every layer's skeleton, and the layers of each skeleton.
+    let mut skeleton_args: Vec<Vec<Value>> = vec![Vec::new(); members.len()];
+    let mut groups: HashMap<Template, Vec<usize>> = HashMap::new();
+    for (r, nodes) in members.iter().enumerate().skip(1) {
+        if nodes.is_empty() {
+            continue;
+        }
+        let (template, instance) = build(g, nodes, &no_roots, |_| false)?;
+        groups.entry(template).or_default().push(r);
+        skeleton_args[r] = instance.args;
+    }
+    // The producers of a global value as context of their own: equal ones stamp equally.
+    let mut signature: HashMap<Value, Option<Template>> = HashMap::new();
+    let mut signature_of = |v: Value| -> Result<Option<Template>, LangError> {
+        if let Some(s) = signature.get(&v) {
+            return Ok(s.clone());
+        }
+        let node = g.node(g.value_data(v).expect("a value of this graph").node);
+        let source = matches!(node.op, Op::Param { .. } | Op::Input { .. });
+        let s = if region_of_value(v) != 0 || source {
+            None
+        } else {
+            let mut b = Builder::new(g);
+            let root = b.context(v, CONTEXT_DEPTH)?;
+            Some(Template {
+                nodes: b.nodes,
+                unions: b.unions,
+                roots: vec![root],
+            })
+        };
+        signature.insert(v, s.clone());
+        Ok(s)
+    };
+    let mut context = vec![HashSet::new(); members.len()];
+    for group in groups.values() {
+        let args_of = |r: usize| &skeleton_args[r];
+        for j in 0..args_of(group[0]).len() {
+            let Some(first) = signature_of(args_of(group[0])[j])? else {
+                continue;
+            };
+            let mut equal = true;
+            for &r in &group[1..] {
+                if signature_of(args_of(r)[j])?.as_ref() != Some(&first) {
+                    equal = false;
+                    break;
+                }
+            }
+            if equal {
+                for &r in group {
+                    context[r].insert(args_of(r)[j]);
+                }
+            }
+        }
+    }
+    Ok(context)
+}
+
+/// The template of the region of `nodes` and what its numbers stand for (the instance, still
+/// unnamed); its roots are the values in `live_out`. The outside values `context` picks bring
+/// their producers along.
+fn build(
+    g: &Graph,
+    nodes: &[NodeId],
+    live_out: &[bool],
+    context: impl Fn(Value) -> bool,
+) -> Result<(Template, Instance), LangError> {
+    let mut b = Builder::new(g);
+    for &nid in nodes {
+        let node = g.node(nid);
+        let out = node.outputs[0];
+        let id = match &node.op {
+            Op::Param { .. } | Op::Input { .. } => b.arg(out),
+            op => {
+                let mut inputs = Vec::with_capacity(node.inputs.len());
+                for &v in &node.inputs {
+                    let id = match b.local.get(&v) {
+                        Some(&id) => id,
+                        None if context(v) => b.context(v, CONTEXT_DEPTH)?,
+                        None => b.arg(v),
+                    };
+                    inputs.push(id);
+                }
+                b.op(op, &inputs, node.scope)?
+            }
+        };
+        b.local.insert(out, id);
+    }
+    let mut roots = Vec::new();
+    let mut root_values = Vec::new();
+    for &nid in nodes {
+        let v = g.node(nid).outputs[0];
+        if live_out[v.0 as usize] {
+            roots.push(b.local[&v]);
+            root_values.push(v);
+        }
+    }
+    let template = Template {
+        nodes: b.nodes,
+        unions: b.unions,
+        roots,
+    };
+    let instance = Instance {
+        name: String::new(),
+        args: b.args,
+        roots: root_values,
+        scopes: b.scopes,
+    };
+    Ok((template, instance))
 }
 
 /// Builds one template: a hash-consed node list.
@@ -312,7 +367,84 @@ impl<'g> Builder<'g> {
 
 #[cfg(test)]
 mod tests {
-    use super::layer_of;
+    use super::{layer_of, split, Regions};
+    use mmc_frontend::{ModelBuilder, Sym};
+    use mmc_ir::{DType, Graph};
+
+    /// A stack `layers` of `kinds.len()` layers on x [2, 3]: layer i computes `x + m` with
+    /// the global `m = exp(a)` where `kinds[i]` is `Some(0)` (`Some(1)`: with `m = exp(b)`,
+    /// built as `exp(a)` is), `-x` where it is `None`. With `embed`, the stack's input is
+    /// `exp(x)`, computed outside the layers as the embeddings are.
+    fn stack(kinds: &[Option<usize>], embed: bool) -> Graph {
+        let mut b = ModelBuilder::new(DType::F32, DType::F32);
+        let mut x = b.input("x", DType::F32, &[2, 3]).unwrap();
+        let ab: Vec<Sym> = ["a", "b"]
+            .iter()
+            .map(|n| b.input(n, DType::F32, &[2, 3]).unwrap())
+            .collect();
+        let m: Vec<Sym> = ab.iter().map(|&t| b.exp(t).unwrap()).collect();
+        if embed {
+            x = b.exp(x).unwrap();
+        }
+        for (i, kind) in kinds.iter().enumerate() {
+            x = b
+                .scope(format!("layers.{i}"), |b| match kind {
+                    Some(k) => b.add(x, m[*k]),
+                    None => b.neg(x),
+                })
+                .unwrap();
+        }
+        b.output("y", x);
+        b.finish()
+    }
+
+    /// The template of every layer, and whether it holds context.
+    fn layer_templates(r: &Regions) -> Vec<(usize, bool)> {
+        r.instances
+            .iter()
+            .filter(|(_, i)| !i.name.is_empty())
+            .map(|&(t, _)| (t, !r.templates[t].unions.is_empty()))
+            .collect()
+    }
+
+    #[test]
+    fn the_embeddings_stay_an_argument_of_the_first_layer() {
+        let r = split(&stack(&[Some(0), Some(0), Some(0)], true)).unwrap();
+        let layers = layer_templates(&r);
+        // One template for the three layers: the mask-like `m` is context, the embeddings
+        // (read by the first layer only, where the others read the previous layer) are not.
+        assert!(
+            layers.iter().all(|&l| l == (layers[0].0, true)),
+            "{layers:?}"
+        );
+        let t = &r.templates[layers[0].0];
+        assert_eq!(t.unions.len(), 1, "only `m` is context: {t:?}");
+    }
+
+    #[test]
+    fn layers_that_read_a_global_value_see_it_when_others_do_not() {
+        // The attention layers 0 and 2 read the mask, the GELU layer 1 does not.
+        let r = split(&stack(&[Some(0), None, Some(0)], false)).unwrap();
+        let layers = layer_templates(&r);
+        assert_eq!(layers[0], layers[2], "{layers:?}");
+        assert!(layers[0].1, "the reading layers see the producer of `m`");
+        assert_ne!(layers[0].0, layers[1].0);
+        assert!(!layers[1].1);
+    }
+
+    #[test]
+    fn equal_producers_of_different_values_are_context_too() {
+        let r = split(&stack(&[Some(0), Some(1)], false)).unwrap();
+        let layers = layer_templates(&r);
+        assert_eq!(layers[0], layers[1], "one template: {layers:?}");
+        assert!(layers[0].1);
+        // Each layer's context argument stands for its own value.
+        let args: Vec<_> = r.instances[1..]
+            .iter()
+            .map(|(_, i)| i.args.clone())
+            .collect();
+        assert_ne!(args[0], args[1]);
+    }
 
     #[test]
     fn layer_scopes() {

@@ -6,14 +6,16 @@
 //!   from the kv heads to the query heads (GQA), scores cast to f32 (a no-op the DSL drops in
 //!   f32 models), `select(mask, scores, -inf)` with `mask = packed_causal_mask(segment_ids)`,
 //!   softmax over the keys, cast back. It becomes
-//!   `fused.attention q, k, v, segment_ids scale=.. causal=true` on the *unexpanded* k and v;
+//!   `fused.attention q, k, v, segment_ids scale=.. causal=true` on the *unexpanded* k and v.
+//!   With one query head the [b, 1, s, s] mask already has the scores' shape and is not
+//!   broadcast over the heads: the `-one-head` rules take that form;
 //! - InternViT (`frontend/src/models/internvit.rs`, `attention`): no mask. It becomes
 //!   `fused.attention q, k, v scale=.. causal=false`.
 //!
 //! The mask is built once before the decoder layers, so the rule needs the mask's producers in
 //! the e-graph of a layer: the engine brings a global value's producers into a layer's template
-//! as context when several layers read it (`region.rs`), which every model with two or more
-//! decoder layers has.
+//! as context where that keeps identical layers one template (`region.rs`): in every layer that
+//! reads the mask, also when other layers of the stack do not.
 //!
 //! What does not fuse: a mask other than `kj <= qi` and equal segments of one tensor, a
 //! softmax over another axis, a scale that is not a constant, and a GQA expansion that is
@@ -30,10 +32,14 @@ use mmc_ir::{DType, TensorType};
 #[rustfmt::skip]
 pub fn rules() -> Vec<FuseRewrite> {
     vec![
-        rewrite!("attention-packed-causal"; {pattern(Mask::PackedCausal { batch_broadcast: false }, false)} => {FuseAttention { causal: true }} if is_attention() if is_packed_causal_mask(false)),
-        rewrite!("attention-packed-causal-batched"; {pattern(Mask::PackedCausal { batch_broadcast: true }, false)} => {FuseAttention { causal: true }} if is_attention() if is_packed_causal_mask(true)),
-        rewrite!("attention-packed-causal-f32-softmax"; {pattern(Mask::PackedCausal { batch_broadcast: false }, true)} => {FuseAttention { causal: true }} if is_attention() if is_packed_causal_mask(false)),
-        rewrite!("attention-packed-causal-batched-f32-softmax"; {pattern(Mask::PackedCausal { batch_broadcast: true }, true)} => {FuseAttention { causal: true }} if is_attention() if is_packed_causal_mask(true)),
+        rewrite!("attention-packed-causal"; {pattern(packed(false, true), false)} => {FuseAttention { causal: true }} if is_attention() if is_packed_causal_mask(false)),
+        rewrite!("attention-packed-causal-batched"; {pattern(packed(true, true), false)} => {FuseAttention { causal: true }} if is_attention() if is_packed_causal_mask(true)),
+        rewrite!("attention-packed-causal-f32-softmax"; {pattern(packed(false, true), true)} => {FuseAttention { causal: true }} if is_attention() if is_packed_causal_mask(false)),
+        rewrite!("attention-packed-causal-batched-f32-softmax"; {pattern(packed(true, true), true)} => {FuseAttention { causal: true }} if is_attention() if is_packed_causal_mask(true)),
+        rewrite!("attention-packed-causal-one-head"; {pattern(packed(false, false), false)} => {FuseAttention { causal: true }} if is_attention() if is_packed_causal_mask(false)),
+        rewrite!("attention-packed-causal-batched-one-head"; {pattern(packed(true, false), false)} => {FuseAttention { causal: true }} if is_attention() if is_packed_causal_mask(true)),
+        rewrite!("attention-packed-causal-one-head-f32-softmax"; {pattern(packed(false, false), true)} => {FuseAttention { causal: true }} if is_attention() if is_packed_causal_mask(false)),
+        rewrite!("attention-packed-causal-batched-one-head-f32-softmax"; {pattern(packed(true, false), true)} => {FuseAttention { causal: true }} if is_attention() if is_packed_causal_mask(true)),
         rewrite!("attention"; {pattern(Mask::None, false)} => {FuseAttention { causal: false }} if is_attention()),
         rewrite!("attention-f32-softmax"; {pattern(Mask::None, true)} => {FuseAttention { causal: false }} if is_attention()),
     ]
@@ -43,10 +49,23 @@ pub fn rules() -> Vec<FuseRewrite> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mask {
     /// `packed_causal_mask(?seg)`; `batch_broadcast` when the batch is larger than 1, where
-    /// the [1, s, s] causal part is broadcast to [b, s, s].
-    PackedCausal { batch_broadcast: bool },
+    /// the [1, s, s] causal part is broadcast to [b, s, s]; `head_broadcast` when there are
+    /// several query heads, where the [b, 1, s, s] mask is broadcast over them (with one head
+    /// the shapes already agree and the DSL emits no broadcast).
+    PackedCausal {
+        batch_broadcast: bool,
+        head_broadcast: bool,
+    },
     /// No mask.
     None,
+}
+
+/// The packed causal mask, broadcast over the batch and over the heads as given.
+fn packed(batch_broadcast: bool, head_broadcast: bool) -> Mask {
+    Mask::PackedCausal {
+        batch_broadcast,
+        head_broadcast,
+    }
 }
 
 /// The primitive form of attention as the frontend emits it, from named pieces. `f32_softmax`:
@@ -63,7 +82,10 @@ pub fn pattern(mask: Mask, f32_softmax: bool) -> Pattern<Fuse> {
     };
     let logits = match mask {
         Mask::None => scores,
-        Mask::PackedCausal { batch_broadcast } => {
+        Mask::PackedCausal {
+            batch_broadcast,
+            head_broadcast,
+        } => {
             // same = seg_q == seg_k: the ids as a column [b, s, 1] and a row [b, 1, s]
             let same =
                 "(eq (broadcast (reshape ?seg ?col) ?bq) (broadcast (reshape ?seg ?row) ?bk))";
@@ -74,8 +96,13 @@ pub fn pattern(mask: Mask, f32_softmax: bool) -> Pattern<Fuse> {
             } else {
                 causal.to_string()
             };
-            // mask = (same and causal) as [b, 1, s, s], broadcast over the heads
-            let mask = format!("(broadcast (reshape (and {same} {causal}) ?m4) ?mh)");
+            // mask = (same and causal) as [b, 1, s, s], broadcast over the heads (if several)
+            let mask = format!("(reshape (and {same} {causal}) ?m4)");
+            let mask = if head_broadcast {
+                format!("(broadcast {mask} ?mh)")
+            } else {
+                mask
+            };
             // -inf where the mask is false
             let neg_inf = "(broadcast (reshape (const -inf ?ninf_ty) ?ninf_r) ?ninf_b)";
             format!("(select {mask} {scores} {neg_inf})")
@@ -124,7 +151,8 @@ fn is_attention() -> impl Cond {
 
 /// The mask is exactly `packed_causal_mask(?seg)` for the [b, s] segment ids: the column and
 /// the row of the ids, the [s, s] iota comparison as [1, s, s] (broadcast to [b, s, s] when
-/// `batch_broadcast`), and the result as [b, 1, s, s], which broadcasts over the heads.
+/// `batch_broadcast`), and the result as [b, 1, s, s] (the select's type checks that it is
+/// broadcast over the heads, or that there is one head).
 fn is_packed_causal_mask(batch_broadcast: bool) -> impl Cond {
     move |eg, _, subst| {
         let Some(seg) = tensor(eg, subst, "?seg") else {
