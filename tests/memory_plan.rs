@@ -201,6 +201,17 @@ fn the_tiny_model_trains_bit_identically_in_its_arenas() {
         .programs
         .iter()
         .all(|p| p.memory.as_ref().is_some_and(|l| !l.streamed.is_empty())));
+    // It runs elementwise kernels and matmul epilogues (checked bit for bit below).
+    let count = |f: fn(&mmc_ir::FusedOp) -> bool| {
+        compiled
+            .programs
+            .iter()
+            .flat_map(|p| p.graph.nodes())
+            .filter(|n| matches!(&n.op, mmc_ir::Op::Fused(x) if f(x)))
+            .count()
+    };
+    assert!(count(|f| matches!(f, mmc_ir::FusedOp::Elementwise { .. })) > 100);
+    assert!(count(|f| matches!(f, mmc_ir::FusedOp::MatMulEpilogue { .. })) > 0);
     let mut compiled = Trainer::new(compiled).unwrap();
     assert_eq!(plain.arena_bytes(), 0);
     assert!(arena.arena_bytes() > 0);

@@ -77,11 +77,13 @@ enum Edge {
 
 /// Fuses the elementwise chains of `g` (see the module documentation).
 pub fn fuse_elementwise(g: &Graph) -> Result<(Graph, ElementwiseReport), PassError> {
-    let n = g.nodes().len();
     let mut report = ElementwiseReport {
-        nodes_before: n,
+        nodes_before: g.nodes().len(),
         ..Default::default()
     };
+    // Dead nodes first, so that every kernel formed is one the program runs.
+    let g = &dce(g);
+    let n = g.nodes().len();
     let mut users: Vec<Vec<NodeId>> = vec![Vec::new(); g.num_values()];
     for (id, node) in g.iter_nodes() {
         for v in &node.inputs {
