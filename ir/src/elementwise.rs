@@ -161,7 +161,8 @@ impl std::str::FromStr for Program {
                 .collect::<Result<Vec<_>, _>>()?;
             let extra = &tail[nargs..];
             let dtype = |w: &str| -> Result<DType, ProgramError> {
-                w.parse().map_err(|e: crate::UnknownDType| ProgramError(e.to_string()))
+                w.parse()
+                    .map_err(|e: crate::UnknownDType| ProgramError(e.to_string()))
             };
             let op = match (name, extra) {
                 ("const", [value, d]) => Op::Const {
@@ -229,7 +230,9 @@ mod tests {
             assert!(e.0.contains(why), "{text}: {e}");
         }
         let p: Program = "$2 = add $0 $1".parse().expect("parses");
-        let e = p.dtypes(&[DType::F32, DType::I64]).expect_err("mixed dtypes");
+        let e = p
+            .dtypes(&[DType::F32, DType::I64])
+            .expect_err("mixed dtypes");
         assert!(e.0.contains("$2"), "{e}");
         assert!(p.dtypes(&[DType::F32]).is_err(), "operand count");
     }

@@ -202,7 +202,10 @@ impl FusedOp {
                 vec![("experts", Attr::Int(*experts as i64))]
             }
             Elementwise { program, shape } => vec![
-                ("shape", Attr::Ints(shape.iter().map(|&d| d as i64).collect())),
+                (
+                    "shape",
+                    Attr::Ints(shape.iter().map(|&d| d as i64).collect()),
+                ),
                 ("body", Attr::Str(program.to_string())),
             ],
             MatMulEpilogue { program } => vec![("body", Attr::Str(program.to_string()))],

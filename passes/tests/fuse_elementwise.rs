@@ -87,7 +87,8 @@ fn random_case(seed: u64) -> Case {
                 add(&mut g, Op::MatMul, &[x, w])
             }
             3 => {
-                let u = [UnaryOp::Exp, UnaryOp::Tanh, UnaryOp::Neg, UnaryOp::Erf][rng.random_range(0..4)];
+                let u = [UnaryOp::Exp, UnaryOp::Tanh, UnaryOp::Neg, UnaryOp::Erf]
+                    [rng.random_range(0..4)];
                 let x = pick(&mut rng, &vals);
                 add(&mut g, Op::Unary(u), &[x])
             }
@@ -246,7 +247,10 @@ fn random_programs_fuse_bit_identically() {
         epilogues += e;
     }
     // The generator exercises both kinds of kernel.
-    assert!(kernels > 300 && epilogues > 30, "{kernels} kernels, {epilogues} epilogues");
+    assert!(
+        kernels > 300 && epilogues > 30,
+        "{kernels} kernels, {epilogues} epilogues"
+    );
 }
 
 /// Fusion stops at a value read outside its chain: here `t` is read by a reduction, so it is

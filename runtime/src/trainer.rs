@@ -159,14 +159,24 @@ impl Stream for Streaming<'_> {
 
 /// The updates of `program` that may replace their state as soon as they are computed: the
 /// only update writing that state, from an output no other update takes, whose value is
-/// computed after every node reading the state (the interpreter reads a parameter at its node
-/// and keeps its own copy, so the state tensor is not needed after that).
+/// computed after every node reading the state. (The interpreter binds a parameter or input
+/// at each node that reads it, so the state tensor is needed until its last reader; one that
+/// is also returned as an output is needed to the end.)
 fn immediate_updates(program: &mmc_ir::plan::Program) -> HashMap<String, String> {
     let g = &program.graph;
+    let last_use = g.last_uses();
+    let returned: std::collections::HashSet<u32> = g.outputs().iter().map(|(_, v)| v.0).collect();
     let mut last_read: HashMap<&str, usize> = HashMap::new();
     for (i, node) in g.nodes().iter().enumerate() {
-        if let mmc_ir::Op::Param { name, .. } = &node.op {
-            last_read.insert(name.as_str(), i);
+        if let mmc_ir::Op::Param { name, .. } | mmc_ir::Op::Input { name, .. } = &node.op {
+            let v = node.outputs[0];
+            let last = if returned.contains(&v.0) {
+                usize::MAX
+            } else {
+                last_use[v.0 as usize].unwrap_or(i).max(i)
+            };
+            let e = last_read.entry(name.as_str()).or_insert(last);
+            *e = (*e).max(last);
         }
     }
     let count = |f: &dyn Fn(&mmc_ir::plan::StateUpdate) -> bool| {

@@ -193,9 +193,10 @@ impl<'g> Interpreter<'g> {
     }
 
     /// [`Interpreter::run_in_streaming`] with the bindings and the sink in one object, which
-    /// may change what it binds as outputs arrive: the run reads each parameter and input
-    /// once, at its node, so a runtime can replace a state tensor with its update as soon as
-    /// the update arrives, provided no node reading that state comes after it.
+    /// may change what it binds as outputs arrive: the run looks a parameter or input up at
+    /// each node that reads it (its f64 copy lives only while that node runs), so a runtime
+    /// can replace a state tensor with its update as soon as the update arrives, provided no
+    /// node reading that parameter or input comes after it and no output returns it.
     pub fn run_in_stream<S: Stream + ?Sized>(
         &self,
         arena: &mut Arena,
@@ -222,8 +223,21 @@ impl<'g> Interpreter<'g> {
         arena.reserve(layout.size)?;
         let words = &mut arena.words;
         let slot = |v: Value| layout.slots[v.0 as usize].map(word_range);
-        // Parameters and inputs, converted once and dropped after their last reader.
-        let mut owned: Vec<Option<Val>> = vec![None; g.num_values()];
+        // Parameters and inputs are converted where a node reads them, and the copy dropped
+        // after that node: the state is not held twice (in its dtype and in f64) for the
+        // whole run.
+        let bind_source = |v: Value, io: &S| -> Result<Val, InterpError> {
+            let node = g.node(g.value_data(v).expect("a value of this graph").node);
+            self.eval(&node.op, &[], g.ty(v), &Dyn(io))
+                .map_err(|e| match e {
+                    EvalError::Msg(m) => InterpError::Op {
+                        node: g.value_data(v).map_or(0, |d| d.node.0 as usize),
+                        op: node.op.name(),
+                        message: m,
+                    },
+                    EvalError::Binding(b) => b,
+                })
+        };
         for (i, node) in g.nodes().iter().enumerate() {
             let op_err = |message: String| InterpError::Op {
                 node: i,
@@ -233,29 +247,29 @@ impl<'g> Interpreter<'g> {
             let out = node.outputs[0];
             let out_ty = g.ty(out);
             if !in_arena(&node.op) {
-                let v = self
-                    .eval(&node.op, &[], out_ty, &Dyn(&*io))
-                    .map_err(|e| match e {
-                        EvalError::Msg(m) => op_err(m),
-                        EvalError::Binding(b) => b,
-                    })?;
                 if let Some(names) = streamed.get(&out.0) {
+                    let v = bind_source(out, &*io)?;
                     emit(io, names, self.to_tensor(&v));
                 }
-                owned[out.0 as usize] = Some(v);
                 continue;
             }
             let out_r = slot(out).ok_or(LayoutError::MissingSlot(out.0))?;
-            let srcs: Vec<Src> = node
+            let bound: Vec<Option<Val>> = node
                 .inputs
                 .iter()
                 .map(|&v| match slot(v) {
-                    Some(r) => Src::Arena(r),
-                    None => Src::Owned(
-                        owned[v.0 as usize]
-                            .as_ref()
-                            .expect("verified: defined before use"),
-                    ),
+                    Some(_) => Ok(None),
+                    None => bind_source(v, &*io).map(Some),
+                })
+                .collect::<Result<_, _>>()?;
+            let srcs: Vec<Src> = node
+                .inputs
+                .iter()
+                .zip(&bound)
+                .map(|(&v, b)| match (slot(v), b) {
+                    (Some(r), _) => Src::Arena(r),
+                    (None, Some(b)) => Src::Owned(b),
+                    (None, None) => unreachable!("a source operand is bound"),
                 })
                 .collect();
             let done = node.outputs.len() == 1
@@ -305,11 +319,6 @@ impl<'g> Interpreter<'g> {
                     emit(io, names, self.to_tensor(&read(g.ty(*v), &words[r])));
                 }
             }
-            for v in &node.inputs {
-                if self.last_use[v.0 as usize] == Some(i) {
-                    owned[v.0 as usize] = None;
-                }
-            }
         }
         let mut outs = Vec::new();
         for (name, v) in g.outputs() {
@@ -318,7 +327,7 @@ impl<'g> Interpreter<'g> {
             }
             let t = match slot(*v) {
                 Some(r) => self.to_tensor(&read(g.ty(*v), &words[r])),
-                None => self.to_tensor(owned[v.0 as usize].as_ref().expect("outputs are kept")),
+                None => self.to_tensor(&bind_source(*v, &*io)?),
             };
             outs.push((name.clone(), t));
         }

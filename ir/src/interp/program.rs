@@ -190,12 +190,18 @@ impl Interpreter<'_> {
             FusedOp::Elementwise { program, .. } => (program, args.to_vec(), None),
             FusedOp::MatMulEpilogue { program } => {
                 let ty = product_type(&args[0].ty, &args[1].ty)?;
-                (program, Vec::new(), Some(self.eval(&Op::MatMul, &args[..2], &ty, &Unbound)?))
+                (
+                    program,
+                    Vec::new(),
+                    Some(self.eval(&Op::MatMul, &args[..2], &ty, &Unbound)?),
+                )
             }
             other => return super::fused::eval(other, args, tys).map_err(EvalError::Msg),
         };
         let reads: Vec<&Val> = match &product {
-            Some(p) => std::iter::once(p).chain(args[2..].iter().copied()).collect(),
+            Some(p) => std::iter::once(p)
+                .chain(args[2..].iter().copied())
+                .collect(),
             None => reads,
         };
         let out_ty = tys[0];

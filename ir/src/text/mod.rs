@@ -19,5 +19,5 @@ mod parse;
 mod print;
 
 pub use parse::{parse, ParseError};
-pub use print::print;
 pub(crate) use print::fmt_float;
+pub use print::print;
