@@ -54,8 +54,10 @@ const GRAD_TOL: f64 = 1e-8;
 /// Errors are relative to the largest magnitude of the expected tensor, or to this fraction of
 /// the largest magnitude of all expected outputs when that is more: a gradient that is nearly
 /// zero (a key a saturated softmax hardly weighs, a bias a softmax over another axis cancels)
-/// carries the rounding of the case's large terms.
-const NORM_FLOOR: f64 = 1e-3;
+/// carries the rounding of the case's large terms. (Seed 398 has an expert whose gradient is
+/// 5e-5 of the largest, through attention, SwiGLU, the MoE, log-softmax and GELU: it differs by
+/// 1e-6 of itself, 5e-11 of the largest; without any one of those pieces, by under 1e-9.)
+const NORM_FLOOR: f64 = 1e-2;
 
 /// How a norm departs from the frontend's.
 #[derive(Clone, Copy, Debug, PartialEq)]
