@@ -159,7 +159,8 @@ impl Stream for Streaming<'_> {
 
 /// The updates of `program` that may replace their state as soon as they are computed: the
 /// only update writing that state, from an output no other update takes, whose value is
-/// computed after every node reading the state. (The interpreter binds a parameter or input
+/// computed at or after every node reading the state (a node reads its operands before its
+/// result is streamed). (The interpreter binds a parameter or input
 /// at each node that reads it, so the state tensor is needed until its last reader; one that
 /// is also returned as an output is needed to the end.)
 fn immediate_updates(program: &mmc_ir::plan::Program) -> HashMap<String, String> {
@@ -192,7 +193,7 @@ fn immediate_updates(program: &mmc_ir::plan::Program) -> HashMap<String, String>
             };
             last_read
                 .get(u.state.as_str())
-                .is_none_or(|&r| r < def.node.0 as usize)
+                .is_none_or(|&r| r <= def.node.0 as usize)
         })
         .map(|u| (u.output.clone(), u.state.clone()))
         .collect()
@@ -564,6 +565,25 @@ mod tests {
             g,
             vec![up("w_new", "w"), up("acc_neg", "w"), up("acc_neg", "acc")],
         );
+        assert!(immediate_updates(&p).is_empty());
+
+        // The interpreter binds an input at each reader: an update computed between two reads
+        // of its state waits for the second.
+        let mut g = Graph::new(Stage::Autodiff);
+        let m = add(
+            &mut g,
+            Op::Input {
+                name: "m".into(),
+                ty: t.clone(),
+            },
+            &[],
+        );
+        let first = add(&mut g, Op::Unary(UnaryOp::Neg), &[m]);
+        let m_new = add(&mut g, Op::Unary(UnaryOp::Exp), &[first]);
+        let second = add(&mut g, Op::Unary(UnaryOp::Abs), &[m]);
+        g.add_output("m_new", m_new);
+        g.add_output("other", second);
+        let p = Program::new("apply", g, vec![up("m_new", "m")]);
         assert!(immediate_updates(&p).is_empty());
     }
 }
