@@ -1,5 +1,9 @@
-//! Code generation of mmc: the execution plan now; CPU (LLVM) and Ascend kernels later.
+//! Code generation of mmc: the target-independent kernel IR, the CPU backend (LLVM), and the
+//! execution plan.
 
+#[cfg(feature = "llvm")]
+pub mod cpu;
+pub mod kernel;
 pub mod plan;
 
 pub use plan::{build_plan, PlanBuildError, PlanRequest, Weights};

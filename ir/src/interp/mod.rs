@@ -681,20 +681,26 @@ fn binary_f(b: BinaryOp) -> fn(f64, f64) -> f64 {
     }
 }
 
-/// Maximum that propagates NaN, as torch.maximum does.
+/// Maximum that propagates NaN, as torch.maximum does, with +0 above -0 (IEEE 754-2019
+/// `maximum`, LLVM's `llvm.maximum`), so the result never depends on operand order.
 fn nan_max(x: f64, y: f64) -> f64 {
     if x.is_nan() || y.is_nan() {
         f64::NAN
+    } else if x > y || (x == y && x.is_sign_positive()) {
+        x
     } else {
-        x.max(y)
+        y
     }
 }
 
-/// Minimum that propagates NaN, as torch.minimum does.
+/// Minimum that propagates NaN, as torch.minimum does, with -0 below +0 (IEEE 754-2019
+/// `minimum`).
 fn nan_min(x: f64, y: f64) -> f64 {
     if x.is_nan() || y.is_nan() {
         f64::NAN
+    } else if x < y || (x == y && x.is_sign_negative()) {
+        x
     } else {
-        x.min(y)
+        y
     }
 }

@@ -1,0 +1,498 @@
+//! Kernel IR to LLVM IR: one function per kernel,
+//! `void name(void **buffers, i64 tile_begin, i64 tile_end)`.
+//!
+//! Each op computes what the interpreter computes: the interpreter evaluates every float op in
+//! f64 and rounds the result once to the declared dtype. For `+ - * /`, `sqrt`, negation,
+//! `abs` and the reciprocal, the f32 instruction is that correctly rounded result; the
+//! transcendental functions, `pow` and `rsqrt` are computed in f64 through libm (the functions
+//! the interpreter's own f64 arithmetic calls) and rounded once. Integer ops wrap as the
+//! interpreter's do, and float-to-int casts saturate as Rust's `as` does.
+
+use crate::kernel::{Index, Kernel};
+use inkwell::builder::Builder;
+use inkwell::context::Context;
+use inkwell::module::{Linkage, Module};
+use inkwell::types::{BasicTypeEnum, FloatType};
+use inkwell::values::{BasicValueEnum, FloatValue, FunctionValue};
+use inkwell::{AddressSpace, FloatPredicate, IntPredicate};
+use mmc_ir::{BinaryOp, CmpOp, DType, Op, UnaryOp};
+
+/// A failure to build LLVM IR: an LLVM builder error (a bug in mmc).
+#[derive(Debug, thiserror::Error)]
+#[error("kernel `{kernel}`: {message}")]
+pub struct LowerError {
+    pub kernel: String,
+    pub message: String,
+}
+
+type R<T> = Result<T, String>;
+
+fn b<T, E: std::fmt::Display>(r: Result<T, E>) -> R<T> {
+    r.map_err(|e| e.to_string())
+}
+
+struct Lower<'a, 'ctx> {
+    cx: &'ctx Context,
+    module: &'a Module<'ctx>,
+    bd: &'a Builder<'ctx>,
+}
+
+impl<'ctx> Lower<'_, 'ctx> {
+    /// The register type of `d` (bool as i1).
+    fn reg_type(&self, d: DType) -> BasicTypeEnum<'ctx> {
+        match d {
+            DType::F32 => self.cx.f32_type().into(),
+            DType::F64 => self.cx.f64_type().into(),
+            DType::I64 => self.cx.i64_type().into(),
+            DType::I32 => self.cx.i32_type().into(),
+            DType::Bool => self.cx.bool_type().into(),
+            other => unreachable!("kernels are built only over supported dtypes, not {other}"),
+        }
+    }
+
+    /// The in-memory type of `d` (bool as one byte).
+    fn mem_type(&self, d: DType) -> BasicTypeEnum<'ctx> {
+        match d {
+            DType::Bool => self.cx.i8_type().into(),
+            d => self.reg_type(d),
+        }
+    }
+
+    fn float_type(&self, d: DType) -> FloatType<'ctx> {
+        match d {
+            DType::F64 => self.cx.f64_type(),
+            _ => self.cx.f32_type(),
+        }
+    }
+
+    /// The libm function `name` over doubles, declared once.
+    fn libm(&self, name: &str, arity: usize) -> FunctionValue<'ctx> {
+        if let Some(f) = self.module.get_function(name) {
+            return f;
+        }
+        let f64t = self.cx.f64_type();
+        let params = vec![f64t.into(); arity];
+        let ty = f64t.fn_type(&params, false);
+        self.module.add_function(name, ty, Some(Linkage::External))
+    }
+
+    fn call_f64(&self, name: &str, args: &[FloatValue<'ctx>]) -> R<FloatValue<'ctx>> {
+        let f = self.libm(name, args.len());
+        let args: Vec<_> = args.iter().map(|a| (*a).into()).collect();
+        let v = b(self.bd.build_call(f, &args, name))?;
+        v.try_as_basic_value()
+            .basic()
+            .map(|v| v.into_float_value())
+            .ok_or_else(|| format!("`{name}` returned no value"))
+    }
+
+    /// `f` applied in f64 to floats of dtype `d`, rounded back once.
+    fn via_f64(
+        &self,
+        d: DType,
+        args: &[FloatValue<'ctx>],
+        f: impl FnOnce(&[FloatValue<'ctx>]) -> R<FloatValue<'ctx>>,
+    ) -> R<FloatValue<'ctx>> {
+        if d == DType::F64 {
+            return f(args);
+        }
+        let f64t = self.cx.f64_type();
+        let wide: Vec<FloatValue> = args
+            .iter()
+            .map(|a| b(self.bd.build_float_ext(*a, f64t, "w")))
+            .collect::<R<_>>()?;
+        let r = f(&wide)?;
+        b(self.bd.build_float_trunc(r, self.float_type(d), "n"))
+    }
+
+    fn unary(&self, u: UnaryOp, d: DType, x: BasicValueEnum<'ctx>) -> R<BasicValueEnum<'ctx>> {
+        if !d.is_float() {
+            let x = x.into_int_value();
+            return Ok(match u {
+                UnaryOp::Neg => b(self.bd.build_int_neg(x, "neg"))?.into(),
+                UnaryOp::Abs => {
+                    // wrapping_abs: i64::MIN stays MIN (no poison).
+                    let neg = b(self.bd.build_int_neg(x, "neg"))?;
+                    let lt = b(self.bd.build_int_compare(
+                        IntPredicate::SLT,
+                        x,
+                        x.get_type().const_zero(),
+                        "lt",
+                    ))?;
+                    b(self.bd.build_select(lt, neg, x, "abs"))?
+                }
+                UnaryOp::Not => b(self.bd.build_not(x, "not"))?.into(),
+                other => return Err(format!("{other:?} on integers")),
+            });
+        }
+        let x = x.into_float_value();
+        let ft = self.float_type(d);
+        let one = |t: FloatType<'ctx>| t.const_float(1.0);
+        Ok(match u {
+            UnaryOp::Neg => b(self.bd.build_float_neg(x, "neg"))?.into(),
+            UnaryOp::Abs => {
+                let f = self.intrinsic("llvm.fabs", ft.into())?;
+                self.call_intrinsic(f, &[x])?.into()
+            }
+            UnaryOp::Sqrt => {
+                let f = self.intrinsic("llvm.sqrt", ft.into())?;
+                self.call_intrinsic(f, &[x])?.into()
+            }
+            UnaryOp::Recip => b(self.bd.build_float_div(one(ft), x, "recip"))?.into(),
+            UnaryOp::Rsqrt => self
+                .via_f64(d, &[x], |a| {
+                    let f64t = self.cx.f64_type();
+                    let f = self.intrinsic("llvm.sqrt", f64t.into())?;
+                    let s = self.call_intrinsic(f, &[a[0]])?;
+                    b(self.bd.build_float_div(one(f64t), s, "rsqrt"))
+                })?
+                .into(),
+            UnaryOp::Exp => self.via_f64(d, &[x], |a| self.call_f64("exp", a))?.into(),
+            UnaryOp::Log => self.via_f64(d, &[x], |a| self.call_f64("log", a))?.into(),
+            UnaryOp::Tanh => self.via_f64(d, &[x], |a| self.call_f64("tanh", a))?.into(),
+            UnaryOp::Erf => self.via_f64(d, &[x], |a| self.call_f64("erf", a))?.into(),
+            UnaryOp::Sin => self.via_f64(d, &[x], |a| self.call_f64("sin", a))?.into(),
+            UnaryOp::Cos => self.via_f64(d, &[x], |a| self.call_f64("cos", a))?.into(),
+            UnaryOp::Not => return Err("not on floats".into()),
+        })
+    }
+
+    fn intrinsic(&self, name: &str, ty: BasicTypeEnum<'ctx>) -> R<FunctionValue<'ctx>> {
+        let i = inkwell::intrinsics::Intrinsic::find(name).ok_or(format!("no {name}"))?;
+        i.get_declaration(self.module, &[ty])
+            .ok_or(format!("no declaration of {name}"))
+    }
+
+    fn call_intrinsic(
+        &self,
+        f: FunctionValue<'ctx>,
+        args: &[FloatValue<'ctx>],
+    ) -> R<FloatValue<'ctx>> {
+        let args: Vec<_> = args.iter().map(|a| (*a).into()).collect();
+        let v = b(self.bd.build_call(f, &args, "i"))?;
+        v.try_as_basic_value()
+            .basic()
+            .map(|v| v.into_float_value())
+            .ok_or_else(|| "an intrinsic returned no value".into())
+    }
+
+    fn binary(
+        &self,
+        op: BinaryOp,
+        d: DType,
+        x: BasicValueEnum<'ctx>,
+        y: BasicValueEnum<'ctx>,
+    ) -> R<BasicValueEnum<'ctx>> {
+        if !d.is_float() {
+            let (x, y) = (x.into_int_value(), y.into_int_value());
+            let pick = |p: IntPredicate| -> R<BasicValueEnum<'ctx>> {
+                let c = b(self.bd.build_int_compare(p, x, y, "c"))?;
+                b(self.bd.build_select(c, x, y, "m"))
+            };
+            return Ok(match op {
+                BinaryOp::Add => b(self.bd.build_int_add(x, y, "add"))?.into(),
+                BinaryOp::Sub => b(self.bd.build_int_sub(x, y, "sub"))?.into(),
+                BinaryOp::Mul => b(self.bd.build_int_mul(x, y, "mul"))?.into(),
+                // Bools are 0 and 1: unsigned, since an i1 `true` is -1 signed.
+                BinaryOp::Max if d == DType::Bool => pick(IntPredicate::UGE)?,
+                BinaryOp::Min if d == DType::Bool => pick(IntPredicate::ULE)?,
+                BinaryOp::Max => pick(IntPredicate::SGE)?,
+                BinaryOp::Min => pick(IntPredicate::SLE)?,
+                BinaryOp::And => b(self.bd.build_and(x, y, "and"))?.into(),
+                BinaryOp::Or => b(self.bd.build_or(x, y, "or"))?.into(),
+                other => return Err(format!("{other:?} on integers")),
+            });
+        }
+        let (x, y) = (x.into_float_value(), y.into_float_value());
+        Ok(match op {
+            BinaryOp::Add => b(self.bd.build_float_add(x, y, "add"))?.into(),
+            BinaryOp::Sub => b(self.bd.build_float_sub(x, y, "sub"))?.into(),
+            BinaryOp::Mul => b(self.bd.build_float_mul(x, y, "mul"))?.into(),
+            BinaryOp::Div => b(self.bd.build_float_div(x, y, "div"))?.into(),
+            BinaryOp::Pow => self
+                .via_f64(d, &[x, y], |a| self.call_f64("pow", a))?
+                .into(),
+            // NaN if either is NaN, +0 above -0: the interpreter's max and min.
+            BinaryOp::Max | BinaryOp::Min => {
+                let name = if op == BinaryOp::Max {
+                    "llvm.maximum"
+                } else {
+                    "llvm.minimum"
+                };
+                let f = self.intrinsic(name, self.float_type(d).into())?;
+                let args = [x.into(), y.into()];
+                b(self.bd.build_call(f, &args, "m"))?
+                    .try_as_basic_value()
+                    .basic()
+                    .ok_or("max returned no value")?
+            }
+            other => return Err(format!("{other:?} on floats")),
+        })
+    }
+
+    fn compare(
+        &self,
+        c: CmpOp,
+        d: DType,
+        x: BasicValueEnum<'ctx>,
+        y: BasicValueEnum<'ctx>,
+    ) -> R<BasicValueEnum<'ctx>> {
+        Ok(if d.is_float() {
+            let p = match c {
+                CmpOp::Eq => FloatPredicate::OEQ,
+                CmpOp::Ne => FloatPredicate::UNE,
+                CmpOp::Lt => FloatPredicate::OLT,
+                CmpOp::Le => FloatPredicate::OLE,
+                CmpOp::Gt => FloatPredicate::OGT,
+                CmpOp::Ge => FloatPredicate::OGE,
+            };
+            b(self
+                .bd
+                .build_float_compare(p, x.into_float_value(), y.into_float_value(), "cmp"))?
+            .into()
+        } else {
+            let unsigned = d == DType::Bool;
+            let p = match (c, unsigned) {
+                (CmpOp::Eq, _) => IntPredicate::EQ,
+                (CmpOp::Ne, _) => IntPredicate::NE,
+                (CmpOp::Lt, false) => IntPredicate::SLT,
+                (CmpOp::Le, false) => IntPredicate::SLE,
+                (CmpOp::Gt, false) => IntPredicate::SGT,
+                (CmpOp::Ge, false) => IntPredicate::SGE,
+                (CmpOp::Lt, true) => IntPredicate::ULT,
+                (CmpOp::Le, true) => IntPredicate::ULE,
+                (CmpOp::Gt, true) => IntPredicate::UGT,
+                (CmpOp::Ge, true) => IntPredicate::UGE,
+            };
+            b(self
+                .bd
+                .build_int_compare(p, x.into_int_value(), y.into_int_value(), "cmp"))?
+            .into()
+        })
+    }
+
+    fn cast(&self, from: DType, to: DType, x: BasicValueEnum<'ctx>) -> R<BasicValueEnum<'ctx>> {
+        let bd = self.bd;
+        Ok(match (from.is_float(), to.is_float()) {
+            (true, true) => {
+                let x = x.into_float_value();
+                let t = self.float_type(to);
+                match (from, to) {
+                    (f, t2) if f == t2 => x.into(),
+                    (DType::F32, DType::F64) => b(bd.build_float_ext(x, t, "ext"))?.into(),
+                    _ => b(bd.build_float_trunc(x, t, "trunc"))?.into(),
+                }
+            }
+            (true, false) => {
+                let x = x.into_float_value();
+                if to == DType::Bool {
+                    let zero = x.get_type().const_zero();
+                    b(bd.build_float_compare(FloatPredicate::UNE, x, zero, "nz"))?.into()
+                } else {
+                    // Rust's `as i64`: saturating, NaN to 0; then wrapped to i32.
+                    let i64t = self.cx.i64_type();
+                    let name = "llvm.fptosi.sat";
+                    let i = inkwell::intrinsics::Intrinsic::find(name).ok_or("no fptosi.sat")?;
+                    let f = i
+                        .get_declaration(self.module, &[i64t.into(), x.get_type().into()])
+                        .ok_or("no fptosi.sat declaration")?;
+                    let v = b(bd.build_call(f, &[x.into()], "fi"))?
+                        .try_as_basic_value()
+                        .basic()
+                        .ok_or("fptosi.sat returned no value")?
+                        .into_int_value();
+                    if to == DType::I32 {
+                        b(bd.build_int_truncate(v, self.cx.i32_type(), "t"))?.into()
+                    } else {
+                        v.into()
+                    }
+                }
+            }
+            (false, true) => {
+                let x = x.into_int_value();
+                // Through f64 as the interpreter does (`x as f64`, then rounded once more).
+                let f64t = self.cx.f64_type();
+                let w = if from == DType::Bool {
+                    b(bd.build_unsigned_int_to_float(x, f64t, "u"))?
+                } else {
+                    b(bd.build_signed_int_to_float(x, f64t, "s"))?
+                };
+                if to == DType::F64 {
+                    w.into()
+                } else {
+                    b(bd.build_float_trunc(w, self.float_type(to), "t"))?.into()
+                }
+            }
+            (false, false) => {
+                let x = x.into_int_value();
+                if to == DType::Bool {
+                    let zero = x.get_type().const_zero();
+                    b(bd.build_int_compare(IntPredicate::NE, x, zero, "nz"))?.into()
+                } else {
+                    let t = self.reg_type(to).into_int_type();
+                    let (fw, tw) = (x.get_type().get_bit_width(), t.get_bit_width());
+                    if fw == tw {
+                        x.into()
+                    } else if fw > tw {
+                        b(bd.build_int_truncate(x, t, "t"))?.into()
+                    } else if from == DType::Bool {
+                        b(bd.build_int_z_extend(x, t, "z"))?.into()
+                    } else {
+                        b(bd.build_int_s_extend(x, t, "s"))?.into()
+                    }
+                }
+            }
+        })
+    }
+
+    fn constant(&self, value: f64, d: DType) -> BasicValueEnum<'ctx> {
+        match d {
+            DType::F32 => self.cx.f32_type().const_float(value as f32 as f64).into(),
+            DType::F64 => self.cx.f64_type().const_float(value).into(),
+            DType::Bool => self
+                .cx
+                .bool_type()
+                .const_int(u64::from(value as i64 != 0), false)
+                .into(),
+            d => {
+                let v = value as i64;
+                let v = if d == DType::I32 { v as i32 as i64 } else { v };
+                self.reg_type(d)
+                    .into_int_type()
+                    .const_int(v as u64, true)
+                    .into()
+            }
+        }
+    }
+}
+
+/// Adds kernel `k`'s function to `module`.
+pub fn lower<'ctx>(cx: &'ctx Context, module: &Module<'ctx>, k: &Kernel) -> Result<(), LowerError> {
+    lower_kernel(cx, module, k).map_err(|message| LowerError {
+        kernel: k.name.clone(),
+        message,
+    })
+}
+
+fn lower_kernel<'ctx>(cx: &'ctx Context, module: &Module<'ctx>, k: &Kernel) -> R<()> {
+    let bd = cx.create_builder();
+    let l = Lower {
+        cx,
+        module,
+        bd: &bd,
+    };
+    let ptr = cx.ptr_type(AddressSpace::default());
+    let i64t = cx.i64_type();
+    let fn_ty = cx
+        .void_type()
+        .fn_type(&[ptr.into(), i64t.into(), i64t.into()], false);
+    let f = module.add_function(&k.name, fn_ty, None);
+    let entry = cx.append_basic_block(f, "entry");
+    let header = cx.append_basic_block(f, "header");
+    let body = cx.append_basic_block(f, "body");
+    let exit = cx.append_basic_block(f, "exit");
+    bd.position_at_end(entry);
+    let args = f.get_nth_param(0).ok_or("no buffers")?.into_pointer_value();
+    let begin = f.get_nth_param(1).ok_or("no begin")?.into_int_value();
+    let end = f.get_nth_param(2).ok_or("no end")?.into_int_value();
+    let mut bufs = Vec::new();
+    for i in 0..k.buffers.len() {
+        // SAFETY (of the generated code): the runtime passes one pointer per buffer.
+        let p = unsafe { b(bd.build_gep(ptr, args, &[i64t.const_int(i as u64, false)], "bp")) }?;
+        bufs.push(b(bd.build_load(ptr, p, "buf"))?.into_pointer_value());
+    }
+    let n = i64t.const_int(k.elements() as u64, false);
+    let tile = i64t.const_int(k.tile as u64, false);
+    let start = b(bd.build_int_mul(begin, tile, "start"))?;
+    let stop = b(bd.build_int_mul(end, tile, "stop"))?;
+    let over = b(bd.build_int_compare(IntPredicate::UGT, stop, n, "over"))?;
+    let stop = b(bd.build_select(over, n, stop, "stop"))?.into_int_value();
+    b(bd.build_unconditional_branch(header))?;
+
+    bd.position_at_end(header);
+    let i = b(bd.build_phi(i64t, "i"))?;
+    i.add_incoming(&[(&start, entry)]);
+    let iv = i.as_basic_value().into_int_value();
+    let more = b(bd.build_int_compare(IntPredicate::ULT, iv, stop, "more"))?;
+    b(bd.build_conditional_branch(more, body, exit))?;
+
+    bd.position_at_end(body);
+    let operand_dtypes: Vec<DType> = k
+        .loads
+        .iter()
+        .map(|ld| k.buffers[ld.buffer].dtype)
+        .collect();
+    let dtypes = k
+        .program
+        .dtypes(&operand_dtypes)
+        .map_err(|e| e.to_string())?;
+    let mut regs: Vec<BasicValueEnum> = Vec::new();
+    for ld in &k.loads {
+        let buf = &k.buffers[ld.buffer];
+        let idx = match &ld.index {
+            Index::Contiguous => iv,
+            Index::Strided(strides) => {
+                let mut off = i64t.const_zero();
+                let mut inner: usize = k.elements();
+                for (a, &dim) in k.shape.iter().enumerate() {
+                    inner /= dim.max(1);
+                    if strides[a] == 0 || dim == 1 {
+                        continue;
+                    }
+                    let q =
+                        b(bd.build_int_unsigned_div(iv, i64t.const_int(inner as u64, false), "q"))?;
+                    let c =
+                        b(bd.build_int_unsigned_rem(q, i64t.const_int(dim as u64, false), "c"))?;
+                    let t = b(bd.build_int_mul(c, i64t.const_int(strides[a] as u64, false), "t"))?;
+                    off = b(bd.build_int_add(off, t, "off"))?;
+                }
+                off
+            }
+        };
+        let mt = l.mem_type(buf.dtype);
+        // SAFETY (of the generated code): idx < the buffer's element count by construction.
+        let p = unsafe { b(bd.build_gep(mt, bufs[ld.buffer], &[idx], "p")) }?;
+        let v = b(bd.build_load(mt, p, "v"))?;
+        let v = if buf.dtype == DType::Bool {
+            let byte = v.into_int_value();
+            b(bd.build_int_compare(IntPredicate::NE, byte, byte.get_type().const_zero(), "b"))?
+                .into()
+        } else {
+            v
+        };
+        regs.push(v);
+    }
+    for (inst, &d) in k.program.insts.iter().zip(&dtypes[k.program.inputs..]) {
+        let a = |j: usize| regs[inst.args[j] as usize];
+        let ad = |j: usize| dtypes[inst.args[j] as usize];
+        let v = match &inst.op {
+            Op::Const { value, .. } => l.constant(*value, d),
+            Op::Unary(u) => l.unary(*u, d, a(0))?,
+            Op::Binary(op) => l.binary(*op, d, a(0), a(1))?,
+            Op::Compare(c) => l.compare(*c, ad(0), a(0), a(1))?,
+            Op::Select => b(bd.build_select(a(0).into_int_value(), a(1), a(2), "sel"))?,
+            Op::Cast { to } => l.cast(ad(0), *to, a(0))?,
+            other => return Err(format!("`{}` in a kernel program", other.name())),
+        };
+        regs.push(v);
+    }
+    let out = k.buffers.len() - 1;
+    let od = k.buffers[out].dtype;
+    let result = *regs.last().ok_or("an empty program")?;
+    let result = if od == DType::Bool {
+        b(bd.build_int_z_extend(result.into_int_value(), cx.i8_type(), "byte"))?.into()
+    } else {
+        result
+    };
+    // SAFETY (of the generated code): i < the result's element count.
+    let p = unsafe { b(bd.build_gep(l.mem_type(od), bufs[out], &[iv], "o")) }?;
+    b(bd.build_store(p, result))?;
+    let next = b(bd.build_int_add(iv, i64t.const_int(1, false), "next"))?;
+    let body_end = bd.get_insert_block().ok_or("no block")?;
+    i.add_incoming(&[(&next, body_end)]);
+    b(bd.build_unconditional_branch(header))?;
+
+    bd.position_at_end(exit);
+    b(bd.build_return(None))?;
+    Ok(())
+}

@@ -1,0 +1,208 @@
+//! The kernel IR: what one generated kernel computes, independent of the target.
+//!
+//! A kernel is a loop over the elements of its iteration shape, cut into tiles of `tile`
+//! elements; a launch runs a range of tiles, so a runtime spreads the ranges over its threads
+//! (CPU) or cores (Ascend) and the generated code never calls back into it. Each element loads
+//! its operands (contiguously, or broadcast through per-axis strides), runs a straight-line
+//! program of scalar ops, and stores the result. Both backends lower from this one description,
+//! and `Display` prints it.
+//!
+//! This first form covers the elementwise kernels (`fused.elementwise` and the primitive
+//! elementwise ops); reductions, library calls and the other fused ops join it as the CPU
+//! backend grows.
+
+use mmc_ir::elementwise::{Inst, Program};
+use mmc_ir::{DType, FusedOp, Graph, Node, Op, Shape};
+use std::fmt;
+
+/// Whether a kernel reads or writes a buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+/// A buffer argument: its element type and shape, as the kernel addresses it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Buffer {
+    pub dtype: DType,
+    pub shape: Shape,
+    pub access: Access,
+}
+
+/// How element `i` of the iteration space addresses a buffer read by the kernel.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Index {
+    /// Element `i` itself: the buffer has the iteration shape.
+    Contiguous,
+    /// `Σ coord(i)[a] * strides[a]`: a buffer read broadcast (stride 0 on its size-1 axes).
+    Strided(Vec<usize>),
+}
+
+/// One load per read buffer, in register order (`$0` is the first).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Load {
+    pub buffer: usize,
+    pub index: Index,
+}
+
+/// A generated kernel: the loads, a program over them, and the store of its result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kernel {
+    /// A symbol name: letters, digits and `_`.
+    pub name: String,
+    /// Read buffers first, then the one written.
+    pub buffers: Vec<Buffer>,
+    /// The iteration space: the result's shape.
+    pub shape: Shape,
+    /// Elements per tile.
+    pub tile: usize,
+    pub loads: Vec<Load>,
+    /// Registers `$0..` are the loads; the result is stored to the written buffer.
+    pub program: Program,
+}
+
+/// Why a node has no kernel (yet).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KernelError {
+    #[error("`{op}` has no generated kernel yet")]
+    Unsupported { op: &'static str },
+    #[error("`{op}` over {dtype}: kernels over this dtype are not built yet")]
+    Dtype { op: &'static str, dtype: DType },
+}
+
+/// Elements per tile of an elementwise kernel: 16 KiB of f32 results, enough to amortise a
+/// launch and few enough that a 2-core split of a small tensor still balances.
+pub const ELEMENTWISE_TILE: usize = 4096;
+
+/// The dtypes the elementwise kernels load, compute and store.
+pub fn supported_dtype(d: DType) -> bool {
+    matches!(
+        d,
+        DType::F32 | DType::F64 | DType::I64 | DType::I32 | DType::Bool
+    )
+}
+
+impl Kernel {
+    /// Elements of the iteration space.
+    pub fn elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Tiles of the iteration space (the last one may be partial).
+    pub fn tiles(&self) -> usize {
+        self.elements().div_ceil(self.tile)
+    }
+
+    /// The kernel of node `node` of `g`: a `fused.elementwise`, or a primitive elementwise op
+    /// as a one-instruction program.
+    pub fn for_node(g: &Graph, node: &Node, name: String) -> Result<Kernel, KernelError> {
+        let out_ty = g.ty(node.outputs[0]);
+        let program = match &node.op {
+            Op::Fused(FusedOp::Elementwise { program, .. }) => program.clone(),
+            op @ (Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Select | Op::Cast { .. }) => {
+                Program {
+                    inputs: node.inputs.len(),
+                    insts: vec![Inst {
+                        op: op.clone(),
+                        args: (0..node.inputs.len() as u32).collect(),
+                    }],
+                }
+            }
+            op => return Err(KernelError::Unsupported { op: op.name() }),
+        };
+        let op = node.op.name();
+        let operands: Vec<DType> = node.inputs.iter().map(|&v| g.ty(v).dtype).collect();
+        let regs = program
+            .dtypes(&operands)
+            .map_err(|_| KernelError::Unsupported { op })?;
+        if let Some(&dtype) = regs.iter().find(|d| !supported_dtype(**d)) {
+            return Err(KernelError::Dtype { op, dtype });
+        }
+        let shape = out_ty.shape.clone();
+        let mut buffers = Vec::new();
+        let mut loads = Vec::new();
+        for (k, &v) in node.inputs.iter().enumerate() {
+            let ty = g.ty(v);
+            let index = if ty.shape == shape {
+                Index::Contiguous
+            } else {
+                let s = row_major_strides(&ty.shape);
+                Index::Strided(
+                    (0..shape.len())
+                        .map(|a| if ty.shape[a] == 1 { 0 } else { s[a] })
+                        .collect(),
+                )
+            };
+            buffers.push(Buffer {
+                dtype: ty.dtype,
+                shape: ty.shape.clone(),
+                access: Access::Read,
+            });
+            loads.push(Load { buffer: k, index });
+        }
+        buffers.push(Buffer {
+            dtype: out_ty.dtype,
+            shape: shape.clone(),
+            access: Access::Write,
+        });
+        Ok(Kernel {
+            name,
+            buffers,
+            shape,
+            tile: ELEMENTWISE_TILE,
+            loads,
+            program,
+        })
+    }
+}
+
+/// Row-major strides of `shape`, in elements.
+pub fn row_major_strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+impl fmt::Display for Kernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dims: Vec<String> = self.shape.iter().map(|d| d.to_string()).collect();
+        writeln!(
+            f,
+            "kernel {} over [{}] tiles={} x {} {{",
+            self.name,
+            dims.join(", "),
+            self.tiles(),
+            self.tile
+        )?;
+        for (k, b) in self.buffers.iter().enumerate() {
+            let dims: Vec<String> = b.shape.iter().map(|d| d.to_string()).collect();
+            let access = match b.access {
+                Access::Read => "read",
+                Access::Write => "write",
+            };
+            writeln!(f, "  buf{k}: {}[{}] {access}", b.dtype, dims.join(", "))?;
+        }
+        for (r, l) in self.loads.iter().enumerate() {
+            match &l.index {
+                Index::Contiguous => writeln!(f, "  ${r} = load buf{}[i]", l.buffer)?,
+                Index::Strided(s) => {
+                    let s: Vec<String> = s.iter().map(|x| x.to_string()).collect();
+                    writeln!(f, "  ${r} = load buf{}[strides {}]", l.buffer, s.join(", "))?
+                }
+            }
+        }
+        for inst in self.program.to_string().split("; ") {
+            writeln!(f, "  {inst}")?;
+        }
+        writeln!(
+            f,
+            "  store buf{}[i] ${}",
+            self.buffers.len() - 1,
+            self.program.result()
+        )?;
+        f.write_str("}")
+    }
+}
