@@ -7,8 +7,9 @@
 //! program of scalar ops, and stores the result. Both backends lower from this one description,
 //! and `Display` prints it.
 //!
-//! This first form covers the elementwise kernels (`fused.elementwise` and the primitive
-//! elementwise ops); reductions, library calls and the other fused ops join it as the CPU
+//! This first form covers the elementwise kernels (`fused.elementwise`, the primitive
+//! elementwise ops, and the layout ops broadcast, permute, slice and reshape as copies through
+//! an affine index); reductions, library calls and the other fused ops join it as the CPU
 //! backend grows.
 
 use mmc_ir::elementwise::{Inst, Program};
@@ -35,8 +36,10 @@ pub struct Buffer {
 pub enum Index {
     /// Element `i` itself: the buffer has the iteration shape.
     Contiguous,
-    /// `Σ coord(i)[a] * strides[a]`: a buffer read broadcast (stride 0 on its size-1 axes).
-    Strided(Vec<usize>),
+    /// `base + Σ coord(i)[a] * strides[a]`, with `coord(i)` the coordinates of element `i`
+    /// in the iteration shape: a broadcast (stride 0 on size-1 axes), a permutation (permuted
+    /// strides) or a slice (a base).
+    Affine { base: usize, strides: Vec<usize> },
 }
 
 /// One load per read buffer, in register order (`$0` is the first).
@@ -98,6 +101,9 @@ impl Kernel {
     /// as a one-instruction program.
     pub fn for_node(g: &Graph, node: &Node, name: String) -> Result<Kernel, KernelError> {
         let out_ty = g.ty(node.outputs[0]);
+        if let Some(k) = Self::layout(g, node, &name)? {
+            return Ok(k);
+        }
         let program = match &node.op {
             Op::Fused(FusedOp::Elementwise { program, .. }) => program.clone(),
             op @ (Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Select | Op::Cast { .. }) => {
@@ -128,11 +134,12 @@ impl Kernel {
                 Index::Contiguous
             } else {
                 let s = row_major_strides(&ty.shape);
-                Index::Strided(
-                    (0..shape.len())
+                Index::Affine {
+                    base: 0,
+                    strides: (0..shape.len())
                         .map(|a| if ty.shape[a] == 1 { 0 } else { s[a] })
                         .collect(),
-                )
+                }
             };
             buffers.push(Buffer {
                 dtype: ty.dtype,
@@ -154,6 +161,63 @@ impl Kernel {
             loads,
             program,
         })
+    }
+
+    /// The copy kernel of a layout op (broadcast, permute, slice, reshape): one affine load
+    /// and a same-dtype cast (the identity); `None` for other ops.
+    fn layout(g: &Graph, node: &Node, name: &str) -> Result<Option<Kernel>, KernelError> {
+        let x = g.ty(node.inputs.first().copied().unwrap_or(node.outputs[0]));
+        let out = g.ty(node.outputs[0]);
+        let s = row_major_strides(&x.shape);
+        let index = match &node.op {
+            Op::Reshape { .. } => Index::Contiguous,
+            Op::Broadcast { .. } => Index::Affine {
+                base: 0,
+                strides: (0..x.rank())
+                    .map(|a| if x.shape[a] == 1 { 0 } else { s[a] })
+                    .collect(),
+            },
+            Op::Permute { perm } => Index::Affine {
+                base: 0,
+                strides: perm.iter().map(|&p| s[p]).collect(),
+            },
+            Op::Slice { start, .. } => Index::Affine {
+                base: start.iter().zip(&s).map(|(a, b)| a * b).sum(),
+                strides: s.clone(),
+            },
+            _ => return Ok(None),
+        };
+        if !supported_dtype(x.dtype) {
+            return Err(KernelError::Dtype {
+                op: node.op.name(),
+                dtype: x.dtype,
+            });
+        }
+        Ok(Some(Kernel {
+            name: name.to_string(),
+            buffers: vec![
+                Buffer {
+                    dtype: x.dtype,
+                    shape: x.shape.clone(),
+                    access: Access::Read,
+                },
+                Buffer {
+                    dtype: out.dtype,
+                    shape: out.shape.clone(),
+                    access: Access::Write,
+                },
+            ],
+            shape: out.shape.clone(),
+            tile: ELEMENTWISE_TILE,
+            loads: vec![Load { buffer: 0, index }],
+            program: Program {
+                inputs: 1,
+                insts: vec![Inst {
+                    op: Op::Cast { to: x.dtype },
+                    args: vec![0],
+                }],
+            },
+        }))
     }
 }
 
@@ -188,9 +252,14 @@ impl fmt::Display for Kernel {
         for (r, l) in self.loads.iter().enumerate() {
             match &l.index {
                 Index::Contiguous => writeln!(f, "  ${r} = load buf{}[i]", l.buffer)?,
-                Index::Strided(s) => {
-                    let s: Vec<String> = s.iter().map(|x| x.to_string()).collect();
-                    writeln!(f, "  ${r} = load buf{}[strides {}]", l.buffer, s.join(", "))?
+                Index::Affine { base, strides } => {
+                    let s: Vec<String> = strides.iter().map(|x| x.to_string()).collect();
+                    writeln!(
+                        f,
+                        "  ${r} = load buf{}[{base} + strides {}]",
+                        l.buffer,
+                        s.join(", ")
+                    )?
                 }
             }
         }

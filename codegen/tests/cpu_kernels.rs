@@ -471,3 +471,51 @@ fn the_portable_target_builds() {
     let dir = tempfile::tempdir().expect("a temporary folder");
     build_library(&[k], &CpuTarget::portable(), &dir.path().join("p.so")).expect("builds");
 }
+
+/// Layout ops are copies through an affine index: broadcast, permute, slice and reshape, over
+/// floats, integers and bools.
+#[test]
+fn layout_ops_match_the_interpreter() {
+    let mut b = Bench::new();
+    for d in [DType::F32, DType::I64, DType::Bool] {
+        let x = b.input(d, &[1, SHAPE[1]]);
+        b.test_values(
+            Op::Broadcast {
+                shape: SHAPE.to_vec(),
+            },
+            &[x],
+        );
+        let x = b.input(d, &[SHAPE[0], 1]);
+        b.test_values(
+            Op::Broadcast {
+                shape: SHAPE.to_vec(),
+            },
+            &[x],
+        );
+        let x = b.input(d, &[SHAPE[1], SHAPE[0]]);
+        b.test_values(Op::Permute { perm: vec![1, 0] }, &[x]);
+        let x = b.input(d, &[3, 5, 7]);
+        b.test_values(
+            Op::Permute {
+                perm: vec![2, 0, 1],
+            },
+            &[x],
+        );
+        let x = b.input(d, &[3, 2100]);
+        b.test_values(
+            Op::Slice {
+                start: vec![1, 20],
+                end: vec![3, 20 + SHAPE[1]],
+            },
+            &[x],
+        );
+        let x = b.input(d, &[SHAPE[0] * SHAPE[1]]);
+        b.test_values(
+            Op::Reshape {
+                shape: SHAPE.to_vec(),
+            },
+            &[x],
+        );
+    }
+    run_and_compare(b);
+}

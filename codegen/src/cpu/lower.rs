@@ -431,8 +431,8 @@ fn lower_kernel<'ctx>(cx: &'ctx Context, module: &Module<'ctx>, k: &Kernel) -> R
         let buf = &k.buffers[ld.buffer];
         let idx = match &ld.index {
             Index::Contiguous => iv,
-            Index::Strided(strides) => {
-                let mut off = i64t.const_zero();
+            Index::Affine { base, strides } => {
+                let mut off = i64t.const_int(*base as u64, false);
                 let mut inner: usize = k.elements();
                 for (a, &dim) in k.shape.iter().enumerate() {
                     inner /= dim.max(1);
