@@ -13,7 +13,7 @@
 //! backend grows.
 
 use mmc_ir::elementwise::{Inst, Program};
-use mmc_ir::{DType, FusedOp, Graph, Node, Op, Shape};
+use mmc_ir::{DType, FusedOp, Graph, Node, Op, ReduceKind, Shape};
 use std::fmt;
 
 /// Whether a kernel reads or writes a buffer.
@@ -61,8 +61,22 @@ pub struct Kernel {
     /// Elements per tile.
     pub tile: usize,
     pub loads: Vec<Load>,
+    /// When set, the one load is accumulated over the reduced elements of each result
+    /// element before the program runs on it.
+    pub reduce: Option<Reduction>,
     /// Registers `$0..` are the loads; the result is stored to the written buffer.
     pub program: Program,
+}
+
+/// An accumulation of the load over the elements a result element reduces: `extent` lists
+/// the sizes of the reduced axes and `strides` their strides in the read buffer, and the
+/// elements are visited in row-major order, accumulating floats in f64 (the interpreter's
+/// order and precision, so the result is its bit for bit).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reduction {
+    pub kind: ReduceKind,
+    pub extent: Vec<usize>,
+    pub strides: Vec<usize>,
 }
 
 /// Why a node has no kernel (yet).
@@ -159,18 +173,34 @@ impl Kernel {
             shape,
             tile: ELEMENTWISE_TILE,
             loads,
+            reduce: None,
             program,
         })
     }
 
-    /// The copy kernel of a layout op (broadcast, permute, slice, reshape): one affine load
-    /// and a same-dtype cast (the identity); `None` for other ops.
+    /// The copy kernel of a layout op (broadcast, permute, slice, reshape) or the kernel of a
+    /// reduction: one affine load (accumulated for a reduction) and a same-dtype cast (the
+    /// identity); `None` for other ops.
     fn layout(g: &Graph, node: &Node, name: &str) -> Result<Option<Kernel>, KernelError> {
         let x = g.ty(node.inputs.first().copied().unwrap_or(node.outputs[0]));
         let out = g.ty(node.outputs[0]);
         let s = row_major_strides(&x.shape);
+        let mut reduce = None;
         let index = match &node.op {
             Op::Reshape { .. } => Index::Contiguous,
+            Op::Reduce { kind, axes } => {
+                reduce = Some(Reduction {
+                    kind: *kind,
+                    extent: axes.iter().map(|&a| x.shape[a]).collect(),
+                    strides: axes.iter().map(|&a| s[a]).collect(),
+                });
+                Index::Affine {
+                    base: 0,
+                    strides: (0..x.rank())
+                        .map(|a| if axes.contains(&a) { 0 } else { s[a] })
+                        .collect(),
+                }
+            }
             Op::Broadcast { .. } => Index::Affine {
                 base: 0,
                 strides: (0..x.rank())
@@ -187,7 +217,7 @@ impl Kernel {
             },
             _ => return Ok(None),
         };
-        if !supported_dtype(x.dtype) {
+        if !supported_dtype(x.dtype) || (reduce.is_some() && x.dtype == DType::Bool) {
             return Err(KernelError::Dtype {
                 op: node.op.name(),
                 dtype: x.dtype,
@@ -210,6 +240,7 @@ impl Kernel {
             shape: out.shape.clone(),
             tile: ELEMENTWISE_TILE,
             loads: vec![Load { buffer: 0, index }],
+            reduce,
             program: Program {
                 inputs: 1,
                 insts: vec![Inst {
@@ -262,6 +293,20 @@ impl fmt::Display for Kernel {
                     )?
                 }
             }
+        }
+        if let Some(r) = &self.reduce {
+            let e: Vec<String> = r.extent.iter().map(|x| x.to_string()).collect();
+            let st: Vec<String> = r.strides.iter().map(|x| x.to_string()).collect();
+            let kind = match r.kind {
+                ReduceKind::Sum => "sum",
+                ReduceKind::Max => "max",
+            };
+            writeln!(
+                f,
+                "  $0 = reduce_{kind} $0 over [{}] strides {}",
+                e.join(", "),
+                st.join(", ")
+            )?;
         }
         for inst in self.program.to_string().split("; ") {
             writeln!(f, "  {inst}")?;

@@ -519,3 +519,25 @@ fn layout_ops_match_the_interpreter() {
     }
     run_and_compare(b);
 }
+
+/// Sums and maxima over every kind of axis set, floats accumulated in f64 in the
+/// interpreter's order (so equal bit for bit), integers wrapping.
+#[test]
+fn reductions_match_the_interpreter() {
+    let mut b = Bench::new();
+    for d in [DType::F32, DType::F64, DType::I64, DType::I32] {
+        for kind in [mmc_ir::ReduceKind::Sum, mmc_ir::ReduceKind::Max] {
+            for (shape, axes) in [
+                (vec![3, 1373], vec![1]),
+                (vec![3, 1373], vec![0]),
+                (vec![3, 1373], vec![0, 1]),
+                (vec![4, 5, 211], vec![0, 2]),
+                (vec![4, 5, 211], vec![1]),
+            ] {
+                let x = b.input(d, &shape);
+                b.test_values(Op::Reduce { kind, axes }, &[x]);
+            }
+        }
+    }
+    run_and_compare(b);
+}

@@ -8,14 +8,14 @@
 //! the interpreter's own f64 arithmetic calls) and rounded once. Integer ops wrap as the
 //! interpreter's do, and float-to-int casts saturate as Rust's `as` does.
 
-use crate::kernel::{Index, Kernel};
+use crate::kernel::{Index, Kernel, Reduction};
 use inkwell::builder::Builder;
 use inkwell::context::Context;
 use inkwell::module::{Linkage, Module};
 use inkwell::types::{BasicTypeEnum, FloatType};
-use inkwell::values::{BasicValueEnum, FloatValue, FunctionValue};
+use inkwell::values::{BasicValueEnum, FloatValue, FunctionValue, IntValue, PointerValue};
 use inkwell::{AddressSpace, FloatPredicate, IntPredicate};
-use mmc_ir::{BinaryOp, CmpOp, DType, Op, UnaryOp};
+use mmc_ir::{BinaryOp, CmpOp, DType, Op, ReduceKind, UnaryOp};
 
 /// A failure to build LLVM IR: an LLVM builder error (a bug in mmc).
 #[derive(Debug, thiserror::Error)]
@@ -345,6 +345,129 @@ impl<'ctx> Lower<'_, 'ctx> {
         })
     }
 
+    /// Element `idx` of `buf` (of dtype `d`) as a register (a bool byte as i1).
+    fn load(
+        &self,
+        buf: PointerValue<'ctx>,
+        d: DType,
+        idx: IntValue<'ctx>,
+    ) -> R<BasicValueEnum<'ctx>> {
+        let mt = self.mem_type(d);
+        // SAFETY (of the generated code): idx < the buffer's element count by construction.
+        let p = unsafe { b(self.bd.build_gep(mt, buf, &[idx], "p")) }?;
+        let v = b(self.bd.build_load(mt, p, "v"))?;
+        Ok(if d == DType::Bool {
+            let byte = v.into_int_value();
+            b(self
+                .bd
+                .build_int_compare(IntPredicate::NE, byte, byte.get_type().const_zero(), "b"))?
+            .into()
+        } else {
+            v
+        })
+    }
+
+    /// The reduction `r` of `buf` from offset `base`: an inner loop over the reduced elements
+    /// in row-major order, floats accumulated in f64, the result rounded once to `d`.
+    fn reduce(
+        &self,
+        f: FunctionValue<'ctx>,
+        r: &Reduction,
+        buf: PointerValue<'ctx>,
+        d: DType,
+        base: IntValue<'ctx>,
+    ) -> R<BasicValueEnum<'ctx>> {
+        let (cx, bd) = (self.cx, self.bd);
+        let i64t = cx.i64_type();
+        let acc_ty: BasicTypeEnum = if d.is_float() {
+            cx.f64_type().into()
+        } else {
+            self.reg_type(d)
+        };
+        let init: BasicValueEnum = match (d.is_float(), r.kind) {
+            (true, ReduceKind::Sum) => cx.f64_type().const_float(0.0).into(),
+            (true, ReduceKind::Max) => cx.f64_type().const_float(f64::NEG_INFINITY).into(),
+            (false, ReduceKind::Sum) => acc_ty.into_int_type().const_zero().into(),
+            (false, ReduceKind::Max) => {
+                let t = acc_ty.into_int_type();
+                t.const_int(1u64 << (t.get_bit_width() - 1), false).into()
+            }
+        };
+        let total: usize = r.extent.iter().product();
+        let pre = bd.get_insert_block().ok_or("no block")?;
+        let head = cx.append_basic_block(f, "rhead");
+        let body = cx.append_basic_block(f, "rbody");
+        let done = cx.append_basic_block(f, "rdone");
+        b(bd.build_unconditional_branch(head))?;
+        bd.position_at_end(head);
+        let j = b(bd.build_phi(i64t, "j"))?;
+        let acc = b(bd.build_phi(acc_ty, "acc"))?;
+        j.add_incoming(&[(&i64t.const_zero(), pre)]);
+        acc.add_incoming(&[(&init, pre)]);
+        let jv = j.as_basic_value().into_int_value();
+        let more = b(bd.build_int_compare(
+            IntPredicate::ULT,
+            jv,
+            i64t.const_int(total as u64, false),
+            "rmore",
+        ))?;
+        b(bd.build_conditional_branch(more, body, done))?;
+        bd.position_at_end(body);
+        let mut off = base;
+        let mut inner = total;
+        for (&dim, &stride) in r.extent.iter().zip(&r.strides) {
+            inner /= dim.max(1);
+            if dim == 1 {
+                continue;
+            }
+            let q = b(bd.build_int_unsigned_div(jv, i64t.const_int(inner as u64, false), "q"))?;
+            let c = b(bd.build_int_unsigned_rem(q, i64t.const_int(dim as u64, false), "c"))?;
+            let t = b(bd.build_int_mul(c, i64t.const_int(stride as u64, false), "t"))?;
+            off = b(bd.build_int_add(off, t, "off"))?;
+        }
+        let x = self.load(buf, d, off)?;
+        let a = acc.as_basic_value();
+        let next: BasicValueEnum = if d.is_float() {
+            let x = x.into_float_value();
+            let x = if d == DType::F64 {
+                x
+            } else {
+                b(bd.build_float_ext(x, cx.f64_type(), "w"))?
+            };
+            match r.kind {
+                ReduceKind::Sum => b(bd.build_float_add(a.into_float_value(), x, "s"))?.into(),
+                ReduceKind::Max => {
+                    let m = self.intrinsic("llvm.maximum", cx.f64_type().into())?;
+                    b(bd.build_call(m, &[a.into(), x.into()], "m"))?
+                        .try_as_basic_value()
+                        .basic()
+                        .ok_or("maximum returned no value")?
+                }
+            }
+        } else {
+            let (a, x) = (a.into_int_value(), x.into_int_value());
+            match r.kind {
+                ReduceKind::Sum => b(bd.build_int_add(a, x, "s"))?.into(),
+                ReduceKind::Max => {
+                    let c = b(bd.build_int_compare(IntPredicate::SGE, a, x, "c"))?;
+                    b(bd.build_select(c, a, x, "m"))?
+                }
+            }
+        };
+        let jn = b(bd.build_int_add(jv, i64t.const_int(1, false), "jn"))?;
+        let end = bd.get_insert_block().ok_or("no block")?;
+        j.add_incoming(&[(&jn, end)]);
+        acc.add_incoming(&[(&next, end)]);
+        b(bd.build_unconditional_branch(head))?;
+        bd.position_at_end(done);
+        let a = acc.as_basic_value();
+        Ok(if d.is_float() && d != DType::F64 {
+            b(bd.build_float_trunc(a.into_float_value(), self.float_type(d), "r"))?.into()
+        } else {
+            a
+        })
+    }
+
     fn constant(&self, value: f64, d: DType) -> BasicValueEnum<'ctx> {
         match d {
             DType::F32 => self.cx.f32_type().const_float(value as f32 as f64).into(),
@@ -449,16 +572,9 @@ fn lower_kernel<'ctx>(cx: &'ctx Context, module: &Module<'ctx>, k: &Kernel) -> R
                 off
             }
         };
-        let mt = l.mem_type(buf.dtype);
-        // SAFETY (of the generated code): idx < the buffer's element count by construction.
-        let p = unsafe { b(bd.build_gep(mt, bufs[ld.buffer], &[idx], "p")) }?;
-        let v = b(bd.build_load(mt, p, "v"))?;
-        let v = if buf.dtype == DType::Bool {
-            let byte = v.into_int_value();
-            b(bd.build_int_compare(IntPredicate::NE, byte, byte.get_type().const_zero(), "b"))?
-                .into()
-        } else {
-            v
+        let v = match &k.reduce {
+            None => l.load(bufs[ld.buffer], buf.dtype, idx)?,
+            Some(r) => l.reduce(f, r, bufs[ld.buffer], buf.dtype, idx)?,
         };
         regs.push(v);
     }
