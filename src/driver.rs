@@ -307,6 +307,40 @@ pub enum DumpPoint {
     Stage(Stage),
     /// The graph(s) right after every run of the pass of this name.
     After(String),
+    /// The kernel IR of the scheduled programs: each node's generated kernel, or a line
+    /// saying it has none yet.
+    Kernels,
+}
+
+/// The kernel IR of every node of `g` that has a generated kernel, in program order, and a
+/// comment line for each node that has none yet; then the coverage.
+fn kernels_text(g: &Graph, comment: &str) -> String {
+    use mmc_codegen::kernel::{Kernel, KernelError};
+    let mut out = String::new();
+    let (mut generated, mut computed) = (0, 0);
+    for (id, node) in g.iter_nodes() {
+        if matches!(node.op, mmc_ir::Op::Param { .. } | mmc_ir::Op::Input { .. }) {
+            continue;
+        }
+        computed += 1;
+        match Kernel::for_node(g, node, format!("k{}", id.0)) {
+            Ok(k) => {
+                generated += 1;
+                out.push_str(&k.to_string());
+                out.push('\n');
+            }
+            Err(KernelError::Unsupported { op } | KernelError::Dtype { op, .. }) => {
+                out.push_str(&format!(
+                    "{comment} node {} `{op}`: no generated kernel yet\n",
+                    id.0
+                ));
+            }
+        }
+    }
+    out.push_str(&format!(
+        "{comment} {generated} of {computed} computing nodes have generated kernels\n"
+    ));
+    out
 }
 
 /// The text `mmc dump-ir` prints: each graph at the chosen point, followed by its summary as
@@ -336,6 +370,27 @@ pub fn dump_ir(cfg: &Config, at: &DumpPoint, format: DumpFormat) -> Result<Strin
     }
 
     let mut pipeline = pipeline_for(cfg, &graph, Arc::new(Mutex::new(Vec::new())))?;
+    if *at == DumpPoint::Kernels {
+        if format != DumpFormat::Text {
+            bail!("the kernel IR prints as text only; drop --format dot");
+        }
+        let internal = || format!("{}: internal error in the compiler", model.display());
+        let (artifact, _) = pipeline
+            .run_to(graph, Stage::Scheduled)
+            .with_context(internal)?;
+        let Artifact::Step(step) = artifact else {
+            bail!("internal error: the scheduled stage is not a training step");
+        };
+        let mut out = String::new();
+        for p in [&step.micro_step, &step.apply] {
+            out.push_str(&format!("; kernels of program {}\n", p.name));
+            out.push_str(&kernels_text(&p.graph, ";"));
+        }
+        for n in &notes {
+            out.push_str(&format!("; {n}\n"));
+        }
+        return Ok(out);
+    }
     if let DumpPoint::Stage(stage) = at {
         if !pipeline.builds(*stage) {
             let built: Vec<&str> = Stage::ALL
@@ -368,6 +423,7 @@ pub fn dump_ir(cfg: &Config, at: &DumpPoint, format: DumpFormat) -> Result<Strin
                 }
             }
         }
+        DumpPoint::Kernels => unreachable!("printed above"),
         DumpPoint::After(pass) => {
             pipeline.options.dump = Some(DumpAt::Pass(pass.clone()));
             let (_, report) = pipeline.run(graph).with_context(internal)?;

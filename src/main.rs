@@ -109,7 +109,8 @@ enum Command {
         /// The model TOML.
         model: PathBuf,
         /// Which stage of the pipeline to print: the graph once the pipeline reaches it (from
-        /// `optimizer` on, both programs of the training step).
+        /// `optimizer` on, both programs of the training step), or `kernels`: the kernel IR
+        /// of the scheduled programs (the nodes that have no generated kernel yet are listed).
         #[arg(long, value_enum, default_value_t = StageArg::Frontend)]
         stage: StageArg,
         /// Print the graph right after each run of this pass instead (as `mmc compile`'s
@@ -193,18 +194,22 @@ enum StageArg {
     Autodiff,
     Optimizer,
     Scheduled,
+    /// The kernel IR of the scheduled programs.
+    Kernels,
 }
 
 impl StageArg {
-    fn stage(self) -> Stage {
-        match self {
+    /// The graph stage, or `None` for the kernel IR.
+    fn stage(self) -> Option<Stage> {
+        Some(match self {
             StageArg::Frontend => Stage::Frontend,
             StageArg::Fused => Stage::Fused,
             StageArg::Parallel => Stage::Parallel,
             StageArg::Autodiff => Stage::Autodiff,
             StageArg::Optimizer => Stage::Optimizer,
             StageArg::Scheduled => Stage::Scheduled,
-        }
+            StageArg::Kernels => return None,
+        })
     }
 }
 
@@ -212,7 +217,7 @@ fn dump_ir(model: &Path, stage: StageArg, after: Option<String>, format: Format)
     let cfg = Config::load(model)?;
     let at = match after {
         Some(pass) => DumpPoint::After(pass),
-        None => DumpPoint::Stage(stage.stage()),
+        None => stage.stage().map_or(DumpPoint::Kernels, DumpPoint::Stage),
     };
     let format = match format {
         Format::Text => DumpFormat::Text,

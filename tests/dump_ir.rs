@@ -148,3 +148,48 @@ fn the_digest_keeps_every_program_and_its_summary() {
     );
     assert!(d.ends_with(";; ops: input 1\n; summary of m (b)\n"), "{d}");
 }
+
+/// `--stage kernels` prints the kernel IR of both scheduled programs and their coverage, and
+/// every kernel it prints is one that LLVM compiles: the whole set builds into one library.
+#[test]
+fn the_kernel_stage_prints_kernels_that_compile() {
+    let cfg = Config::load(Path::new("configs/internvl35-tiny.toml")).expect("the tiny config");
+    let text = dump_ir(&cfg, &DumpPoint::Kernels, DumpFormat::Text).expect("dumps");
+    for program in ["micro_step", "apply"] {
+        assert!(
+            text.contains(&format!("; kernels of program {program}")),
+            "{program}"
+        );
+    }
+    assert_eq!(
+        text.matches("computing nodes have generated kernels")
+            .count(),
+        2
+    );
+    assert!(text.contains("fused.attention`: no generated kernel yet"));
+    let plan = mmc::driver::compile_plan(&cfg).expect("compiles");
+    let mut kernels = Vec::new();
+    for p in &plan.programs {
+        for (id, node) in p.graph.iter_nodes() {
+            if let Ok(k) = mmc_codegen::kernel::Kernel::for_node(
+                &p.graph,
+                node,
+                format!("{}_k{}", p.name, id.0),
+            ) {
+                kernels.push(k);
+            }
+        }
+    }
+    assert_eq!(
+        text.matches("\nkernel ").count() + usize::from(text.starts_with("kernel ")),
+        kernels.len()
+    );
+    assert!(kernels.len() > 1000, "{}", kernels.len());
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    mmc_codegen::cpu::build_library(
+        &kernels,
+        &mmc_codegen::cpu::CpuTarget::host(),
+        &dir.path().join("tiny.so"),
+    )
+    .expect("every kernel compiles");
+}

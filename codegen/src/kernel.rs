@@ -120,6 +120,17 @@ impl Kernel {
         }
         let program = match &node.op {
             Op::Fused(FusedOp::Elementwise { program, .. }) => program.clone(),
+            // A filled tensor: a program of one constant, no loads.
+            Op::Const { value, ty } => Program {
+                inputs: 0,
+                insts: vec![Inst {
+                    op: Op::Const {
+                        value: *value,
+                        ty: mmc_ir::TensorType::scalar(ty.dtype),
+                    },
+                    args: vec![],
+                }],
+            },
             op @ (Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Select | Op::Cast { .. }) => {
                 Program {
                     inputs: node.inputs.len(),

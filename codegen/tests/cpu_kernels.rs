@@ -290,6 +290,22 @@ fn primitive_elementwise_ops_match_the_interpreter() {
         b.test(Op::Select, &[DType::Bool, d, d]);
     }
     let all = [DType::F32, DType::F64, DType::I64, DType::I32, DType::Bool];
+    for d in all {
+        let values: &[f64] = match d {
+            DType::F32 | DType::F64 => &[0.0, -0.0, 1.5, -7.0, 3e9, f64::INFINITY],
+            DType::Bool => &[0.0, 1.0],
+            _ => &[0.0, -7.0, 12.0],
+        };
+        for &value in values {
+            b.test(
+                Op::Const {
+                    value,
+                    ty: TensorType::new(d, SHAPE),
+                },
+                &[],
+            );
+        }
+    }
     for from in all {
         for to in all {
             b.test(Op::Cast { to }, &[from]);
