@@ -275,6 +275,7 @@ fn length_estimate(
     tokenizer: &TextTokenizer,
     config: &DataConfig,
     tokens_per_tile: Option<usize>,
+    counted: &mut HashMap<String, usize>,
 ) -> usize {
     let Ok(sample) = &entry.sample else {
         return 0;
@@ -287,7 +288,16 @@ fn length_estimate(
         .iter()
         .map(|t| t.value.as_str())
         .collect();
-    let tokens = tokenizer.encode(&text.join("\n")).map_or(0, |t| t.len());
+    // A repeated dataset (`repeat_time`) holds each text many times: tokenised once.
+    let text = text.join("\n");
+    let tokens = match counted.get(&text) {
+        Some(&n) => n,
+        None => {
+            let n = tokenizer.encode(&text).map_or(0, |t| t.len());
+            counted.insert(text, n);
+            n
+        }
+    };
     let media = !matches!(sample.media, super::chat::Media::Text);
     let tiles = config.max_dynamic_patch + config.use_thumbnail as usize;
     tokens
@@ -447,9 +457,12 @@ impl DataLoader {
 
         let group = settings.micro_batch_size * settings.grad_accum_steps * settings.data_parallel;
         let lengths = config.group_by_length.then(|| {
+            let mut counted = HashMap::new();
             entries
                 .iter()
-                .map(|e| length_estimate(e, &tokenizer, &config, facts.tokens_per_tile))
+                .map(|e| {
+                    length_estimate(e, &tokenizer, &config, facts.tokens_per_tile, &mut counted)
+                })
                 .collect()
         });
         let geometry = Geometry {
