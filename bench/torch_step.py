@@ -19,6 +19,7 @@ Usage:
   torch_step.py --config X.toml --gemm --threads 2     GEMM GFLOP/s on the model's shapes
   torch_step.py --peak --threads 2                     measured matmul GFLOP/s (square f32)
   torch_step.py --config X.toml --write-batch b.safetensors
+  torch_step.py --config X.toml --check-flops          the FLOPs formula against FlopCounterMode
 """
 
 from __future__ import annotations
@@ -313,6 +314,42 @@ def peak(args) -> None:
     print(json.dumps({"measured_matmul_gflops": round(best, 1), "dtype": "f32", "threads": args.threads}), flush=True)
 
 
+def check_flops(args, s: model_shape.Shape) -> None:
+    """The formula of model_shape.step_flops against torch's FlopCounterMode on one eager step.
+
+    FlopCounterMode counts the matmuls, convolutions and SDPA that autograd runs, forward and
+    backward; the formula also counts the patch embedding's input gradient, which autograd skips
+    (the pixels need none), so the two differ by that one convolution (2 n (P-1) 3 p^2 Hv); and
+    it has no formula for grouped_mm, so the routed experts are left out of the comparison when
+    no grouped_mm was counted. The flash-attention backward recomputes the scores, so the
+    counted attention core is 3.5 forwards where the formula has 3.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.set_num_threads(args.threads)
+    model = build_model(s, args.seed, args.attn)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        for mb in synthetic_batch(s, args.seed + 1):
+            model(**mb, use_cache=False).loss.backward()
+    formula = model_shape.step_flops(s)
+    patch_dx = 0
+    if s.vision is not None:
+        p = int(s.vision["patch_size"])
+        patch_dx = s.micro_batches * 2 * s.tiles * s.patches_per_tile * 3 * p * p * int(s.vision["hidden_size"])
+    counted = counter.get_total_flops()
+    by_op = {str(k): v for k, v in counter.get_flop_counts().get("Global", {}).items()}
+    expected = formula["total"] - patch_dx
+    # FlopCounterMode has no formula for grouped_mm (transformers' routed experts): leave them out.
+    experts_counted = any("grouped_mm" in k for k in by_op)
+    if not experts_counted:
+        expected -= formula["experts"]
+    print(json.dumps({"counted_flops": counted, "formula_flops": formula["total"], "expected_counted": expected,
+                      "experts_counted": experts_counted, "ratio": round(counted / expected, 6),
+                      "by_op": by_op}), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="an mmc model TOML")
@@ -325,6 +362,7 @@ def main() -> int:
     ap.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="transformers attention")
     ap.add_argument("--gemm", action="store_true", help="GEMM microbenchmark on the model's shapes")
     ap.add_argument("--peak", action="store_true", help="measured matmul GFLOP/s")
+    ap.add_argument("--check-flops", action="store_true", help="the FLOPs formula against FlopCounterMode")
     ap.add_argument("--write-batch", metavar="FILE", help="write the synthetic batch for `mmc run --data`")
     args = ap.parse_args()
     if args.peak:
@@ -341,6 +379,9 @@ def main() -> int:
         return 2
     if args.write_batch:
         write_batch(s, args.seed + 1, args.write_batch)
+        return 0
+    if args.check_flops:
+        check_flops(args, s)
         return 0
     if args.gemm:
         gemm(args, s)
