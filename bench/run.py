@@ -39,8 +39,6 @@ sys.path.insert(0, str(HERE))
 import model_shape  # noqa: E402
 
 DEFAULT_VENV = Path.home() / ".cache" / "mmc-bench-venv"
-# The CPU-only torch wheels: PyPI's Linux wheel of torch also pulls the CUDA libraries (GBs).
-DEFAULT_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 MODES = ("eager", "compile", "bf16")
 
 
@@ -63,7 +61,7 @@ def run_checked(cmd: list[str], what: str, **kw) -> subprocess.CompletedProcess:
     return p
 
 
-def install_torch(venv: Path, torch_index: str) -> Path:
+def install_torch(venv: Path, torch_index: str | None) -> Path:
     """Creates `venv` (outside the repository) with torch and transformers; returns its python."""
     venv = venv.expanduser().resolve()
     if venv == REPO or REPO in venv.parents:
@@ -73,7 +71,7 @@ def install_torch(venv: Path, torch_index: str) -> Path:
         run_checked([sys.executable, "-m", "venv", str(venv)], "creating the venv")
     run_checked([str(py), "-m", "pip", "install", "--upgrade", "pip"], "upgrading pip")
     torch_cmd = [str(py), "-m", "pip", "install", "torch"]
-    if torch_index != "pypi":
+    if torch_index:
         torch_cmd += ["--index-url", torch_index]
     run_checked(torch_cmd, "installing torch")
     run_checked([str(py), "-m", "pip", "install", "transformers", "safetensors"], "installing transformers")
@@ -207,8 +205,8 @@ def main() -> int:
     ap.add_argument("--python", help="a python with torch, transformers and safetensors")
     ap.add_argument("--install-torch", action="store_true", help="create --venv with torch + transformers")
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV, help=f"venv for --install-torch (default {DEFAULT_VENV})")
-    ap.add_argument("--torch-index", default=DEFAULT_TORCH_INDEX,
-                    help="pip index for torch with --install-torch ('pypi' for PyPI's default wheel)")
+    ap.add_argument("--torch-index", help="pip index URL for torch with --install-torch (default PyPI; e.g. "
+                    "https://download.pytorch.org/whl/cpu for the CPU-only wheel without the CUDA libraries)")
     ap.add_argument("--torch-only", action="store_true", help="skip mmc (PyTorch, GEMMs and peak only)")
     ap.add_argument("--no-gemm", action="store_true", help="skip the GEMM microbenchmark")
     ap.add_argument("--skip-build", action="store_true", help="use target/release/mmc as it is")
