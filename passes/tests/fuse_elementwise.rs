@@ -295,3 +295,45 @@ fn a_value_read_outside_the_chain_is_stored() {
         mmc_ir::text::print(&f)
     );
 }
+
+/// An epilogue whose result has another dtype than its product (a bf16 store of an f32
+/// product): the product is rounded as the matmul's own result, in an arena too.
+#[test]
+fn an_epilogue_rounds_its_product_to_the_product_dtype() {
+    let mut g = Graph::new(Stage::Optimizer);
+    let mut inputs = HashMap::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let mut input = |g: &mut Graph, name: &str, shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        let data: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        inputs.insert(
+            name.to_string(),
+            Tensor::from_f64(DType::F32, shape.to_vec(), &data).expect("sizes agree"),
+        );
+        add(
+            g,
+            Op::Input {
+                name: name.into(),
+                ty: TensorType::new(DType::F32, shape),
+            },
+            &[],
+        )
+    };
+    let x = input(&mut g, "x", &[5, 9]);
+    let w = input(&mut g, "w", &[9, 7]);
+    let r = input(&mut g, "r", &[5, 7]);
+    let p = add(&mut g, Op::MatMul, &[x, w]);
+    let s = add(&mut g, Op::Binary(BinaryOp::Add), &[p, r]);
+    let y = add(&mut g, Op::Cast { to: DType::BF16 }, &[s]);
+    g.add_output("y", y);
+    let (f, report) = fuse_elementwise(&g).expect("fuses");
+    assert_eq!(report.epilogues, 1, "{}", mmc_ir::text::print(&f));
+    let want = Interpreter::new(&g, Precision::Declared)
+        .expect("verifies")
+        .run(&inputs)
+        .expect("runs");
+    let plan = plan_memory(&f, |_| WORD_BYTES);
+    let interp = Interpreter::with_layout(&f, Precision::Declared, &plan.layout).expect("a layout");
+    let got = interp.run_in(&mut Arena::default(), &inputs).expect("runs");
+    assert_eq!(bits(&want.0[0].1), bits(&got.0[0].1));
+}

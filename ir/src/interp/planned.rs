@@ -591,33 +591,7 @@ impl<'g> Interpreter<'g> {
             }
             // An empty product has nothing to write.
             (Op::MatMul, _) if out.is_empty() => true,
-            (Op::MatMul, [x, y]) => {
-                let (xs, ys) = (
-                    &self.graph.ty(node.inputs[0]).shape,
-                    &self.graph.ty(node.inputs[1]).shape,
-                );
-                let r = xs.len();
-                let batch: usize = xs[..r - 2].iter().product();
-                let arena_ins: Vec<Range<usize>> = [x, y]
-                    .iter()
-                    .filter_map(|s| match s {
-                        Src::Arena(r) => Some(r.clone()),
-                        Src::Owned(_) => None,
-                    })
-                    .collect();
-                let Some((o, ins)) = split(words, out, &arena_ins) else {
-                    return false;
-                };
-                let mut ins = ins.into_iter();
-                let (Opnd::Slice(a), Opnd::Slice(b)) =
-                    (operand(x, out, &mut ins), operand(y, out, &mut ins))
-                else {
-                    unreachable!("split refuses an output overlapping an operand")
-                };
-                kernels::matmul_into(a, b, batch, xs[r - 2], xs[r - 1], ys[r - 1], o);
-                self.round_slice(ty.dtype, o);
-                true
-            }
+            (Op::MatMul, [_, _]) => self.product_into(node, ty.dtype, out, srcs, words),
             _ => false,
         }
     }

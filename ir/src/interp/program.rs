@@ -231,6 +231,12 @@ impl Interpreter<'_> {
         words: &mut [f64],
     ) -> Result<bool, EvalError> {
         let g = self.graph;
+        let product = match &node.op {
+            Op::Fused(FusedOp::MatMulEpilogue { .. }) => {
+                product_type(g.ty(node.inputs[0]), g.ty(node.inputs[1]))?
+            }
+            _ => ty.clone(),
+        };
         let operand = |k: usize| match &srcs[k] {
             Src::Arena(r) => Operand::Arena(r.clone(), g.ty(node.inputs[k])),
             Src::Owned(v) => Operand::Owned(v),
@@ -240,10 +246,12 @@ impl Interpreter<'_> {
                 (program, (0..srcs.len()).map(operand).collect::<Vec<_>>())
             }
             Op::Fused(FusedOp::MatMulEpilogue { program }) => {
-                if !self.product_into(node, ty, out, &srcs[..2], words) {
+                // The product is rounded to its own dtype, as the matmul it was would round
+                // it, before the program reads it back from the result's slot.
+                if !self.product_into(node, product.dtype, out, &srcs[..2], words) {
                     return Ok(false);
                 }
-                let mut ops = vec![Operand::Arena(out.clone(), ty)];
+                let mut ops = vec![Operand::Arena(out.clone(), &product)];
                 ops.extend((2..srcs.len()).map(operand));
                 (program, ops)
             }
@@ -266,12 +274,13 @@ impl Interpreter<'_> {
         Ok(true)
     }
 
-    /// An epilogue's product `a @ b` into the result's slot, rounded to its dtype; `false`
-    /// when an operand overlaps the slot.
-    fn product_into(
+    /// The product `a @ b` of the node's first two operands into the result's slot, rounded
+    /// to `dtype` (a matmul's, or an epilogue's product); `false` when an operand overlaps the
+    /// slot.
+    pub(super) fn product_into(
         &self,
         node: &crate::Node,
-        ty: &TensorType,
+        dtype: DType,
         out: &Range<usize>,
         srcs: &[Src],
         words: &mut [f64],
@@ -302,7 +311,7 @@ impl Interpreter<'_> {
         let a = pick(0);
         let b = pick(1);
         kernels::matmul_into(a, b, batch, xs[r - 2], xs[r - 1], ys[r - 1], o);
-        self.round_slice(ty.dtype, o);
+        self.round_slice(dtype, o);
         true
     }
 }
