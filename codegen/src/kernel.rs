@@ -132,13 +132,7 @@ impl Kernel {
                 }],
             },
             op @ (Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Select | Op::Cast { .. }) => {
-                Program {
-                    inputs: node.inputs.len(),
-                    insts: vec![Inst {
-                        op: op.clone(),
-                        args: (0..node.inputs.len() as u32).collect(),
-                    }],
-                }
+                Program::single(op.clone(), node.inputs.len())
             }
             op => return Err(KernelError::Unsupported { op: op.name() }),
         };
@@ -252,13 +246,7 @@ impl Kernel {
             tile: ELEMENTWISE_TILE,
             loads: vec![Load { buffer: 0, index }],
             reduce,
-            program: Program {
-                inputs: 1,
-                insts: vec![Inst {
-                    op: Op::Cast { to: x.dtype },
-                    args: vec![0],
-                }],
-            },
+            program: Program::single(Op::Cast { to: x.dtype }, 1),
         }))
     }
 }

@@ -52,6 +52,18 @@ pub fn is_scalar_op(op: &Op) -> bool {
 }
 
 impl Program {
+    /// The program of one op over all `inputs` operands in order (a primitive node as a
+    /// program).
+    pub fn single(op: Op, inputs: usize) -> Program {
+        Program {
+            inputs,
+            insts: vec![Inst {
+                op,
+                args: (0..inputs as Reg).collect(),
+            }],
+        }
+    }
+
     /// The dtype of every register, given the operands' dtypes; checks that each instruction
     /// is an elementwise op reading earlier registers with operand types it accepts.
     pub fn dtypes(&self, operands: &[DType]) -> Result<Vec<DType>, ProgramError> {

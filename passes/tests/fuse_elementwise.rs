@@ -176,7 +176,9 @@ fn bits(t: &Tensor) -> Vec<u8> {
     t.to_le_bytes()
 }
 
-fn check(seed: u64) -> (usize, usize) {
+/// Counts of one checked case: kernels, epilogues, and kernels that overwrite an operand's
+/// slot in the arena.
+fn check(seed: u64) -> (usize, usize, usize) {
     let Case { g, inputs } = random_case(seed);
     let what = format!("seed {seed}");
     verify(&g).unwrap_or_else(|e| panic!("{what}: the input verifies: {e}"));
@@ -235,21 +237,33 @@ fn check(seed: u64) -> (usize, usize) {
         (report.kernels, report.epilogues),
         "{what}"
     );
-    (kernels, epilogues)
+    let plan = plan_memory(&f, |_| WORD_BYTES);
+    let in_place = f
+        .nodes()
+        .iter()
+        .filter(|n| matches!(n.op, Op::Fused(FusedOp::Elementwise { .. })))
+        .filter(|n| {
+            let slot = |v: Value| plan.layout.slots[v.0 as usize];
+            let out = slot(n.outputs[0]);
+            out.is_some() && n.inputs.iter().any(|&v| slot(v) == out)
+        })
+        .count();
+    (kernels, epilogues, in_place)
 }
 
 #[test]
 fn random_programs_fuse_bit_identically() {
-    let (mut kernels, mut epilogues) = (0, 0);
+    let (mut kernels, mut epilogues, mut in_place) = (0, 0, 0);
     for seed in 0..300 {
-        let (k, e) = check(seed);
+        let (k, e, p) = check(seed);
         kernels += k;
         epilogues += e;
+        in_place += p;
     }
-    // The generator exercises both kinds of kernel.
+    // The generator exercises both kinds of kernel, and kernels that overwrite an operand.
     assert!(
-        kernels > 300 && epilogues > 30,
-        "{kernels} kernels, {epilogues} epilogues"
+        kernels > 300 && epilogues > 30 && in_place > 30,
+        "{kernels} kernels, {epilogues} epilogues, {in_place} in place"
     );
 }
 

@@ -186,23 +186,23 @@ impl Interpreter<'_> {
         args: &[&Val],
         tys: &[&TensorType],
     ) -> Result<Vec<Buf>, EvalError> {
-        let (program, reads, product): (_, Vec<&Val>, _) = match op {
-            FusedOp::Elementwise { program, .. } => (program, args.to_vec(), None),
+        let (program, product) = match op {
+            FusedOp::Elementwise { program, .. } => (program, None),
             FusedOp::MatMulEpilogue { program } => {
                 let ty = product_type(&args[0].ty, &args[1].ty)?;
                 (
                     program,
-                    Vec::new(),
                     Some(self.eval(&Op::MatMul, &args[..2], &ty, &Unbound)?),
                 )
             }
             other => return super::fused::eval(other, args, tys).map_err(EvalError::Msg),
         };
+        // An epilogue's program reads the product, then the extras.
         let reads: Vec<&Val> = match &product {
             Some(p) => std::iter::once(p)
                 .chain(args[2..].iter().copied())
                 .collect(),
-            None => reads,
+            None => args.to_vec(),
         };
         let out_ty = tys[0];
         let n = out_ty.numel();
