@@ -186,6 +186,8 @@ fn the_kernel_stage_prints_kernels_that_compile() {
     );
     assert!(kernels.len() > 1000, "{}", kernels.len());
     let dir = tempfile::tempdir().expect("a temporary folder");
+    let kernels: Vec<mmc_codegen::kernel::GeneratedKernel> =
+        kernels.into_iter().map(Into::into).collect();
     mmc_codegen::cpu::build_library(
         &kernels,
         &mmc_codegen::cpu::CpuTarget::host(),

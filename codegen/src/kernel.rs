@@ -86,6 +86,9 @@ pub enum KernelError {
     Unsupported { op: &'static str },
     #[error("`{op}` over {dtype}: kernels over this dtype are not built yet")]
     Dtype { op: &'static str, dtype: DType },
+    /// An op's description that does not type-check: a bug in mmc.
+    #[error("internal error in a kernel description: {0}")]
+    Invalid(String),
 }
 
 /// Elements per tile of an elementwise kernel: 16 KiB of f32 results, enough to amortise a
@@ -317,5 +320,57 @@ impl fmt::Display for Kernel {
             self.program.result()
         )?;
         f.write_str("}")
+    }
+}
+
+/// A kernel of either form, as a library holds them: both compile to the same signature and
+/// launch over tiles the same way.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GeneratedKernel {
+    Elementwise(Kernel),
+    Loop(crate::loops::LoopKernel),
+}
+
+impl GeneratedKernel {
+    pub fn name(&self) -> &str {
+        match self {
+            GeneratedKernel::Elementwise(k) => &k.name,
+            GeneratedKernel::Loop(k) => &k.name,
+        }
+    }
+
+    pub fn buffers(&self) -> &[Buffer] {
+        match self {
+            GeneratedKernel::Elementwise(k) => &k.buffers,
+            GeneratedKernel::Loop(k) => &k.buffers,
+        }
+    }
+
+    pub fn tiles(&self) -> usize {
+        match self {
+            GeneratedKernel::Elementwise(k) => k.tiles(),
+            GeneratedKernel::Loop(k) => k.tiles(),
+        }
+    }
+}
+
+impl From<Kernel> for GeneratedKernel {
+    fn from(k: Kernel) -> Self {
+        GeneratedKernel::Elementwise(k)
+    }
+}
+
+impl From<crate::loops::LoopKernel> for GeneratedKernel {
+    fn from(k: crate::loops::LoopKernel) -> Self {
+        GeneratedKernel::Loop(k)
+    }
+}
+
+impl fmt::Display for GeneratedKernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GeneratedKernel::Elementwise(k) => k.fmt(f),
+            GeneratedKernel::Loop(k) => k.fmt(f),
+        }
     }
 }

@@ -4,6 +4,9 @@
 #[cfg(feature = "llvm")]
 pub mod cpu;
 pub mod kernel;
+pub mod loops;
+pub mod native;
+pub mod ops;
 pub mod plan;
 
 pub use plan::{build_plan, PlanBuildError, PlanRequest, Weights};

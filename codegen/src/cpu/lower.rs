@@ -1,5 +1,6 @@
 //! Kernel IR to LLVM IR: one function per kernel,
-//! `void name(void **buffers, i64 tile_begin, i64 tile_end)`.
+//! `i64 name(void **buffers, i64 tile_begin, i64 tile_end)`, returning 0 (the elementwise
+//! kernels cannot fail; a loop kernel returns an error code, see `lower_loops`).
 //!
 //! Each op computes what the interpreter computes: the interpreter evaluates every float op in
 //! f64 and rounds the result once to the declared dtype. For `+ - * /`, `sqrt`, negation,
@@ -25,21 +26,21 @@ pub struct LowerError {
     pub message: String,
 }
 
-type R<T> = Result<T, String>;
+pub(super) type R<T> = Result<T, String>;
 
-fn b<T, E: std::fmt::Display>(r: Result<T, E>) -> R<T> {
+pub(super) fn b<T, E: std::fmt::Display>(r: Result<T, E>) -> R<T> {
     r.map_err(|e| e.to_string())
 }
 
-struct Lower<'a, 'ctx> {
-    cx: &'ctx Context,
-    module: &'a Module<'ctx>,
-    bd: &'a Builder<'ctx>,
+pub(super) struct Lower<'a, 'ctx> {
+    pub(super) cx: &'ctx Context,
+    pub(super) module: &'a Module<'ctx>,
+    pub(super) bd: &'a Builder<'ctx>,
 }
 
 impl<'ctx> Lower<'_, 'ctx> {
     /// The register type of `d` (bool as i1).
-    fn reg_type(&self, d: DType) -> BasicTypeEnum<'ctx> {
+    pub(super) fn reg_type(&self, d: DType) -> BasicTypeEnum<'ctx> {
         match d {
             DType::F32 => self.cx.f32_type().into(),
             DType::F64 => self.cx.f64_type().into(),
@@ -51,14 +52,14 @@ impl<'ctx> Lower<'_, 'ctx> {
     }
 
     /// The in-memory type of `d` (bool as one byte).
-    fn mem_type(&self, d: DType) -> BasicTypeEnum<'ctx> {
+    pub(super) fn mem_type(&self, d: DType) -> BasicTypeEnum<'ctx> {
         match d {
             DType::Bool => self.cx.i8_type().into(),
             d => self.reg_type(d),
         }
     }
 
-    fn float_type(&self, d: DType) -> FloatType<'ctx> {
+    pub(super) fn float_type(&self, d: DType) -> FloatType<'ctx> {
         match d {
             DType::F64 => self.cx.f64_type(),
             _ => self.cx.f32_type(),
@@ -105,7 +106,12 @@ impl<'ctx> Lower<'_, 'ctx> {
         b(self.bd.build_float_trunc(r, self.float_type(d), "n"))
     }
 
-    fn unary(&self, u: UnaryOp, d: DType, x: BasicValueEnum<'ctx>) -> R<BasicValueEnum<'ctx>> {
+    pub(super) fn unary(
+        &self,
+        u: UnaryOp,
+        d: DType,
+        x: BasicValueEnum<'ctx>,
+    ) -> R<BasicValueEnum<'ctx>> {
         if !d.is_float() {
             let x = x.into_int_value();
             return Ok(match u {
@@ -157,7 +163,7 @@ impl<'ctx> Lower<'_, 'ctx> {
         })
     }
 
-    fn intrinsic(&self, name: &str, ty: BasicTypeEnum<'ctx>) -> R<FunctionValue<'ctx>> {
+    pub(super) fn intrinsic(&self, name: &str, ty: BasicTypeEnum<'ctx>) -> R<FunctionValue<'ctx>> {
         let i = inkwell::intrinsics::Intrinsic::find(name).ok_or(format!("no {name}"))?;
         i.get_declaration(self.module, &[ty])
             .ok_or(format!("no declaration of {name}"))
@@ -176,7 +182,7 @@ impl<'ctx> Lower<'_, 'ctx> {
             .ok_or_else(|| "an intrinsic returned no value".into())
     }
 
-    fn binary(
+    pub(super) fn binary(
         &self,
         op: BinaryOp,
         d: DType,
@@ -230,7 +236,7 @@ impl<'ctx> Lower<'_, 'ctx> {
         })
     }
 
-    fn compare(
+    pub(super) fn compare(
         &self,
         c: CmpOp,
         d: DType,
@@ -271,7 +277,12 @@ impl<'ctx> Lower<'_, 'ctx> {
         })
     }
 
-    fn cast(&self, from: DType, to: DType, x: BasicValueEnum<'ctx>) -> R<BasicValueEnum<'ctx>> {
+    pub(super) fn cast(
+        &self,
+        from: DType,
+        to: DType,
+        x: BasicValueEnum<'ctx>,
+    ) -> R<BasicValueEnum<'ctx>> {
         let bd = self.bd;
         Ok(match (from.is_float(), to.is_float()) {
             (true, true) => {
@@ -346,7 +357,7 @@ impl<'ctx> Lower<'_, 'ctx> {
     }
 
     /// Element `idx` of `buf` (of dtype `d`) as a register (a bool byte as i1).
-    fn load(
+    pub(super) fn load(
         &self,
         buf: PointerValue<'ctx>,
         d: DType,
@@ -468,7 +479,7 @@ impl<'ctx> Lower<'_, 'ctx> {
         })
     }
 
-    fn constant(&self, value: f64, d: DType) -> BasicValueEnum<'ctx> {
+    pub(super) fn constant(&self, value: f64, d: DType) -> BasicValueEnum<'ctx> {
         match d {
             DType::F32 => self.cx.f32_type().const_float(value as f32 as f64).into(),
             DType::F64 => self.cx.f64_type().const_float(value).into(),
@@ -506,9 +517,7 @@ fn lower_kernel<'ctx>(cx: &'ctx Context, module: &Module<'ctx>, k: &Kernel) -> R
     };
     let ptr = cx.ptr_type(AddressSpace::default());
     let i64t = cx.i64_type();
-    let fn_ty = cx
-        .void_type()
-        .fn_type(&[ptr.into(), i64t.into(), i64t.into()], false);
+    let fn_ty = i64t.fn_type(&[ptr.into(), i64t.into(), i64t.into()], false);
     let f = module.add_function(&k.name, fn_ty, None);
     let entry = cx.append_basic_block(f, "entry");
     let header = cx.append_basic_block(f, "header");
@@ -609,6 +618,6 @@ fn lower_kernel<'ctx>(cx: &'ctx Context, module: &Module<'ctx>, k: &Kernel) -> R
     b(bd.build_unconditional_branch(header))?;
 
     bd.position_at_end(exit);
-    b(bd.build_return(None))?;
+    b(bd.build_return(Some(&i64t.const_zero())))?;
     Ok(())
 }
