@@ -1,6 +1,7 @@
 //! Code generation of mmc: the target-independent kernel IR, the CPU backend (LLVM), and the
 //! execution plan.
 
+pub mod compiled;
 #[cfg(feature = "llvm")]
 pub mod cpu;
 pub mod kernel;
