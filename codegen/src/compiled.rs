@@ -8,12 +8,12 @@
 //! after it is computed is written straight into the state tensor (no copy, no second buffer);
 //! the others are copied into their state when the program ends.
 
-use crate::kernel::{GeneratedKernel, Kernel, KernelError};
+use crate::kernel::{GeneratedKernel, KernelError};
 pub use crate::native::KernelEntry;
 use crate::ops::{lower_node, Arg};
 use mmc_ir::arena::ALIGN_BYTES;
 use mmc_ir::plan::Program;
-use mmc_ir::{DType, FusedOp, Graph, Op, TensorType, Value};
+use mmc_ir::{DType, FusedOp, Op, TensorType, Value};
 use mmc_passes::memory::plan_memory_streaming;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -83,11 +83,13 @@ pub enum CompileError {
     },
 }
 
-/// The kernels of a whole plan, shared by its programs, and each program's steps.
+/// The kernels of a whole plan, shared by its programs, and each program's steps. Kernels
+/// that differ only in name (the same op over the same shapes, in every layer) are compiled
+/// once.
 #[derive(Default)]
 pub struct Compiler {
     pub kernels: Vec<GeneratedKernel>,
-    by_name: HashMap<String, u32>,
+    by_body: HashMap<String, u32>,
 }
 
 fn align(x: u64) -> u64 {
@@ -96,11 +98,13 @@ fn align(x: u64) -> u64 {
 
 impl Compiler {
     fn add_kernel(&mut self, k: GeneratedKernel) -> u32 {
-        if let Some(&i) = self.by_name.get(k.name()) {
+        let body = format!("{:?}", k.renamed(String::new()));
+        if let Some(&i) = self.by_body.get(&body) {
             return i;
         }
         let i = self.kernels.len() as u32;
-        self.by_name.insert(k.name().to_string(), i);
+        let k = k.renamed(format!("k{i}"));
+        self.by_body.insert(body, i);
         self.kernels.push(k);
         i
     }
@@ -215,19 +219,6 @@ impl Compiler {
             outputs,
         })
     }
-}
-
-/// The epilogue of a `fused.matmul_epilogue` node as an elementwise kernel over its own
-/// result (the product, written there first by the GEMM) and its extras, in place.
-pub fn epilogue_kernel(
-    g: &Graph,
-    node: &mmc_ir::Node,
-    name: String,
-) -> Result<Kernel, KernelError> {
-    let _ = (g, node, name);
-    Err(KernelError::Unsupported {
-        op: "fused.matmul_epilogue",
-    })
 }
 
 /// The state updates of `p` written straight into their state: the only update of that
