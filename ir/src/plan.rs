@@ -398,7 +398,7 @@ impl Plan {
     /// Serialises the plan as a plan file for the interpreter (no native code): see
     /// [`PlanFile`] for a plan with its kernels.
     pub fn to_bytes(&self) -> Vec<u8> {
-        plan_file::encode(self, INTERPRETER_TARGET, None)
+        plan_file::encode(self, INTERPRETER_TARGET, None, None)
     }
 
     /// Writes the plan as [`Plan::to_bytes`] does; the file appears complete or not at all.

@@ -113,6 +113,9 @@ pub enum SectionKind {
     Body,
     /// A shared library of generated kernels ([`NativeLibrary`]).
     NativeLibrary,
+    /// The compiled programs' steps and kernel table, in the backend's own encoding
+    /// ([`PlanFile::steps`]).
+    Steps,
 }
 
 impl SectionKind {
@@ -120,6 +123,7 @@ impl SectionKind {
         match self {
             SectionKind::Body => 1,
             SectionKind::NativeLibrary => 2,
+            SectionKind::Steps => 3,
         }
     }
 
@@ -127,6 +131,7 @@ impl SectionKind {
         match code {
             1 => Some(SectionKind::Body),
             2 => Some(SectionKind::NativeLibrary),
+            3 => Some(SectionKind::Steps),
             _ => None,
         }
     }
@@ -136,6 +141,7 @@ impl SectionKind {
         match self {
             SectionKind::Body => "plan body",
             SectionKind::NativeLibrary => "native library",
+            SectionKind::Steps => "compiled steps",
         }
     }
 }
@@ -275,6 +281,10 @@ pub struct PlanFile {
     pub target: String,
     /// The kernels the plan's steps launch; `None` for an interpreter plan.
     pub native: Option<NativeLibrary>,
+    /// The compiled programs (steps over buffer locations, and the kernel table), encoded by
+    /// the backend that wrote them (`mmc_codegen::compiled`); present exactly when `native`
+    /// is.
+    pub steps: Option<Vec<u8>>,
 }
 
 impl PlanFile {
@@ -284,12 +294,18 @@ impl PlanFile {
             plan,
             target: INTERPRETER_TARGET.into(),
             native: None,
+            steps: None,
         }
     }
 
     /// Serialises the file: header, section table, body, library.
     pub fn to_bytes(&self) -> Vec<u8> {
-        encode(&self.plan, &self.target, self.native.as_ref())
+        encode(
+            &self.plan,
+            &self.target,
+            self.native.as_ref(),
+            self.steps.as_deref(),
+        )
     }
 
     /// Writes the file; it appears complete or not at all (a temporary file beside it, synced,
@@ -315,7 +331,11 @@ impl PlanFile {
             path: path.to_path_buf(),
             message,
         };
-        for kind in [SectionKind::Body, SectionKind::NativeLibrary] {
+        for kind in [
+            SectionKind::Body,
+            SectionKind::NativeLibrary,
+            SectionKind::Steps,
+        ] {
             if raw.sections.iter().filter(|s| s.0 == kind).count() > 1 {
                 return Err(damaged(format!("it has two {} sections", kind.name())));
             }
@@ -331,11 +351,19 @@ impl PlanFile {
                 "an interpreter plan carries a native library".into(),
             ));
         }
+        let steps = raw.section(SectionKind::Steps).map(<[u8]>::to_vec);
+        if steps.is_some() != native.is_some() {
+            return Err(damaged(
+                "it has a native library without compiled steps, or steps without a library"
+                    .into(),
+            ));
+        }
         let plan = Plan::from_body(path, body)?;
         Ok(PlanFile {
             plan,
             target: raw.target,
             native,
+            steps,
         })
     }
 
@@ -371,11 +399,19 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), PlanErro
 }
 
 /// The bytes of a plan file holding `plan`, compiled for `target`, with `native` code.
-pub(crate) fn encode(plan: &Plan, target: &str, native: Option<&NativeLibrary>) -> Vec<u8> {
+pub(crate) fn encode(
+    plan: &Plan,
+    target: &str,
+    native: Option<&NativeLibrary>,
+    steps: Option<&[u8]>,
+) -> Vec<u8> {
     let body = postcard::to_allocvec(plan).expect("a plan serialises (its paths are UTF-8)");
     let mut sections: Vec<(SectionKind, &[u8])> = vec![(SectionKind::Body, &body)];
     if let Some(lib) = native {
         sections.push((SectionKind::NativeLibrary, lib.bytes()));
+    }
+    if let Some(steps) = steps {
+        sections.push((SectionKind::Steps, steps));
     }
     RawPlanFile {
         target: target.to_string(),

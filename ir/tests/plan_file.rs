@@ -33,6 +33,7 @@ fn native_file() -> PlanFile {
         plan: plan(),
         target: target(),
         native: Some(NativeLibrary::new(library_bytes())),
+        steps: Some(b"the backend's steps".to_vec()),
     }
 }
 
@@ -75,7 +76,11 @@ fn a_plan_round_trips_with_and_without_a_library() {
     assert_eq!(raw.target, target());
     assert_eq!(
         raw.sections.iter().map(|s| s.0).collect::<Vec<_>>(),
-        [SectionKind::Body, SectionKind::NativeLibrary]
+        [
+            SectionKind::Body,
+            SectionKind::NativeLibrary,
+            SectionKind::Steps
+        ]
     );
     assert_eq!(
         raw.section(SectionKind::NativeLibrary).unwrap(),
@@ -244,6 +249,7 @@ fn a_plan_cut_short_anywhere_is_refused_with_the_bytes_missing() {
                 .sections[0]
                 .1
                 .len();
+        let library_end = body + f.native.as_ref().map_or(0, |l| l.bytes().len());
         for cut in 1..bytes.len() {
             let e = read(&bytes[..cut]).unwrap_err();
             let PlanError::Truncated {
@@ -268,8 +274,10 @@ fn a_plan_cut_short_anywhere_is_refused_with_the_bytes_missing() {
             } else {
                 let want = if cut < body {
                     "plan body section"
-                } else {
+                } else if cut < library_end {
                     "native library section"
+                } else {
+                    "compiled steps section"
                 };
                 assert_eq!(part, want, "cut at {cut}");
                 assert!(*exact && *missing == short, "cut at {cut}: {e}");
@@ -306,7 +314,8 @@ fn a_plan_cut_short_anywhere_is_refused_with_the_bytes_missing() {
 fn a_changed_byte_anywhere_is_refused_naming_what_changed() {
     let bytes = native_file().to_bytes();
     let header = header_len(&bytes);
-    let lib = bytes.len() - library_bytes().len();
+    let steps = native_file().steps.unwrap().len();
+    let lib = bytes.len() - steps - library_bytes().len();
     let target_end = 14 + target().len();
     for i in 0..bytes.len() {
         let mut b = bytes.clone();
@@ -326,7 +335,8 @@ fn a_changed_byte_anywhere_is_refused_naming_what_changed() {
             i if (target_end..target_end + 4).contains(&i) => continue,
             i if i < header => "header",
             i if i < lib => "plan body",
-            _ => "native library",
+            i if i < bytes.len() - steps => "native library",
+            _ => "compiled steps",
         };
         assert_eq!(what, want, "byte {i}: {e}");
     }
