@@ -71,6 +71,26 @@ pub struct CompiledProgram {
     pub outputs: Vec<Output>,
 }
 
+/// The compiled steps of a plan's programs and the kernel table they launch from: what a
+/// plan file's steps section holds (beside the library with the kernels).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CompiledSteps {
+    pub programs: Vec<CompiledProgram>,
+    pub kernels: Vec<KernelEntry>,
+}
+
+impl CompiledSteps {
+    /// The section's bytes (postcard).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("compiled steps serialise")
+    }
+
+    /// Decodes a steps section (its integrity is the plan file's section hash).
+    pub fn from_bytes(bytes: &[u8]) -> Result<CompiledSteps, String> {
+        postcard::from_bytes(bytes).map_err(|e| format!("its compiled steps do not decode: {e}"))
+    }
+}
+
 /// Why a program could not be compiled.
 #[derive(Debug, thiserror::Error)]
 pub enum CompileError {

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 pub struct KernelEntry {
     pub name: String,
     pub tiles: usize,
-    pub buffers: Vec<Vec<usize>>,
+    /// Each buffer's dtype and shape.
+    pub buffers: Vec<(mmc_ir::DType, Vec<usize>)>,
 }
 
 impl From<&GeneratedKernel> for KernelEntry {
@@ -20,7 +21,11 @@ impl From<&GeneratedKernel> for KernelEntry {
         KernelEntry {
             name: k.name().to_string(),
             tiles: k.tiles(),
-            buffers: k.buffers().iter().map(|b| b.shape.clone()).collect(),
+            buffers: k
+                .buffers()
+                .iter()
+                .map(|b| (b.dtype, b.shape.clone()))
+                .collect(),
         }
     }
 }
@@ -183,7 +188,7 @@ impl KernelLibrary {
             0 => Ok(()),
             code => {
                 match out_of_range_buffer(code).and_then(|b| k.buffers.get(b).map(|x| (b, x))) {
-                    Some((buffer, shape)) => Err(NativeError::OutOfRange {
+                    Some((buffer, (_, shape))) => Err(NativeError::OutOfRange {
                         kernel: k.name.clone(),
                         buffer,
                         shape: shape.clone(),

@@ -354,8 +354,7 @@ impl PlanFile {
         let steps = raw.section(SectionKind::Steps).map(<[u8]>::to_vec);
         if steps.is_some() != native.is_some() {
             return Err(damaged(
-                "it has a native library without compiled steps, or steps without a library"
-                    .into(),
+                "it has a native library without compiled steps, or steps without a library".into(),
             ));
         }
         let plan = Plan::from_body(path, body)?;

@@ -34,6 +34,10 @@ pub enum CompiledError {
     Alloc(u64),
     #[error("a thread pool of {threads} threads: {message}")]
     Pool { threads: usize, message: String },
+    /// Compiled steps that do not fit their own buffers (a damaged or hand-made plan):
+    /// refused before anything runs.
+    #[error("the plan's compiled program `{program}` is inconsistent: {message}")]
+    Invalid { program: String, message: String },
     #[error("program `{program}`, node {node}: {error}")]
     Step {
         program: String,
@@ -108,6 +112,12 @@ impl CompiledRunner {
         programs: Vec<CompiledProgram>,
         threads: usize,
     ) -> Result<CompiledRunner, CompiledError> {
+        for p in &programs {
+            validate(p, &kernels).map_err(|message| CompiledError::Invalid {
+                program: p.name.clone(),
+                message,
+            })?;
+        }
         // SAFETY: the caller's contract.
         let library = unsafe { KernelLibrary::load(library, sha256, kernels) }?;
         let arena = programs.iter().map(|p| p.arena_bytes).max().unwrap_or(0);
@@ -251,4 +261,64 @@ impl CompiledRunner {
         }
         Ok(out)
     }
+}
+
+fn bytes_of(dtype: mmc_ir::DType, shape: &[usize]) -> u64 {
+    (shape.iter().product::<usize>() * dtype.size_bytes()) as u64
+}
+
+/// Checks that every step of `p` launches a kernel of the table with as many buffers as it
+/// takes, and that every buffer lies inside its region or bound tensor, so that replaying the
+/// steps stays inside the memory the runner owns.
+fn validate(p: &CompiledProgram, kernels: &[KernelEntry]) -> Result<(), String> {
+    let fits = |loc: Loc, need: u64, what: &str| -> Result<(), String> {
+        let ok = match loc {
+            Loc::Arena(o) => o.checked_add(need).is_some_and(|e| e <= p.arena_bytes),
+            Loc::Scratch(o) => o.checked_add(need).is_some_and(|e| e <= p.scratch_bytes),
+            Loc::Bound(i) => p
+                .bound
+                .get(i as usize)
+                .is_some_and(|(_, d, s)| bytes_of(*d, s) >= need),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("{what}: {need} bytes at {loc:?} do not fit"))
+        }
+    };
+    for (n, step) in p.steps.iter().enumerate() {
+        match &step.callee {
+            Callee::Kernel(k) => {
+                let entry = kernels
+                    .get(*k as usize)
+                    .ok_or_else(|| format!("step {n} launches kernel {k}, not in the table"))?;
+                if entry.buffers.len() != step.args.len() {
+                    return Err(format!(
+                        "step {n}: kernel `{}` takes {} buffers, the step passes {}",
+                        entry.name,
+                        entry.buffers.len(),
+                        step.args.len()
+                    ));
+                }
+                for (a, (d, s)) in step.args.iter().zip(&entry.buffers) {
+                    fits(*a, bytes_of(*d, s), &format!("step {n}"))?;
+                }
+            }
+        }
+    }
+    for o in &p.outputs {
+        fits(
+            o.loc,
+            bytes_of(o.dtype, &o.shape),
+            &format!("output `{}`", o.name),
+        )?;
+        if let Some(i) = o.update {
+            fits(
+                Loc::Bound(i),
+                bytes_of(o.dtype, &o.shape),
+                &format!("update `{}`", o.name),
+            )?;
+        }
+    }
+    Ok(())
 }

@@ -190,7 +190,10 @@ impl<'ctx> Lower<'_, 'ctx> {
         let n = call("llvm.rint", &[t])?;
         let neg_n = b(bd.build_float_neg(n, "nn"))?;
         // ln 2 split: the high part has its low 32 bits zero, so n * hi is exact.
-        let (hi, lo2) = (f64::from_bits(0x3FE6_2E42_FEE0_0000), 1.908_214_929_270_587_7e-10);
+        let (hi, lo2) = (
+            f64::from_bits(0x3FE6_2E42_FEE0_0000),
+            1.908_214_929_270_587_7e-10,
+        );
         let r = call("llvm.fma", &[neg_n, c(hi), xc])?;
         let r = call("llvm.fma", &[neg_n, c(lo2), r])?;
         let mut p = c(1.0 / factorial(13));
