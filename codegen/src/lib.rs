@@ -4,6 +4,7 @@
 #[cfg(feature = "llvm")]
 pub mod cpu;
 pub mod kernel;
+pub mod library;
 pub mod plan;
 
 pub use plan::{build_plan, PlanBuildError, PlanRequest, Weights};

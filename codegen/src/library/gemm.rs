@@ -1,0 +1,258 @@
+//! The GEMMs behind [`super::LibraryCall`], on the `gemm` crate: its AVX-512 (x86-v4) and
+//! AVX2 kernels are picked at run time from the CPU's features, it takes any strides (so the
+//! transposed operands of the grouped gradient are read in place, never copied), and it
+//! parallelises on the rayon pool it is called in. It beat `matrixmultiply` on every shape of
+//! the model (the README's "GEMM library calls" table).
+//!
+//! Parallelism: one GEMM is split by the library over every thread of the pool; a batch of
+//! small matrices is spread one matrix per task instead when that divides evenly. The experts
+//! of a grouped call run one after the other, each over the whole pool, so that an uneven
+//! routing does not leave a thread idle.
+
+use super::{Grouped, MatMul};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// The element types of the calls.
+pub(super) trait Elem: Copy + Send + Sync + 'static {
+    const ZERO: Self;
+    const ONE: Self;
+}
+
+impl Elem for f32 {
+    const ZERO: f32 = 0.0;
+    const ONE: f32 = 1.0;
+}
+
+impl Elem for f64 {
+    const ZERO: f64 = 0.0;
+    const ONE: f64 = 1.0;
+}
+
+/// A read-only matrix operand: its base and its row and column strides, in elements.
+#[derive(Clone, Copy)]
+struct Operand<T> {
+    ptr: *const T,
+    rs: isize,
+    cs: isize,
+}
+
+impl<T> Operand<T> {
+    /// The dense row-major [rows, cols] matrix at `ptr`.
+    fn rows(ptr: *const T, cols: usize) -> Self {
+        Operand {
+            ptr,
+            rs: cols as isize,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of the dense row-major [cols, rows] matrix at `ptr`, read in place.
+    fn transposed(ptr: *const T, rows: usize) -> Self {
+        Operand {
+            ptr,
+            rs: 1,
+            cs: rows as isize,
+        }
+    }
+}
+
+/// A buffer pointer that may cross to a pool thread: the tasks of one call read the inputs
+/// and write disjoint parts of the outputs, as the functions below ensure.
+struct Shared<T>(*mut T);
+
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Shared<T> {}
+
+// SAFETY: see the type's comment; the pointees are f32 or f64.
+unsafe impl<T: Send> Send for Shared<T> {}
+// SAFETY: as for Send.
+unsafe impl<T: Sync> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    fn new(p: *const T) -> Self {
+        Shared(p.cast_mut())
+    }
+
+    /// The pointer (a method, so that a closure captures the whole `Shared`).
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// The parallelism for one GEMM on the current pool.
+fn parallelism() -> Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}
+
+/// `dst [m, n] (dense row-major) = lhs [m, k] @ rhs [k, n]`, overwriting dst (zeros when
+/// `k == 0`).
+///
+/// # Safety
+/// The operands cover [m, k] and [k, n] readable elements at their strides, `dst` m * n
+/// writable ones that overlap neither.
+unsafe fn product<T: Elem>(
+    (m, k, n): (usize, usize, usize),
+    lhs: Operand<T>,
+    rhs: Operand<T>,
+    dst: *mut T,
+    par: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        // SAFETY: dst holds m * n writable elements.
+        unsafe { std::slice::from_raw_parts_mut(dst, m * n).fill(T::ZERO) };
+        return;
+    }
+    // SAFETY: the caller's contract; with `read_dst` false the library computes
+    // dst = beta * lhs @ rhs without reading dst (alpha is unused).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            n as isize,
+            false,
+            lhs.ptr,
+            lhs.cs,
+            lhs.rs,
+            rhs.ptr,
+            rhs.cs,
+            rhs.rs,
+            T::ZERO,
+            T::ONE,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// A batched matmul.
+///
+/// # Safety
+/// `a`, `b` and `out` hold `batch` matrices of [m, k], [k, n] and [m, n]; out overlaps
+/// neither input.
+pub(super) unsafe fn matmul<T: Elem>(
+    c: &MatMul,
+    a: *const T,
+    b: *const T,
+    out: *mut T,
+    pool: &rayon::ThreadPool,
+) {
+    let &MatMul { batch, m, k, n, .. } = c;
+    let threads = pool.current_num_threads();
+    let (a, b, out) = (Shared::new(a), Shared::new(b), Shared::new(out));
+    // SAFETY (both arms): matrix `i` of each buffer starts `i` matrices in and the matrices
+    // of out are disjoint, so the tasks write disjoint memory.
+    let one = move |i: usize, par| unsafe {
+        product(
+            (m, k, n),
+            Operand::rows(a.get().add(i * m * k), k),
+            Operand::rows(b.get().add(i * k * n), n),
+            out.get().add(i * m * n),
+            par,
+        )
+    };
+    pool.install(|| {
+        if batch > 1 && threads > 1 && (batch % threads == 0 || batch >= 4 * threads) {
+            (0..batch)
+                .into_par_iter()
+                .for_each(|i| one(i, Parallelism::None));
+        } else {
+            for i in 0..batch {
+                one(i, parallelism());
+            }
+        }
+    });
+}
+
+/// A grouped matmul over the checked row ranges `groups`.
+///
+/// # Safety
+/// xs [rows, inner], w [experts, inner, cols] and out [rows, cols] as [`Grouped`] says, with
+/// `groups` consecutive ranges within the rows; out overlaps neither input.
+pub(super) unsafe fn grouped<T: Elem>(
+    c: &Grouped,
+    groups: &[(usize, usize)],
+    xs: *const T,
+    w: *const T,
+    out: *mut T,
+    pool: &rayon::ThreadPool,
+) {
+    let (a, n) = (c.inner, c.cols);
+    let (xs, w, out) = (Shared::new(xs), Shared::new(w), Shared::new(out));
+    pool.install(|| {
+        let (xs, w, out) = (xs.get(), w.get(), out.get());
+        for (e, &(lo, hi)) in groups.iter().enumerate() {
+            // SAFETY: rows lo..hi are within xs and out, expert e within w.
+            unsafe {
+                product(
+                    (hi - lo, a, n),
+                    Operand::rows(xs.add(lo * a), a),
+                    Operand::rows(w.add(e * a * n), n),
+                    out.add(lo * n),
+                    parallelism(),
+                );
+            }
+        }
+    });
+}
+
+/// The gradient of a grouped matmul: `dxs_e = dy_e w_e^T` and `dw_e = xs_e^T dy_e`, with the
+/// transposes read in place.
+///
+/// # Safety
+/// `[xs, w, dy]` and `[dxs, dw]` as [`Grouped`] says (dy and dxs like the rows of the
+/// output and of xs, dw like w), `groups` consecutive ranges within the rows; the outputs
+/// overlap each other and the inputs nowhere.
+pub(super) unsafe fn grouped_grad<T: Elem>(
+    c: &Grouped,
+    groups: &[(usize, usize)],
+    [xs, w, dy]: [*const T; 3],
+    [dxs, dw]: [*mut T; 2],
+    pool: &rayon::ThreadPool,
+) {
+    let (a, n) = (c.inner, c.cols);
+    let [xs, w, dy] = [xs, w, dy].map(Shared::new);
+    let [dxs, dw] = [dxs, dw].map(Shared);
+    pool.install(|| {
+        let [xs, w, dy] = [xs, w, dy].map(Shared::get);
+        let [dxs, dw] = [dxs, dw].map(Shared::get);
+        for (e, &(lo, hi)) in groups.iter().enumerate() {
+            let r = hi - lo;
+            // SAFETY: rows lo..hi are within xs, dy and dxs, expert e within w and dw; an
+            // expert without rows gets dw_e = 0 (a product over k = 0).
+            unsafe {
+                let dy_e = Operand::rows(dy.add(lo * n), n);
+                product(
+                    (r, n, a),
+                    dy_e,
+                    Operand::transposed(w.add(e * a * n), n),
+                    dxs.add(lo * a),
+                    parallelism(),
+                );
+                product(
+                    (a, r, n),
+                    Operand::transposed(xs.add(lo * a), a),
+                    dy_e,
+                    dw.add(e * a * n),
+                    parallelism(),
+                );
+            }
+        }
+    });
+}
