@@ -1,7 +1,8 @@
 //! The GEMM library calls against the reference interpreter: batched matmuls, the product of
 //! an epilogue, grouped matmuls and their gradients, f32 and f64, on 1 and 2 threads, with
 //! sizes that are no multiple of a vector width or tile (1, 7, 33, 130), empty experts and
-//! uneven offsets. Offsets that do not split the rows are refused before anything is
+//! uneven offsets, small enough to run on the calling thread and large enough to run in the
+//! pool. Offsets that do not split the rows are refused before anything is
 //! written.
 //!
 //! Tolerances come from the error bound of a dot product of length k in precision u: every
@@ -267,14 +268,15 @@ fn matmul_matches_the_interpreter() {
     }
 }
 
-/// Batch dimensions: 6 matrices (spread one per task on 2 threads) and 3 (one after the
-/// other, each over both threads), with a leading batch of 1 too.
+/// Batch dimensions: 6 and 9 matrices (spread one per task on 2 threads) and 3 (one after
+/// the other, each over both threads), with a leading batch of 1 too; the small products run
+/// on the calling thread, the large ones in the pool.
 #[test]
 fn batched_matmul_matches_the_interpreter() {
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     for dtype in [DType::F32, DType::F64] {
         for batch in [vec![2, 3], vec![3], vec![1], vec![1, 9]] {
-            for (m, k, n) in [(7, 33, 5), (33, 130, 7), (1, 7, 130)] {
+            for (m, k, n) in [(7, 33, 5), (33, 130, 130), (1, 7, 130)] {
                 let mut c = Case::new();
                 let a = c.random(&mut rng, dtype, &[batch.clone(), vec![m, k]].concat());
                 let b = c.random(&mut rng, dtype, &[batch.clone(), vec![k, n]].concat());
@@ -435,6 +437,7 @@ fn grouped_matmul_and_its_gradient_match_the_interpreter() {
             (130, 33, 130, 5),
             (7, 1, 33, 8),
             (130, 130, 1, 3),
+            (130, 130, 130, 5),
         ] {
             let offsets = random_offsets(&mut rng, rows, experts);
             let largest = offsets

@@ -85,6 +85,21 @@ impl<T> Shared<T> {
     }
 }
 
+/// Multiply-adds below which a call runs on the calling thread, not in the pool: the `gemm`
+/// crate's own threading threshold, under which it would use one thread anyway, so handing
+/// the work to the pool would only add a wake-up.
+const INLINE_WORK: usize = 48 * 48 * 256;
+
+/// Runs `f` in `pool`, or on the calling thread (one thread's parallelism) for `work`
+/// multiply-adds below [`INLINE_WORK`].
+fn on_pool(pool: &rayon::ThreadPool, work: usize, f: impl FnOnce(bool) + Send) {
+    if work < INLINE_WORK {
+        f(false)
+    } else {
+        pool.install(|| f(true))
+    }
+}
+
 /// The parallelism for one GEMM on the current pool.
 fn parallelism() -> Parallelism {
     match rayon::current_num_threads() {
@@ -167,8 +182,13 @@ pub(super) unsafe fn matmul<T: Elem>(
             par,
         )
     };
-    pool.install(|| {
-        if batch > 1 && threads > 1 && (batch % threads == 0 || batch >= 4 * threads) {
+    let work = batch.saturating_mul(m).saturating_mul(k).saturating_mul(n);
+    on_pool(pool, work, |pooled| {
+        if !pooled {
+            for i in 0..batch {
+                one(i, Parallelism::None);
+            }
+        } else if batch > 1 && threads > 1 && (batch % threads == 0 || batch >= 4 * threads) {
             (0..batch)
                 .into_par_iter()
                 .for_each(|i| one(i, Parallelism::None));
@@ -178,6 +198,11 @@ pub(super) unsafe fn matmul<T: Elem>(
             }
         }
     });
+}
+
+/// The multiply-adds of a grouped matmul (the same for every split of the rows).
+fn work(c: &Grouped) -> usize {
+    c.rows.saturating_mul(c.inner).saturating_mul(c.cols)
 }
 
 /// A grouped matmul over the checked row ranges `groups`.
@@ -195,8 +220,13 @@ pub(super) unsafe fn grouped<T: Elem>(
 ) {
     let (a, n) = (c.inner, c.cols);
     let (xs, w, out) = (Shared::new(xs), Shared::new(w), Shared::new(out));
-    pool.install(|| {
+    on_pool(pool, work(c), |pooled| {
         let (xs, w, out) = (xs.get(), w.get(), out.get());
+        let par = if pooled {
+            parallelism()
+        } else {
+            Parallelism::None
+        };
         for (e, &(lo, hi)) in groups.iter().enumerate() {
             // SAFETY: rows lo..hi are within xs and out, expert e within w.
             unsafe {
@@ -205,7 +235,7 @@ pub(super) unsafe fn grouped<T: Elem>(
                     Operand::rows(xs.add(lo * a), a),
                     Operand::rows(w.add(e * a * n), n),
                     out.add(lo * n),
-                    parallelism(),
+                    par,
                 );
             }
         }
@@ -229,9 +259,14 @@ pub(super) unsafe fn grouped_grad<T: Elem>(
     let (a, n) = (c.inner, c.cols);
     let [xs, w, dy] = [xs, w, dy].map(Shared::new);
     let [dxs, dw] = [dxs, dw].map(Shared);
-    pool.install(|| {
+    on_pool(pool, 2 * work(c), |pooled| {
         let [xs, w, dy] = [xs, w, dy].map(Shared::get);
         let [dxs, dw] = [dxs, dw].map(Shared::get);
+        let par = if pooled {
+            parallelism()
+        } else {
+            Parallelism::None
+        };
         for (e, &(lo, hi)) in groups.iter().enumerate() {
             let r = hi - lo;
             // SAFETY: rows lo..hi are within xs, dy and dxs, expert e within w and dw; an
@@ -243,14 +278,14 @@ pub(super) unsafe fn grouped_grad<T: Elem>(
                     dy_e,
                     Operand::transposed(w.add(e * a * n), n),
                     dxs.add(lo * a),
-                    parallelism(),
+                    par,
                 );
                 product(
                     (a, r, n),
                     Operand::transposed(xs.add(lo * a), a),
                     dy_e,
                     dw.add(e * a * n),
-                    parallelism(),
+                    par,
                 );
             }
         }
