@@ -15,8 +15,9 @@ experts as grouped matmuls (every expert with the balanced share of rows), then 
     matmul as one torch.matmul per expert, its gradient as the two per expert, dy w^T and
     xs^T dy on transposed views, as eager PyTorch runs an MoE);
 
-alternating the two `--rounds` times (default 2) and keeping each side's best, so that a
-burst of load on a shared machine does not decide a ratio. Everything is f32 at `--threads`
+shape by shape, each side in turn, `--rounds` times (default 2), keeping each side's best,
+so that a burst of load on a shared machine does not decide a ratio (the FMA peak is the
+better of one measurement before and one after). Everything is f32 at `--threads`
 threads on both sides. It prints one table: GFLOP/s of each side, mmc / torch, and each
 side's fraction of the FMA peak. This script uses only the standard library.
 """
@@ -53,26 +54,62 @@ def shapes(config: str) -> tuple[list[tuple[str, int, int, int]], list[tuple[str
     return dense, grouped
 
 
-def run_mmc(threads: int, dense, grouped) -> list[dict]:
-    cmd = ["cargo", "bench", "-q", "-p", "mmc-codegen", "--bench", "gemm", "--", "--json",
-           "--threads", str(threads)]
-    for name, m, k, n in dense:
-        cmd += ["--shape", f"{name}={m},{k},{n}"]
-    for name, e, r, i, c in grouped:
-        cmd += ["--grouped", f"{name}={e},{r},{i},{c}"]
+def build_bench() -> str:
+    """Builds codegen/benches/gemm.rs (release) and returns its executable."""
+    cmd = ["cargo", "bench", "-p", "mmc-codegen", "--bench", "gemm", "--no-run", "--message-format=json"]
     p = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"error: building the mmc GEMM bench failed (exit status {p.returncode})")
+    for line in p.stdout.splitlines():
+        msg = json.loads(line) if line.startswith("{") else {}
+        if msg.get("reason") == "compiler-artifact" and msg.get("executable") \
+                and msg["target"]["name"] == "gemm" and "bench" in msg["target"]["kind"]:
+            return msg["executable"]
+    raise SystemExit("error: cargo did not name the GEMM bench's executable")
+
+
+def run_mmc(exe: str, threads: int, args: list[str]) -> list[dict]:
+    p = subprocess.run([exe, "--json", "--threads", str(threads)] + args, stdout=subprocess.PIPE, text=True)
     if p.returncode != 0:
         raise SystemExit(f"error: the mmc GEMM bench failed (exit status {p.returncode})")
     return [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
 
 
-def run_torch(python: str, threads: int, dense, grouped) -> list[dict]:
-    spec = json.dumps({"threads": threads, "dense": dense, "grouped": grouped})
-    p = subprocess.run([python, str(Path(__file__).resolve()), "--torch-worker", spec],
-                       stdout=subprocess.PIPE, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"error: the torch GEMM worker failed (exit status {p.returncode})")
-    return [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+def mmc_args(item: tuple) -> list[str]:
+    """The bench's arguments for one dense (4 fields) or grouped (5 fields) shape."""
+    if len(item) == 4:
+        name, m, k, n = item
+        return ["--no-peak", "--shape", f"{name}={m},{k},{n}"]
+    name, e, r, i, c = item
+    return ["--no-peak", "--grouped", f"{name}={e},{r},{i},{c}"]
+
+
+class TorchWorker:
+    """This script in the torch interpreter, timing one shape per request (one import of torch
+    for the whole run)."""
+
+    def __init__(self, python: str, threads: int):
+        self.p = subprocess.Popen([python, str(Path(__file__).resolve()), "--torch-worker", str(threads)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def time(self, item: tuple) -> list[dict]:
+        assert self.p.stdin and self.p.stdout
+        self.p.stdin.write(json.dumps(list(item)) + "\n")
+        self.p.stdin.flush()
+        out = []
+        while True:
+            line = self.p.stdout.readline()
+            if not line:
+                raise SystemExit(f"error: the torch GEMM worker stopped (exit status {self.p.wait()})")
+            rec = json.loads(line)
+            if rec.get("done"):
+                return out
+            out.append(rec)
+
+    def close(self) -> None:
+        assert self.p.stdin
+        self.p.stdin.close()
+        self.p.wait()
 
 
 def _best_seconds(f, rounds: int = 3, min_s: float = 0.2) -> float:
@@ -92,35 +129,42 @@ def _best_seconds(f, rounds: int = 3, min_s: float = 0.2) -> float:
     return best
 
 
-def torch_worker(spec: dict) -> None:
-    """Runs inside the torch interpreter: one JSON line per shape, named as the mmc bench's."""
+def torch_worker(threads: int) -> None:
+    """Runs inside the torch interpreter: reads one shape per line from stdin (as
+    [name, m, k, n] or [name, experts, rows per expert, inner, cols]) and answers with one JSON
+    line per GEMM, named as the mmc bench's, then {"done": true}."""
     import torch
 
-    torch.set_num_threads(spec["threads"])
+    torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
 
     def emit(name, flops, secs):
         print(json.dumps({"gemm": name, "impl": "torch", "ms": round(secs * 1e3, 3),
                           "gflops": round(flops / secs / 1e9, 1)}), flush=True)
 
-    for name, m, k, n in spec["dense"]:
-        a, b = torch.randn((m, k), generator=g), torch.randn((k, n), generator=g)
-        emit(name, 2 * m * k * n, _best_seconds(lambda: torch.matmul(a, b)))
-    for name, e, r, i, c in spec["grouped"]:
-        xs, w = torch.randn((e * r, i), generator=g), torch.randn((e, i, c), generator=g)
-        dy = torch.randn((e * r, c), generator=g)
+    for line in sys.stdin:
+        item = json.loads(line)
+        if len(item) == 4:
+            name, m, k, n = item
+            a, b = torch.randn((m, k), generator=g), torch.randn((k, n), generator=g)
+            emit(name, 2 * m * k * n, _best_seconds(lambda: torch.matmul(a, b)))
+        else:
+            name, e, r, i, c = item
+            xs, w = torch.randn((e * r, i), generator=g), torch.randn((e, i, c), generator=g)
+            dy = torch.randn((e * r, c), generator=g)
 
-        def fwd():
-            for x in range(e):
-                torch.matmul(xs[x * r:(x + 1) * r], w[x])
+            def fwd():
+                for x in range(e):
+                    torch.matmul(xs[x * r:(x + 1) * r], w[x])
 
-        def bwd():
-            for x in range(e):
-                torch.matmul(dy[x * r:(x + 1) * r], w[x].t())
-                torch.matmul(xs[x * r:(x + 1) * r].t(), dy[x * r:(x + 1) * r])
+            def bwd():
+                for x in range(e):
+                    torch.matmul(dy[x * r:(x + 1) * r], w[x].t())
+                    torch.matmul(xs[x * r:(x + 1) * r].t(), dy[x * r:(x + 1) * r])
 
-        emit(name, 2 * e * r * i * c, _best_seconds(fwd))
-        emit(f"{name} grad", 4 * e * r * i * c, _best_seconds(bwd))
+            emit(name, 2 * e * r * i * c, _best_seconds(fwd))
+            emit(f"{name} grad", 4 * e * r * i * c, _best_seconds(bwd))
+        print(json.dumps({"done": True}), flush=True)
 
 
 def best(records: list[dict]) -> dict[str, dict]:
@@ -153,7 +197,7 @@ def report(names: list[tuple[str, str]], mmc: dict, torch: dict, peak: float, is
 
 def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--torch-worker":
-        torch_worker(json.loads(sys.argv[2]))
+        torch_worker(int(sys.argv[2]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", action="append", help=f"an mmc model TOML (repeatable; default {', '.join(CONFIGS)})")
@@ -164,19 +208,28 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads < 1 or args.rounds < 1:
         ap.error("--threads and --rounds must be at least 1")
-    dense, grouped = [], []
+    items: list[tuple] = []
     for config in args.config or CONFIGS:
         d, g = shapes(config)
-        dense += d
-        grouped += g
-    names = [(n, f"{m} x {k} x {nn}") for n, m, k, nn in dense]
-    for n, e, r, i, c in grouped:
-        names += [(n, f"{e} x [{r} x {i} x {c}]"), (f"{n} grad", f"{e} x [{r} x {i} x {c}]")]
+        items += d + g
+    names = []
+    for item in items:
+        if len(item) == 4:
+            names.append((item[0], f"{item[1]} x {item[2]} x {item[3]}"))
+        else:
+            n, e, r, i, c = item
+            names += [(n, f"{e} x [{r} x {i} x {c}]"), (f"{n} grad", f"{e} x [{r} x {i} x {c}]")]
+    exe = build_bench()
+    peaks = run_mmc(exe, args.threads, ["--peak-only"])
+    torch = TorchWorker(args.python, args.threads)
     mmc_records, torch_records = [], []
+    # Shape by shape, each side in turn, so that both see the same load.
     for _ in range(args.rounds):
-        mmc_records += run_mmc(args.threads, dense, grouped)
-        torch_records += run_torch(args.python, args.threads, dense, grouped)
-    peaks = [r for r in mmc_records if "fma_peak_gflops" in r]
+        for item in items:
+            mmc_records += run_mmc(exe, args.threads, mmc_args(item))
+            torch_records += torch.time(item)
+    torch.close()
+    peaks += run_mmc(exe, args.threads, ["--peak-only"])
     peak = max(r["fma_peak_gflops"] for r in peaks)
     isa = peaks[0]["isa"]
     print(report(names, best(mmc_records), best(torch_records), peak, isa, args.threads), flush=True)

@@ -2,7 +2,7 @@
 //! (and, with `--compare`, against `matrixmultiply`, the alternative the call was chosen over).
 //!
 //!   cargo bench -p mmc-codegen --bench gemm -- [--threads 2] [--json] [--compare]
-//!       [--shape NAME=M,K,N ...] [--grouped NAME=EXPERTS,ROWS_PER_EXPERT,INNER,COLS ...]
+//!       [--no-peak | --peak-only] [--shape NAME=M,K,N ...] [--grouped NAME=EXPERTS,ROWS_PER_EXPERT,INNER,COLS ...]
 //!
 //! Every shape is `[M, K] @ [K, N]`, f32, dense row-major operands (what the IR gives: autodiff
 //! materialises transposes with `permute`). A grouped shape times `fused.grouped_matmul` and
@@ -35,6 +35,8 @@ struct Args {
     threads: usize,
     json: bool,
     compare: bool,
+    peak: bool,
+    peak_only: bool,
     shapes: Vec<(String, usize, usize, usize)>,
     grouped: Vec<(String, usize, usize, usize, usize)>,
 }
@@ -58,6 +60,8 @@ fn parse_args() -> Result<Args, String> {
         threads: 2,
         json: false,
         compare: false,
+        peak: true,
+        peak_only: false,
         shapes: Vec::new(),
         grouped: Vec::new(),
     };
@@ -68,6 +72,8 @@ fn parse_args() -> Result<Args, String> {
             "--threads" => a.threads = value()?.parse().map_err(|e| format!("--threads: {e}"))?,
             "--json" => a.json = true,
             "--compare" => a.compare = true,
+            "--no-peak" => a.peak = false,
+            "--peak-only" => a.peak_only = true,
             "--shape" => {
                 let (name, d) = parse_sizes(&value()?, 3)?;
                 a.shapes.push((name, d[0], d[1], d[2]));
@@ -81,7 +87,9 @@ fn parse_args() -> Result<Args, String> {
             other => return Err(format!("unknown argument `{other}`")),
         }
     }
-    if a.shapes.is_empty() && a.grouped.is_empty() {
+    if a.peak_only {
+        a.peak = true;
+    } else if a.shapes.is_empty() && a.grouped.is_empty() {
         a.shapes = SHAPES
             .iter()
             .map(|&(n, m, k, nn)| (n.to_string(), m, k, nn))
@@ -396,16 +404,21 @@ fn main() {
         .expect("a thread pool");
     // The peak before and after the GEMMs, the better kept: on a shared machine a burst of
     // load lowers one of them.
-    let (peak, isa) = fma_peak(&pool);
+    let (mut peak, mut isa) = (f64::NAN, "not measured");
+    if args.peak {
+        (peak, isa) = fma_peak(&pool);
+    }
     let mut records = dense(&args, &pool);
     records.extend(grouped(&args, &pool));
-    let peak = peak.max(fma_peak(&pool).0);
-    if args.json {
+    if args.peak {
+        peak = peak.max(fma_peak(&pool).0);
+    }
+    if args.peak && args.json {
         println!(
             "{{\"fma_peak_gflops\": {peak:.1}, \"isa\": \"{isa}\", \"threads\": {}}}",
             args.threads
         );
-    } else {
+    } else if args.peak {
         println!(
             "FMA peak ({isa}, f32, {} threads): {peak:.1} GFLOP/s",
             args.threads
