@@ -157,10 +157,14 @@ fn print(args: &Args, r: &Record, peak: f64) {
             args.threads
         );
     } else {
+        let of_peak = if peak.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{:.0}%", 100.0 * gflops / peak)
+        };
         println!(
-            "{name:<28} {imp:<15} {dims:<22} {:>10.3} ms {gflops:>8.1} GFLOP/s {:>5.0}% of peak",
+            "{name:<28} {imp:<15} {dims:<22} {:>10.3} ms {gflops:>8.1} GFLOP/s {of_peak:>5} of peak",
             r.secs * 1e3,
-            100.0 * gflops / peak
         );
     }
 }

@@ -463,14 +463,24 @@ fn grouped_matmul_and_its_gradient_match_the_interpreter() {
     }
 }
 
-/// Every row in one expert, and no rows at all: the other experts' weight gradients are 0.
+/// Every row in one expert, no rows at all, and one expert with most of the rows (which runs
+/// over the whole pool while the others are spread one per task): the weight gradients of
+/// the experts without rows are 0.
 #[test]
-fn grouped_matmul_with_empty_experts() {
+fn grouped_matmul_with_empty_and_uneven_experts() {
     let mut rng = ChaCha8Rng::seed_from_u64(9);
-    for (rows, offsets) in [(33, vec![0, 0, 33, 33]), (0, vec![0, 0, 0, 0])] {
-        for grad in [false, true] {
-            let c = grouped_case(&mut rng, DType::F32, (rows, 7, 130, 3), &offsets, grad);
-            check(&c, &[if grad { 130 } else { 7 }, rows]);
+    for (rows, offsets) in [
+        (33, vec![0, 0, 33, 33]),
+        (0, vec![0, 0, 0, 0]),
+        (130, vec![0, 100, 100, 130]),
+        (130, vec![0, 5, 125, 130]),
+    ] {
+        let largest = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0) as usize;
+        for dtype in [DType::F32, DType::F64] {
+            for grad in [false, true] {
+                let c = grouped_case(&mut rng, dtype, (rows, 130, 130, 3), &offsets, grad);
+                check(&c, &[130, largest]);
+            }
         }
     }
 }

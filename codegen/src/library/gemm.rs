@@ -6,8 +6,9 @@
 //!
 //! Parallelism: one GEMM is split by the library over every thread of the pool; a batch of
 //! small matrices is spread one matrix per task instead when that divides evenly. The experts
-//! of a grouped call run one after the other, each over the whole pool, so that an uneven
-//! routing does not leave a thread idle.
+//! of a grouped call are spread one per task, except those with more than one thread's share
+//! of the rows (an uneven routing), which run first, each over the whole pool. Products too
+//! small to share run on the calling thread.
 
 use super::{Grouped, MatMul};
 use gemm::Parallelism;
@@ -205,6 +206,35 @@ fn work(c: &Grouped) -> usize {
     c.rows.saturating_mul(c.inner).saturating_mul(c.cols)
 }
 
+/// Runs `f(e, lo, hi, parallelism)` for every expert `e` with rows `lo..hi`: in the pool
+/// (`pooled`), an expert with more than one thread's share of the rows runs over the whole
+/// pool, one after the other, and the others are spread one expert per task (measured faster
+/// than splitting each expert's GEMM over the threads: 32 experts of 256 rows, 1.1-1.3x);
+/// otherwise all run on the calling thread.
+fn for_experts(
+    groups: &[(usize, usize)],
+    rows: usize,
+    pooled: bool,
+    f: impl Fn(usize, usize, usize, Parallelism) + Sync,
+) {
+    let threads = rayon::current_num_threads();
+    if !pooled || threads <= 1 {
+        for (e, &(lo, hi)) in groups.iter().enumerate() {
+            f(e, lo, hi, Parallelism::None);
+        }
+        return;
+    }
+    let big = |&(lo, hi): &(usize, usize)| (hi - lo) * threads > rows;
+    for (e, g) in groups.iter().enumerate().filter(|(_, g)| big(g)) {
+        f(e, g.0, g.1, parallelism());
+    }
+    groups
+        .par_iter()
+        .enumerate()
+        .filter(|(_, g)| !big(g))
+        .for_each(|(e, &(lo, hi))| f(e, lo, hi, Parallelism::None));
+}
+
 /// A grouped matmul over the checked row ranges `groups`.
 ///
 /// # Safety
@@ -221,24 +251,19 @@ pub(super) unsafe fn grouped<T: Elem>(
     let (a, n) = (c.inner, c.cols);
     let (xs, w, out) = (Shared::new(xs), Shared::new(w), Shared::new(out));
     on_pool(pool, work(c), |pooled| {
-        let (xs, w, out) = (xs.get(), w.get(), out.get());
-        let par = if pooled {
-            parallelism()
-        } else {
-            Parallelism::None
-        };
-        for (e, &(lo, hi)) in groups.iter().enumerate() {
-            // SAFETY: rows lo..hi are within xs and out, expert e within w.
+        for_experts(groups, c.rows, pooled, |e, lo, hi, par| {
+            // SAFETY: rows lo..hi are within xs and out, expert e within w; the experts'
+            // rows of out are disjoint.
             unsafe {
                 product(
                     (hi - lo, a, n),
-                    Operand::rows(xs.add(lo * a), a),
-                    Operand::rows(w.add(e * a * n), n),
-                    out.add(lo * n),
+                    Operand::rows(xs.get().add(lo * a), a),
+                    Operand::rows(w.get().add(e * a * n), n),
+                    out.get().add(lo * n),
                     par,
                 );
             }
-        }
+        })
     });
 }
 
@@ -260,34 +285,28 @@ pub(super) unsafe fn grouped_grad<T: Elem>(
     let [xs, w, dy] = [xs, w, dy].map(Shared::new);
     let [dxs, dw] = [dxs, dw].map(Shared);
     on_pool(pool, 2 * work(c), |pooled| {
-        let [xs, w, dy] = [xs, w, dy].map(Shared::get);
-        let [dxs, dw] = [dxs, dw].map(Shared::get);
-        let par = if pooled {
-            parallelism()
-        } else {
-            Parallelism::None
-        };
-        for (e, &(lo, hi)) in groups.iter().enumerate() {
+        for_experts(groups, c.rows, pooled, |e, lo, hi, par| {
             let r = hi - lo;
-            // SAFETY: rows lo..hi are within xs, dy and dxs, expert e within w and dw; an
-            // expert without rows gets dw_e = 0 (a product over k = 0).
+            // SAFETY: rows lo..hi are within xs, dy and dxs, expert e within w and dw, and
+            // the experts' parts of dxs and dw are disjoint; an expert without rows gets
+            // dw_e = 0 (a product over k = 0).
             unsafe {
-                let dy_e = Operand::rows(dy.add(lo * n), n);
+                let dy_e = Operand::rows(dy.get().add(lo * n), n);
                 product(
                     (r, n, a),
                     dy_e,
-                    Operand::transposed(w.add(e * a * n), n),
-                    dxs.add(lo * a),
+                    Operand::transposed(w.get().add(e * a * n), n),
+                    dxs.get().add(lo * a),
                     par,
                 );
                 product(
                     (a, r, n),
-                    Operand::transposed(xs.add(lo * a), a),
+                    Operand::transposed(xs.get().add(lo * a), a),
                     dy_e,
-                    dw.add(e * a * n),
+                    dw.get().add(e * a * n),
                     par,
                 );
             }
-        }
+        })
     });
 }
