@@ -287,6 +287,22 @@ fn batched_matmul_matches_the_interpreter() {
     }
 }
 
+/// A contraction much longer than the output's sides is cut into one slice per thread, the
+/// partial products summed (the LM head's input gradient).
+#[test]
+fn long_contractions_match_the_interpreter() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    for dtype in [DType::F32, DType::F64] {
+        for (batch, m, k, n) in [(1, 7, 4099, 33), (1, 33, 8191, 7), (3, 7, 4099, 33)] {
+            let mut c = Case::new();
+            let a = c.random(&mut rng, dtype, &[batch, m, k]);
+            let b = c.random(&mut rng, dtype, &[batch, k, n]);
+            c.test(Op::MatMul, &[a, b]);
+            check(&c, &[k]);
+        }
+    }
+}
+
 /// An empty contraction writes zeros (the output buffer starts as a non-zero pattern).
 #[test]
 fn matmul_over_an_empty_contraction_is_zero() {
