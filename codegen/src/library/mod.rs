@@ -260,8 +260,7 @@ impl LibraryCall {
     /// was made from) in its dtype (the call's [`Float`]; offsets i64), valid for reads, and
     /// for writes for the outputs, during the call. The outputs must not overlap each other
     /// or any input; inputs may overlap each other. Nothing else may write these buffers
-    /// during the call. Pointers need not be aligned beyond their element type's natural
-    /// alignment, which they must have.
+    /// during the call. Each pointer is aligned for its element type.
     pub unsafe fn execute(
         &self,
         buffers: &[*mut u8],
