@@ -204,9 +204,16 @@ pub fn compile(cfg: &Config) -> Result<Compiled> {
             let ckpt = Checkpoint::open(&dir)?;
             let layout = CheckpointLayout::detect(ckpt.names());
             ckpt.check(&param_specs(&declared.graph, |n| layout.source(n)))?;
-            let dir = dir
-                .canonicalize()
-                .with_context(|| format!("cannot resolve {}", dir.display()))?;
+            // Kept as found (beside the TOML, or from the working directory), not made
+            // absolute: the plan names no folder of the compiling machine that the user did
+            // not write, and `mmc run` opens a relative one from its working directory.
+            if dir.to_str().is_none() {
+                bail!(
+                    "{}: init_from_hf_path {} is not UTF-8, which a plan cannot record",
+                    model.display(),
+                    dir.display()
+                );
+            }
             Some((dir, layout))
         }
         None => None,
@@ -315,7 +322,7 @@ pub enum DumpPoint {
 /// The kernel IR of every node of `g` that has a generated kernel, in program order, and a
 /// comment line for each node that has none yet; then the coverage.
 fn kernels_text(g: &Graph, comment: &str) -> String {
-    use mmc_codegen::kernel::{Kernel, KernelError};
+    use mmc_codegen::kernel::KernelError;
     let mut out = String::new();
     let (mut generated, mut computed) = (0, 0);
     for (id, node) in g.iter_nodes() {
@@ -323,17 +330,22 @@ fn kernels_text(g: &Graph, comment: &str) -> String {
             continue;
         }
         computed += 1;
-        match Kernel::for_node(g, node, format!("k{}", id.0)) {
-            Ok(k) => {
+        match mmc_codegen::ops::lower_node(g, node, &format!("k{}", id.0)) {
+            Ok(lowered) => {
                 generated += 1;
-                out.push_str(&k.to_string());
-                out.push('\n');
+                for launch in &lowered.launches {
+                    out.push_str(&launch.kernel.to_string());
+                    out.push('\n');
+                }
             }
             Err(KernelError::Unsupported { op } | KernelError::Dtype { op, .. }) => {
                 out.push_str(&format!(
                     "{comment} node {} `{op}`: no generated kernel yet\n",
                     id.0
                 ));
+            }
+            Err(e @ KernelError::Invalid(_)) => {
+                out.push_str(&format!("{comment} node {}: {e}\n", id.0));
             }
         }
     }

@@ -171,19 +171,17 @@ fn the_kernel_stage_prints_kernels_that_compile() {
     let mut kernels = Vec::new();
     for p in &plan.programs {
         for (id, node) in p.graph.iter_nodes() {
-            if let Ok(k) = mmc_codegen::kernel::Kernel::for_node(
-                &p.graph,
-                node,
-                format!("{}_k{}", p.name, id.0),
-            ) {
-                kernels.push(k);
+            if let Ok(l) =
+                mmc_codegen::ops::lower_node(&p.graph, node, &format!("{}_k{}", p.name, id.0))
+            {
+                kernels.extend(l.launches.into_iter().map(|l| l.kernel));
             }
         }
     }
-    assert_eq!(
-        text.matches("\nkernel ").count() + usize::from(text.starts_with("kernel ")),
-        kernels.len()
-    );
+    let printed = text.matches("\nkernel ").count()
+        + text.matches("\nloop kernel ").count()
+        + usize::from(text.starts_with("kernel "));
+    assert_eq!(printed, kernels.len());
     assert!(kernels.len() > 1000, "{}", kernels.len());
     let dir = tempfile::tempdir().expect("a temporary folder");
     mmc_codegen::cpu::build_library(

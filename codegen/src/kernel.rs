@@ -86,6 +86,9 @@ pub enum KernelError {
     Unsupported { op: &'static str },
     #[error("`{op}` over {dtype}: kernels over this dtype are not built yet")]
     Dtype { op: &'static str, dtype: DType },
+    /// An op's description that does not type-check: a bug in mmc.
+    #[error("internal error in a kernel description: {0}")]
+    Invalid(String),
 }
 
 /// Elements per tile of an elementwise kernel: 16 KiB of f32 results, enough to amortise a
@@ -180,6 +183,81 @@ impl Kernel {
             loads,
             reduce: None,
             program,
+        })
+    }
+
+    /// The epilogue of a `fused.matmul_epilogue` node: its program over the product (`$0`,
+    /// read from the node's own result, where the GEMM stored it) and the extras (read
+    /// broadcast), stored back in place. Buffers: the result (read), the extras, the result
+    /// (written).
+    pub fn epilogue(g: &Graph, node: &Node, name: String) -> Result<Kernel, KernelError> {
+        let Op::Fused(FusedOp::MatMulEpilogue { program }) = &node.op else {
+            return Err(KernelError::Unsupported { op: node.op.name() });
+        };
+        let op = node.op.name();
+        let out = g.ty(node.outputs[0]);
+        let product = g.ty(node.inputs[0]).dtype;
+        if product != out.dtype {
+            // The product would need a buffer of its own dtype (bf16 storage comes later).
+            return Err(KernelError::Dtype {
+                op,
+                dtype: out.dtype,
+            });
+        }
+        let mut operands = vec![product];
+        operands.extend(node.inputs[2..].iter().map(|&v| g.ty(v).dtype));
+        let regs = program
+            .dtypes(&operands)
+            .map_err(|_| KernelError::Unsupported { op })?;
+        if let Some(&dtype) = regs.iter().find(|d| !supported_dtype(**d)) {
+            return Err(KernelError::Dtype { op, dtype });
+        }
+        let shape = out.shape.clone();
+        let mut buffers = vec![Buffer {
+            dtype: product,
+            shape: shape.clone(),
+            access: Access::Read,
+        }];
+        let mut loads = vec![Load {
+            buffer: 0,
+            index: Index::Contiguous,
+        }];
+        for &v in &node.inputs[2..] {
+            let ty = g.ty(v);
+            let index = if ty.shape == shape {
+                Index::Contiguous
+            } else {
+                let s = row_major_strides(&ty.shape);
+                Index::Affine {
+                    base: 0,
+                    strides: (0..shape.len())
+                        .map(|a| if ty.shape[a] == 1 { 0 } else { s[a] })
+                        .collect(),
+                }
+            };
+            loads.push(Load {
+                buffer: buffers.len(),
+                index,
+            });
+            buffers.push(Buffer {
+                dtype: ty.dtype,
+                shape: ty.shape.clone(),
+                access: Access::Read,
+            });
+        }
+        buffers.push(Buffer {
+            dtype: out.dtype,
+            shape: shape.clone(),
+            access: Access::Write,
+        });
+        Ok(Kernel {
+            name,
+            buffers,
+            shape,
+            tile: ELEMENTWISE_TILE,
+            loads,
+            reduce: None,
+            program: program.clone(),
         })
     }
 
@@ -317,5 +395,67 @@ impl fmt::Display for Kernel {
             self.program.result()
         )?;
         f.write_str("}")
+    }
+}
+
+/// A kernel of either form, as a library holds them: both compile to the same signature and
+/// launch over tiles the same way.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GeneratedKernel {
+    Elementwise(Kernel),
+    Loop(crate::loops::LoopKernel),
+}
+
+impl GeneratedKernel {
+    pub fn name(&self) -> &str {
+        match self {
+            GeneratedKernel::Elementwise(k) => &k.name,
+            GeneratedKernel::Loop(k) => &k.name,
+        }
+    }
+
+    pub fn buffers(&self) -> &[Buffer] {
+        match self {
+            GeneratedKernel::Elementwise(k) => &k.buffers,
+            GeneratedKernel::Loop(k) => &k.buffers,
+        }
+    }
+
+    pub fn tiles(&self) -> usize {
+        match self {
+            GeneratedKernel::Elementwise(k) => k.tiles(),
+            GeneratedKernel::Loop(k) => k.tiles(),
+        }
+    }
+
+    /// The same kernel under another symbol name.
+    pub fn renamed(&self, name: String) -> GeneratedKernel {
+        let mut k = self.clone();
+        match &mut k {
+            GeneratedKernel::Elementwise(k) => k.name = name,
+            GeneratedKernel::Loop(k) => k.name = name,
+        }
+        k
+    }
+}
+
+impl From<Kernel> for GeneratedKernel {
+    fn from(k: Kernel) -> Self {
+        GeneratedKernel::Elementwise(k)
+    }
+}
+
+impl From<crate::loops::LoopKernel> for GeneratedKernel {
+    fn from(k: crate::loops::LoopKernel) -> Self {
+        GeneratedKernel::Loop(k)
+    }
+}
+
+impl fmt::Display for GeneratedKernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GeneratedKernel::Elementwise(k) => k.fmt(f),
+            GeneratedKernel::Loop(k) => k.fmt(f),
+        }
     }
 }

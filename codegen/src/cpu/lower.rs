@@ -1,5 +1,6 @@
 //! Kernel IR to LLVM IR: one function per kernel,
-//! `void name(void **buffers, i64 tile_begin, i64 tile_end)`.
+//! `i64 name(void **buffers, i64 tile_begin, i64 tile_end)`, returning 0 (the elementwise
+//! kernels cannot fail; a loop kernel returns an error code, see `lower_loops`).
 //!
 //! Each op computes what the interpreter computes: the interpreter evaluates every float op in
 //! f64 and rounds the result once to the declared dtype. For `+ - * /`, `sqrt`, negation,
@@ -25,21 +26,21 @@ pub struct LowerError {
     pub message: String,
 }
 
-type R<T> = Result<T, String>;
+pub(super) type R<T> = Result<T, String>;
 
-fn b<T, E: std::fmt::Display>(r: Result<T, E>) -> R<T> {
+pub(super) fn b<T, E: std::fmt::Display>(r: Result<T, E>) -> R<T> {
     r.map_err(|e| e.to_string())
 }
 
-struct Lower<'a, 'ctx> {
-    cx: &'ctx Context,
-    module: &'a Module<'ctx>,
-    bd: &'a Builder<'ctx>,
+pub(super) struct Lower<'a, 'ctx> {
+    pub(super) cx: &'ctx Context,
+    pub(super) module: &'a Module<'ctx>,
+    pub(super) bd: &'a Builder<'ctx>,
 }
 
 impl<'ctx> Lower<'_, 'ctx> {
     /// The register type of `d` (bool as i1).
-    fn reg_type(&self, d: DType) -> BasicTypeEnum<'ctx> {
+    pub(super) fn reg_type(&self, d: DType) -> BasicTypeEnum<'ctx> {
         match d {
             DType::F32 => self.cx.f32_type().into(),
             DType::F64 => self.cx.f64_type().into(),
@@ -51,14 +52,14 @@ impl<'ctx> Lower<'_, 'ctx> {
     }
 
     /// The in-memory type of `d` (bool as one byte).
-    fn mem_type(&self, d: DType) -> BasicTypeEnum<'ctx> {
+    pub(super) fn mem_type(&self, d: DType) -> BasicTypeEnum<'ctx> {
         match d {
             DType::Bool => self.cx.i8_type().into(),
             d => self.reg_type(d),
         }
     }
 
-    fn float_type(&self, d: DType) -> FloatType<'ctx> {
+    pub(super) fn float_type(&self, d: DType) -> FloatType<'ctx> {
         match d {
             DType::F64 => self.cx.f64_type(),
             _ => self.cx.f32_type(),
@@ -105,7 +106,12 @@ impl<'ctx> Lower<'_, 'ctx> {
         b(self.bd.build_float_trunc(r, self.float_type(d), "n"))
     }
 
-    fn unary(&self, u: UnaryOp, d: DType, x: BasicValueEnum<'ctx>) -> R<BasicValueEnum<'ctx>> {
+    pub(super) fn unary(
+        &self,
+        u: UnaryOp,
+        d: DType,
+        x: BasicValueEnum<'ctx>,
+    ) -> R<BasicValueEnum<'ctx>> {
         if !d.is_float() {
             let x = x.into_int_value();
             return Ok(match u {
@@ -147,6 +153,11 @@ impl<'ctx> Lower<'_, 'ctx> {
                     b(self.bd.build_float_div(one(f64t), s, "rsqrt"))
                 })?
                 .into(),
+            // f32: an inline f64 exp that LLVM vectorises (see `exp_f32_range`); f64 keeps
+            // libm's, the interpreter's own.
+            UnaryOp::Exp if d == DType::F32 => {
+                self.via_f64(d, &[x], |a| self.exp_f32_range(a[0]))?.into()
+            }
             UnaryOp::Exp => self.via_f64(d, &[x], |a| self.call_f64("exp", a))?.into(),
             UnaryOp::Log => self.via_f64(d, &[x], |a| self.call_f64("log", a))?.into(),
             UnaryOp::Tanh => self.via_f64(d, &[x], |a| self.call_f64("tanh", a))?.into(),
@@ -157,7 +168,47 @@ impl<'ctx> Lower<'_, 'ctx> {
         })
     }
 
-    fn intrinsic(&self, name: &str, ty: BasicTypeEnum<'ctx>) -> R<FunctionValue<'ctx>> {
+    /// `exp(x)` in f64 for an `x` that came from an f32, to be rounded to f32: plain
+    /// arithmetic, so loops over it vectorise (a libm call does not). `x` is clamped to
+    /// [-104, 89], outside which the f32 result is 0 or infinity anyway, so `2^n` stays a
+    /// normal double; then `exp(x) = 2^n * exp(r)` with `r = x - n ln 2` (|r| <= ln 2 / 2, by
+    /// two FMAs with a split ln 2) and `exp(r)` by its Taylor series to degree 13 (truncation
+    /// below 1e-17 relative). The error is within 2 units of the last place of a double, so
+    /// the f32 rounding agrees with libm's exp except within 2^-28 of a rounding midpoint.
+    /// NaN stays NaN.
+    fn exp_f32_range(&self, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        let (cx, bd) = (self.cx, self.bd);
+        let f64t = cx.f64_type();
+        let c = |v: f64| f64t.const_float(v);
+        let call = |name: &str, args: &[FloatValue<'ctx>]| -> R<FloatValue<'ctx>> {
+            let f = self.intrinsic(name, f64t.into())?;
+            self.call_intrinsic(f, args)
+        };
+        let lo = call("llvm.maxnum", &[x, c(-104.0)])?;
+        let xc = call("llvm.minnum", &[lo, c(89.0)])?;
+        let t = b(bd.build_float_mul(xc, c(std::f64::consts::LOG2_E), "t"))?;
+        let n = call("llvm.rint", &[t])?;
+        let neg_n = b(bd.build_float_neg(n, "nn"))?;
+        // ln 2 split: the high part has its low 32 bits zero, so n * hi is exact.
+        let (hi, lo2) = (f64::from_bits(0x3FE6_2E42_FEE0_0000), 1.908_214_929_270_587_7e-10);
+        let r = call("llvm.fma", &[neg_n, c(hi), xc])?;
+        let r = call("llvm.fma", &[neg_n, c(lo2), r])?;
+        let mut p = c(1.0 / factorial(13));
+        for k in (0..13).rev() {
+            p = call("llvm.fma", &[p, r, c(1.0 / factorial(k))])?;
+        }
+        let i64t = cx.i64_type();
+        let ni = b(bd.build_float_to_signed_int(n, i64t, "ni"))?;
+        let e = b(bd.build_int_add(ni, i64t.const_int(1023, false), "e"))?;
+        let bits = b(bd.build_left_shift(e, i64t.const_int(52, false), "bits"))?;
+        let scale = b(bd.build_bit_cast(bits, f64t, "scale"))?.into_float_value();
+        let y = b(bd.build_float_mul(p, scale, "exp"))?;
+        // minnum/maxnum drop a NaN: put it back.
+        let nan = b(bd.build_float_compare(FloatPredicate::UNO, x, x, "nan"))?;
+        Ok(b(bd.build_select(nan, x, y, "exp"))?.into_float_value())
+    }
+
+    pub(super) fn intrinsic(&self, name: &str, ty: BasicTypeEnum<'ctx>) -> R<FunctionValue<'ctx>> {
         let i = inkwell::intrinsics::Intrinsic::find(name).ok_or(format!("no {name}"))?;
         i.get_declaration(self.module, &[ty])
             .ok_or(format!("no declaration of {name}"))
@@ -176,7 +227,7 @@ impl<'ctx> Lower<'_, 'ctx> {
             .ok_or_else(|| "an intrinsic returned no value".into())
     }
 
-    fn binary(
+    pub(super) fn binary(
         &self,
         op: BinaryOp,
         d: DType,
@@ -230,7 +281,7 @@ impl<'ctx> Lower<'_, 'ctx> {
         })
     }
 
-    fn compare(
+    pub(super) fn compare(
         &self,
         c: CmpOp,
         d: DType,
@@ -271,7 +322,12 @@ impl<'ctx> Lower<'_, 'ctx> {
         })
     }
 
-    fn cast(&self, from: DType, to: DType, x: BasicValueEnum<'ctx>) -> R<BasicValueEnum<'ctx>> {
+    pub(super) fn cast(
+        &self,
+        from: DType,
+        to: DType,
+        x: BasicValueEnum<'ctx>,
+    ) -> R<BasicValueEnum<'ctx>> {
         let bd = self.bd;
         Ok(match (from.is_float(), to.is_float()) {
             (true, true) => {
@@ -346,7 +402,7 @@ impl<'ctx> Lower<'_, 'ctx> {
     }
 
     /// Element `idx` of `buf` (of dtype `d`) as a register (a bool byte as i1).
-    fn load(
+    pub(super) fn load(
         &self,
         buf: PointerValue<'ctx>,
         d: DType,
@@ -468,7 +524,7 @@ impl<'ctx> Lower<'_, 'ctx> {
         })
     }
 
-    fn constant(&self, value: f64, d: DType) -> BasicValueEnum<'ctx> {
+    pub(super) fn constant(&self, value: f64, d: DType) -> BasicValueEnum<'ctx> {
         match d {
             DType::F32 => self.cx.f32_type().const_float(value as f32 as f64).into(),
             DType::F64 => self.cx.f64_type().const_float(value).into(),
@@ -506,9 +562,7 @@ fn lower_kernel<'ctx>(cx: &'ctx Context, module: &Module<'ctx>, k: &Kernel) -> R
     };
     let ptr = cx.ptr_type(AddressSpace::default());
     let i64t = cx.i64_type();
-    let fn_ty = cx
-        .void_type()
-        .fn_type(&[ptr.into(), i64t.into(), i64t.into()], false);
+    let fn_ty = i64t.fn_type(&[ptr.into(), i64t.into(), i64t.into()], false);
     let f = module.add_function(&k.name, fn_ty, None);
     let entry = cx.append_basic_block(f, "entry");
     let header = cx.append_basic_block(f, "header");
@@ -609,6 +663,11 @@ fn lower_kernel<'ctx>(cx: &'ctx Context, module: &Module<'ctx>, k: &Kernel) -> R
     b(bd.build_unconditional_branch(header))?;
 
     bd.position_at_end(exit);
-    b(bd.build_return(None))?;
+    b(bd.build_return(Some(&i64t.const_zero())))?;
     Ok(())
+}
+
+/// `k!` as a double (exact for the small `k` the series use).
+fn factorial(k: u32) -> f64 {
+    (1..=k).map(f64::from).product()
 }

@@ -1,0 +1,70 @@
+//! Node lowering: what each node of a scheduled program becomes in the kernel IR.
+//!
+//! A node lowers to one or more launches of generated kernels (elementwise kernels, or loop
+//! kernels for the fused ops), each over the node's operands, its results and, where an op
+//! needs room of its own (a column reduction's partial sums, say), scratch buffers that the
+//! runtime allocates once, beside the arena. Each fused op is described here once, in
+//! target-independent kernel IR; the CPU backend compiles the descriptions with LLVM and an
+//! Ascend backend will lower the same ones.
+
+mod norms;
+
+use crate::kernel::{Buffer, GeneratedKernel, Kernel, KernelError};
+use mmc_ir::{Graph, Node};
+
+/// A buffer of a launch: one of the node's operands or results, or one of its scratch
+/// buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arg {
+    Input(usize),
+    Output(usize),
+    Scratch(usize),
+}
+
+/// One kernel launch of a lowered node, with what each of the kernel's buffers is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Launch {
+    pub kernel: GeneratedKernel,
+    pub args: Vec<Arg>,
+}
+
+/// What a node lowers to: launches, run in order, and the scratch buffers they share.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Lowered {
+    pub launches: Vec<Launch>,
+    pub scratch: Vec<Buffer>,
+}
+
+impl Lowered {
+    /// One kernel over the node's operands then its results (the spec's buffer convention).
+    pub fn single(g: &Graph, node: &Node, kernel: GeneratedKernel) -> Lowered {
+        let _ = g;
+        let args = (0..node.inputs.len())
+            .map(Arg::Input)
+            .chain((0..node.outputs.len()).map(Arg::Output))
+            .collect();
+        Lowered {
+            launches: vec![Launch { kernel, args }],
+            scratch: Vec::new(),
+        }
+    }
+}
+
+/// The kernels of `node`; `name` prefixes their symbols (each launch gets `name`, then
+/// `name_1`, ...).
+pub fn lower_node(g: &Graph, node: &Node, name: &str) -> Result<Lowered, KernelError> {
+    if let Some(l) = norms::lower(g, node, name) {
+        return l;
+    }
+    let k = Kernel::for_node(g, node, name.to_string())?;
+    Ok(Lowered::single(g, node, k.into()))
+}
+
+/// The symbol of launch `i` of a node named `name`.
+pub fn launch_name(name: &str, i: usize) -> String {
+    if i == 0 {
+        name.to_string()
+    } else {
+        format!("{name}_{i}")
+    }
+}
