@@ -5,6 +5,7 @@ pub mod compiled;
 #[cfg(feature = "llvm")]
 pub mod cpu;
 pub mod kernel;
+pub mod library;
 pub mod loops;
 pub mod native;
 pub mod ops;
