@@ -1,11 +1,23 @@
 //! RMSNorm and LayerNorm (and their backward ops), softmax and log-softmax: one item per row
 //! of the last axis, statistics accumulated in f64 in the interpreter's order, each result
 //! rounded once.
+//!
+//! The norms' weight gradients are column sums over the rows. They take a second launch that
+//! parallelises by column: the first launch (one item per row) writes `dx` and each row's
+//! statistics to scratch, the second (one item per block of [`COLS`] columns) accumulates the
+//! block's sums in f64 scratch, visiting the rows in order, so every sum is added in the
+//! interpreter's order and `dw`/`db` are its values bit for bit.
 
-use super::{launch_name, Lowered};
-use crate::kernel::KernelError;
-use crate::loops::{cst, idx, load, LoopBuilder};
+use super::{launch_name, Arg, Launch, Lowered};
+use crate::kernel::{Access, Buffer, KernelError};
+use crate::loops::{cst, idx, load, Expr, LoopBuilder, LoopKernel, Var};
 use mmc_ir::{DType, FusedOp, Graph, Node, Op};
+
+const F64: DType = DType::F64;
+
+/// Columns per item of a column-sum launch: a multiple of every vector width, small enough
+/// that a hidden size of 512 still gives 8 items to spread over the threads.
+pub(super) const COLS: usize = 64;
 
 /// Rows per tile: about 4,096 elements of work per tile, at least one row.
 pub(super) fn rows_per_tile(row: usize) -> usize {
@@ -14,13 +26,24 @@ pub(super) fn rows_per_tile(row: usize) -> usize {
 
 /// The lowering of `node` if it is one of this module's ops.
 pub(super) fn lower(g: &Graph, node: &Node, name: &str) -> Option<Result<Lowered, KernelError>> {
-    match &node.op {
-        Op::Fused(FusedOp::RmsNorm { eps }) => Some(rms_norm(g, node, name, *eps)),
-        _ => None,
-    }
+    let Op::Fused(f) = &node.op else {
+        return None;
+    };
+    Some(match f {
+        FusedOp::RmsNorm { eps } => rms_norm(g, node, name, *eps),
+        FusedOp::RmsNormGrad { eps } => rms_norm_grad(g, node, name, *eps),
+        FusedOp::LayerNorm { eps } => layer_norm(g, node, name, *eps),
+        FusedOp::LayerNormGrad { eps } => layer_norm_grad(g, node, name, *eps),
+        FusedOp::Softmax => softmax(g, node, name),
+        FusedOp::SoftmaxGrad => softmax_grad(g, node, name),
+        FusedOp::LogSoftmax => log_softmax(g, node, name),
+        FusedOp::LogSoftmaxGrad => log_softmax_grad(g, node, name),
+        _ => return None,
+    })
 }
 
-fn float(g: &Graph, node: &Node) -> Result<DType, KernelError> {
+/// The float dtype of `node`'s results (f32 or f64; others have no kernels yet).
+pub(super) fn float(g: &Graph, node: &Node) -> Result<DType, KernelError> {
     let d = g.ty(node.outputs[0]).dtype;
     match d {
         DType::F32 | DType::F64 => Ok(d),
@@ -31,31 +54,378 @@ fn float(g: &Graph, node: &Node) -> Result<DType, KernelError> {
     }
 }
 
+/// A finished kernel, or the description's bug as a [`KernelError`].
+pub(super) fn finish(k: LoopBuilder) -> Result<LoopKernel, KernelError> {
+    k.finish().map_err(|e| KernelError::Invalid(e.to_string()))
+}
+
+/// What a row kernel works over: `rows` rows of `n` elements of dtype `d` (the node's first
+/// operand, `shape`).
+struct Rows {
+    d: DType,
+    n: usize,
+    rows: usize,
+    shape: Vec<usize>,
+}
+
+impl Rows {
+    fn of(g: &Graph, node: &Node) -> Result<Rows, KernelError> {
+        let d = float(g, node)?;
+        let shape = g.ty(node.inputs[0]).shape.to_vec();
+        let n = *shape.last().unwrap_or(&1);
+        let rows = shape.iter().product::<usize>() / n.max(1);
+        Ok(Rows { d, n, rows, shape })
+    }
+
+    /// A kernel with one item per row.
+    fn kernel(&self, name: String) -> LoopBuilder {
+        LoopBuilder::new(name, self.rows, rows_per_tile(self.n))
+    }
+
+    /// Element `j` of the row of buffer `b` that the item works on, as f64.
+    fn at(&self, k: &LoopBuilder, b: usize, j: Expr) -> Expr {
+        load(b, k.item() * idx(self.n) + j).cast(F64)
+    }
+
+    /// Stores `v` (f64) at element `j` of the item's row of `b`, rounded once.
+    fn put(&self, k: &mut LoopBuilder, b: usize, j: Expr, v: Expr) {
+        let i = k.item() * idx(self.n) + j;
+        k.store(b, i, v.cast(self.d));
+    }
+}
+
+/// `sum over j in 0..n of term(j)` in f64, added in order from 0 as the interpreter's
+/// `iter().sum()` adds.
+fn row_sum(k: &mut LoopBuilder, n: usize, term: impl FnOnce(&LoopBuilder, Expr) -> Expr) -> Var {
+    let s = k.var(F64, cst(0.0, F64));
+    k.for_(idx(0), idx(n), |k, j| {
+        let t = term(k, j);
+        k.set(s, s.val() + t);
+    });
+    s
+}
+
+/// The row maximum of buffer `b` (NaN if the row has one, as the interpreter's `nan_max`).
+fn row_max(k: &mut LoopBuilder, r: &Rows, b: usize) -> Var {
+    let m = k.var(F64, cst(f64::NEG_INFINITY, F64));
+    k.for_(idx(0), idx(r.n), |k, j| {
+        let v = r.at(k, b, j);
+        k.set(m, m.val().max(v));
+    });
+    m
+}
+
+/// `1 / sqrt(sum(x^2) * (1/n) + eps)` of the item's row of `bx`.
+fn rms_scale(k: &mut LoopBuilder, r: &Rows, bx: usize, eps: f64) -> Var {
+    let ss = row_sum(k, r.n, |k, j| {
+        let v = r.at(k, bx, j);
+        v.clone() * v
+    });
+    let ms = ss.val() * cst(1.0 / r.n as f64, F64);
+    k.var(F64, cst(1.0, F64) / (ms + cst(eps, F64)).sqrt())
+}
+
+/// The mean of the item's row of `bx` and `1 / sqrt(var + eps)` (biased variance).
+fn moments(k: &mut LoopBuilder, r: &Rows, bx: usize, eps: f64) -> (Var, Var) {
+    let inv_n = cst(1.0 / r.n as f64, F64);
+    let s = row_sum(k, r.n, |k, j| r.at(k, bx, j));
+    let mu = k.var(F64, s.val() * inv_n.clone());
+    let sq = row_sum(k, r.n, |k, j| {
+        let c = r.at(k, bx, j) - mu.val();
+        c.clone() * c
+    });
+    let var = sq.val() * inv_n;
+    let rs = k.var(F64, cst(1.0, F64) / (var + cst(eps, F64)).sqrt());
+    (mu, rs)
+}
+
 /// `y = w * (x * r)` with `r = 1 / sqrt(sum(x^2) * (1/n) + eps)` per row.
 fn rms_norm(g: &Graph, node: &Node, name: &str, eps: f64) -> Result<Lowered, KernelError> {
-    let d = float(g, node)?;
-    let x = g.ty(node.inputs[0]);
-    let n = *x.shape.last().unwrap_or(&1);
-    let rows = x.numel() / n.max(1);
-    let f64t = DType::F64;
-    let mut k = LoopBuilder::new(launch_name(name, 0), rows, rows_per_tile(n));
-    let (bx, bw) = (k.read(d, &x.shape), k.read(d, &[n]));
-    let by = k.write(d, &x.shape);
-    let base = k.item() * idx(n);
-    let ss = k.var(f64t, cst(0.0, f64t));
-    k.for_(idx(0), idx(n), |k, j| {
-        let v = load(bx, base.clone() + j).cast(f64t);
-        k.set(ss, ss.val() + v.clone() * v);
+    let r = Rows::of(g, node)?;
+    let mut k = r.kernel(launch_name(name, 0));
+    let (bx, bw) = (k.read(r.d, &r.shape), k.read(r.d, &[r.n]));
+    let by = k.write(r.d, &r.shape);
+    let s = rms_scale(&mut k, &r, bx, eps);
+    k.for_(idx(0), idx(r.n), |k, j| {
+        let v = r.at(k, bx, j.clone());
+        let w = load(bw, j.clone()).cast(F64);
+        r.put(k, by, j, w * (v * s.val()));
     });
-    let ms = k.var(f64t, ss.val() * cst(1.0 / n as f64, f64t));
-    let r = k.var(f64t, cst(1.0, f64t) / (ms.val() + cst(eps, f64t)).sqrt());
-    k.for_(idx(0), idx(n), |k, j| {
-        let v = load(bx, base.clone() + j.clone()).cast(f64t);
-        let w = load(bw, j.clone()).cast(f64t);
-        k.store(by, base.clone() + j, (w * (v * r.val())).cast(d));
+    Ok(Lowered::single(g, node, finish(k)?.into()))
+}
+
+/// (x, w, dy) -> (dx, dw): with `g = w * dy`, `dx = r * g - x * r^3 * mean(g * x)` per row
+/// (launch 0, which also keeps each row's `r`), and `dw = sum over rows of dy * x * r`
+/// (launch 1, by column).
+fn rms_norm_grad(g: &Graph, node: &Node, name: &str, eps: f64) -> Result<Lowered, KernelError> {
+    let r = Rows::of(g, node)?;
+    let mut k = r.kernel(launch_name(name, 0));
+    let (bx, bw, bd) = (
+        k.read(r.d, &r.shape),
+        k.read(r.d, &[r.n]),
+        k.read(r.d, &r.shape),
+    );
+    let bdx = k.write(r.d, &r.shape);
+    let bst = k.write(F64, &[r.rows, 1]);
+    let s = rms_scale(&mut k, &r, bx, eps);
+    let gx = row_sum(&mut k, r.n, |k, j| {
+        load(bw, j.clone()).cast(F64) * r.at(k, bd, j.clone()) * r.at(k, bx, j)
     });
-    let k = k
-        .finish()
-        .map_err(|e| KernelError::Invalid(e.to_string()))?;
-    Ok(Lowered::single(g, node, k.into()))
+    let c = k.var(
+        F64,
+        s.val() * s.val() * s.val() * gx.val() / cst(r.n as f64, F64),
+    );
+    k.for_(idx(0), idx(r.n), |k, j| {
+        let w = load(bw, j.clone()).cast(F64);
+        let v = s.val() * w * r.at(k, bd, j.clone()) - c.val() * r.at(k, bx, j.clone());
+        r.put(k, bdx, j, v);
+    });
+    k.store(bst, k.item(), s.val());
+    let rows = finish(k)?;
+    let cols = column_sums(&r, launch_name(name, 1), 1, 1, |st, x, dy| {
+        vec![dy * x * st[0].clone()]
+    })?;
+    Ok(Lowered {
+        launches: vec![
+            Launch {
+                kernel: rows.into(),
+                args: vec![
+                    Arg::Input(0),
+                    Arg::Input(1),
+                    Arg::Input(2),
+                    Arg::Output(0),
+                    Arg::Scratch(0),
+                ],
+            },
+            Launch {
+                kernel: cols.into(),
+                args: vec![
+                    Arg::Input(0),
+                    Arg::Input(2),
+                    Arg::Scratch(0),
+                    Arg::Scratch(1),
+                    Arg::Output(1),
+                ],
+            },
+        ],
+        scratch: vec![scratch(&[r.rows, 1]), scratch(&[1, r.n])],
+    })
+}
+
+/// An f64 scratch buffer of `shape`.
+fn scratch(shape: &[usize]) -> Buffer {
+    Buffer {
+        dtype: F64,
+        shape: shape.to_vec(),
+        access: Access::Write,
+    }
+}
+
+/// The column-sum launch of a norm's backward: buffers (x, dy, stats [rows, s] f64,
+/// acc [sums, n] f64, then `sums` results [n]); one item per block of [`COLS`] columns.
+/// Each block's sums start at 0 and add `terms(row stats, x, dy)` (f64) row after row, then
+/// are rounded once into the results.
+fn column_sums(
+    r: &Rows,
+    name: String,
+    stats: usize,
+    sums: usize,
+    terms: impl FnOnce(&[Expr], Expr, Expr) -> Vec<Expr>,
+) -> Result<LoopKernel, KernelError> {
+    let n = r.n;
+    let mut k = LoopBuilder::new(name, n.div_ceil(COLS), 1);
+    let (bx, bd) = (k.read(r.d, &r.shape), k.read(r.d, &r.shape));
+    let bst = k.read(F64, &[r.rows, stats]);
+    let bacc = k.write(F64, &[sums, n]);
+    let outs: Vec<usize> = (0..sums).map(|_| k.write(r.d, &[n])).collect();
+    let lo = k.var(DType::I64, k.item() * idx(COLS));
+    let hi = k.var(DType::I64, (lo.val() + idx(COLS)).min(idx(n)));
+    k.for_(lo.val(), hi.val(), |k, j| {
+        for o in 0..sums {
+            k.store(bacc, idx(o * n) + j.clone(), cst(0.0, F64));
+        }
+    });
+    k.for_(idx(0), idx(r.rows), |k, row| {
+        let st: Vec<Expr> = (0..stats)
+            .map(|s| {
+                let v = load(bst, row.clone() * idx(stats) + idx(s));
+                k.var(F64, v).val()
+            })
+            .collect();
+        k.for_(lo.val(), hi.val(), |k, j| {
+            let at = row * idx(n) + j.clone();
+            let x = load(bx, at.clone()).cast(F64);
+            let dy = load(bd, at).cast(F64);
+            for (o, t) in terms(&st, x, dy).into_iter().enumerate() {
+                let a = idx(o * n) + j.clone();
+                k.store(bacc, a.clone(), load(bacc, a) + t);
+            }
+        });
+    });
+    k.for_(lo.val(), hi.val(), |k, j| {
+        for (o, &b) in outs.iter().enumerate() {
+            k.store(b, j.clone(), load(bacc, idx(o * n) + j.clone()).cast(r.d));
+        }
+    });
+    finish(k)
+}
+
+/// `(x - mean) * r * w + b` with `r = 1 / sqrt(var + eps)` per row.
+fn layer_norm(g: &Graph, node: &Node, name: &str, eps: f64) -> Result<Lowered, KernelError> {
+    let r = Rows::of(g, node)?;
+    let mut k = r.kernel(launch_name(name, 0));
+    let (bx, bw, bb) = (
+        k.read(r.d, &r.shape),
+        k.read(r.d, &[r.n]),
+        k.read(r.d, &[r.n]),
+    );
+    let by = k.write(r.d, &r.shape);
+    let (mu, s) = moments(&mut k, &r, bx, eps);
+    k.for_(idx(0), idx(r.n), |k, j| {
+        let v = r.at(k, bx, j.clone());
+        let w = load(bw, j.clone()).cast(F64);
+        let b = load(bb, j.clone()).cast(F64);
+        r.put(k, by, j, (v - mu.val()) * s.val() * w + b);
+    });
+    Ok(Lowered::single(g, node, finish(k)?.into()))
+}
+
+/// (x, w, dy) -> (dx, dw, db): with `xh = (x - mean) * r` and `g = w * dy`,
+/// `dx = r * (g - mean(g) - xh * mean(g * xh))` per row (launch 0, which keeps each row's
+/// mean and `r`), `dw = sum dy * xh` and `db = sum dy` over the rows (launch 1, by column).
+fn layer_norm_grad(g: &Graph, node: &Node, name: &str, eps: f64) -> Result<Lowered, KernelError> {
+    let r = Rows::of(g, node)?;
+    let mut k = r.kernel(launch_name(name, 0));
+    let (bx, bw, bd) = (
+        k.read(r.d, &r.shape),
+        k.read(r.d, &[r.n]),
+        k.read(r.d, &r.shape),
+    );
+    let bdx = k.write(r.d, &r.shape);
+    let bst = k.write(F64, &[r.rows, 2]);
+    let (mu, s) = moments(&mut k, &r, bx, eps);
+    let g_mean = k.var(F64, cst(0.0, F64));
+    let gx_mean = k.var(F64, cst(0.0, F64));
+    k.for_(idx(0), idx(r.n), |k, j| {
+        let gv = k.var(F64, load(bw, j.clone()).cast(F64) * r.at(k, bd, j.clone()));
+        k.set(g_mean, g_mean.val() + gv.val());
+        let xc = r.at(k, bx, j) - mu.val();
+        k.set(gx_mean, gx_mean.val() + gv.val() * xc * s.val());
+    });
+    let nf = cst(r.n as f64, F64);
+    k.set(g_mean, g_mean.val() / nf.clone());
+    k.set(gx_mean, gx_mean.val() / nf);
+    k.for_(idx(0), idx(r.n), |k, j| {
+        let xh = (r.at(k, bx, j.clone()) - mu.val()) * s.val();
+        let w = load(bw, j.clone()).cast(F64);
+        let gv = w * r.at(k, bd, j.clone());
+        let v = s.val() * (gv - g_mean.val() - xh * gx_mean.val());
+        r.put(k, bdx, j, v);
+    });
+    k.store(bst, k.item() * idx(2), mu.val());
+    k.store(bst, k.item() * idx(2) + idx(1), s.val());
+    let rows = finish(k)?;
+    let cols = column_sums(&r, launch_name(name, 1), 2, 2, |st, x, dy| {
+        let xh = (x - st[0].clone()) * st[1].clone();
+        vec![dy.clone() * xh, dy]
+    })?;
+    Ok(Lowered {
+        launches: vec![
+            Launch {
+                kernel: rows.into(),
+                args: vec![
+                    Arg::Input(0),
+                    Arg::Input(1),
+                    Arg::Input(2),
+                    Arg::Output(0),
+                    Arg::Scratch(0),
+                ],
+            },
+            Launch {
+                kernel: cols.into(),
+                args: vec![
+                    Arg::Input(0),
+                    Arg::Input(2),
+                    Arg::Scratch(0),
+                    Arg::Scratch(1),
+                    Arg::Output(1),
+                    Arg::Output(2),
+                ],
+            },
+        ],
+        scratch: vec![scratch(&[r.rows, 2]), scratch(&[2, r.n])],
+    })
+}
+
+/// `exp(x - max) / sum(exp(x - max))` per row. In f64 the exponentials are stored and
+/// divided in place; in f32 (where the stored values would be rounded) they are recomputed,
+/// the same values.
+fn softmax(g: &Graph, node: &Node, name: &str) -> Result<Lowered, KernelError> {
+    let r = Rows::of(g, node)?;
+    let mut k = r.kernel(launch_name(name, 0));
+    let bx = k.read(r.d, &r.shape);
+    let by = k.write(r.d, &r.shape);
+    let m = row_max(&mut k, &r, bx);
+    if r.d == F64 {
+        k.for_(idx(0), idx(r.n), |k, j| {
+            let e = (r.at(k, bx, j.clone()) - m.val()).exp();
+            r.put(k, by, j, e);
+        });
+        let s = row_sum(&mut k, r.n, |k, j| r.at(k, by, j));
+        k.for_(idx(0), idx(r.n), |k, j| {
+            let v = r.at(k, by, j.clone()) / s.val();
+            r.put(k, by, j, v);
+        });
+    } else {
+        let s = row_sum(&mut k, r.n, |k, j| (r.at(k, bx, j) - m.val()).exp());
+        k.for_(idx(0), idx(r.n), |k, j| {
+            let v = (r.at(k, bx, j.clone()) - m.val()).exp() / s.val();
+            r.put(k, by, j, v);
+        });
+    }
+    Ok(Lowered::single(g, node, finish(k)?.into()))
+}
+
+/// (y, dy) -> dx = y * (dy - sum(dy * y)) per row.
+fn softmax_grad(g: &Graph, node: &Node, name: &str) -> Result<Lowered, KernelError> {
+    let r = Rows::of(g, node)?;
+    let mut k = r.kernel(launch_name(name, 0));
+    let (by, bd) = (k.read(r.d, &r.shape), k.read(r.d, &r.shape));
+    let bdx = k.write(r.d, &r.shape);
+    let s = row_sum(&mut k, r.n, |k, j| r.at(k, by, j.clone()) * r.at(k, bd, j));
+    k.for_(idx(0), idx(r.n), |k, j| {
+        let v = r.at(k, by, j.clone()) * (r.at(k, bd, j.clone()) - s.val());
+        r.put(k, bdx, j, v);
+    });
+    Ok(Lowered::single(g, node, finish(k)?.into()))
+}
+
+/// `x - (log(sum(exp(x - max))) + max)` per row.
+fn log_softmax(g: &Graph, node: &Node, name: &str) -> Result<Lowered, KernelError> {
+    let r = Rows::of(g, node)?;
+    let mut k = r.kernel(launch_name(name, 0));
+    let bx = k.read(r.d, &r.shape);
+    let by = k.write(r.d, &r.shape);
+    let m = row_max(&mut k, &r, bx);
+    let s = row_sum(&mut k, r.n, |k, j| (r.at(k, bx, j) - m.val()).exp());
+    let lse = k.var(F64, s.val().log() + m.val());
+    k.for_(idx(0), idx(r.n), |k, j| {
+        let v = r.at(k, bx, j.clone()) - lse.val();
+        r.put(k, by, j, v);
+    });
+    Ok(Lowered::single(g, node, finish(k)?.into()))
+}
+
+/// (y, dy) -> dx = dy - exp(y) * sum(dy) per row.
+fn log_softmax_grad(g: &Graph, node: &Node, name: &str) -> Result<Lowered, KernelError> {
+    let r = Rows::of(g, node)?;
+    let mut k = r.kernel(launch_name(name, 0));
+    let (by, bd) = (k.read(r.d, &r.shape), k.read(r.d, &r.shape));
+    let bdx = k.write(r.d, &r.shape);
+    let s = row_sum(&mut k, r.n, |k, j| r.at(k, bd, j));
+    k.for_(idx(0), idx(r.n), |k, j| {
+        let v = r.at(k, bd, j.clone()) - r.at(k, by, j.clone()).exp() * s.val();
+        r.put(k, bdx, j, v);
+    });
+    Ok(Lowered::single(g, node, finish(k)?.into()))
 }
