@@ -59,97 +59,189 @@ pub(super) fn finish(k: LoopBuilder) -> Result<LoopKernel, KernelError> {
     k.finish().map_err(|e| KernelError::Invalid(e.to_string()))
 }
 
+/// Rows per item of the kernels whose row reductions are chains of f64 additions: the
+/// chains of four rows are interleaved, so they overlap in the FPU instead of each waiting
+/// on its last addition, and each still adds in the interpreter's order.
+const LANES: usize = 4;
+
 /// What a row kernel works over: `rows` rows of `n` elements of dtype `d` (the node's first
-/// operand, `shape`).
+/// operand, `shape`), `lanes` rows per item.
 struct Rows {
     d: DType,
     n: usize,
     rows: usize,
     shape: Vec<usize>,
+    lanes: usize,
+}
+
+/// One row of an item: its index and the offset of its first element.
+#[derive(Clone, Copy)]
+struct Lane {
+    row: Var,
+    base: Var,
 }
 
 impl Rows {
-    fn of(g: &Graph, node: &Node) -> Result<Rows, KernelError> {
+    fn of(g: &Graph, node: &Node, lanes: usize) -> Result<Rows, KernelError> {
         let d = float(g, node)?;
         let shape = g.ty(node.inputs[0]).shape.to_vec();
         let n = *shape.last().unwrap_or(&1);
         let rows = shape.iter().product::<usize>() / n.max(1);
-        Ok(Rows { d, n, rows, shape })
+        Ok(Rows {
+            d,
+            n,
+            rows,
+            shape,
+            lanes,
+        })
     }
 
-    /// A kernel with one item per row.
+    /// A kernel with one item per `lanes` rows.
     fn kernel(&self, name: String) -> LoopBuilder {
-        LoopBuilder::new(name, self.rows, rows_per_tile(self.n))
+        let items = self.rows.div_ceil(self.lanes);
+        LoopBuilder::new(name, items, rows_per_tile(self.n * self.lanes))
     }
 
-    /// Element `j` of the row of buffer `b` that the item works on, as f64.
-    fn at(&self, k: &LoopBuilder, b: usize, j: Expr) -> Expr {
-        load(b, k.item() * idx(self.n) + j).cast(F64)
+    /// The item's rows: `lanes` consecutive ones, the last item's repeating the last row
+    /// where the rows run out (it computes that row again and stores the same values, so no
+    /// lane needs a branch). Every pass of a kernel over a row must therefore give the same
+    /// values when repeated: with more than one lane, none reads back what it wrote.
+    fn lanes(&self, k: &mut LoopBuilder) -> Vec<Lane> {
+        let last = idx(self.rows.max(1) - 1);
+        (0..self.lanes)
+            .map(|l| {
+                let row = k.var(
+                    DType::I64,
+                    (k.item() * idx(self.lanes) + idx(l)).min(last.clone()),
+                );
+                let base = k.var(DType::I64, row.val() * idx(self.n));
+                Lane { row, base }
+            })
+            .collect()
     }
 
-    /// Stores `v` (f64) at element `j` of the item's row of `b`, rounded once.
-    fn put(&self, k: &mut LoopBuilder, b: usize, j: Expr, v: Expr) {
-        let i = k.item() * idx(self.n) + j;
-        k.store(b, i, v.cast(self.d));
+    /// Element `j` of lane `l`'s row of buffer `b`, as f64.
+    fn at(&self, b: usize, l: Lane, j: Expr) -> Expr {
+        load(b, l.base.val() + j).cast(F64)
+    }
+
+    /// Stores `v` (f64) at element `j` of lane `l`'s row of `b`, rounded once.
+    fn put(&self, k: &mut LoopBuilder, b: usize, l: Lane, j: Expr, v: Expr) {
+        k.store(b, l.base.val() + j, v.cast(self.d));
+    }
+
+    /// `for j in 0..n { body(lane, j) }` for each lane in turn.
+    fn each(
+        &self,
+        k: &mut LoopBuilder,
+        ls: &[Lane],
+        mut body: impl FnMut(&mut LoopBuilder, usize, Expr),
+    ) {
+        for l in 0..ls.len() {
+            k.for_(idx(0), idx(self.n), |k, j| body(k, l, j));
+        }
     }
 }
 
-/// `sum over j in 0..n of term(j)` in f64, added in order from 0 as the interpreter's
-/// `iter().sum()` adds.
-fn row_sum(k: &mut LoopBuilder, n: usize, term: impl FnOnce(&LoopBuilder, Expr) -> Expr) -> Var {
-    let s = k.var(F64, cst(0.0, F64));
-    k.for_(idx(0), idx(n), |k, j| {
-        let t = term(k, j);
-        k.set(s, s.val() + t);
-    });
-    s
-}
-
-/// The row maximum of buffer `b` (NaN if the row has one, as the interpreter's `nan_max`).
-fn row_max(k: &mut LoopBuilder, r: &Rows, b: usize) -> Var {
-    let m = k.var(F64, cst(f64::NEG_INFINITY, F64));
+/// `sums` row sums per lane, `sum over j in 0..n of terms(lane, j)[s]` in f64, each added in
+/// order from 0 as the interpreter's `iter().sum()` and `+=` loops add; the lanes' (and the
+/// sums') chains interleaved in one loop.
+fn row_sums(
+    k: &mut LoopBuilder,
+    r: &Rows,
+    ls: &[Lane],
+    sums: usize,
+    terms: impl Fn(usize, Expr) -> Vec<Expr>,
+) -> Vec<Vec<Var>> {
+    let acc: Vec<Vec<Var>> = ls
+        .iter()
+        .map(|_| (0..sums).map(|_| k.var(F64, cst(0.0, F64))).collect())
+        .collect();
     k.for_(idx(0), idx(r.n), |k, j| {
-        let v = r.at(k, b, j);
-        k.set(m, m.val().max(v));
+        for (l, a) in acc.iter().enumerate() {
+            for (s, t) in a.iter().zip(terms(l, j.clone())) {
+                k.set(*s, s.val() + t);
+            }
+        }
+    });
+    acc
+}
+
+/// One row sum per lane (see [`row_sums`]).
+fn row_sum(
+    k: &mut LoopBuilder,
+    r: &Rows,
+    ls: &[Lane],
+    term: impl Fn(usize, Expr) -> Expr,
+) -> Vec<Var> {
+    row_sums(k, r, ls, 1, |l, j| vec![term(l, j)])
+        .into_iter()
+        .map(|v| v[0])
+        .collect()
+}
+
+/// Each lane's row maximum of buffer `b` (NaN if the row has one, as the interpreter's
+/// `nan_max`).
+fn row_max(k: &mut LoopBuilder, r: &Rows, ls: &[Lane], b: usize) -> Vec<Var> {
+    let m: Vec<Var> = ls
+        .iter()
+        .map(|_| k.var(F64, cst(f64::NEG_INFINITY, F64)))
+        .collect();
+    k.for_(idx(0), idx(r.n), |k, j| {
+        for (&m, &l) in m.iter().zip(ls) {
+            k.set(m, m.val().max(r.at(b, l, j.clone())));
+        }
     });
     m
 }
 
-/// `1 / sqrt(sum(x^2) * (1/n) + eps)` of the item's row of `bx`.
-fn rms_scale(k: &mut LoopBuilder, r: &Rows, bx: usize, eps: f64) -> Var {
-    let ss = row_sum(k, r.n, |k, j| {
-        let v = r.at(k, bx, j);
+/// Each lane's `1 / sqrt(sum(x^2) * (1/n) + eps)` of its row of `bx`.
+fn rms_scale(k: &mut LoopBuilder, r: &Rows, ls: &[Lane], bx: usize, eps: f64) -> Vec<Var> {
+    let ss = row_sum(k, r, ls, |l, j| {
+        let v = r.at(bx, ls[l], j);
         v.clone() * v
     });
-    let ms = ss.val() * cst(1.0 / r.n as f64, F64);
-    k.var(F64, cst(1.0, F64) / (ms + cst(eps, F64)).sqrt())
+    ss.into_iter()
+        .map(|ss| {
+            let ms = ss.val() * cst(1.0 / r.n as f64, F64);
+            k.var(F64, cst(1.0, F64) / (ms + cst(eps, F64)).sqrt())
+        })
+        .collect()
 }
 
-/// The mean of the item's row of `bx` and `1 / sqrt(var + eps)` (biased variance).
-fn moments(k: &mut LoopBuilder, r: &Rows, bx: usize, eps: f64) -> (Var, Var) {
+/// Each lane's row mean of `bx` and `1 / sqrt(var + eps)` (biased variance).
+fn moments(k: &mut LoopBuilder, r: &Rows, ls: &[Lane], bx: usize, eps: f64) -> Vec<(Var, Var)> {
     let inv_n = cst(1.0 / r.n as f64, F64);
-    let s = row_sum(k, r.n, |k, j| r.at(k, bx, j));
-    let mu = k.var(F64, s.val() * inv_n.clone());
-    let sq = row_sum(k, r.n, |k, j| {
-        let c = r.at(k, bx, j) - mu.val();
+    let s = row_sum(k, r, ls, |l, j| r.at(bx, ls[l], j));
+    let mu: Vec<Var> = s
+        .iter()
+        .map(|s| k.var(F64, s.val() * inv_n.clone()))
+        .collect();
+    let sq = row_sum(k, r, ls, |l, j| {
+        let c = r.at(bx, ls[l], j) - mu[l].val();
         c.clone() * c
     });
-    let var = sq.val() * inv_n;
-    let rs = k.var(F64, cst(1.0, F64) / (var + cst(eps, F64)).sqrt());
-    (mu, rs)
+    mu.into_iter()
+        .zip(sq)
+        .map(|(mu, sq)| {
+            let var = sq.val() * inv_n.clone();
+            (mu, k.var(F64, cst(1.0, F64) / (var + cst(eps, F64)).sqrt()))
+        })
+        .collect()
 }
 
 /// `y = w * (x * r)` with `r = 1 / sqrt(sum(x^2) * (1/n) + eps)` per row.
 fn rms_norm(g: &Graph, node: &Node, name: &str, eps: f64) -> Result<Lowered, KernelError> {
-    let r = Rows::of(g, node)?;
+    let r = Rows::of(g, node, LANES)?;
     let mut k = r.kernel(launch_name(name, 0));
     let (bx, bw) = (k.read(r.d, &r.shape), k.read(r.d, &[r.n]));
     let by = k.write(r.d, &r.shape);
-    let s = rms_scale(&mut k, &r, bx, eps);
-    k.for_(idx(0), idx(r.n), |k, j| {
-        let v = r.at(k, bx, j.clone());
+    let ls = r.lanes(&mut k);
+    let s = rms_scale(&mut k, &r, &ls, bx, eps);
+    r.each(&mut k, &ls, |k, l, j| {
+        let v = r.at(bx, ls[l], j.clone());
         let w = load(bw, j.clone()).cast(F64);
-        r.put(k, by, j, w * (v * s.val()));
+        r.put(k, by, ls[l], j, w * (v * s[l].val()));
     });
     Ok(Lowered::single(g, node, finish(k)?.into()))
 }
@@ -158,7 +250,7 @@ fn rms_norm(g: &Graph, node: &Node, name: &str, eps: f64) -> Result<Lowered, Ker
 /// (launch 0, which also keeps each row's `r`), and `dw = sum over rows of dy * x * r`
 /// (launch 1, by column).
 fn rms_norm_grad(g: &Graph, node: &Node, name: &str, eps: f64) -> Result<Lowered, KernelError> {
-    let r = Rows::of(g, node)?;
+    let r = Rows::of(g, node, LANES)?;
     let mut k = r.kernel(launch_name(name, 0));
     let (bx, bw, bd) = (
         k.read(r.d, &r.shape),
@@ -167,20 +259,26 @@ fn rms_norm_grad(g: &Graph, node: &Node, name: &str, eps: f64) -> Result<Lowered
     );
     let bdx = k.write(r.d, &r.shape);
     let bst = k.write(F64, &[r.rows, 1]);
-    let s = rms_scale(&mut k, &r, bx, eps);
-    let gx = row_sum(&mut k, r.n, |k, j| {
-        load(bw, j.clone()).cast(F64) * r.at(k, bd, j.clone()) * r.at(k, bx, j)
+    let ls = r.lanes(&mut k);
+    let s = rms_scale(&mut k, &r, &ls, bx, eps);
+    let gx = row_sum(&mut k, &r, &ls, |l, j| {
+        load(bw, j.clone()).cast(F64) * r.at(bd, ls[l], j.clone()) * r.at(bx, ls[l], j)
     });
-    let c = k.var(
-        F64,
-        s.val() * s.val() * s.val() * gx.val() / cst(r.n as f64, F64),
-    );
-    k.for_(idx(0), idx(r.n), |k, j| {
+    let c: Vec<Var> = (0..ls.len())
+        .map(|l| {
+            let (s, gx) = (s[l].val(), gx[l].val());
+            k.var(F64, s.clone() * s.clone() * s * gx / cst(r.n as f64, F64))
+        })
+        .collect();
+    r.each(&mut k, &ls, |k, l, j| {
         let w = load(bw, j.clone()).cast(F64);
-        let v = s.val() * w * r.at(k, bd, j.clone()) - c.val() * r.at(k, bx, j.clone());
-        r.put(k, bdx, j, v);
+        let v =
+            s[l].val() * w * r.at(bd, ls[l], j.clone()) - c[l].val() * r.at(bx, ls[l], j.clone());
+        r.put(k, bdx, ls[l], j, v);
     });
-    k.store(bst, k.item(), s.val());
+    for (l, s) in ls.iter().zip(&s) {
+        k.store(bst, l.row.val(), s.val());
+    }
     let rows = finish(k)?;
     let cols = column_sums(&r, launch_name(name, 1), 1, 1, |st, x, dy| {
         vec![dy * x * st[0].clone()]
@@ -272,7 +370,7 @@ fn column_sums(
 
 /// `(x - mean) * r * w + b` with `r = 1 / sqrt(var + eps)` per row.
 fn layer_norm(g: &Graph, node: &Node, name: &str, eps: f64) -> Result<Lowered, KernelError> {
-    let r = Rows::of(g, node)?;
+    let r = Rows::of(g, node, LANES)?;
     let mut k = r.kernel(launch_name(name, 0));
     let (bx, bw, bb) = (
         k.read(r.d, &r.shape),
@@ -280,12 +378,14 @@ fn layer_norm(g: &Graph, node: &Node, name: &str, eps: f64) -> Result<Lowered, K
         k.read(r.d, &[r.n]),
     );
     let by = k.write(r.d, &r.shape);
-    let (mu, s) = moments(&mut k, &r, bx, eps);
-    k.for_(idx(0), idx(r.n), |k, j| {
-        let v = r.at(k, bx, j.clone());
+    let ls = r.lanes(&mut k);
+    let m = moments(&mut k, &r, &ls, bx, eps);
+    r.each(&mut k, &ls, |k, l, j| {
+        let (mu, s) = m[l];
+        let v = r.at(bx, ls[l], j.clone());
         let w = load(bw, j.clone()).cast(F64);
         let b = load(bb, j.clone()).cast(F64);
-        r.put(k, by, j, (v - mu.val()) * s.val() * w + b);
+        r.put(k, by, ls[l], j, (v - mu.val()) * s.val() * w + b);
     });
     Ok(Lowered::single(g, node, finish(k)?.into()))
 }
@@ -294,7 +394,7 @@ fn layer_norm(g: &Graph, node: &Node, name: &str, eps: f64) -> Result<Lowered, K
 /// `dx = r * (g - mean(g) - xh * mean(g * xh))` per row (launch 0, which keeps each row's
 /// mean and `r`), `dw = sum dy * xh` and `db = sum dy` over the rows (launch 1, by column).
 fn layer_norm_grad(g: &Graph, node: &Node, name: &str, eps: f64) -> Result<Lowered, KernelError> {
-    let r = Rows::of(g, node)?;
+    let r = Rows::of(g, node, LANES)?;
     let mut k = r.kernel(launch_name(name, 0));
     let (bx, bw, bd) = (
         k.read(r.d, &r.shape),
@@ -303,27 +403,30 @@ fn layer_norm_grad(g: &Graph, node: &Node, name: &str, eps: f64) -> Result<Lower
     );
     let bdx = k.write(r.d, &r.shape);
     let bst = k.write(F64, &[r.rows, 2]);
-    let (mu, s) = moments(&mut k, &r, bx, eps);
-    let g_mean = k.var(F64, cst(0.0, F64));
-    let gx_mean = k.var(F64, cst(0.0, F64));
-    k.for_(idx(0), idx(r.n), |k, j| {
-        let gv = k.var(F64, load(bw, j.clone()).cast(F64) * r.at(k, bd, j.clone()));
-        k.set(g_mean, g_mean.val() + gv.val());
-        let xc = r.at(k, bx, j) - mu.val();
-        k.set(gx_mean, gx_mean.val() + gv.val() * xc * s.val());
+    let ls = r.lanes(&mut k);
+    let m = moments(&mut k, &r, &ls, bx, eps);
+    let means = row_sums(&mut k, &r, &ls, 2, |l, j| {
+        let (mu, s) = m[l];
+        let gv = load(bw, j.clone()).cast(F64) * r.at(bd, ls[l], j.clone());
+        let xc = r.at(bx, ls[l], j) - mu.val();
+        vec![gv.clone(), gv * xc * s.val()]
     });
     let nf = cst(r.n as f64, F64);
-    k.set(g_mean, g_mean.val() / nf.clone());
-    k.set(gx_mean, gx_mean.val() / nf);
-    k.for_(idx(0), idx(r.n), |k, j| {
-        let xh = (r.at(k, bx, j.clone()) - mu.val()) * s.val();
+    for v in means.iter().flatten() {
+        k.set(*v, v.val() / nf.clone());
+    }
+    r.each(&mut k, &ls, |k, l, j| {
+        let ((mu, s), (g_mean, gx_mean)) = (m[l], (means[l][0], means[l][1]));
+        let xh = (r.at(bx, ls[l], j.clone()) - mu.val()) * s.val();
         let w = load(bw, j.clone()).cast(F64);
-        let gv = w * r.at(k, bd, j.clone());
+        let gv = w * r.at(bd, ls[l], j.clone());
         let v = s.val() * (gv - g_mean.val() - xh * gx_mean.val());
-        r.put(k, bdx, j, v);
+        r.put(k, bdx, ls[l], j, v);
     });
-    k.store(bst, k.item() * idx(2), mu.val());
-    k.store(bst, k.item() * idx(2) + idx(1), s.val());
+    for (l, (mu, s)) in ls.iter().zip(&m) {
+        k.store(bst, l.row.val() * idx(2), mu.val());
+        k.store(bst, l.row.val() * idx(2) + idx(1), s.val());
+    }
     let rows = finish(k)?;
     let cols = column_sums(&r, launch_name(name, 1), 2, 2, |st, x, dy| {
         let xh = (x - st[0].clone()) * st[1].clone();
@@ -357,30 +460,32 @@ fn layer_norm_grad(g: &Graph, node: &Node, name: &str, eps: f64) -> Result<Lower
     })
 }
 
-/// `exp(x - max) / sum(exp(x - max))` per row. In f64 the exponentials are stored and
-/// divided in place; in f32 (where the stored values would be rounded) they are recomputed,
-/// the same values.
+/// `exp(x - max) / sum(exp(x - max))` per row, one row per item (the exponentials, not
+/// the sum's chain, take the time). In f64 the exponentials are stored and divided in place;
+/// in f32 (where the stored values would be rounded) they are recomputed, the same values.
 fn softmax(g: &Graph, node: &Node, name: &str) -> Result<Lowered, KernelError> {
-    let r = Rows::of(g, node)?;
+    let r = Rows::of(g, node, 1)?;
     let mut k = r.kernel(launch_name(name, 0));
     let bx = k.read(r.d, &r.shape);
     let by = k.write(r.d, &r.shape);
-    let m = row_max(&mut k, &r, bx);
+    let ls = r.lanes(&mut k);
+    let m = row_max(&mut k, &r, &ls, bx)[0];
+    let l = ls[0];
     if r.d == F64 {
-        k.for_(idx(0), idx(r.n), |k, j| {
-            let e = (r.at(k, bx, j.clone()) - m.val()).exp();
-            r.put(k, by, j, e);
+        r.each(&mut k, &ls, |k, _, j| {
+            let e = (r.at(bx, l, j.clone()) - m.val()).exp();
+            r.put(k, by, l, j, e);
         });
-        let s = row_sum(&mut k, r.n, |k, j| r.at(k, by, j));
-        k.for_(idx(0), idx(r.n), |k, j| {
-            let v = r.at(k, by, j.clone()) / s.val();
-            r.put(k, by, j, v);
+        let s = row_sum(&mut k, &r, &ls, |_, j| r.at(by, l, j))[0];
+        r.each(&mut k, &ls, |k, _, j| {
+            let v = r.at(by, l, j.clone()) / s.val();
+            r.put(k, by, l, j, v);
         });
     } else {
-        let s = row_sum(&mut k, r.n, |k, j| (r.at(k, bx, j) - m.val()).exp());
-        k.for_(idx(0), idx(r.n), |k, j| {
-            let v = (r.at(k, bx, j.clone()) - m.val()).exp() / s.val();
-            r.put(k, by, j, v);
+        let s = row_sum(&mut k, &r, &ls, |_, j| (r.at(bx, l, j) - m.val()).exp())[0];
+        r.each(&mut k, &ls, |k, _, j| {
+            let v = (r.at(bx, l, j.clone()) - m.val()).exp() / s.val();
+            r.put(k, by, l, j, v);
         });
     }
     Ok(Lowered::single(g, node, finish(k)?.into()))
@@ -388,44 +493,50 @@ fn softmax(g: &Graph, node: &Node, name: &str) -> Result<Lowered, KernelError> {
 
 /// (y, dy) -> dx = y * (dy - sum(dy * y)) per row.
 fn softmax_grad(g: &Graph, node: &Node, name: &str) -> Result<Lowered, KernelError> {
-    let r = Rows::of(g, node)?;
+    let r = Rows::of(g, node, LANES)?;
     let mut k = r.kernel(launch_name(name, 0));
     let (by, bd) = (k.read(r.d, &r.shape), k.read(r.d, &r.shape));
     let bdx = k.write(r.d, &r.shape);
-    let s = row_sum(&mut k, r.n, |k, j| r.at(k, by, j.clone()) * r.at(k, bd, j));
-    k.for_(idx(0), idx(r.n), |k, j| {
-        let v = r.at(k, by, j.clone()) * (r.at(k, bd, j.clone()) - s.val());
-        r.put(k, bdx, j, v);
+    let ls = r.lanes(&mut k);
+    let s = row_sum(&mut k, &r, &ls, |l, j| {
+        r.at(by, ls[l], j.clone()) * r.at(bd, ls[l], j)
+    });
+    r.each(&mut k, &ls, |k, l, j| {
+        let v = r.at(by, ls[l], j.clone()) * (r.at(bd, ls[l], j.clone()) - s[l].val());
+        r.put(k, bdx, ls[l], j, v);
     });
     Ok(Lowered::single(g, node, finish(k)?.into()))
 }
 
-/// `x - (log(sum(exp(x - max))) + max)` per row.
+/// `x - (log(sum(exp(x - max))) + max)` per row, one row per item (see [`softmax`]).
 fn log_softmax(g: &Graph, node: &Node, name: &str) -> Result<Lowered, KernelError> {
-    let r = Rows::of(g, node)?;
+    let r = Rows::of(g, node, 1)?;
     let mut k = r.kernel(launch_name(name, 0));
     let bx = k.read(r.d, &r.shape);
     let by = k.write(r.d, &r.shape);
-    let m = row_max(&mut k, &r, bx);
-    let s = row_sum(&mut k, r.n, |k, j| (r.at(k, bx, j) - m.val()).exp());
+    let ls = r.lanes(&mut k);
+    let l = ls[0];
+    let m = row_max(&mut k, &r, &ls, bx)[0];
+    let s = row_sum(&mut k, &r, &ls, |_, j| (r.at(bx, l, j) - m.val()).exp())[0];
     let lse = k.var(F64, s.val().log() + m.val());
-    k.for_(idx(0), idx(r.n), |k, j| {
-        let v = r.at(k, bx, j.clone()) - lse.val();
-        r.put(k, by, j, v);
+    r.each(&mut k, &ls, |k, _, j| {
+        let v = r.at(bx, l, j.clone()) - lse.val();
+        r.put(k, by, l, j, v);
     });
     Ok(Lowered::single(g, node, finish(k)?.into()))
 }
 
 /// (y, dy) -> dx = dy - exp(y) * sum(dy) per row.
 fn log_softmax_grad(g: &Graph, node: &Node, name: &str) -> Result<Lowered, KernelError> {
-    let r = Rows::of(g, node)?;
+    let r = Rows::of(g, node, LANES)?;
     let mut k = r.kernel(launch_name(name, 0));
     let (by, bd) = (k.read(r.d, &r.shape), k.read(r.d, &r.shape));
     let bdx = k.write(r.d, &r.shape);
-    let s = row_sum(&mut k, r.n, |k, j| r.at(k, bd, j));
-    k.for_(idx(0), idx(r.n), |k, j| {
-        let v = r.at(k, bd, j.clone()) - r.at(k, by, j.clone()).exp() * s.val();
-        r.put(k, bdx, j, v);
+    let ls = r.lanes(&mut k);
+    let s = row_sum(&mut k, &r, &ls, |l, j| r.at(bd, ls[l], j));
+    r.each(&mut k, &ls, |k, l, j| {
+        let v = r.at(bd, ls[l], j.clone()) - r.at(by, ls[l], j.clone()).exp() * s[l].val();
+        r.put(k, bdx, ls[l], j, v);
     });
     Ok(Lowered::single(g, node, finish(k)?.into()))
 }
