@@ -211,3 +211,57 @@ fn rope_and_its_grad_match_the_interpreter() {
         }
     }
 }
+
+/// The loops that are not reductions come out of LLVM vectorised (vector types in the
+/// optimised IR of every launch): RoPE's half rows, the norms' stores, the weight gradients'
+/// column blocks. A description that defeats the vectoriser (a data-dependent branch, a
+/// non-contiguous inner loop) fails here.
+#[test]
+fn the_non_reduction_loops_vectorise() {
+    use mmc_codegen::cpu::{llvm_ir, CpuTarget};
+    use mmc_codegen::ops::lower_node;
+    let d = DType::F32;
+    let (x, w) = (uniform(d, &[64, 256], 1, 2.0), uniform(d, &[256], 2, 2.0));
+    let (xr, cs) = (
+        uniform(d, &[2, 4, 16, 64], 3, 2.0),
+        uniform(d, &[1, 1, 16, 64], 4, 1.0),
+    );
+    let cases: Vec<(FusedOp, Vec<Tensor>)> = vec![
+        (FusedOp::Rope, vec![xr.clone(), cs.clone(), cs.clone()]),
+        (FusedOp::RopeGrad, vec![xr, cs.clone(), cs]),
+        (FusedOp::RmsNorm { eps: 1e-6 }, vec![x.clone(), w.clone()]),
+        (
+            FusedOp::RmsNormGrad { eps: 1e-6 },
+            vec![x.clone(), w.clone(), x.clone()],
+        ),
+        (
+            FusedOp::LayerNorm { eps: 1e-6 },
+            vec![x.clone(), w.clone(), w.clone()],
+        ),
+        (
+            FusedOp::LayerNormGrad { eps: 1e-6 },
+            vec![x.clone(), w, x.clone()],
+        ),
+        (FusedOp::SoftmaxGrad, vec![x.clone(), x]),
+    ];
+    for (op, ins) in cases {
+        let g = common::one_node(Op::Fused(op.clone()), &ins);
+        let node = g
+            .nodes()
+            .iter()
+            .find(|n| !matches!(n.op, Op::Input { .. }))
+            .expect("the node");
+        let lowered = lower_node(&g, node, "t").expect("lowers");
+        let kernels: Vec<_> = lowered.launches.iter().map(|l| l.kernel.clone()).collect();
+        let ir = llvm_ir(&kernels, &CpuTarget::host()).expect("compiles");
+        let defs: Vec<&str> = ir.split("define ").skip(1).collect();
+        assert_eq!(defs.len(), kernels.len(), "{}", op.name());
+        for f in defs {
+            assert!(
+                f.contains(" x float>") && f.contains(" x double>"),
+                "`{}`: a launch without vector code:\n{f}",
+                op.name()
+            );
+        }
+    }
+}
