@@ -1,9 +1,10 @@
-//! RMSNorm and LayerNorm (and their backward ops), softmax and log-softmax: one item per row
-//! of the last axis, statistics accumulated in f64 in the interpreter's order, each result
-//! rounded once.
+//! RMSNorm and LayerNorm (and their backward ops), softmax and log-softmax over rows of the
+//! last axis: statistics accumulated in f64 in the interpreter's order, each result rounded
+//! once. An item takes [`LANES`] rows (one for softmax and log-softmax, whose exponentials
+//! dominate), their reduction chains interleaved in one loop.
 //!
 //! The norms' weight gradients are column sums over the rows. They take a second launch that
-//! parallelises by column: the first launch (one item per row) writes `dx` and each row's
+//! parallelises by column: the first launch (over the rows) writes `dx` and each row's
 //! statistics to scratch, the second (one item per block of [`COLS`] columns) accumulates the
 //! block's sums in f64 scratch, visiting the rows in order, so every sum is added in the
 //! interpreter's order and `dw`/`db` are its values bit for bit.
