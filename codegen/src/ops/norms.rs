@@ -320,8 +320,8 @@ fn scratch(shape: &[usize]) -> Buffer {
     }
 }
 
-/// The column-sum launch of a norm's backward: buffers (x, dy, stats [rows, s] f64,
-/// acc [sums, n] f64, then `sums` results [n]); one item per block of [`COLS`] columns.
+/// The column-sum launch of a norm's backward: buffers (x, dy, stats `[rows, s]` f64,
+/// acc `[sums, n]` f64, then `sums` results `[n]`); one item per block of [`COLS`] columns.
 /// Each block's sums start at 0 and add `terms(row stats, x, dy)` (f64) row after row, then
 /// are rounded once into the results.
 fn column_sums(
