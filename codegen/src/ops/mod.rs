@@ -8,6 +8,7 @@
 //! Ascend backend will lower the same ones.
 
 mod norms;
+mod pointwise;
 
 use crate::kernel::{Buffer, GeneratedKernel, Kernel, KernelError};
 use mmc_ir::{Graph, Node};
@@ -54,6 +55,9 @@ impl Lowered {
 /// `name_1`, ...).
 pub fn lower_node(g: &Graph, node: &Node, name: &str) -> Result<Lowered, KernelError> {
     if let Some(l) = norms::lower(g, node, name) {
+        return l;
+    }
+    if let Some(l) = pointwise::lower(g, node, name) {
         return l;
     }
     let k = Kernel::for_node(g, node, name.to_string())?;
