@@ -8,7 +8,7 @@
 //! after it is computed is written straight into the state tensor (no copy, no second buffer);
 //! the others are copied into their state when the program ends.
 
-use crate::kernel::{GeneratedKernel, KernelError};
+use crate::kernel::{GeneratedKernel, Kernel, KernelError};
 pub use crate::native::KernelEntry;
 use crate::ops::{lower_node, Arg};
 use mmc_ir::arena::ALIGN_BYTES;
@@ -34,6 +34,8 @@ pub enum Loc {
 pub enum Callee {
     /// Kernel number `i` of the plan's kernel table.
     Kernel(u32),
+    /// A library routine the runtime runs (the GEMMs).
+    Library(crate::library::LibraryCall),
 }
 
 /// One step: a callee over its buffers, for the node `node` of the program's graph (named in
@@ -100,6 +102,13 @@ pub enum CompileError {
         node: u32,
         op: &'static str,
         error: KernelError,
+    },
+    #[error("program `{program}`, node {node} (`{op}`): {error}")]
+    Library {
+        program: String,
+        node: u32,
+        op: &'static str,
+        error: crate::library::LibraryError,
     },
 }
 
@@ -187,12 +196,40 @@ impl Compiler {
                 op: node.op.name(),
                 error,
             };
-            let lowered = match &node.op {
-                Op::Fused(FusedOp::MatMulEpilogue { .. }) => {
-                    return Err(err(KernelError::Unsupported { op: node.op.name() }))
+            // GEMMs are library calls; an epilogue is the GEMM, then its program in place.
+            if let Some(call) = crate::library::for_node(g, node) {
+                let call = call.map_err(|error| CompileError::Library {
+                    program: p.name.clone(),
+                    node: id.0,
+                    op: node.op.name(),
+                    error,
+                })?;
+                let mut args: Vec<Loc> = node.inputs.iter().map(|&v| at(v)).collect();
+                if matches!(node.op, Op::Fused(FusedOp::MatMulEpilogue { .. })) {
+                    args.truncate(2);
                 }
-                _ => lower_node(g, node, &name).map_err(err)?,
-            };
+                args.extend(node.outputs.iter().map(|&v| at(v)));
+                steps.push(Step {
+                    node: id.0,
+                    callee: Callee::Library(call),
+                    args,
+                });
+                if matches!(node.op, Op::Fused(FusedOp::MatMulEpilogue { .. })) {
+                    let k = Kernel::epilogue(g, node, name).map_err(err)?;
+                    let out = at(node.outputs[0]);
+                    let mut args = vec![out];
+                    args.extend(node.inputs[2..].iter().map(|&v| at(v)));
+                    args.push(out);
+                    let k = self.add_kernel(k.into());
+                    steps.push(Step {
+                        node: id.0,
+                        callee: Callee::Kernel(k),
+                        args,
+                    });
+                }
+                continue;
+            }
+            let lowered = lower_node(g, node, &name).map_err(err)?;
             let mut scratch_at = Vec::new();
             for b in &lowered.scratch {
                 scratch_at.push(scratch_bytes);

@@ -61,6 +61,9 @@ pub enum NativeError {
         buffer: usize,
         shape: Vec<usize>,
     },
+    /// A library call refused its data (GEMM offsets out of order, say).
+    #[error("library call: {0}")]
+    Library(String),
     #[error("kernel `{kernel}` returned unknown status {code}")]
     Status { kernel: String, code: i64 },
 }

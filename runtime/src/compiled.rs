@@ -223,6 +223,9 @@ impl CompiledRunner {
                 Callee::Kernel(k) => unsafe {
                     self.library.launch(*k as usize, &self.args, &self.pool)
                 },
+                // SAFETY: as for kernels; the call checks its data-dependent offsets itself.
+                Callee::Library(call) => unsafe { call.execute(&self.args, &self.pool) }
+                    .map_err(|e| NativeError::Library(e.to_string())),
             };
             result.map_err(|error| CompiledError::Step {
                 program: p.name.clone(),
@@ -302,6 +305,19 @@ fn validate(p: &CompiledProgram, kernels: &[KernelEntry]) -> Result<(), String> 
                 }
                 for (a, (d, s)) in step.args.iter().zip(&entry.buffers) {
                     fits(*a, bytes_of(*d, s), &format!("step {n}"))?;
+                }
+            }
+            Callee::Library(call) => {
+                let need = call.buffer_bytes();
+                if need.len() != step.args.len() {
+                    return Err(format!(
+                        "step {n}: a library call takes {} buffers, the step passes {}",
+                        need.len(),
+                        step.args.len()
+                    ));
+                }
+                for (a, b) in step.args.iter().zip(need) {
+                    fits(*a, b, &format!("step {n}"))?;
                 }
             }
         }

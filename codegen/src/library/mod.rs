@@ -231,6 +231,33 @@ impl LibraryCall {
     }
 
     /// The element type of the float buffers.
+    /// The bytes of each buffer the call takes, in buffer order: what a runner checks a
+    /// step's buffers against before it replays it.
+    pub fn buffer_bytes(&self) -> Vec<u64> {
+        let e = |n: usize| (n * self.dtype().dtype().size_bytes()) as u64;
+        match self {
+            LibraryCall::MatMul(c) => vec![
+                e(c.batch * c.m * c.k),
+                e(c.batch * c.k * c.n),
+                e(c.batch * c.m * c.n),
+            ],
+            LibraryCall::GroupedMatMul(c) => vec![
+                e(c.rows * c.inner),
+                e(c.experts * c.inner * c.cols),
+                ((c.experts + 1) * 8) as u64,
+                e(c.rows * c.cols),
+            ],
+            LibraryCall::GroupedMatMulGrad(c) => vec![
+                e(c.rows * c.inner),
+                e(c.experts * c.inner * c.cols),
+                ((c.experts + 1) * 8) as u64,
+                e(c.rows * c.cols),
+                e(c.rows * c.inner),
+                e(c.experts * c.inner * c.cols),
+            ],
+        }
+    }
+
     pub fn dtype(&self) -> Float {
         match self {
             LibraryCall::MatMul(c) => c.dtype,
