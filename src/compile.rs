@@ -40,7 +40,8 @@ pub fn compile(
         console.out(&memory_summary(&plan, "one CPU device, no sharding"));
         anyhow::bail!("{why}; no plan was written");
     }
-    plan.write(output)?;
+    let file = native_plan_file(&plan, &mut console)?;
+    file.write(output)?;
 
     if let Some(dir) = emit_dir {
         for p in &plan.programs {
@@ -125,4 +126,52 @@ fn memory_summary(plan: &mmc_ir::plan::Plan, device: &str) -> String {
         }
     }
     out
+}
+
+/// The plan file `mmc compile` writes: the plan with its programs compiled to kernels for
+/// this CPU (native code and steps), or, when some node has no kernel yet, the plan for the
+/// interpreter alone, with a note saying which node.
+fn native_plan_file(
+    plan: &mmc_ir::plan::Plan,
+    console: &mut crate::console::Console,
+) -> Result<mmc_ir::plan_file::PlanFile> {
+    use mmc_codegen::compiled::{CompileError, CompiledSteps};
+    use mmc_codegen::cpu::{CpuError, CpuTarget};
+    use mmc_ir::plan_file::{NativeLibrary, PlanFile};
+    let target = CpuTarget::host();
+    let started = std::time::Instant::now();
+    match mmc::backend::compile_native(plan, &target) {
+        Ok(native) => {
+            let kernels = native.kernels.len();
+            let file = PlanFile {
+                plan: plan.clone(),
+                target: mmc::backend::target_name(&target),
+                native: Some(NativeLibrary::new(native.library)),
+                steps: Some(
+                    CompiledSteps {
+                        programs: native.programs,
+                        kernels: native.kernels,
+                    }
+                    .to_bytes(),
+                ),
+            };
+            console.out(&format!(
+                "kernels: {kernels} compiled for {} in {:.1} s",
+                file.target,
+                started.elapsed().as_secs_f64()
+            ));
+            Ok(file)
+        }
+        Err(e) => match e.downcast_ref::<CpuError>() {
+            Some(CpuError::Compile(
+                why @ (CompileError::Node { .. } | CompileError::Library { .. }),
+            )) => {
+                console.out(&format!(
+                    "note: no CPU kernels in this plan ({why}); it runs on the interpreter (`mmc run --backend interpreter`)"
+                ));
+                Ok(PlanFile::interpreter(plan.clone()))
+            }
+            _ => Err(e),
+        },
+    }
 }
