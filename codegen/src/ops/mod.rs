@@ -7,6 +7,8 @@
 //! target-independent kernel IR; the CPU backend compiles the descriptions with LLVM and an
 //! Ascend backend will lower the same ones.
 
+mod moe;
+mod movement;
 mod norms;
 
 use crate::kernel::{Buffer, GeneratedKernel, Kernel, KernelError};
@@ -54,6 +56,9 @@ impl Lowered {
 /// `name_1`, ...).
 pub fn lower_node(g: &Graph, node: &Node, name: &str) -> Result<Lowered, KernelError> {
     if let Some(l) = norms::lower(g, node, name) {
+        return l;
+    }
+    if let Some(l) = movement::lower(g, node, name).or_else(|| moe::lower(g, node, name)) {
         return l;
     }
     let k = Kernel::for_node(g, node, name.to_string())?;
