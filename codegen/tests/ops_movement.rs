@@ -189,6 +189,41 @@ fn scatter_add_matches_with_duplicate_indices() {
         Op::ScatterAdd { axis: 0 },
         &[random(DType::F32, &[2, n], 3), idx, src],
     );
+    // A result much larger than the sources (an embedding's gradient) takes the sorted form
+    // in f32: order-dependent sums into one row, duplicates among random rows, both axes and
+    // i32 indices. In f64 it is summed in place in chunks of rows (5,000 rows: two chunks).
+    let src: Vec<f64> = (0..18).map(|c| [1.0e8, 1.0, -1.0e8][c % 3]).collect();
+    let src = Tensor::from_f64(DType::F32, vec![6, 3], &src).unwrap();
+    exact(
+        Op::ScatterAdd { axis: 0 },
+        &[
+            random(DType::F32, &[50, 3], 5),
+            ints(&[6, 3], vec![7; 18]),
+            src,
+        ],
+    );
+    for (axis, xs, is) in [(0usize, [301usize, 9], [40usize, 9]), (1, [7, 90], [7, 11])] {
+        let v = rand_ints(&is, 0, xs[axis] as i64 / 9, 6);
+        for id in [DType::I64, DType::I32] {
+            exact(
+                Op::ScatterAdd { axis },
+                &[
+                    random(DType::F32, &xs, 1),
+                    index(id, &is, v.clone()),
+                    random(DType::F32, &is, 2),
+                ],
+            );
+        }
+    }
+    let v = rand_ints(&[9, 2], 0, 5000, 7);
+    exact(
+        Op::ScatterAdd { axis: 0 },
+        &[
+            random(DType::F64, &[5000, 2], 1),
+            ints(&[9, 2], v),
+            random(DType::F64, &[9, 2], 2),
+        ],
+    );
     let top = rand_ints(&[37, 2], 0, 4, 8);
     exact(
         Op::ScatterAdd { axis: 1 },
@@ -200,18 +235,29 @@ fn scatter_add_matches_with_duplicate_indices() {
     );
 }
 
+/// Both forms: in place (x as large as the sources, and f64) and sorted (an f32 x larger).
 #[test]
 fn scatter_add_refuses_indices_outside_their_axis() {
-    let x = random(DType::F32, &[4, 3], 1);
     let src = random(DType::F32, &[4, 3], 2);
-    for (axis, bad) in [(0usize, 4i64), (0, -1), (1, 3), (1, -1)] {
-        let mut v = vec![0i64; 12];
-        v[5] = bad;
-        let e = refused(
-            Op::ScatterAdd { axis },
-            &[x.clone(), ints(&[4, 3], v), src.clone()],
-        );
-        assert!(is_out_of_range(&e), "axis {axis}, index {bad}: {e}");
+    for (shape, d, axis) in [
+        ([4usize, 3usize], DType::F32, 0usize),
+        ([4, 3], DType::F32, 1),
+        ([4, 3], DType::F64, 1),
+        ([40, 3], DType::F32, 0),
+        ([4, 30], DType::F32, 1),
+    ] {
+        for bad in [shape[axis] as i64, -1] {
+            let mut v = vec![0i64; 12];
+            v[5] = bad;
+            let e = refused(
+                Op::ScatterAdd { axis },
+                &[random(d, &shape, 1), ints(&[4, 3], v), src.cast(d)],
+            );
+            assert!(
+                is_out_of_range(&e),
+                "{shape:?}, axis {axis}, index {bad}: {e}"
+            );
+        }
     }
 }
 

@@ -11,7 +11,7 @@
 //! not below the expert count where the op has one) stops the kernel with a checked access of
 //! `top` out of range, where the interpreter reports an error.
 
-use super::movement::{and, finish, guard, in_range, items_per_tile, supported};
+use super::movement::{finish, guard, in_range, items_per_tile, sort_segments, supported, Keys};
 use super::{launch_name, Arg, Launch, Lowered};
 use crate::kernel::{Buffer, KernelError};
 use crate::loops::{cst, idx, load, load_checked, Expr, LoopBuilder, LoopKernel, Var};
@@ -143,9 +143,8 @@ fn expert_offsets(
 }
 
 /// Launches that leave `pos` (the row of each pair in the stable sort by expert) in a scratch
-/// buffer, whose number they return: pairs numbered and their experts checked (not
-/// negative), a bottom-up merge sort of the pair numbers by expert (one launch per pass, an
-/// item per pair of runs, ties kept in pair order), then the inversion of the sorted order.
+/// buffer, whose number they return: the pairs' experts checked (not negative) and sorted
+/// ([`sort_segments`], one segment), then the sorted order inverted into the other buffer.
 /// `top` is the node's operand number of `top`.
 fn positions(
     g: &Graph,
@@ -156,77 +155,33 @@ fn positions(
 ) -> Result<usize, KernelError> {
     let tt = g.ty(node.inputs[top]);
     let pairs = tt.numel();
-    let first = l.scratch.len();
-    l.scratch.push(scratch_i64(pairs));
-    l.scratch.push(scratch_i64(pairs));
-    let name_of = |l: &Lowered| launch_name(name, l.launches.len());
-    // Number the pairs.
-    let mut k = LoopBuilder::new(name_of(l), pairs, items_per_tile(1));
-    let bt = k.read(I64, &tt.shape);
-    let a = k.write(I64, &[pairs]);
-    let p = k.item();
-    expert(&mut k, bt, p.clone(), None);
-    k.store(a, p.clone(), p);
-    l.launches.push(launch(
-        finish(k)?,
-        vec![Arg::Input(top), Arg::Scratch(first)],
-    ));
-    // Merge runs of `width` pairs from one scratch buffer into the other.
-    let (mut src, mut width) = (first, 1usize);
-    while width < pairs {
-        let runs = pairs.div_ceil(2 * width);
-        let mut k = LoopBuilder::new(name_of(l), runs, items_per_tile(2 * width));
-        let bt = k.read(I64, &tt.shape);
-        let (from, to) = (k.read(I64, &[pairs]), k.write(I64, &[pairs]));
-        let lo = k.var(I64, k.item() * idx(2 * width));
-        let mid = k.var(I64, (lo.val() + idx(width)).min(idx(pairs)));
-        let hi = k.var(I64, (lo.val() + idx(2 * width)).min(idx(pairs)));
-        let i = k.var(I64, lo.val());
-        let j = k.var(I64, mid.val());
-        let take = |k: &mut LoopBuilder, from_at: Var, o: Expr| {
-            k.store(to, o, load(from, from_at.val()));
-            k.set(from_at, from_at.val() + idx(1));
-        };
-        k.for_(lo.val(), hi.val(), |k, o| {
-            k.if_else(
-                and(i.val().lt(mid.val()), j.val().lt(hi.val())),
-                |k| {
-                    let left = load_checked(bt, load(from, i.val()));
-                    let right = load_checked(bt, load(from, j.val()));
-                    // Stable: the right run's pair goes first only on a strictly smaller expert.
-                    k.if_else(
-                        right.lt(left),
-                        |k| take(k, j, o.clone()),
-                        |k| take(k, i, o.clone()),
-                    );
-                },
-                |k| {
-                    k.if_else(
-                        i.val().lt(mid.val()),
-                        |k| take(k, i, o.clone()),
-                        |k| take(k, j, o.clone()),
-                    );
-                },
-            );
-        });
-        let dst = 2 * first + 1 - src;
-        l.launches.push(launch(
-            finish(k)?,
-            vec![Arg::Input(top), Arg::Scratch(src), Arg::Scratch(dst)],
-        ));
-        src = dst;
-        width *= 2;
-    }
-    // pos[order[r]] = r, into the other buffer.
-    let pos = 2 * first + 1 - src;
-    let mut k = LoopBuilder::new(name_of(l), pairs, items_per_tile(1));
-    let order = k.read(I64, &[pairs]);
-    let bp = k.write(I64, &[pairs]);
+    let at = |_seg: Expr, i: Expr| i;
+    let keys = Keys {
+        input: top,
+        dtype: I64,
+        shape: &tt.shape,
+        bound: None,
+        at: &at,
+    };
+    let sorted = sort_segments(l, name, 1, pairs, &keys)?;
+    // The sort's two buffers are consecutive: pos goes into the one it did not end in.
+    let pos = if sorted == l.scratch.len() - 1 {
+        sorted - 1
+    } else {
+        sorted + 1
+    };
+    let mut k = LoopBuilder::new(
+        launch_name(name, l.launches.len()),
+        pairs,
+        items_per_tile(1),
+    );
+    let order = k.read(I64, &[1, pairs]);
+    let bp = k.write(I64, &[1, pairs]);
     let r = k.item();
     k.store_checked(bp, load(order, r.clone()), r);
     l.launches.push(launch(
         finish(k)?,
-        vec![Arg::Scratch(src), Arg::Scratch(pos)],
+        vec![Arg::Scratch(sorted), Arg::Scratch(pos)],
     ));
     Ok(pos)
 }
@@ -251,7 +206,7 @@ fn unpermute(g: &Graph, node: &Node, name: &str, weighted: bool) -> Result<Lower
     let _top = k.read(I64, &top.shape);
     let bw = weighted.then(|| k.read(d, &top.shape));
     let bo = k.write(d, &[tokens, hidden]);
-    let bp = k.read(I64, &[pairs]);
+    let bp = k.read(I64, &[1, pairs]);
     let t = k.item();
     let acc = k.var(f64t, cst(0.0, f64t));
     k.for_(idx(0), idx(hidden), |k, j| {
@@ -297,7 +252,7 @@ fn unpermute_grad(g: &Graph, node: &Node, name: &str) -> Result<Lowered, KernelE
     let bd = k.read(d, &[tokens, hidden]);
     let bdys = k.write(d, &ys.shape);
     let bdw = k.write(d, &top.shape);
-    let bp = k.read(I64, &[pairs]);
+    let bp = k.read(I64, &[1, pairs]);
     let t = k.item();
     let lanes: Vec<Var> = (0..4).map(|_| k.var(f64t, cst(0.0, f64t))).collect();
     let tail = k.var(f64t, cst(0.0, f64t));

@@ -115,77 +115,101 @@ fn gather(g: &Graph, node: &Node, name: &str, axis: usize) -> Result<Lowered, Ke
     Ok(Lowered::single(g, node, finish(k)?.into()))
 }
 
-/// `out = x; out[c with c[axis] = idx[c]] += src[c]`, partitioned by destination: an item is
-/// a block of columns (the coordinates off `axis`) and adds every source of its columns in
-/// index order, as the interpreter does. Floats accumulate in f64 (in a scratch copy for
-/// f32) and are rounded once; integers wrap.
+/// `out = x; out[c with c[axis] = idx[c]] += src[c]`, partitioned by destination, each
+/// destination summing its sources in index order from `x` as the interpreter does (floats in
+/// f64, rounded once; integers wrapping). Two forms, by the room they need: in place (f64 and
+/// integers, or f32 through an f64 copy of the result when that is no larger than the sort's
+/// buffers), or, for f32 into a result much larger than the sources (an embedding's
+/// gradient), a sort of each column's sources by destination and one sum per run.
 fn scatter_add(g: &Graph, node: &Node, name: &str, axis: usize) -> Result<Lowered, KernelError> {
     let (x, ix) = (g.ty(node.inputs[0]), g.ty(node.inputs[1]));
-    let d = supported(node, x.dtype)?;
-    let id = supported(node, ix.dtype)?;
+    supported(node, x.dtype)?;
+    supported(node, ix.dtype)?;
+    if x.dtype == DType::F32 && x.numel() > 2 * ix.numel() {
+        scatter_add_sorted(g, node, name, axis)
+    } else {
+        scatter_add_in_place(g, node, name, axis)
+    }
+}
+
+/// The in-place form: an item is a block of columns (the coordinates off `axis`) times a
+/// chunk of destination rows; it copies its part of `x`, then scans every source of its
+/// columns in order and adds those that land in its chunk. f32 accumulates in an f64 copy.
+fn scatter_add_in_place(
+    g: &Graph,
+    node: &Node,
+    name: &str,
+    axis: usize,
+) -> Result<Lowered, KernelError> {
+    let (x, ix) = (g.ty(node.inputs[0]), g.ty(node.inputs[1]));
+    let (d, id) = (x.dtype, ix.dtype);
     let (outer, dx, inner) = split(&x.shape, axis);
     let di = ix.shape[axis];
     let block = inner.clamp(1, SCATTER_BLOCK);
     let blocks = inner.div_ceil(block);
-    let work = block * (dx + di);
-    let mut k = LoopBuilder::new(launch_name(name, 0), outer * blocks, items_per_tile(work));
+    // Rows per chunk: at least as many as the sources, so rescanning them costs no more than
+    // the copy; at least one chunk, so that every index is checked.
+    let rows = di.max(TILE_WORK / block).max(1);
+    let chunks = dx.div_ceil(rows).max(1);
+    let work = block * (rows.min(dx) + di);
+    let items = outer * blocks * chunks;
+    let mut k = LoopBuilder::new(launch_name(name, 0), items, items_per_tile(work));
     let (bx, bi, bs) = (
         k.read(d, &x.shape),
         k.read(id, &ix.shape),
         k.read(d, &ix.shape),
     );
     let by = k.write(d, &x.shape);
-    // f32 sums go through an f64 copy of the result; others accumulate in place.
     let (acc, ad) = if d == DType::F32 {
         (k.write(DType::F64, &x.shape), DType::F64)
     } else {
         (by, d)
     };
     let item = k.item();
-    let o = k.var(DType::I64, item.clone().idiv(div(blocks)));
-    let c0 = k.var(DType::I64, item.irem(div(blocks)) * idx(block));
+    let o = k.var(DType::I64, item.clone().idiv(div(blocks * chunks)));
+    let part = k.var(DType::I64, item.irem(div(blocks * chunks)));
+    let c0 = k.var(DType::I64, part.val().idiv(div(chunks)) * idx(block));
     let c1 = k.var(DType::I64, (c0.val() + idx(block)).min(idx(inner)));
+    let j0 = k.var(DType::I64, part.val().irem(div(chunks)) * idx(rows));
+    let j1 = k.var(DType::I64, (j0.val() + idx(rows)).min(idx(dx)));
     let dst = move |j: Expr, c: Expr| (o.val() * idx(dx) + j) * idx(inner) + c;
-    k.for_(idx(0), idx(dx), |k, j| {
-        k.for_(c0.val(), c1.val(), |k, c| {
-            let at = dst(j.clone(), c);
-            k.store(acc, at.clone(), load(bx, at).cast(ad));
+    let own = |k: &mut LoopBuilder, body: &dyn Fn(&mut LoopBuilder, Expr)| {
+        k.for_(j0.val(), j1.val(), |k, j| {
+            k.for_(c0.val(), c1.val(), |k, c| body(k, dst(j.clone(), c)));
         });
+    };
+    own(&mut k, &|k, at| {
+        k.store(acc, at.clone(), load(bx, at).cast(ad))
     });
     k.for_(idx(0), idx(di), |k, s| {
         k.for_(c0.val(), c1.val(), |k, c| {
-            let from = (o.val() * idx(di) + s.clone()) * idx(inner) + c.clone();
-            let i = k.var(DType::I64, load(bi, from.clone()).cast(DType::I64));
-            let at = k.var(DType::I64, guard(in_range(i.val(), dx), dst(i.val(), c)));
-            let sum = load_checked(acc, at.val()) + load(bs, from).cast(ad);
-            k.store_checked(acc, at.val(), sum);
+            let from = k.var(
+                DType::I64,
+                (o.val() * idx(di) + s.clone()) * idx(inner) + c.clone(),
+            );
+            let i = k.var(DType::I64, load(bi, from.val()).cast(DType::I64));
+            // An index outside the axis re-reads the indices at -1: the kernel stops.
+            let ok = in_range(i.val(), dx);
+            k.set(i, load_checked(bi, guard(ok, from.val())).cast(DType::I64));
+            k.if_(and(i.val().ge(j0.val()), i.val().lt(j1.val())), |k| {
+                let at = k.var(DType::I64, dst(i.val(), c));
+                let sum = load_checked(acc, at.val()) + load(bs, from.val()).cast(ad);
+                k.store_checked(acc, at.val(), sum);
+            });
         });
     });
     if acc != by {
-        k.for_(idx(0), idx(dx), |k, j| {
-            k.for_(c0.val(), c1.val(), |k, c| {
-                let at = dst(j.clone(), c);
-                k.store(by, at.clone(), load(acc, at).cast(d));
-            });
+        own(&mut k, &|k, at| {
+            k.store(by, at.clone(), load(acc, at).cast(d))
         });
     }
     let kernel = finish(k)?;
-    let args = if acc != by {
-        vec![
-            Arg::Input(0),
-            Arg::Input(1),
-            Arg::Input(2),
-            Arg::Output(0),
-            Arg::Scratch(0),
-        ]
-    } else {
-        vec![Arg::Input(0), Arg::Input(1), Arg::Input(2), Arg::Output(0)]
-    };
-    let scratch = if acc != by {
-        vec![kernel.buffers[acc].clone()]
-    } else {
-        Vec::new()
-    };
+    let mut args = vec![Arg::Input(0), Arg::Input(1), Arg::Input(2), Arg::Output(0)];
+    let mut scratch = Vec::new();
+    if acc != by {
+        args.push(Arg::Scratch(0));
+        scratch.push(kernel.buffers[acc].clone());
+    }
     Ok(Lowered {
         launches: vec![Launch {
             kernel: kernel.into(),
@@ -193,6 +217,88 @@ fn scatter_add(g: &Graph, node: &Node, name: &str, axis: usize) -> Result<Lowere
         }],
         scratch,
     })
+}
+
+/// The sorted form (f32): `out = x`, then each column's sources sorted by destination
+/// ([`sort_segments`], stable), then one item per column walking the runs of equal
+/// destination: `out[dest] = x[dest] + src..` summed in f64 in source order, rounded once.
+/// Its scratch is two i64 copies of the indices' shape, not an f64 copy of the result.
+fn scatter_add_sorted(
+    g: &Graph,
+    node: &Node,
+    name: &str,
+    axis: usize,
+) -> Result<Lowered, KernelError> {
+    let (x, ix) = (g.ty(node.inputs[0]), g.ty(node.inputs[1]));
+    let (d, id, f64t, i64t) = (x.dtype, ix.dtype, DType::F64, DType::I64);
+    let (outer, dx, inner) = split(&x.shape, axis);
+    let di = ix.shape[axis];
+    let mut l = Lowered::default();
+    let mut k = LoopBuilder::new(launch_name(name, 0), x.numel(), TILE_WORK);
+    let (bx, by) = (k.read(d, &x.shape), k.write(d, &x.shape));
+    k.store(by, k.item(), load(bx, k.item()));
+    l.launches.push(Launch {
+        kernel: finish(k)?.into(),
+        args: vec![Arg::Input(0), Arg::Output(0)],
+    });
+    let columns = outer * inner;
+    // Source `i` of column `seg` (outer index, then inner).
+    let source = move |seg: Expr, i: Expr| {
+        (seg.clone().idiv(div(inner)) * idx(di) + i) * idx(inner) + seg.irem(div(inner))
+    };
+    let keys = Keys {
+        input: 1,
+        dtype: id,
+        shape: &ix.shape,
+        bound: Some(dx),
+        at: &source,
+    };
+    let sorted = sort_segments(&mut l, name, columns, di, &keys)?;
+    let mut k = LoopBuilder::new(
+        launch_name(name, l.launches.len()),
+        columns,
+        items_per_tile(2 * di),
+    );
+    let (bx, bi, bs) = (
+        k.read(d, &x.shape),
+        k.read(id, &ix.shape),
+        k.read(d, &ix.shape),
+    );
+    let by = k.write(d, &x.shape);
+    let bo = k.read(i64t, &[columns, di]);
+    let seg = k.item();
+    let dst = |j: Expr| {
+        (seg.clone().idiv(div(inner)) * idx(dx) + j) * idx(inner) + seg.clone().irem(div(inner))
+    };
+    let cur = k.var(i64t, cst(-1.0, i64t));
+    let acc = k.var(f64t, cst(0.0, f64t));
+    k.for_(idx(0), idx(di), |k, s| {
+        let e = load(bo, seg.clone() * idx(di) + s);
+        let from = k.var(i64t, source(seg.clone(), e));
+        let to = k.var(i64t, load_checked(bi, from.val()).cast(i64t));
+        k.if_(to.val().cmp(CmpOp::Ne, cur.val()), |k| {
+            k.if_(cur.val().ge(idx(0)), |k| {
+                k.store_checked(by, dst(cur.val()), acc.val().cast(d));
+            });
+            k.set(cur, to.val());
+            k.set(acc, load_checked(bx, dst(to.val())).cast(f64t));
+        });
+        k.set(acc, acc.val() + load(bs, from.val()).cast(f64t));
+    });
+    k.if_(cur.val().ge(idx(0)), |k| {
+        k.store_checked(by, dst(cur.val()), acc.val().cast(d));
+    });
+    l.launches.push(Launch {
+        kernel: finish(k)?.into(),
+        args: vec![
+            Arg::Input(0),
+            Arg::Input(1),
+            Arg::Input(2),
+            Arg::Output(0),
+            Arg::Scratch(sorted),
+        ],
+    });
+    Ok(l)
 }
 
 /// Zero padding: one item per row of the result's last axis, which is either all padding or
@@ -394,4 +500,112 @@ fn sort(
         k.set(pv, bv.val());
     });
     Ok(Lowered::single(g, node, finish(k)?.into()))
+}
+
+/// The keys of a [`sort_segments`]: operand `input` of the node (`dtype`, `shape`: i64 or i32)
+/// read at `at(segment, i)` for element `i` of a segment, and the range the keys must lie in
+/// (`0..bound`, or not negative without one; a key outside stops the kernel).
+pub(super) struct Keys<'a> {
+    pub input: usize,
+    pub dtype: DType,
+    pub shape: &'a [usize],
+    pub bound: Option<usize>,
+    pub at: &'a dyn Fn(Expr, Expr) -> Expr,
+}
+
+/// Launches (appended to `l`) that sort `segments` segments of `n` elements each by key,
+/// stably, leaving in a scratch buffer [segments, n] (whose number they return) each
+/// segment's element numbers in sorted order: the keys checked and the elements numbered,
+/// then a bottom-up merge sort, one launch per pass, an item per pair of runs (so early
+/// passes run in parallel), a tie keeping the lower element first.
+pub(super) fn sort_segments(
+    l: &mut Lowered,
+    name: &str,
+    segments: usize,
+    n: usize,
+    keys: &Keys,
+) -> Result<usize, KernelError> {
+    let i64t = DType::I64;
+    let len = segments * n;
+    let first = l.scratch.len();
+    for _ in 0..2 {
+        l.scratch.push(crate::kernel::Buffer {
+            dtype: i64t,
+            shape: vec![segments, n],
+            access: crate::kernel::Access::Write,
+        });
+    }
+    let name_of = |l: &Lowered| launch_name(name, l.launches.len());
+    let key = |b: usize, seg: Expr, i: Expr| load_checked(b, (keys.at)(seg, i)).cast(i64t);
+    let mut k = LoopBuilder::new(name_of(l), len, TILE_WORK);
+    let bk = k.read(keys.dtype, keys.shape);
+    let a = k.write(i64t, &[segments, n]);
+    let e = k.item();
+    let (seg, i) = (e.clone().idiv(div(n)), e.clone().irem(div(n)));
+    let v = k.var(i64t, key(bk, seg.clone(), i.clone()));
+    let ok = match keys.bound {
+        Some(b) => in_range(v.val(), b),
+        None => v.val().ge(idx(0)),
+    };
+    // A key out of range re-reads the keys at index -1, which stops the kernel.
+    k.set(
+        v,
+        load_checked(bk, guard(ok, (keys.at)(seg, i.clone()))).cast(i64t),
+    );
+    k.store(a, e, i);
+    l.launches.push(Launch {
+        kernel: finish(k)?.into(),
+        args: vec![Arg::Input(keys.input), Arg::Scratch(first)],
+    });
+    let (mut src, mut width) = (first, 1usize);
+    while width < n {
+        let runs = n.div_ceil(2 * width);
+        let mut k = LoopBuilder::new(name_of(l), segments * runs, items_per_tile(2 * width));
+        let bk = k.read(keys.dtype, keys.shape);
+        let (from, to) = (k.read(i64t, &[segments, n]), k.write(i64t, &[segments, n]));
+        let item = k.item();
+        let seg = k.var(i64t, item.clone().idiv(idx(runs)));
+        let base = k.var(i64t, seg.val() * idx(n));
+        let lo = k.var(i64t, item.irem(idx(runs)) * idx(2 * width));
+        let mid = k.var(i64t, (lo.val() + idx(width)).min(idx(n)));
+        let hi = k.var(i64t, (lo.val() + idx(2 * width)).min(idx(n)));
+        let i = k.var(i64t, lo.val());
+        let j = k.var(i64t, mid.val());
+        let take = |k: &mut LoopBuilder, at: crate::loops::Var, o: Expr| {
+            k.store(to, base.val() + o, load(from, base.val() + at.val()));
+            k.set(at, at.val() + idx(1));
+        };
+        k.for_(lo.val(), hi.val(), |k, o| {
+            k.if_else(
+                and(i.val().lt(mid.val()), j.val().lt(hi.val())),
+                |k| {
+                    let ei = load_checked(from, base.val() + i.val());
+                    let ej = load_checked(from, base.val() + j.val());
+                    let left = key(bk, seg.val(), ei);
+                    let right = key(bk, seg.val(), ej);
+                    // Stable: the right run's element goes first only on a strictly smaller key.
+                    k.if_else(
+                        right.lt(left),
+                        |k| take(k, j, o.clone()),
+                        |k| take(k, i, o.clone()),
+                    );
+                },
+                |k| {
+                    k.if_else(
+                        i.val().lt(mid.val()),
+                        |k| take(k, i, o.clone()),
+                        |k| take(k, j, o.clone()),
+                    );
+                },
+            );
+        });
+        let dst = 2 * first + 1 - src;
+        l.launches.push(Launch {
+            kernel: finish(k)?.into(),
+            args: vec![Arg::Input(keys.input), Arg::Scratch(src), Arg::Scratch(dst)],
+        });
+        src = dst;
+        width *= 2;
+    }
+    Ok(src)
 }
