@@ -155,6 +155,9 @@ fn gather_refuses_indices_outside_their_axis() {
     }
 }
 
+/// Sources whose f64 sum depends on its order: in order it is 4, in reverse 0.
+const ORDERED: [f64; 6] = [1.0e17, -1.0e17, 1.0, 3.0, 0.5, 0.25];
+
 /// Every axis in f32; the other dtypes and i32 indices on one axis; few destinations for many
 /// sources, so every destination sums several.
 #[test]
@@ -176,15 +179,12 @@ fn scatter_add_matches_with_duplicate_indices() {
         case(d, DType::I64, i);
     }
     case(DType::F32, DType::I32, 0);
-    // Sums whose value depends on their order (1e8 + 1 - 1e8 in f32's rounding), over more
-    // columns than a block (70 = 64 + 6) and rows of the MoE's dense routing matrix [T, E].
+    // Sums whose value depends on their order, even in f64, over more columns than a block
+    // (70 = 64 + 6), and rows of the MoE's dense routing matrix [T, E].
     let n = 70;
-    let mut src = Vec::new();
-    for c in 0..3 * n {
-        src.push([1.0e8, 1.0, -1.0e8, 0.25][c % 4]);
-    }
-    let src = Tensor::from_f64(DType::F32, vec![3, n], &src).unwrap();
-    let idx = ints(&[3, n], vec![1; 3 * n]);
+    let src: Vec<f64> = (0..6 * n).map(|c| ORDERED[c / n]).collect();
+    let src = Tensor::from_f64(DType::F32, vec![6, n], &src).unwrap();
+    let idx = ints(&[6, n], vec![1; 6 * n]);
     exact(
         Op::ScatterAdd { axis: 0 },
         &[random(DType::F32, &[2, n], 3), idx, src],
@@ -192,7 +192,7 @@ fn scatter_add_matches_with_duplicate_indices() {
     // A result much larger than the sources (an embedding's gradient) takes the sorted form
     // in f32: order-dependent sums into one row, duplicates among random rows, both axes and
     // i32 indices. In f64 it is summed in place in chunks of rows (5,000 rows: two chunks).
-    let src: Vec<f64> = (0..18).map(|c| [1.0e8, 1.0, -1.0e8][c % 3]).collect();
+    let src: Vec<f64> = (0..18).map(|c| ORDERED[c / 3]).collect();
     let src = Tensor::from_f64(DType::F32, vec![6, 3], &src).unwrap();
     exact(
         Op::ScatterAdd { axis: 0 },
@@ -215,7 +215,9 @@ fn scatter_add_matches_with_duplicate_indices() {
             );
         }
     }
-    let v = rand_ints(&[9, 2], 0, 5000, 7);
+    // Indices on both sides of the chunks' boundaries (2,048 rows each).
+    let mut v = rand_ints(&[9, 2], 0, 5000, 7);
+    v[..6].copy_from_slice(&[2047, 2048, 4095, 4096, 2048, 2047]);
     exact(
         Op::ScatterAdd { axis: 0 },
         &[
