@@ -445,9 +445,11 @@ fn precedes(a: Expr, b: Expr, d: DType, descending: bool) -> Expr {
     or(ordered, and(nan(first), not(nan(second))))
 }
 
-/// The first `k` indices of each row's stable sort (top-k is the descending case): pass `s`
-/// picks the first element of the row that comes after pass `s - 1`'s pick in the total order
-/// (value, then index), so ties go to the lower index exactly as in a stable sort.
+/// The first `k` indices of each row's stable sort (top-k is the descending case), by
+/// insertion into the result row, kept sorted: scanning the row in index order, an element
+/// goes before the first kept one it strictly precedes, so ties keep the lower index first,
+/// as in a stable sort. An element that does not beat the last of `k` kept ones costs one
+/// comparison (top-k of a router row rarely inserts); a full argsort is an insertion sort.
 fn sort(
     g: &Graph,
     node: &Node,
@@ -461,43 +463,43 @@ fn sort(
     let y = g.ty(node.outputs[0]);
     let rows = x.numel() / n.max(1);
     let i64t = DType::I64;
-    let mut k = LoopBuilder::new(launch_name(name, 0), rows, items_per_tile(k_ * n));
+    let mut k = LoopBuilder::new(launch_name(name, 0), rows, items_per_tile(2 * n));
     let bx = k.read(d, &x.shape);
     let by = k.write(i64t, &y.shape);
-    let base = k.item() * idx(n);
-    let out = k.item() * idx(k_);
-    let prev = k.var(i64t, cst(-1.0, i64t));
-    let pv = k.var(d, cst(0.0, d));
-    let best = k.var(i64t, cst(-1.0, i64t));
-    let bv = k.var(d, cst(0.0, d));
+    let base = k.var(i64t, k.item() * idx(n));
+    let out = k.var(i64t, k.item() * idx(k_));
+    // The value of kept entry `m` (an index into the row, read back from the result).
+    let kept = |m: Expr| load(bx, base.val() + load_checked(by, out.val() + m));
+    let cnt = k.var(i64t, idx(0));
     let xv = k.var(d, cst(0.0, d));
-    k.for_(idx(0), idx(k_), |k, s| {
-        k.set(best, cst(-1.0, i64t));
-        k.for_(idx(0), idx(n), |k, j| {
-            k.set(xv, load(bx, base.clone() + j.clone()));
-            let after = or(
-                s.clone().eq(idx(0)),
-                or(
-                    precedes(pv.val(), xv.val(), d, descending),
-                    and(
-                        not(precedes(xv.val(), pv.val(), d, descending)),
-                        prev.val().lt(j.clone()),
-                    ),
-                ),
-            );
-            // Scanning in index order, a tie with the best so far keeps the lower index.
-            let better = or(
-                best.val().lt(idx(0)),
-                precedes(xv.val(), bv.val(), d, descending),
-            );
-            k.if_(and(after, better), |k| {
-                k.set(best, j);
-                k.set(bv, xv.val());
+    let at = k.var(i64t, idx(0));
+    let last = k.var(i64t, idx(0));
+    k.for_(idx(0), idx(n), |k, j| {
+        k.set(xv, load(bx, base.val() + j.clone()));
+        let full = cnt.val().eq(idx(k_));
+        let beats_last = precedes(xv.val(), kept(idx(k_ - 1)), d, descending);
+        // Past the last entry of a full row: nothing to do (reading entry k - 1 only when full).
+        let skip = k.var(DType::Bool, full.clone());
+        k.if_(full, |k| k.set(skip, not(beats_last)));
+        k.if_(not(skip.val()), |k| {
+            k.set(at, cnt.val());
+            k.for_(idx(0), cnt.val(), |k, m| {
+                let first = and(
+                    at.val().eq(cnt.val()),
+                    precedes(xv.val(), kept(m.clone()), d, descending),
+                );
+                k.if_(first, |k| k.set(at, m));
             });
+            // Shift entries at..last up by one (the last of a full row drops out).
+            k.set(last, cnt.val().min(idx(k_ - 1)));
+            k.for_(idx(0), last.val() - at.val(), |k, q| {
+                let m = last.val() - idx(1) - q;
+                let v = load_checked(by, out.val() + m.clone());
+                k.store_checked(by, out.val() + m + idx(1), v);
+            });
+            k.store_checked(by, out.val() + at.val(), j);
+            k.set(cnt, (cnt.val() + idx(1)).min(idx(k_)));
         });
-        k.store(by, out.clone() + s, best.val());
-        k.set(prev, best.val());
-        k.set(pv, bv.val());
     });
     Ok(Lowered::single(g, node, finish(k)?.into()))
 }
