@@ -24,7 +24,7 @@ pub(super) fn lower(g: &Graph, node: &Node, name: &str) -> Option<Result<Lowered
     Some(match &node.op {
         Op::Gather { axis } => gather(g, node, name, *axis),
         Op::ScatterAdd { axis } => scatter_add(g, node, name, *axis),
-        Op::Pad { low, high: _ } => pad(g, node, name, low),
+        Op::Pad { low, .. } => pad(g, node, name, low),
         Op::Concat { axis } => concat(g, node, name, *axis),
         Op::Iota { axis, .. } => iota(g, node, name, *axis),
         Op::CumSum { axis } => cumsum(g, node, name, *axis),
