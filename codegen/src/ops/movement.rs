@@ -4,8 +4,10 @@
 //! Indices read from data (gather and scatter indices) go through checked accesses: an index
 //! outside its axis makes the kernel's access out of range on purpose ([`guard`]), so the
 //! kernel stops with an error where the interpreter reports one. A scatter-add is partitioned
-//! by destination (one item per block of columns, looping over every source in order), which
-//! keeps the interpreter's summation order; float sums run in f64 and are rounded once.
+//! by destination (an item owns a block of columns and a chunk of destination rows and adds
+//! its sources in index order, or, for an f32 result much larger than its sources, each
+//! column's sources are stably sorted by destination and summed run by run), which keeps the
+//! interpreter's summation order; float sums run in f64 and are rounded once.
 
 use super::{launch_name, Arg, Launch, Lowered};
 use crate::kernel::{supported_dtype, KernelError};
