@@ -7,6 +7,8 @@
 //! target-independent kernel IR; the CPU backend compiles the descriptions with LLVM and an
 //! Ascend backend will lower the same ones.
 
+mod moe;
+mod movement;
 mod norms;
 mod pointwise;
 
@@ -58,6 +60,9 @@ pub fn lower_node(g: &Graph, node: &Node, name: &str) -> Result<Lowered, KernelE
         return l;
     }
     if let Some(l) = pointwise::lower(g, node, name) {
+        return l;
+    }
+    if let Some(l) = movement::lower(g, node, name).or_else(|| moe::lower(g, node, name)) {
         return l;
     }
     let k = Kernel::for_node(g, node, name.to_string())?;
