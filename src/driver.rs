@@ -330,6 +330,23 @@ fn kernels_text(g: &Graph, comment: &str) -> String {
             continue;
         }
         computed += 1;
+        // GEMMs are library calls (an epilogue's program follows as a kernel).
+        if let Some(call) = mmc_codegen::library::for_node(g, node) {
+            match call {
+                Ok(call) => {
+                    generated += 1;
+                    out.push_str(&format!("{comment} node {}: library call {call:?}\n", id.0));
+                    if let Ok(k) =
+                        mmc_codegen::kernel::Kernel::epilogue(g, node, format!("k{}", id.0))
+                    {
+                        out.push_str(&k.to_string());
+                        out.push('\n');
+                    }
+                }
+                Err(e) => out.push_str(&format!("{comment} node {}: {e}\n", id.0)),
+            }
+            continue;
+        }
         match mmc_codegen::ops::lower_node(g, node, &format!("k{}", id.0)) {
             Ok(lowered) => {
                 generated += 1;
