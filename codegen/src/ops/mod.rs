@@ -7,6 +7,8 @@
 //! target-independent kernel IR; the CPU backend compiles the descriptions with LLVM and an
 //! Ascend backend will lower the same ones.
 
+mod attention;
+mod cross_entropy;
 mod norms;
 
 use crate::kernel::{Buffer, GeneratedKernel, Kernel, KernelError};
@@ -54,6 +56,12 @@ impl Lowered {
 /// `name_1`, ...).
 pub fn lower_node(g: &Graph, node: &Node, name: &str) -> Result<Lowered, KernelError> {
     if let Some(l) = norms::lower(g, node, name) {
+        return l;
+    }
+    if let Some(l) = attention::lower(g, node, name) {
+        return l;
+    }
+    if let Some(l) = cross_entropy::lower(g, node, name) {
         return l;
     }
     let k = Kernel::for_node(g, node, name.to_string())?;
