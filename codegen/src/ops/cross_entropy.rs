@@ -85,6 +85,15 @@ impl Dims {
         }
     }
 
+    /// The backward's f64 accumulators of one chunk's rows of dh.
+    fn row_sums(&self) -> Buffer {
+        Buffer {
+            dtype: F64,
+            shape: vec![self.chunk, self.hidden],
+            access: Access::Write,
+        }
+    }
+
     /// Items per tile for items that each do `work` multiply-adds.
     fn tile(work: usize) -> usize {
         (32768 / work.max(1)).max(1)
@@ -118,24 +127,35 @@ fn dot_loop(
     (s[0].val() + s[1].val()) + (s[2].val() + s[3].val())
 }
 
-/// The launch writing the logits `h w^T` of the `n` rows from `r0` into the scratch, one item
-/// per logit (the launch a GEMM will replace).
+/// Rows of w per item of the logits launch: a block of w that stays in the L1 cache while
+/// every row of the chunk is multiplied with it.
+const W_BLOCK: usize = 32;
+
+/// The launch writing the logits `h w^T` of the `n` rows from `r0` into the scratch (the launch
+/// a GEMM will replace): one item per block of [`W_BLOCK`] rows of w, looping over the chunk's
+/// rows of h.
 fn logits_launch(a: Dims, name: String, (r0, n): (usize, usize)) -> Result<Launch, KernelError> {
     let (hd, v) = (a.hidden, a.vocab);
-    let mut k = LoopBuilder::new(name, n * v, Dims::tile(hd));
+    let mut k = LoopBuilder::new(name, v.div_ceil(W_BLOCK), 1);
     let bh = k.read(a.dtype, &[a.rows, hd]);
     let bw = k.read(a.dtype, &[v, hd]);
     let bl = k.write(LOGITS, &a.logits().shape);
-    let item = k.item();
-    let hrow = k.var(I64, (item.clone().idiv(idx(v.max(1))) + idx(r0)) * idx(hd));
-    let wrow = k.var(I64, item.irem(idx(v.max(1))) * idx(hd));
-    let s = dot_loop(
-        &mut k,
-        hd,
-        |c| load(bh, hrow.val() + c),
-        |c| load(bw, wrow.val() + c),
-    );
-    k.store(bl, k.item(), s.cast(LOGITS));
+    let lo = k.var(I64, k.item() * idx(W_BLOCK));
+    let hi = k.var(I64, (lo.val() + idx(W_BLOCK)).min(idx(v)));
+    k.for_(idx(0), idx(n), |k, r| {
+        let hrow = k.var(I64, (r.clone() + idx(r0)) * idx(hd));
+        let lrow = k.var(I64, r * idx(v));
+        k.for_(lo.val(), hi.val(), |k, j| {
+            let wrow = k.var(I64, j.clone() * idx(hd));
+            let s = dot_loop(
+                k,
+                hd,
+                |c| load(bh, hrow.val() + c),
+                |c| load(bw, wrow.val() + c),
+            );
+            k.store(bl, lrow.val() + j, s.cast(LOGITS));
+        });
+    });
     Ok(Launch {
         kernel: finish(k)?,
         args: vec![Arg::Input(0), Arg::Input(1), Arg::Scratch(0)],
@@ -280,24 +300,40 @@ fn backward(g: &Graph, node: &Node, name: &str, chunk: usize) -> Result<Lowered,
             args: vec![Arg::Input(2), Arg::Input(3), Arg::Input(4), Arg::Scratch(0)],
         });
 
-        // dh of the chunk's rows: one item per element, `sum_j dlogits[r, j] w[j, c]`.
-        let mut k = LoopBuilder::new(launch_name(name, launches.len()), n * hd, Dims::tile(v));
+        // dh of the chunk's rows, one item per row: `sum_j dlogits[r, j] w[j, :]` accumulated
+        // in f64 in the row's slot of a [chunk, hidden] scratch, streaming w's rows in order.
+        let mut k = LoopBuilder::new(launch_name(name, launches.len()), n, 1);
         let bw = k.read(dt, &[v, hd]);
         let bl = k.read(LOGITS, &logits);
+        let bacc = k.write(F64, &a.row_sums().shape);
         let bdh = k.write(dt, &[a.rows, hd]);
-        let item = k.item();
-        let row = k.var(I64, item.clone().idiv(idx(hd.max(1))) * idx(v));
-        let col = k.var(I64, item.irem(idx(hd.max(1))));
-        let s = dot_loop(
-            &mut k,
-            v,
-            |j| load(bl, row.val() + j),
-            |j| load(bw, j * idx(hd) + col.val()),
-        );
-        k.store(bdh, k.item() + idx(r0 * hd), s.cast(dt));
+        let acc = k.var(I64, k.item() * idx(hd));
+        k.for_(idx(0), idx(hd), |k, c| {
+            k.store(bacc, acc.val() + c, cst(0.0, F64));
+        });
+        let gj = k.var(F64, cst(0.0, F64));
+        k.for_(idx(0), idx(v), |k, j| {
+            k.set(gj, load(bl, k.item() * idx(v) + j.clone()).cast(F64));
+            let wrow = k.var(I64, j * idx(hd));
+            k.for_(idx(0), idx(hd), |k, c| {
+                let at = acc.val() + c.clone();
+                let w = load(bw, wrow.val() + c).cast(F64);
+                k.store(bacc, at.clone(), load(bacc, at) + gj.val() * w);
+            });
+        });
+        let out = k.var(I64, (k.item() + idx(r0)) * idx(hd));
+        k.for_(idx(0), idx(hd), |k, c| {
+            let x = load(bacc, acc.val() + c.clone());
+            k.store(bdh, out.val() + c, x.cast(dt));
+        });
         launches.push(Launch {
             kernel: finish(k)?,
-            args: vec![Arg::Input(1), Arg::Scratch(0), Arg::Output(0)],
+            args: vec![
+                Arg::Input(1),
+                Arg::Scratch(0),
+                Arg::Scratch(1),
+                Arg::Output(0),
+            ],
         });
 
         // dw += the chunk's `dlogits^T h`: one item per element of dw.
@@ -337,6 +373,6 @@ fn backward(g: &Graph, node: &Node, name: &str, chunk: usize) -> Result<Lowered,
     }
     Ok(Lowered {
         launches,
-        scratch: vec![a.logits()],
+        scratch: vec![a.logits(), a.row_sums()],
     })
 }
