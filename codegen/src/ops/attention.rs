@@ -5,7 +5,9 @@
 //!
 //! A row's vectors of `head_dim` elements (its query, its output accumulator) are scalar
 //! variables of the kernel, one per element, so they live in registers as in a flash kernel;
-//! the loop over keys is a loop of the kernel IR. Every score is `(q . k_j) * scale` in f64,
+//! the loop over keys is a loop of the kernel IR. (That suits small head dims; at 128 the
+//! unrolled rows spill and the kernels are several times slower than the interpreter's GEMM
+//! blocks: the fast path is a later step.) Every score is `(q . k_j) * scale` in f64,
 //! and a row whose maximum score is not finite (a NaN or infinite score) is all NaN, as in the
 //! interpreter; with these masks every query sees itself, so no row is ever fully masked.
 //!

@@ -9,6 +9,9 @@
 //! target at or above the vocabulary size is refused by a checked load (it addresses past the
 //! chunk's logits), as the interpreter refuses it.
 //!
+//! The scratch: the chunk's logits (f64 for now, [chunk, vocab]), the per-row loss terms
+//! ([rows]) forward, and the f64 sums of the chunk's rows of dh ([chunk, hidden]) backward.
+//!
 //! Everything is computed in f64 and rounded once, except dw, which sums over chunks: its
 //! running sum is stored in dw's dtype after each chunk (as a GEMM accumulating into dw will),
 //! so an f32 dw is rounded once per chunk.
