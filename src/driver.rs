@@ -204,9 +204,16 @@ pub fn compile(cfg: &Config) -> Result<Compiled> {
             let ckpt = Checkpoint::open(&dir)?;
             let layout = CheckpointLayout::detect(ckpt.names());
             ckpt.check(&param_specs(&declared.graph, |n| layout.source(n)))?;
-            let dir = dir
-                .canonicalize()
-                .with_context(|| format!("cannot resolve {}", dir.display()))?;
+            // Kept as found (beside the TOML, or from the working directory), not made
+            // absolute: the plan names no folder of the compiling machine that the user did
+            // not write, and `mmc run` opens a relative one from its working directory.
+            if dir.to_str().is_none() {
+                bail!(
+                    "{}: init_from_hf_path {} is not UTF-8, which a plan cannot record",
+                    model.display(),
+                    dir.display()
+                );
+            }
             Some((dir, layout))
         }
         None => None,

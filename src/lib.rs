@@ -2,5 +2,6 @@
 //! tests: each crate stays a plain library, and the driver is the one place that knows the order
 //! in which they are called.
 
+pub mod backend;
 pub mod convert;
 pub mod driver;

@@ -80,16 +80,12 @@ impl CheckpointArgs {
     }
 }
 
-/// The `sha256:<hex>` of a plan's header line, for the checkpoint's information.
+/// The SHA-256 of the plan file, for the checkpoint's information (its header covers every
+/// section's hash, but the whole file is what `sha256sum` shows).
 fn plan_sha256(path: &Path) -> Option<String> {
-    use std::io::{BufRead, Read};
-    let mut line = String::new();
-    std::io::BufReader::new(std::fs::File::open(path).ok()?.take(512))
-        .read_line(&mut line)
-        .ok()?;
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("sha256:"))
-        .map(str::to_string)
+    std::fs::read(path)
+        .ok()
+        .map(|b| mmc_ir::plan_file::sha256_hex(&b))
 }
 
 /// Where global batches come from.

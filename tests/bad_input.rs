@@ -252,15 +252,88 @@ fn a_damaged_or_hand_edited_plan_is_refused_at_load() {
         e.contains("damaged") && e.contains("`micro_batch_size` is 0"),
         "{e}"
     );
-    // One byte of the body changed: the JSON still parses, the checksum does not match.
-    let mut bytes = std::fs::read(&plan).unwrap();
-    let text = String::from_utf8_lossy(&bytes).to_string();
-    let at = text.find("\"seed\":").unwrap() + "\"seed\":".len();
-    bytes[at] = if bytes[at] == b'1' { b'2' } else { b'1' };
+    // One byte of the body changed: the body's checksum does not match.
+    let bytes = std::fs::read(&plan).unwrap();
+    let mut flipped_bytes = bytes.clone();
+    flipped_bytes[bytes.len() / 2] ^= 0x04;
     let flipped = dir.path().join("flipped.bin");
-    std::fs::write(&flipped, &bytes).unwrap();
+    std::fs::write(&flipped, &flipped_bytes).unwrap();
     let e = fails(&["run", flipped.to_str().unwrap(), "--data", data]);
-    assert!(e.contains("damaged") && e.contains("checksum"), "{e}");
+    assert!(
+        e.contains("damaged") && e.contains("plan body does not match its SHA-256 checksum"),
+        "{e}"
+    );
+    // Cut short, or with bytes after its end (a copy that went wrong).
+    let cut = dir.path().join("cut.bin");
+    std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+    let e = fails(&["run", cut.to_str().unwrap(), "--data", data]);
+    assert!(
+        e.contains("cut short in its plan body section, 100 bytes are missing"),
+        "{e}"
+    );
+    let long = dir.path().join("long.bin");
+    std::fs::write(&long, [&bytes[..], b"\n"].concat()).unwrap();
+    let e = fails(&["run", long.to_str().unwrap(), "--data", data]);
+    assert!(e.contains("1 bytes follow its last section"), "{e}");
+}
+
+/// A plan records the checkpoint folder as `mmc compile` found it, relative when the paths it
+/// was given were, and nothing else of the compiling machine's folders: a copy in another
+/// folder runs, and the relative folder is opened from the working directory of `mmc run`.
+#[test]
+fn a_plan_names_no_folder_of_the_machine_and_runs_from_a_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir_all(model.join("checkpoint")).unwrap();
+    let src = fixture("qwen3_moe_tiny");
+    std::fs::copy(src.join("model.toml"), model.join("model.toml")).unwrap();
+    for f in std::fs::read_dir(src.join("checkpoint")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), model.join("checkpoint").join(f.file_name())).unwrap();
+    }
+    let data = src.join("inputs.safetensors");
+    let run = |cwd: &Path, plan: &str| {
+        mmc()
+            .current_dir(cwd)
+            .args(["run", plan, "--train-iters", "1", "--data"])
+            .arg(&data)
+            .output()
+            .unwrap()
+    };
+    let out = mmc()
+        .current_dir(dir.path())
+        .args(["compile", "model/model.toml", "-o", "plan.bin"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan = dir.path().join("plan.bin");
+    let p = mmc_ir::plan::Plan::read(&plan).unwrap();
+    assert_eq!(p.checkpoint, Some(PathBuf::from("model/checkpoint")));
+    let bytes = std::fs::read(&plan).unwrap();
+    let folder = dir.path().to_str().unwrap().as_bytes();
+    assert!(!bytes.windows(folder.len()).any(|w| w == folder));
+    // A copy in another folder, run from the folder it was compiled in.
+    std::fs::create_dir_all(dir.path().join("elsewhere")).unwrap();
+    std::fs::copy(&plan, dir.path().join("elsewhere/plan.bin")).unwrap();
+    let out = run(dir.path(), "elsewhere/plan.bin");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("step 1/1"));
+    // From another working directory, the relative checkpoint folder is not there.
+    let out = run(&dir.path().join("elsewhere"), "plan.bin");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("model/checkpoint") && !err.contains("panicked"),
+        "{err}"
+    );
 }
 
 #[test]

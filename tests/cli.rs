@@ -427,9 +427,23 @@ fn bad_plans_are_one_line_errors() {
     std::fs::write(&p, "hello").unwrap();
     let e = fails(&["run", p.to_str().unwrap(), "--data", "x.safetensors"]);
     assert!(e.contains("not an mmc plan"), "{e}");
-    std::fs::write(&p, "mmc-plan 3\n{\"settings\": ").unwrap();
+    // The text format of mmc before format 4.
+    std::fs::write(&p, "mmc-plan 3 sha256:00\n{\"settings\": ").unwrap();
     let e = fails(&["run", p.to_str().unwrap(), "--data", "x.safetensors"]);
-    assert!(e.contains("damaged"), "{e}");
+    assert!(
+        e.contains("plan format 3") && e.contains("recompile"),
+        "{e}"
+    );
+    // A binary plan cut short in its header.
+    let mut cut = mmc_ir::plan_file::MAGIC.to_vec();
+    cut.extend(mmc_ir::plan::PLAN_FORMAT_VERSION.to_le_bytes());
+    cut.extend(b"\x0b\x00interp");
+    std::fs::write(&p, &cut).unwrap();
+    let e = fails(&["run", p.to_str().unwrap(), "--data", "x.safetensors"]);
+    assert!(
+        e.contains("damaged") && e.contains("cut short in its header (target)"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -1,23 +1,23 @@
-//! Fuzzes reading a compiled plan (`plan.bin`: a version line, then JSON whose programs are
-//! graphs in mmc's text form) and the graph text parser and verifier it runs. The plan of the
-//! tiny Qwen3-MoE, damaged as disks and hand edits damage files (bytes flipped, truncated,
-//! fields removed or of the wrong type, graph lines lost, repeated or with other numbers), must
-//! read or fail with a one-line error; never a panic or a hang. `mmc run` reads plans written
-//! elsewhere, perhaps by another version, perhaps cut short.
+//! Fuzzes reading a compiled plan (`plan.bin`: a binary container whose body, in postcard,
+//! holds programs as graphs in mmc's text form) and the graph text parser and verifier it runs.
+//! The plan of the tiny Qwen3-MoE, damaged as disks damage files (bytes flipped, inserted,
+//! truncated) or as a faulty writer would (the body's bytes changed or graph lines lost,
+//! repeated or with other numbers, behind valid checksums), must read or fail with a one-line
+//! error; never a panic or a hang. `mmc run` reads plans written elsewhere, perhaps by another
+//! version, perhaps cut short.
 //!
-//! Only the public API is used (`Plan::to_bytes`, `Plan::from_bytes`, `text::parse`,
-//! `verify`), so the test holds whatever integrity checks the file format adds: a damaged file
-//! may then fail earlier, and the graph text is still fuzzed on its own.
+//! Only the public API is used (`Plan::to_bytes`, `Plan::from_bytes`, `RawPlanFile` to take
+//! the container apart and put it back together with fresh checksums, `text::parse`, `verify`),
+//! so that damage behind valid checksums reaches the body's decoder and the plan's checks.
 
 #[path = "fuzz/mod.rs"]
 mod fuzz;
 
 use fuzz::{FileCase, Rng};
 use mmc_frontend::Config;
-use mmc_ir::plan::{Plan, PLAN_FORMAT_VERSION};
+use mmc_ir::plan::Plan;
+use mmc_ir::plan_file::{RawPlanFile, SectionKind, INTERPRETER_TARGET};
 use mmc_ir::{text, verify};
-use serde_json::Value as Json;
-use sha2::Digest;
 use std::path::Path;
 
 fn plan() -> Plan {
@@ -144,29 +144,60 @@ fn read_graph(text: &str) -> Result<(), String> {
     verify(&g).map_err(|e| e.to_string())
 }
 
+/// A plan file for the interpreter around `body`, with checksums that match it.
+fn with_body(body: &[u8]) -> Vec<u8> {
+    RawPlanFile {
+        target: INTERPRETER_TARGET.into(),
+        sections: vec![(SectionKind::Body, body)],
+    }
+    .to_bytes()
+}
+
+/// The plan's body, and where in it the string `s` is: postcard writes a string as its length
+/// (a varint) and its bytes, so the span covers both.
+fn string_span(body: &[u8], s: &str) -> (usize, usize) {
+    let enc = postcard::to_allocvec(s).expect("a string serialises");
+    let at = body
+        .windows(enc.len())
+        .position(|w| w == enc.as_slice())
+        .unwrap_or_else(|| panic!("`{}` is not in the plan body", s.escape_debug()));
+    (at, at + enc.len())
+}
+
+/// `body` with the string at `span` replaced by `s`.
+fn replace_string(body: &[u8], span: (usize, usize), s: &str) -> Vec<u8> {
+    let enc = postcard::to_allocvec(s).expect("a string serialises");
+    [&body[..span.0], &enc, &body[span.1..]].concat()
+}
+
+fn body_of(bytes: &[u8]) -> Vec<u8> {
+    RawPlanFile::parse(Path::new("plan.bin"), bytes)
+        .expect("the plan's container")
+        .section(SectionKind::Body)
+        .expect("a body section")
+        .to_vec()
+}
+
 #[test]
 fn damaged_plans_read_or_give_a_clear_error() {
     let plan = plan();
     let bytes = plan.to_bytes();
     Plan::from_bytes(Path::new("plan.bin"), &bytes).expect("the plan reads back");
-    let newline = bytes
-        .iter()
-        .position(|&b| b == b'\n')
-        .expect("a header line")
-        + 1;
-    let (header, body) = bytes.split_at(newline);
-    let json: Json = serde_json::from_slice(body).expect("the body is JSON");
+    let body = body_of(&bytes);
+    assert_eq!(with_body(&body), bytes);
     let graphs: Vec<String> = plan
         .programs
         .iter()
         .map(|p| text::print(&p.graph))
         .collect();
+    let spans: Vec<(usize, usize)> = graphs.iter().map(|g| string_span(&body, g)).collect();
     fuzz::run(
         "plan",
         fuzz::case_count(3000),
         |rng| {
             let (bytes, how) = match rng.below(10) {
                 0..=2 => {
+                    // The file as a disk or a copy damages it: the checksums see it.
                     let mut b = bytes.clone();
                     let how = if rng.chance(0.3) {
                         fuzz::mutate_bytes_in(rng, &mut b, 0)
@@ -176,16 +207,16 @@ fn damaged_plans_read_or_give_a_clear_error() {
                     (b, vec![how])
                 }
                 3..=5 => {
-                    let (b, how) = fuzz::mutated_json(rng, &json);
-                    ([header, &b].concat(), how)
+                    // The body changed behind valid checksums: the decoder and the checks.
+                    let mut b = body.clone();
+                    let how = fuzz::mutate_bytes(rng, &mut b);
+                    (with_body(&b), vec![format!("body: {how}")])
                 }
                 _ => {
                     // A program's graph text changed, the rest of the plan intact.
-                    let mut v = json.clone();
                     let p = rng.below(graphs.len());
                     let (g, how) = mutate_graph(rng, &graphs[p]);
-                    v["programs"][p]["graph"] = Json::String(g);
-                    ([header, v.to_string().as_bytes()].concat(), vec![how])
+                    (with_body(&replace_string(&body, spans[p], &g)), vec![how])
                 }
             };
             FileCase {
@@ -240,23 +271,16 @@ fn damaged_graph_texts_parse_and_verify_or_give_a_clear_error() {
 #[test]
 fn a_plan_quoting_a_line_break_is_reported_on_one_line() {
     // Found as a state's `kind` = "line\nbreak", and as a graph line pasted into a type
-    // string: the message quoted the damaged text with its line break.
-    let bytes = plan().to_bytes();
-    let newline = bytes
-        .iter()
-        .position(|&b| b == b'\n')
-        .expect("a header line")
-        + 1;
-    let mut v: Json = serde_json::from_slice(&bytes[newline..]).expect("JSON");
-    v["state"][0]["kind"] = Json::String("line\nbreak".into());
-    // With a checksum that matches, so that the JSON check is what speaks.
-    let body = v.to_string();
-    let digest: String = sha2::Sha256::digest(body.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let header = format!("mmc-plan {PLAN_FORMAT_VERSION} sha256:{digest}\n");
-    let damaged = [header.as_bytes(), body.as_bytes()].concat();
+    // string: the message quoted the damaged text with its line break. Here a state's type,
+    // behind checksums that match, so that the body's decoder is what speaks.
+    let plan = plan();
+    let body = body_of(&plan.to_bytes());
+    let ty = plan.state[0].ty.to_string();
+    let damaged = with_body(&replace_string(
+        &body,
+        string_span(&body, &ty),
+        "line\nbreak",
+    ));
     let e = Plan::from_bytes(Path::new("plan.bin"), &damaged)
         .unwrap_err()
         .to_string();

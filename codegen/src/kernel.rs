@@ -186,6 +186,81 @@ impl Kernel {
         })
     }
 
+    /// The epilogue of a `fused.matmul_epilogue` node: its program over the product (`$0`,
+    /// read from the node's own result, where the GEMM stored it) and the extras (read
+    /// broadcast), stored back in place. Buffers: the result (read), the extras, the result
+    /// (written).
+    pub fn epilogue(g: &Graph, node: &Node, name: String) -> Result<Kernel, KernelError> {
+        let Op::Fused(FusedOp::MatMulEpilogue { program }) = &node.op else {
+            return Err(KernelError::Unsupported { op: node.op.name() });
+        };
+        let op = node.op.name();
+        let out = g.ty(node.outputs[0]);
+        let product = g.ty(node.inputs[0]).dtype;
+        if product != out.dtype {
+            // The product would need a buffer of its own dtype (bf16 storage comes later).
+            return Err(KernelError::Dtype {
+                op,
+                dtype: out.dtype,
+            });
+        }
+        let mut operands = vec![product];
+        operands.extend(node.inputs[2..].iter().map(|&v| g.ty(v).dtype));
+        let regs = program
+            .dtypes(&operands)
+            .map_err(|_| KernelError::Unsupported { op })?;
+        if let Some(&dtype) = regs.iter().find(|d| !supported_dtype(**d)) {
+            return Err(KernelError::Dtype { op, dtype });
+        }
+        let shape = out.shape.clone();
+        let mut buffers = vec![Buffer {
+            dtype: product,
+            shape: shape.clone(),
+            access: Access::Read,
+        }];
+        let mut loads = vec![Load {
+            buffer: 0,
+            index: Index::Contiguous,
+        }];
+        for &v in &node.inputs[2..] {
+            let ty = g.ty(v);
+            let index = if ty.shape == shape {
+                Index::Contiguous
+            } else {
+                let s = row_major_strides(&ty.shape);
+                Index::Affine {
+                    base: 0,
+                    strides: (0..shape.len())
+                        .map(|a| if ty.shape[a] == 1 { 0 } else { s[a] })
+                        .collect(),
+                }
+            };
+            loads.push(Load {
+                buffer: buffers.len(),
+                index,
+            });
+            buffers.push(Buffer {
+                dtype: ty.dtype,
+                shape: ty.shape.clone(),
+                access: Access::Read,
+            });
+        }
+        buffers.push(Buffer {
+            dtype: out.dtype,
+            shape: shape.clone(),
+            access: Access::Write,
+        });
+        Ok(Kernel {
+            name,
+            buffers,
+            shape,
+            tile: ELEMENTWISE_TILE,
+            loads,
+            reduce: None,
+            program: program.clone(),
+        })
+    }
+
     /// The copy kernel of a layout op (broadcast, permute, slice, reshape) or the kernel of a
     /// reduction: one affine load (accumulated for a reduction) and a same-dtype cast (the
     /// identity); `None` for other ops.
@@ -351,6 +426,16 @@ impl GeneratedKernel {
             GeneratedKernel::Elementwise(k) => k.tiles(),
             GeneratedKernel::Loop(k) => k.tiles(),
         }
+    }
+
+    /// The same kernel under another symbol name.
+    pub fn renamed(&self, name: String) -> GeneratedKernel {
+        let mut k = self.clone();
+        match &mut k {
+            GeneratedKernel::Elementwise(k) => k.name = name,
+            GeneratedKernel::Loop(k) => k.name = name,
+        }
+        k
     }
 }
 

@@ -6,6 +6,36 @@ use crate::loops::out_of_range_buffer;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
+/// What the runtime needs of a kernel to launch it: its symbol, tiles and buffer shapes (for
+/// the arity check and error messages); the kernel IR itself stays at compile time.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KernelEntry {
+    pub name: String,
+    pub tiles: usize,
+    /// Each buffer's dtype and shape.
+    pub buffers: Vec<(mmc_ir::DType, Vec<usize>)>,
+}
+
+impl From<&GeneratedKernel> for KernelEntry {
+    fn from(k: &GeneratedKernel) -> Self {
+        KernelEntry {
+            name: k.name().to_string(),
+            tiles: k.tiles(),
+            buffers: k
+                .buffers()
+                .iter()
+                .map(|b| (b.dtype, b.shape.clone()))
+                .collect(),
+        }
+    }
+}
+
+impl From<GeneratedKernel> for KernelEntry {
+    fn from(k: GeneratedKernel) -> Self {
+        KernelEntry::from(&k)
+    }
+}
+
 /// Failures of loading a kernel library or of a kernel run.
 #[derive(Debug, thiserror::Error)]
 pub enum NativeError {
@@ -51,7 +81,7 @@ type KernelFn = unsafe extern "C" fn(*const *mut u8, i64, i64) -> i64;
 /// A loaded kernel library: the kernels, callable by index.
 pub struct KernelLibrary {
     _lib: libloading::Library,
-    fns: Vec<(KernelFn, GeneratedKernel)>,
+    fns: Vec<(KernelFn, KernelEntry)>,
 }
 
 /// A buffer pointer that may cross to a worker thread: the tiles a thread runs write only
@@ -73,7 +103,7 @@ impl KernelLibrary {
     pub unsafe fn load(
         path: &Path,
         sha256: &str,
-        kernels: Vec<GeneratedKernel>,
+        kernels: Vec<impl Into<KernelEntry>>,
     ) -> Result<KernelLibrary, NativeError> {
         let got = file_sha256(path)?;
         if got != sha256 {
@@ -91,15 +121,16 @@ impl KernelLibrary {
         let lib = unsafe { libloading::Library::new(path) }.map_err(err)?;
         let mut fns = Vec::with_capacity(kernels.len());
         for k in kernels {
+            let k: KernelEntry = k.into();
             // SAFETY: every generated kernel has the `KernelFn` signature.
-            let f: KernelFn = unsafe { *lib.get::<KernelFn>(k.name().as_bytes()).map_err(err)? };
+            let f: KernelFn = unsafe { *lib.get::<KernelFn>(k.name.as_bytes()).map_err(err)? };
             fns.push((f, k));
         }
         Ok(KernelLibrary { _lib: lib, fns })
     }
 
     /// The kernels, in library order.
-    pub fn kernels(&self) -> impl Iterator<Item = &GeneratedKernel> {
+    pub fn kernels(&self) -> impl Iterator<Item = &KernelEntry> {
         self.fns.iter().map(|(_, k)| k)
     }
 
@@ -116,14 +147,14 @@ impl KernelLibrary {
         pool: &rayon::ThreadPool,
     ) -> Result<(), NativeError> {
         let (f, k) = &self.fns[index];
-        if buffers.len() != k.buffers().len() {
+        if buffers.len() != k.buffers.len() {
             return Err(NativeError::Arity {
                 index,
-                want: k.buffers().len(),
+                want: k.buffers.len(),
                 got: buffers.len(),
             });
         }
-        let tiles = k.tiles();
+        let tiles = k.tiles;
         let threads = pool.current_num_threads().clamp(1, tiles.max(1));
         let args = Buffers(buffers.as_ptr());
         let status = if threads == 1 {
@@ -156,14 +187,14 @@ impl KernelLibrary {
         match status {
             0 => Ok(()),
             code => {
-                match out_of_range_buffer(code).and_then(|b| k.buffers().get(b).map(|x| (b, x))) {
-                    Some((buffer, b)) => Err(NativeError::OutOfRange {
-                        kernel: k.name().to_string(),
+                match out_of_range_buffer(code).and_then(|b| k.buffers.get(b).map(|x| (b, x))) {
+                    Some((buffer, (_, shape))) => Err(NativeError::OutOfRange {
+                        kernel: k.name.clone(),
                         buffer,
-                        shape: b.shape.clone(),
+                        shape: shape.clone(),
                     }),
                     None => Err(NativeError::Status {
-                        kernel: k.name().to_string(),
+                        kernel: k.name.clone(),
                         code,
                     }),
                 }

@@ -111,16 +111,16 @@ impl<'de> Deserialize<'de> for ElemBytes {
         let mut t = [0; DType::ALL.len()];
         for (i, dt) in DType::ALL.iter().enumerate() {
             t[i] = *m.get(dt.name()).ok_or_else(|| {
-                serde::de::Error::custom(format!("elem_bytes has no entry for {dt}"))
+                crate::plan::custom_error(format!("elem_bytes has no entry for {dt}"))
             })?;
             if t[i] == 0 {
-                return Err(serde::de::Error::custom(format!(
+                return Err(crate::plan::custom_error(format!(
                     "elem_bytes gives {dt} 0 bytes"
                 )));
             }
         }
         if let Some(k) = m.keys().find(|k| k.parse::<DType>().is_err()) {
-            return Err(serde::de::Error::custom(format!(
+            return Err(crate::plan::custom_error(format!(
                 "elem_bytes names `{k}`, which is not a dtype"
             )));
         }
@@ -139,7 +139,8 @@ pub struct ArenaLayout {
     /// Graph outputs moved out of the arena as soon as they are computed (state updates: the
     /// runtime takes each one at its node), ascending value ids. Being an output does not keep
     /// such a value live to the end, so its slot is reused once its last reader has run.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// (Always serialised: the plan body's format has no field names to skip by.)
+    #[serde(default)]
     pub streamed: Vec<u32>,
 }
 

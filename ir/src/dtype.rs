@@ -7,7 +7,10 @@ use std::str::FromStr;
 ///
 /// The set is small on purpose: the float types that training uses (master weights in f32,
 /// compute copies in bf16/f16, f64 for gradient checks), the two index widths, and bool for masks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum DType {
     F64,
     F32,

@@ -12,6 +12,7 @@ pub mod infer;
 pub mod interp;
 pub mod op;
 pub mod plan;
+pub mod plan_file;
 pub mod stacking;
 pub mod summary;
 pub mod tensor;

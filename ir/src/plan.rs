@@ -5,31 +5,30 @@
 //! step (a micro-step that adds one micro-batch's gradients to the accumulators, and an apply
 //! step that clips and updates), which program outputs overwrite which state, and the settings
 //! the runtime needs (batch geometry, learning-rate schedule, loss reduction). Programs are IR
-//! graphs; kernels for them arrive with code generation. The file starts with a header line
-//! (`mmc-plan <version> sha256:<digest of the rest>`), so that a plan from another version of
-//! mmc is rejected with a clear message and any damage to the file is found at load, not only
-//! damage that breaks the JSON. A plan whose bytes are intact is still checked for settings
-//! out of range and for programs that do not fit its state, so a hand-edited plan is refused
-//! instead of failing mid-run.
+//! graphs; their kernels travel beside them in the plan file as a native library
+//! ([`crate::plan_file`]: a binary container with a magic, the format version, the target, and
+//! a SHA-256 per section), so that a plan from another version of mmc or for another machine is
+//! rejected with a clear message and any damage to the file is found at load. A plan whose
+//! bytes are intact is still checked for settings out of range and for programs that do not
+//! fit its state, so a hand-made plan is refused instead of failing mid-run.
 
 use crate::arena::ArenaLayout;
+use crate::plan_file::{self, PlanFile, INTERPRETER_TARGET};
 pub use crate::stacking::{ParamStacking, StackPart, StackingError};
 use crate::text;
 use crate::verify::verify;
 use crate::{Graph, TensorType, WeightSource};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// The plan format this build reads and writes.
 ///
 /// 3: the plan lists its parameter stackings (`Plan::stackings`), and each program may carry
 /// its arena layout (`Program::memory`).
-pub const PLAN_FORMAT_VERSION: u32 = 3;
-
-const MAGIC: &str = "mmc-plan";
+/// 4: a binary container ([`crate::plan_file`]): magic, version, target, a section table with
+/// a SHA-256 per section; the plan body in postcard, an optional native library.
+pub const PLAN_FORMAT_VERSION: u32 = 4;
 
 /// The per-step scalar inputs of the apply program: the optimizer step (from 1) and the
 /// learning rate, both f32 scalars.
@@ -270,8 +269,9 @@ pub struct Program {
     pub updates: Vec<StateUpdate>,
     /// Where each computed value lives in the program's activation arena, when the memory
     /// planner ran: the runtime allocates the arena once and runs every step in it. Checked
-    /// against the graph at load.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// against the graph at load. (Always serialised: the plan body's format, postcard, has no
+    /// field names, so a skipped field would shift every later one.)
+    #[serde(default)]
     pub memory: Option<ArenaLayout>,
 }
 
@@ -291,7 +291,9 @@ impl Program {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     pub settings: TrainSettings,
-    /// The checkpoint folder `Init::Checkpoint` reads from, as resolved at compile time.
+    /// The checkpoint folder `Init::Checkpoint` reads from, as `mmc compile` found it: the
+    /// TOML's `init_from_hf_path` beside the TOML or from the working directory, never made
+    /// absolute by mmc (a relative path is opened from the working directory of `mmc run`).
     pub checkpoint: Option<PathBuf>,
     /// The logical state: every tensor as checkpoints and an unfused plan know it (the
     /// per-expert weights of a routed MoE included), with how it starts.
@@ -346,7 +348,7 @@ pub fn expand_stackings(
     Ok((out, stackings))
 }
 
-/// Why a plan could not be read or written.
+/// Why a plan could not be read or written. Every message is one line naming the file.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
     #[error("{}: {source}", path.display())]
@@ -354,21 +356,37 @@ pub enum PlanError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{}: not an mmc plan (it does not start with `{MAGIC}`); write one with `mmc compile`", path.display())]
+    #[error("{}: not an mmc plan (it does not start with `MMCPLAN`); write one with `mmc compile`", path.display())]
     NotAPlan { path: PathBuf },
-    #[error("{}: written in plan format {found}, but this mmc reads format {PLAN_FORMAT_VERSION}; recompile it with this version's `mmc compile`", path.display())]
+    #[error("{}: written in plan format {found}, but this mmc reads format {PLAN_FORMAT_VERSION} only; recompile it with this version's `mmc compile`", path.display())]
     Version { path: PathBuf, found: String },
+    #[error("{}: compiled for `{plan}`, but this machine runs `{host}` ({difference}); recompile it on this machine with `mmc compile`", path.display())]
+    Target {
+        path: PathBuf,
+        plan: String,
+        host: String,
+        difference: String,
+    },
+    #[error("{}: the plan is damaged: the file is cut short in its {part}, {} bytes are missing; copy it again or recompile it with `mmc compile`", path.display(), if *exact { missing.to_string() } else { format!("at least {missing}") })]
+    Truncated {
+        path: PathBuf,
+        /// Where the file ends: the header (and which field) or a section.
+        part: String,
+        missing: u64,
+        /// Whether `missing` is the exact count (a cut in a section) or a lower bound (a cut
+        /// in the header, before the section table says how long the file is).
+        exact: bool,
+    },
+    #[error("{}: the plan is damaged: its {section} does not match its SHA-256 checksum (changed after `mmc compile` wrote it); recompile it with `mmc compile`", path.display())]
+    Section {
+        path: PathBuf,
+        section: &'static str,
+    },
+    #[error("{}: the plan is damaged: {extra} bytes follow its last section; recompile it with `mmc compile`", path.display())]
+    TrailingBytes { path: PathBuf, extra: u64 },
     /// The message can quote the damaged text; its line breaks are shown escaped.
     #[error("{}: the plan is damaged: {}; recompile it with `mmc compile`", path.display(), message.replace('\n', "\\n"))]
     Malformed { path: PathBuf, message: String },
-}
-
-/// The header's digest of a plan body.
-fn digest(body: &[u8]) -> String {
-    Sha256::digest(body)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 impl Plan {
@@ -377,70 +395,49 @@ impl Plan {
         self.programs.iter().find(|p| p.name == name)
     }
 
-    /// Serialises the plan behind its header line (version and the body's digest).
+    /// Serialises the plan as a plan file for the interpreter (no native code): see
+    /// [`PlanFile`] for a plan with its kernels.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let body = serde_json::to_vec(self).expect("plans serialise");
-        let mut out =
-            format!("{MAGIC} {PLAN_FORMAT_VERSION} sha256:{}\n", digest(&body)).into_bytes();
-        out.extend(body);
-        out
+        plan_file::encode(self, INTERPRETER_TARGET, None, None)
     }
 
-    /// Writes the plan; the file appears complete or not at all.
+    /// Writes the plan as [`Plan::to_bytes`] does; the file appears complete or not at all.
     pub fn write(&self, path: &Path) -> Result<(), PlanError> {
-        let io = |source| PlanError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let tmp = path.with_extension("partial");
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&self.to_bytes()).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        plan_file::write_atomically(path, &self.to_bytes())
     }
 
-    /// Reads and verifies a plan written by [`Plan::write`].
+    /// Reads and verifies a plan file; its programs, whatever target its native code is for
+    /// (the interpreter runs any plan's IR). [`PlanFile::read`] keeps the target and the code.
     pub fn read(path: &Path) -> Result<Plan, PlanError> {
-        let bytes = std::fs::read(path).map_err(|source| PlanError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_bytes(path, &bytes)
+        PlanFile::read(path).map(|f| f.plan)
     }
 
-    /// Parses plan bytes; `path` names the plan in errors. Checks, in order: the header, the
-    /// digest, the JSON, the settings, then the programs against the state.
+    /// Parses plan-file bytes as [`Plan::read`] does; `path` names the plan in errors.
     pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Plan, PlanError> {
+        PlanFile::from_bytes(path, bytes).map(|f| f.plan)
+    }
+
+    /// Decodes and checks a plan body whose hash the container has checked: the postcard
+    /// bytes (all of them), the settings, then the programs against the state.
+    pub(crate) fn from_body(path: &Path, body: &[u8]) -> Result<Plan, PlanError> {
         let damaged = |message: String| PlanError::Malformed {
             path: path.to_path_buf(),
             message,
         };
-        let newline = bytes.iter().position(|&b| b == b'\n');
-        let header = newline.map(|i| String::from_utf8_lossy(&bytes[..i]).to_string());
-        let Some(rest) = header.as_deref().and_then(|h| h.strip_prefix(MAGIC)) else {
-            return Err(PlanError::NotAPlan {
-                path: path.to_path_buf(),
-            });
-        };
-        let mut words = rest.split_whitespace();
-        let version = words.next().unwrap_or_default();
-        if version != PLAN_FORMAT_VERSION.to_string() {
-            return Err(PlanError::Version {
-                path: path.to_path_buf(),
-                found: version.to_string(),
-            });
-        }
-        let body = &bytes[newline.map_or(0, |i| i + 1)..];
-        match words.next().and_then(|w| w.strip_prefix("sha256:")) {
-            Some(d) if d == digest(body) => {}
-            Some(_) => {
-                return Err(damaged(
-                    "its contents do not match the checksum in its header (changed or truncated after `mmc compile` wrote it)".into(),
-                ))
+        LAST_CUSTOM_ERROR.with(|m| m.borrow_mut().take());
+        let (plan, rest): (Plan, _) = postcard::take_from_bytes(body).map_err(|e| {
+            let custom = LAST_CUSTOM_ERROR.with(|m| m.borrow_mut().take());
+            match (e, custom) {
+                (postcard::Error::SerdeDeCustom, Some(m)) => damaged(format!("its plan body: {m}")),
+                (e, _) => damaged(format!("its plan body: {e}")),
             }
-            None => return Err(damaged("its header has no checksum".into())),
+        })?;
+        if !rest.is_empty() {
+            return Err(damaged(format!(
+                "its plan body has {} bytes after the plan",
+                rest.len()
+            )));
         }
-        let plan: Plan = serde_json::from_slice(body).map_err(|e| damaged(e.to_string()))?;
         plan.settings
             .check()
             .map_err(|m| damaged(format!("settings: {m}")))?;
@@ -579,6 +576,21 @@ impl Plan {
     }
 }
 
+thread_local! {
+    /// The message of the last failure of one of the plan's own deserialisers (a type, a
+    /// graph, a layout): postcard keeps only the fact of a custom error, not its text.
+    static LAST_CUSTOM_ERROR: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A deserialiser's error that keeps its message for [`Plan::from_body`] (see
+/// `LAST_CUSTOM_ERROR`); formats that keep messages themselves (JSON) get it too.
+pub(crate) fn custom_error<E: serde::de::Error>(message: impl std::fmt::Display) -> E {
+    let message = message.to_string();
+    let e = E::custom(&message);
+    LAST_CUSTOM_ERROR.with(|m| *m.borrow_mut() = Some(message));
+    e
+}
+
 pub(crate) mod type_text {
     use crate::TensorType;
     use serde::{Deserialize, Deserializer, Serializer};
@@ -589,7 +601,7 @@ pub(crate) mod type_text {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<TensorType, D::Error> {
         let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        s.parse().map_err(super::custom_error)
     }
 }
 
@@ -604,6 +616,6 @@ mod graph_text {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Graph, D::Error> {
         let s = String::deserialize(d)?;
-        text::parse(&s).map_err(serde::de::Error::custom)
+        text::parse(&s).map_err(super::custom_error)
     }
 }

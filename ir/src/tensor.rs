@@ -169,6 +169,33 @@ impl Tensor {
         self.data.len()
     }
 
+    /// The elements' storage, for generated code that reads and writes tensors in place
+    /// (bools are one byte each, 0 or 1, as kernels store them).
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        match &mut self.data {
+            TensorData::F64(v) => v.as_mut_ptr().cast(),
+            TensorData::F32(v) => v.as_mut_ptr().cast(),
+            TensorData::BF16(v) => v.as_mut_ptr().cast(),
+            TensorData::F16(v) => v.as_mut_ptr().cast(),
+            TensorData::I64(v) => v.as_mut_ptr().cast(),
+            TensorData::I32(v) => v.as_mut_ptr().cast(),
+            TensorData::Bool(v) => v.as_mut_ptr().cast(),
+        }
+    }
+
+    /// The elements' storage, read-only (see [`Tensor::as_mut_ptr`]).
+    pub fn as_ptr(&self) -> *const u8 {
+        match &self.data {
+            TensorData::F64(v) => v.as_ptr().cast(),
+            TensorData::F32(v) => v.as_ptr().cast(),
+            TensorData::BF16(v) => v.as_ptr().cast(),
+            TensorData::F16(v) => v.as_ptr().cast(),
+            TensorData::I64(v) => v.as_ptr().cast(),
+            TensorData::I32(v) => v.as_ptr().cast(),
+            TensorData::Bool(v) => v.as_ptr().cast(),
+        }
+    }
+
     pub fn data(&self) -> &TensorData {
         &self.data
     }

@@ -1,97 +1,20 @@
-//! The plan file: its header and checksum, the checks that refuse a damaged or hand-edited
-//! plan at load, and Megatron's learning-rate schedule that the runtime applies from it.
+//! The checks that refuse a plan whose file is intact but whose contents do not hold together
+//! (settings out of range, programs that do not fit the state), and Megatron's learning-rate
+//! schedule that the runtime applies from it. The file format itself: `plan_file.rs`.
 
+mod common;
+
+use common::{plan, schedule};
 use mmc_ir::plan::{
-    expand_stackings, Init, LossReduction, LrDecayStyle, LrSchedule, ModelFacts, ParamStacking,
-    Plan, PlanError, Program, StackPart, StateKind, StateSpec, StateUpdate, TrainSettings,
+    expand_stackings, Init, LrDecayStyle, LrSchedule, ParamStacking, Plan, PlanError, StackPart,
+    StateKind, StateSpec,
 };
+use mmc_ir::plan_file::{RawPlanFile, SectionKind, INTERPRETER_TARGET};
 use mmc_ir::text::parse;
 use mmc_ir::{DType, TensorType};
 use std::path::Path;
 
-fn schedule() -> LrSchedule {
-    LrSchedule {
-        lr: 1e-3,
-        min_lr: 0.0,
-        warmup_iters: 0,
-        warmup_fraction: None,
-        decay_style: LrDecayStyle::Constant,
-    }
-}
-
-/// A plan whose programs are tiny but well formed: `micro_step` reads the parameter and
-/// writes an accumulator, `apply` updates the parameter.
-fn plan() -> Plan {
-    let ty = TensorType::new(DType::F32, vec![2]);
-    let state = |name: &str, kind| StateSpec {
-        name: name.into(),
-        ty: ty.clone(),
-        init: Init::Const(0.0),
-        kind,
-    };
-    let micro = parse(
-        "graph autodiff {
-  %0 = param \"w\" : f32[2]
-  %1 = param \"acc\" : f32[2]
-  %2 = add %0, %1 : f32[2]
-  output \"acc_new\" = %2
-}",
-    )
-    .unwrap();
-    let apply = parse(
-        "graph optimizer {
-  %0 = param \"w\" : f32[2]
-  %1 = param \"acc\" : f32[2]
-  %2 = sub %0, %1 : f32[2]
-  output \"w_new\" = %2
-}",
-    )
-    .unwrap();
-    Plan {
-        settings: TrainSettings {
-            micro_batch_size: 1,
-            seq_length: 8,
-            max_tiles: 0,
-            grad_accum_steps: 1,
-            data_parallel: 1,
-            schedule: schedule(),
-            loss_reduction: LossReduction::Token,
-            seed: 1,
-            model: ModelFacts {
-                vocab_size: 16,
-                img_context_token_id: None,
-                tile_size: None,
-                tokens_per_tile: None,
-                template: None,
-            },
-        },
-        checkpoint: None,
-        state: vec![
-            state("w", StateKind::Parameter { trainable: true }),
-            state("acc", StateKind::GradAccumulator),
-        ],
-        programs: vec![
-            Program::new(
-                "micro_step",
-                micro,
-                vec![StateUpdate {
-                    output: "acc_new".into(),
-                    state: "acc".into(),
-                }],
-            ),
-            Program::new(
-                "apply",
-                apply,
-                vec![StateUpdate {
-                    output: "w_new".into(),
-                    state: "w".into(),
-                }],
-            ),
-        ],
-        stackings: vec![],
-    }
-}
-
+/// Reads plan bytes; the error, if any, as its one-line message.
 fn load(bytes: &[u8]) -> Result<Plan, String> {
     Plan::from_bytes(Path::new("plan.bin"), bytes).map_err(|e| {
         let s = e.to_string();
@@ -100,57 +23,8 @@ fn load(bytes: &[u8]) -> Result<Plan, String> {
     })
 }
 
-#[test]
-fn a_plan_round_trips_through_its_bytes() {
-    let p = plan();
-    let bytes = p.to_bytes();
-    let header = String::from_utf8_lossy(&bytes[..bytes.iter().position(|&b| b == b'\n').unwrap()])
-        .to_string();
-    assert!(header.starts_with("mmc-plan 3 sha256:"), "{header}");
-    assert_eq!(load(&bytes).unwrap(), p);
-}
-
-#[test]
-fn any_change_to_the_body_is_found_by_the_checksum() {
-    let bytes = plan().to_bytes();
-    let body = bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
-    // A digit of the seed: still valid JSON and a valid plan, so only the checksum sees it.
-    let text = String::from_utf8(bytes.clone()).unwrap();
-    let at = text.find("\"seed\":1").unwrap() + "\"seed\":".len();
-    let mut edited = bytes.clone();
-    edited[at] = b'2';
-    let e = load(&edited).unwrap_err();
-    assert!(e.contains("damaged") && e.contains("checksum"), "{e}");
-    // Truncation.
-    let e = load(&bytes[..bytes.len() - 10]).unwrap_err();
-    assert!(e.contains("checksum"), "{e}");
-    // Every single-byte flip of the body is refused.
-    for i in (body..bytes.len()).step_by(7) {
-        let mut b = bytes.clone();
-        b[i] ^= 0x20;
-        assert!(load(&b).is_err(), "a flip at byte {i} was accepted");
-    }
-}
-
-#[test]
-fn a_plan_from_another_version_or_without_checksum_is_refused() {
-    let bytes = plan().to_bytes();
-    let body = &bytes[bytes.iter().position(|&b| b == b'\n').unwrap() + 1..];
-    let mut old = b"mmc-plan 1\n".to_vec();
-    old.extend(body);
-    let e = load(&old).unwrap_err();
-    assert!(
-        e.contains("plan format 1") && e.contains("recompile"),
-        "{e}"
-    );
-    let mut bare = b"mmc-plan 3\n".to_vec();
-    bare.extend(body);
-    assert!(load(&bare).unwrap_err().contains("no checksum"));
-    assert!(load(b"hello").unwrap_err().contains("not an mmc plan"));
-}
-
-/// Writes an edited plan with a valid checksum, as a hand edit followed by a recomputed
-/// digest would: the settings and program checks must still refuse it.
+/// Writes an edited plan with valid checksums, as a plan made by another tool would be: the
+/// settings and program checks must still refuse it.
 fn edited(edit: impl FnOnce(&mut Plan)) -> String {
     let mut p = plan();
     edit(&mut p);
@@ -228,12 +102,28 @@ fn schedule_values_are_checked_with_the_keys_named() {
     assert_eq!(fine.check(), Ok(()));
 }
 
+/// A plan file whose container is intact but whose body is not a plan (hashes recomputed).
+fn with_body(body: &[u8]) -> Vec<u8> {
+    RawPlanFile {
+        target: INTERPRETER_TARGET.into(),
+        sections: vec![(SectionKind::Body, body)],
+    }
+    .to_bytes()
+}
+
 #[test]
 fn errors_are_plan_errors() {
     // The damaged-plan error says to recompile, like the version error.
-    let e = Plan::from_bytes(Path::new("p.bin"), b"mmc-plan 3 sha256:00\n{}").unwrap_err();
+    let e = Plan::from_bytes(Path::new("p.bin"), &with_body(b"{}")).unwrap_err();
     assert!(matches!(e, PlanError::Malformed { .. }), "{e}");
     assert!(e.to_string().contains("mmc compile"), "{e}");
+    // A body with bytes after the plan is damaged too.
+    let bytes = plan().to_bytes();
+    let raw = RawPlanFile::parse(Path::new("p.bin"), &bytes).unwrap();
+    let mut body = raw.section(SectionKind::Body).unwrap().to_vec();
+    body.push(0);
+    let e = load(&with_body(&body)).unwrap_err();
+    assert!(e.contains("1 bytes after the plan"), "{e}");
 }
 
 /// A plan whose programs read `s` [2, 2, 1], stacked from the logical `a` and `b` [1, 2]
@@ -439,18 +329,20 @@ fn a_layout_that_does_not_fit_its_graph_is_refused() {
             "{e}"
         );
     }
-    // A damaged layout in the JSON is an error too, not a panic.
+    // A damaged layout in the body is an error too, not a panic, and the layout's own message
+    // comes through (postcard keeps only the fact of a custom error). In postcard the entry
+    // `"f64": 8` of `elem_bytes` is the string's length, its bytes, then the varint 8.
     p.programs[0].memory = Some(good);
-    let text = String::from_utf8(p.to_bytes()).unwrap();
-    let body = &text[text.find('\n').unwrap() + 1..];
-    let edited = body.replace("\"f64\":8", "\"f64\":0");
-    let digest: String = {
-        use sha2::Digest;
-        sha2::Sha256::digest(edited.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    };
-    let e = load(format!("mmc-plan 3 sha256:{digest}\n{edited}").as_bytes()).unwrap_err();
+    let bytes = p.to_bytes();
+    let raw = RawPlanFile::parse(Path::new("plan.bin"), &bytes).unwrap();
+    let body = raw.section(SectionKind::Body).unwrap();
+    let entry = b"\x03f64\x08";
+    let at = body
+        .windows(entry.len())
+        .position(|w| w == entry)
+        .expect("the f64 entry of elem_bytes");
+    let mut edited = body.to_vec();
+    edited[at + entry.len() - 1] = 0;
+    let e = load(&with_body(&edited)).unwrap_err();
     assert!(e.contains("f64 0 bytes"), "{e}");
 }

@@ -2,6 +2,7 @@
 //! checkpoints and training data, and reports metrics.
 
 pub mod checkpoint;
+pub mod compiled;
 pub mod data;
 pub mod loss;
 pub mod metrics;

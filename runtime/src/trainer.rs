@@ -53,6 +53,10 @@ pub enum TrainError {
     /// A stacking of the plan that does not fit its logical state.
     #[error(transparent)]
     Stacking(#[from] StackingError),
+    /// A compiled program failed (bad data such as a token id out of range, or a binding
+    /// that does not fit).
+    #[error(transparent)]
+    Compiled(#[from] crate::compiled::CompiledError),
 }
 
 /// One micro-batch: the data inputs of the micro-step program, by name.
@@ -108,6 +112,9 @@ pub struct Trainer {
     immediate: HashMap<String, HashMap<String, String>>,
     /// Optimizer steps taken.
     step: u64,
+    /// When set, the programs run compiled (kernels and library calls) instead of on the
+    /// interpreter.
+    compiled: Option<crate::compiled::CompiledRunner>,
 }
 
 /// A stable 64-bit hash of a name (FNV-1a), so random init does not depend on state order.
@@ -204,6 +211,22 @@ impl Trainer {
     /// the state: parameters from the plan's checkpoint or seeded random init, optimizer state
     /// zeroed.
     pub fn new(plan: Plan) -> Result<Trainer, TrainError> {
+        Self::with_backend(plan, None)
+    }
+
+    /// A trainer whose programs run compiled by `runner` (built from the same plan): the
+    /// state is created as for [`Trainer::new`], and no interpreter arena is allocated.
+    pub fn compiled(
+        plan: Plan,
+        runner: crate::compiled::CompiledRunner,
+    ) -> Result<Trainer, TrainError> {
+        Self::with_backend(plan, Some(runner))
+    }
+
+    fn with_backend(
+        plan: Plan,
+        compiled: Option<crate::compiled::CompiledRunner>,
+    ) -> Result<Trainer, TrainError> {
         let mut arena = Arena::default();
         let mut planned = std::collections::HashSet::new();
         let mut immediate = HashMap::new();
@@ -215,7 +238,12 @@ impl Trainer {
             mmc_ir::verify(&p.graph).map_err(|e| err(InterpError::Malformed(e)))?;
             // A layout planned for other element sizes (generated code) is not the
             // interpreter's; the program then runs without an arena.
-            if let Some(layout) = p.memory.as_ref().filter(|l| l.elem_bytes.is_words()) {
+            let interpreted = compiled.is_none();
+            if let Some(layout) = p
+                .memory
+                .as_ref()
+                .filter(|l| interpreted && l.elem_bytes.is_words())
+            {
                 layout
                     .check_words(&p.graph)
                     .map_err(|e| err(InterpError::Layout(e)))?;
@@ -300,7 +328,18 @@ impl Trainer {
             planned,
             immediate,
             step: 0,
+            compiled,
         })
+    }
+
+    /// Whether the programs run compiled.
+    pub fn is_compiled(&self) -> bool {
+        self.compiled.is_some()
+    }
+
+    /// Bytes of the compiled programs' arena and scratch (0 on the interpreter).
+    pub fn compiled_buffer_bytes(&self) -> u64 {
+        self.compiled.as_ref().map_or(0, |c| c.buffer_bytes())
     }
 
     pub fn plan(&self) -> &Plan {
@@ -408,6 +447,10 @@ impl Trainer {
             program: name.to_string(),
             error: Box::new(error),
         };
+        if let Some(runner) = &mut self.compiled {
+            // Updates are written into the state by the runner; only the rest comes back.
+            return Ok(runner.run(name, &mut self.state, data)?);
+        }
         let mut rest: BTreeMap<String, Tensor> = match &program.memory {
             Some(layout) if self.planned.contains(name) => {
                 let mut io = Streaming {

@@ -34,6 +34,8 @@ pub enum CpuError {
     Link(String),
     #[error(transparent)]
     Native(#[from] NativeError),
+    #[error(transparent)]
+    Compile(#[from] crate::compiled::CompileError),
 }
 
 /// Which CPU the kernels are compiled for.
@@ -135,4 +137,38 @@ pub fn build_library(
         ));
     }
     Ok(file_sha256(path)?)
+}
+
+/// A plan's programs compiled for a CPU: their steps, the kernel table, and the shared
+/// library holding the kernels, with its SHA-256 (which the plan records).
+pub struct NativeBuild {
+    pub programs: Vec<crate::compiled::CompiledProgram>,
+    pub kernels: Vec<crate::native::KernelEntry>,
+    pub library: Vec<u8>,
+    pub sha256: String,
+    pub target: CpuTarget,
+}
+
+/// Compiles scheduled programs for `target`: lowers every node, compiles the kernels with
+/// LLVM and links them into a library (in memory; the plan carries it).
+pub fn compile_programs(
+    programs: &[mmc_ir::plan::Program],
+    target: &CpuTarget,
+) -> Result<NativeBuild, CpuError> {
+    let mut compiler = crate::compiled::Compiler::default();
+    let programs = programs
+        .iter()
+        .map(|p| compiler.program(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let dir = tempfile::tempdir().map_err(|e| CpuError::Link(e.to_string()))?;
+    let so = dir.path().join("kernels.so");
+    let sha256 = build_library(&compiler.kernels, target, &so)?;
+    let library = std::fs::read(&so).map_err(|e| CpuError::Link(e.to_string()))?;
+    Ok(NativeBuild {
+        programs,
+        kernels: compiler.kernels.iter().map(Into::into).collect(),
+        library,
+        sha256,
+        target: target.clone(),
+    })
 }

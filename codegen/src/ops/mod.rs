@@ -10,6 +10,7 @@
 mod attention;
 mod cross_entropy;
 mod norms;
+mod pointwise;
 
 use crate::kernel::{Buffer, GeneratedKernel, Kernel, KernelError};
 use mmc_ir::{Graph, Node};
@@ -62,6 +63,9 @@ pub fn lower_node(g: &Graph, node: &Node, name: &str) -> Result<Lowered, KernelE
         return l;
     }
     if let Some(l) = cross_entropy::lower(g, node, name) {
+        return l;
+    }
+    if let Some(l) = pointwise::lower(g, node, name) {
         return l;
     }
     let k = Kernel::for_node(g, node, name.to_string())?;

@@ -36,8 +36,8 @@ pub struct TrainingState {
     /// Absent when saved with `--no-save-rng`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rng: Option<RngState>,
-    /// The SHA-256 of the plan (from its header), for information only: any plan whose
-    /// tensors fit can resume.
+    /// The SHA-256 of the plan file, for information only: any plan whose tensors fit can
+    /// resume.
     #[serde(default)]
     pub plan_sha256: Option<String>,
 }

@@ -1,0 +1,385 @@
+//! The GEMMs behind [`super::LibraryCall`], on the `gemm` crate: its AVX-512 (x86-v4) and
+//! AVX2 kernels are picked at run time from the CPU's features, it takes any strides (so the
+//! transposed operands of the grouped gradient are read in place, never copied), and it
+//! parallelises on the rayon pool it is called in. It beat `matrixmultiply` on every shape of
+//! the model (the README's "GEMM library calls" table).
+//!
+//! Parallelism: one GEMM is split by the library over every thread of the pool, or, for a
+//! small output over a long contraction, cut along the contraction into one single-threaded
+//! product per thread whose partial results are summed; a batch of small matrices is spread
+//! one matrix per task instead when that divides evenly. The experts
+//! of a grouped call are spread one per task, except those with more than one thread's share
+//! of the rows (an uneven routing), which run first, each over the whole pool. Products too
+//! small to share run on the calling thread.
+
+use super::{Grouped, MatMul};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// The element types of the calls.
+pub(super) trait Elem: Copy + Send + Sync + std::ops::AddAssign + 'static {
+    const ZERO: Self;
+    const ONE: Self;
+}
+
+impl Elem for f32 {
+    const ZERO: f32 = 0.0;
+    const ONE: f32 = 1.0;
+}
+
+impl Elem for f64 {
+    const ZERO: f64 = 0.0;
+    const ONE: f64 = 1.0;
+}
+
+/// A read-only matrix operand: its base and its row and column strides, in elements.
+#[derive(Clone, Copy)]
+struct Operand<T> {
+    ptr: *const T,
+    rs: isize,
+    cs: isize,
+}
+
+impl<T> Operand<T> {
+    /// The dense row-major [rows, cols] matrix at `ptr`.
+    fn rows(ptr: *const T, cols: usize) -> Self {
+        Operand {
+            ptr,
+            rs: cols as isize,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of the dense row-major [cols, rows] matrix at `ptr`, read in place.
+    fn transposed(ptr: *const T, rows: usize) -> Self {
+        Operand {
+            ptr,
+            rs: 1,
+            cs: rows as isize,
+        }
+    }
+}
+
+/// A buffer pointer that may cross to a pool thread: the tasks of one call read the inputs
+/// and write disjoint parts of the outputs, as the functions below ensure.
+struct Shared<T>(*mut T);
+
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Shared<T> {}
+
+// SAFETY: see the type's comment; the pointees are f32 or f64.
+unsafe impl<T: Send> Send for Shared<T> {}
+// SAFETY: as for Send.
+unsafe impl<T: Sync> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    fn new(p: *const T) -> Self {
+        Shared(p.cast_mut())
+    }
+
+    /// The pointer (a method, so that a closure captures the whole `Shared`).
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// Multiply-adds below which a call runs on the calling thread, not in the pool: the `gemm`
+/// crate's own threading threshold, under which it would use one thread anyway, so handing
+/// the work to the pool would only add a wake-up.
+const INLINE_WORK: usize = 48 * 48 * 256;
+
+/// Runs `f` in `pool`, or on the calling thread (one thread's parallelism) for `work`
+/// multiply-adds below [`INLINE_WORK`].
+fn on_pool(pool: &rayon::ThreadPool, work: usize, f: impl FnOnce(bool) + Send) {
+    if work < INLINE_WORK {
+        f(false)
+    } else {
+        pool.install(|| f(true))
+    }
+}
+
+/// The parallelism for one GEMM on the current pool.
+fn parallelism() -> Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}
+
+/// `dst [m, n] (dense row-major) = lhs [m, k] @ rhs [k, n]`, overwriting dst (zeros when
+/// `k == 0`).
+///
+/// # Safety
+/// The operands cover [m, k] and [k, n] readable elements at their strides, `dst` m * n
+/// writable ones that overlap neither.
+unsafe fn product<T: Elem>(
+    (m, k, n): (usize, usize, usize),
+    lhs: Operand<T>,
+    rhs: Operand<T>,
+    dst: *mut T,
+    par: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        // SAFETY: dst holds m * n writable elements.
+        unsafe { std::slice::from_raw_parts_mut(dst, m * n).fill(T::ZERO) };
+        return;
+    }
+    // SAFETY: the caller's contract; with `read_dst` false the library computes
+    // dst = beta * lhs @ rhs without reading dst (alpha is unused).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            n as isize,
+            false,
+            lhs.ptr,
+            lhs.cs,
+            lhs.rs,
+            rhs.ptr,
+            rhs.cs,
+            rhs.rs,
+            T::ZERO,
+            T::ONE,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// A batched matmul.
+///
+/// # Safety
+/// `a`, `b` and `out` hold `batch` matrices of [m, k], [k, n] and [m, n]; out overlaps
+/// neither input.
+pub(super) unsafe fn matmul<T: Elem>(
+    c: &MatMul,
+    a: *const T,
+    b: *const T,
+    out: *mut T,
+    pool: &rayon::ThreadPool,
+) {
+    let &MatMul { batch, m, k, n, .. } = c;
+    let threads = pool.current_num_threads();
+    let (a, b, out) = (Shared::new(a), Shared::new(b), Shared::new(out));
+    // SAFETY (both arms): matrix `i` of each buffer starts `i` matrices in and the matrices
+    // of out are disjoint, so the tasks write disjoint memory.
+    let one = move |i: usize, par| unsafe {
+        product(
+            (m, k, n),
+            Operand::rows(a.get().add(i * m * k), k),
+            Operand::rows(b.get().add(i * k * n), n),
+            out.get().add(i * m * n),
+            par,
+        )
+    };
+    let work = batch.saturating_mul(m).saturating_mul(k).saturating_mul(n);
+    on_pool(pool, work, |pooled| {
+        if !pooled {
+            for i in 0..batch {
+                one(i, Parallelism::None);
+            }
+        } else if batch > 1 && threads > 1 && (batch % threads == 0 || batch >= 4 * threads) {
+            (0..batch)
+                .into_par_iter()
+                .for_each(|i| one(i, Parallelism::None));
+        } else if threads > 1 && k >= SPLIT_K * m.max(n) {
+            for i in 0..batch {
+                // SAFETY: as for `one`.
+                unsafe {
+                    split_k(
+                        (m, k, n),
+                        Operand::rows(a.get().add(i * m * k), k),
+                        Operand::rows(b.get().add(i * k * n), n),
+                        out.get().add(i * m * n),
+                    )
+                }
+            }
+        } else {
+            for i in 0..batch {
+                one(i, parallelism());
+            }
+        }
+    });
+}
+
+/// How much longer than the output's longer side the contraction must be for [`split_k`].
+/// Measured at 2 threads: the LM head's input gradient `[1024, 151936] @ [151936, 512]` went
+/// from 208 to 248 GFLOP/s with it, `[2048, 8192] @ [8192, 1024]` from 216 to 223-242.
+const SPLIT_K: usize = 4;
+
+/// `dst = lhs @ rhs` with the contraction cut into one slice per thread of the current pool,
+/// each a single-threaded product into its own partial result, summed at the end: for a
+/// small output over a long contraction, where splitting the output gives each thread too
+/// little of it.
+///
+/// # Safety
+/// As for [`product`].
+unsafe fn split_k<T: Elem>(
+    (m, k, n): (usize, usize, usize),
+    lhs: Operand<T>,
+    rhs: Operand<T>,
+    dst: *mut T,
+) {
+    let parts = rayon::current_num_threads().min(k).max(1);
+    let mut partial = vec![T::ZERO; (parts - 1) * m * n];
+    let (lhs_ptr, rhs_ptr, dst_ptr) = (Shared::new(lhs.ptr), Shared::new(rhs.ptr), Shared(dst));
+    let partials = Shared(partial.as_mut_ptr());
+    (0..parts).into_par_iter().for_each(|p| {
+        let (k0, k1) = (p * k / parts, (p + 1) * k / parts);
+        // SAFETY: columns k0..k1 of lhs and rows k0..k1 of rhs are within the operands; part
+        // 0 writes dst, part p > 0 the p-th of the (parts - 1) partial results.
+        unsafe {
+            let out = if p == 0 {
+                dst_ptr.get()
+            } else {
+                partials.get().add((p - 1) * m * n)
+            };
+            product(
+                (m, k1 - k0, n),
+                Operand {
+                    ptr: lhs_ptr.get().offset(k0 as isize * lhs.cs),
+                    ..lhs
+                },
+                Operand {
+                    ptr: rhs_ptr.get().offset(k0 as isize * rhs.rs),
+                    ..rhs
+                },
+                out,
+                Parallelism::None,
+            );
+        }
+    });
+    // SAFETY: dst holds m * n elements, written above, that nothing else holds.
+    let dst = unsafe { std::slice::from_raw_parts_mut(dst, m * n) };
+    let chunk = n.max(4096);
+    dst.par_chunks_mut(chunk).enumerate().for_each(|(c, d)| {
+        for part in partial.chunks_exact(m * n) {
+            for (x, y) in d.iter_mut().zip(&part[c * chunk..]) {
+                *x += *y;
+            }
+        }
+    });
+}
+
+/// The multiply-adds of a grouped matmul (the same for every split of the rows).
+fn work(c: &Grouped) -> usize {
+    c.rows.saturating_mul(c.inner).saturating_mul(c.cols)
+}
+
+/// Runs `f(e, lo, hi, parallelism)` for every expert `e` with rows `lo..hi`: in the pool
+/// (`pooled`), an expert with more than one thread's share of the rows runs over the whole
+/// pool, one after the other, and the others are spread one expert per task (measured faster
+/// than splitting each expert's GEMM over the threads: 32 experts of 256 rows, 1.1-1.3x);
+/// otherwise all run on the calling thread.
+fn for_experts(
+    groups: &[(usize, usize)],
+    rows: usize,
+    pooled: bool,
+    f: impl Fn(usize, usize, usize, Parallelism) + Sync,
+) {
+    let threads = rayon::current_num_threads();
+    if !pooled || threads <= 1 {
+        for (e, &(lo, hi)) in groups.iter().enumerate() {
+            f(e, lo, hi, Parallelism::None);
+        }
+        return;
+    }
+    let big = |&(lo, hi): &(usize, usize)| (hi - lo) * threads > rows;
+    for (e, g) in groups.iter().enumerate().filter(|(_, g)| big(g)) {
+        f(e, g.0, g.1, parallelism());
+    }
+    groups
+        .par_iter()
+        .enumerate()
+        .filter(|(_, g)| !big(g))
+        .for_each(|(e, &(lo, hi))| f(e, lo, hi, Parallelism::None));
+}
+
+/// A grouped matmul over the checked row ranges `groups`.
+///
+/// # Safety
+/// xs [rows, inner], w [experts, inner, cols] and out [rows, cols] as [`Grouped`] says, with
+/// `groups` consecutive ranges within the rows; out overlaps neither input.
+pub(super) unsafe fn grouped<T: Elem>(
+    c: &Grouped,
+    groups: &[(usize, usize)],
+    xs: *const T,
+    w: *const T,
+    out: *mut T,
+    pool: &rayon::ThreadPool,
+) {
+    let (a, n) = (c.inner, c.cols);
+    let (xs, w, out) = (Shared::new(xs), Shared::new(w), Shared::new(out));
+    on_pool(pool, work(c), |pooled| {
+        for_experts(groups, c.rows, pooled, |e, lo, hi, par| {
+            // SAFETY: rows lo..hi are within xs and out, expert e within w; the experts'
+            // rows of out are disjoint.
+            unsafe {
+                product(
+                    (hi - lo, a, n),
+                    Operand::rows(xs.get().add(lo * a), a),
+                    Operand::rows(w.get().add(e * a * n), n),
+                    out.get().add(lo * n),
+                    par,
+                );
+            }
+        })
+    });
+}
+
+/// The gradient of a grouped matmul: `dxs_e = dy_e w_e^T` and `dw_e = xs_e^T dy_e`, with the
+/// transposes read in place.
+///
+/// # Safety
+/// `[xs, w, dy]` and `[dxs, dw]` as [`Grouped`] says (dy and dxs like the rows of the
+/// output and of xs, dw like w), `groups` consecutive ranges within the rows; the outputs
+/// overlap each other and the inputs nowhere.
+pub(super) unsafe fn grouped_grad<T: Elem>(
+    c: &Grouped,
+    groups: &[(usize, usize)],
+    [xs, w, dy]: [*const T; 3],
+    [dxs, dw]: [*mut T; 2],
+    pool: &rayon::ThreadPool,
+) {
+    let (a, n) = (c.inner, c.cols);
+    let [xs, w, dy] = [xs, w, dy].map(Shared::new);
+    let [dxs, dw] = [dxs, dw].map(Shared);
+    on_pool(pool, 2 * work(c), |pooled| {
+        for_experts(groups, c.rows, pooled, |e, lo, hi, par| {
+            let r = hi - lo;
+            // SAFETY: rows lo..hi are within xs, dy and dxs, expert e within w and dw, and
+            // the experts' parts of dxs and dw are disjoint; an expert without rows gets
+            // dw_e = 0 (a product over k = 0).
+            unsafe {
+                let dy_e = Operand::rows(dy.get().add(lo * n), n);
+                product(
+                    (r, n, a),
+                    dy_e,
+                    Operand::transposed(w.get().add(e * a * n), n),
+                    dxs.get().add(lo * a),
+                    par,
+                );
+                product(
+                    (a, r, n),
+                    Operand::transposed(xs.get().add(lo * a), a),
+                    dy_e,
+                    dw.get().add(e * a * n),
+                    par,
+                );
+            }
+        })
+    });
+}
