@@ -7,6 +7,8 @@
 //! target-independent kernel IR; the CPU backend compiles the descriptions with LLVM and an
 //! Ascend backend will lower the same ones.
 
+mod attention;
+mod cross_entropy;
 mod moe;
 mod movement;
 mod norms;
@@ -57,6 +59,12 @@ impl Lowered {
 /// `name_1`, ...).
 pub fn lower_node(g: &Graph, node: &Node, name: &str) -> Result<Lowered, KernelError> {
     if let Some(l) = norms::lower(g, node, name) {
+        return l;
+    }
+    if let Some(l) = attention::lower(g, node, name) {
+        return l;
+    }
+    if let Some(l) = cross_entropy::lower(g, node, name) {
         return l;
     }
     if let Some(l) = pointwise::lower(g, node, name) {
