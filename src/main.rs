@@ -103,6 +103,13 @@ enum Command {
         /// Draw the loss curve to this .svg file at the end.
         #[arg(long)]
         plot: Option<PathBuf>,
+        /// What runs the steps: the plan's compiled kernels (the default when the plan has
+        /// them) or the reference interpreter (slow; for checking a compiled plan).
+        #[arg(long, value_enum)]
+        backend: Option<BackendArg>,
+        /// Threads of the compiled backend (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Print the IR of a model at a pipeline stage (or after a pass), with a size summary.
     DumpIr {
@@ -178,6 +185,13 @@ enum DtypeArg {
 enum Target {
     Cpu,
     Ascend,
+}
+
+/// `mmc run --backend`.
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendArg {
+    Compiled,
+    Interpreter,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -285,7 +299,12 @@ fn run(cli: Cli) -> Result<()> {
             log_interval,
             metrics,
             plot,
+            backend,
+            threads,
         } => {
+            if threads == Some(0) {
+                bail!("--threads must be at least 1");
+            }
             if log_interval == 0 {
                 bail!("--log-interval must be at least 1 (it prints a line every N steps)");
             }
@@ -312,6 +331,8 @@ fn run(cli: Cli) -> Result<()> {
                         SaveErrorArg::Continue => run::OnSaveError::Continue,
                     },
                 },
+                compiled: backend.map(|b| matches!(b, BackendArg::Compiled)),
+                threads,
             })
         }
         Command::Convert(c) => {

@@ -29,6 +29,11 @@ pub struct RunArgs {
     pub metrics: Option<PathBuf>,
     pub plot: Option<PathBuf>,
     pub checkpoint: CheckpointArgs,
+    /// Run the plan's compiled kernels (`Some(true)`), the reference interpreter
+    /// (`Some(false)`), or the kernels when the plan has them (`None`).
+    pub compiled: Option<bool>,
+    /// Threads of the compiled backend (default: every core).
+    pub threads: Option<usize>,
 }
 
 /// What a failed save does to the run.
@@ -216,7 +221,15 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
     let ck = &args.checkpoint;
     ck.check()?;
-    let plan = Plan::read(&args.plan)?;
+    let file = mmc_ir::plan_file::PlanFile::read(&args.plan)?;
+    let use_compiled = args.compiled.unwrap_or(file.native.is_some());
+    if use_compiled {
+        let host = mmc::backend::target_name(&mmc_codegen::cpu::CpuTarget::host());
+        file.check_target(&args.plan, &host)?;
+    } else if args.threads.is_some() {
+        bail!("--threads sets the compiled backend's threads; the interpreter runs on one (with multi-threaded matmuls)");
+    }
+    let plan = file.plan.clone();
     let plan_sha = plan_sha256(&args.plan);
     let plan_seed = plan.settings.seed;
 
@@ -324,7 +337,21 @@ pub fn run(args: &RunArgs) -> Result<()> {
         "initialising the state of {}",
         args.plan.display()
     ));
-    let mut trainer = Trainer::new(plan)?;
+    let mut trainer = if use_compiled {
+        let threads = args
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let runner = mmc::backend::file_runner(&args.plan, &file, threads)?;
+        console.err(&format!(
+            "backend: compiled kernels for {}, {threads} thread(s)",
+            file.target
+        ));
+        Trainer::compiled(plan, runner)?
+    } else {
+        console.err("backend: the reference interpreter");
+        Trainer::new(plan)?
+    };
+    drop(file);
     if let Some(l) = &located {
         let optimizer = ck.load_optim && resume.is_some();
         load_into(l, &mut trainer, LoadOptions { optimizer })
