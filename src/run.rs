@@ -215,15 +215,18 @@ fn plan_rows_per_step(trainer: &Trainer) -> usize {
     s.micro_batch_size * s.grad_accum_steps
 }
 
-/// The progress bar's message after a step: its loss, speed and, with MoE layers, the worst
-/// layer's max/mean expert load.
+/// The progress bar's message after a step, short enough for the bar to fit an 80-column
+/// terminal: loss, speed, time per iteration and, with MoE layers, the worst layer's max/mean
+/// expert load.
 fn bar_message(m: &StepMetrics) -> String {
-    let mut msg = format!(
-        "loss {:.4} | {:.0} tokens/s | {:.0} ms/step",
-        m.loss, m.tokens_per_s, m.step_ms
-    );
-    if let Some((layer, x)) = m.expert_load.worst() {
-        msg.push_str(&format!(" | experts max/mean {x:.2} (layer {layer})"));
+    let per_it = if m.step_ms >= 1e3 {
+        format!("{:.1} s/it", m.step_ms / 1e3)
+    } else {
+        format!("{:.0} ms/it", m.step_ms)
+    };
+    let mut msg = format!("loss {:.4}, {:.0} tok/s, {per_it}", m.loss, m.tokens_per_s);
+    if let Some((_, x)) = m.expert_load.worst() {
+        msg.push_str(&format!(", experts max/mean {x:.2}"));
     }
     msg
 }
@@ -409,10 +412,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
         b.set_position(start_iteration);
         b.reset_eta();
         b.set_style(
-            ProgressStyle::with_template(
-                "{bar:30} step {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
-            )
-            .expect("valid template"),
+            ProgressStyle::with_template("{wide_bar} {pos}/{len} [{elapsed}<{eta}] {msg}")
+                .expect("valid template"),
         );
         b
     } else {
@@ -450,7 +451,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             (Some(before), Some(after)) => (after - before) as usize,
             _ => rows_per_step,
         };
-        throughput.record(secs, samples, tokens);
+        throughput.record(step, secs, samples, tokens);
         let m = StepMetrics {
             step,
             loss: out.loss,
@@ -531,4 +532,37 @@ pub fn run(args: &RunArgs) -> Result<()> {
         console.out(&format!("loss curve written to {}", p.display()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bar_message;
+    use mmc_runtime::metrics::{ExpertLoad, StepMetrics};
+
+    #[test]
+    fn the_bar_message_is_short_and_names_the_expert_load() {
+        let mut load = ExpertLoad::default();
+        load.add(0, &[30, 10, 0, 0]).unwrap();
+        let mut m = StepMetrics {
+            step: 3,
+            loss: 11.69479,
+            lm_loss: 11.6,
+            aux_loss: 2.0,
+            grad_norm: 1.9,
+            lr: 5e-3,
+            tokens: 160,
+            tokens_per_s: 15.93,
+            step_ms: 10049.0,
+            peak_memory_bytes: 0,
+            expert_imbalance: load.imbalances(),
+            expert_load: load,
+        };
+        assert_eq!(
+            bar_message(&m),
+            "loss 11.6948, 16 tok/s, 10.0 s/it, experts max/mean 3.00"
+        );
+        m.step_ms = 812.4;
+        m.expert_load = ExpertLoad::default();
+        assert_eq!(bar_message(&m), "loss 11.6948, 16 tok/s, 812 ms/it");
+    }
 }

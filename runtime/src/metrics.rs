@@ -109,7 +109,8 @@ impl StepMetrics {
 /// printed at its end (like MindSpeed's `--log-tps`).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Throughput {
-    steps: Vec<(f64, usize, usize)>,
+    /// (step number, seconds, samples, tokens) per step, in order.
+    steps: Vec<(u64, f64, usize, usize)>,
 }
 
 /// What [`Throughput::summary`] computes.
@@ -117,8 +118,12 @@ pub struct Throughput {
 pub struct ThroughputSummary {
     /// Steps the run took.
     pub steps: usize,
-    /// Steps the means are over: all but the first (warm-up) when there are two or more.
-    pub measured: usize,
+    /// The step numbers the means are over: all the run's steps but its first (the warm-up)
+    /// when there are two or more.
+    pub first_measured: u64,
+    pub last_measured: u64,
+    /// Whether the first (warm-up) step is left out of the means.
+    pub warm_up_left_out: bool,
     /// Mean seconds per iteration over the measured steps.
     pub secs_per_iter: f64,
     pub samples_per_s: f64,
@@ -127,9 +132,10 @@ pub struct ThroughputSummary {
 }
 
 impl Throughput {
-    /// Records a step of `secs` seconds over `samples` samples and `tokens` non-padding tokens.
-    pub fn record(&mut self, secs: f64, samples: usize, tokens: usize) {
-        self.steps.push((secs, samples, tokens));
+    /// Records step `step`: `secs` seconds over `samples` samples and `tokens` non-padding
+    /// tokens.
+    pub fn record(&mut self, step: u64, secs: f64, samples: usize, tokens: usize) {
+        self.steps.push((step, secs, samples, tokens));
     }
 
     /// The means over the recorded steps, leaving out the first (it pays for first touches of
@@ -140,13 +146,15 @@ impl Throughput {
             1 => &self.steps[..],
             _ => &self.steps[1..],
         };
-        let secs: f64 = measured.iter().map(|s| s.0).sum();
-        let samples: usize = measured.iter().map(|s| s.1).sum();
-        let tokens: usize = measured.iter().map(|s| s.2).sum();
+        let secs: f64 = measured.iter().map(|s| s.1).sum();
+        let samples: usize = measured.iter().map(|s| s.2).sum();
+        let tokens: usize = measured.iter().map(|s| s.3).sum();
         let per_s = |n: usize| n as f64 / secs.max(1e-9);
         Some(ThroughputSummary {
             steps: self.steps.len(),
-            measured: measured.len(),
+            first_measured: measured[0].0,
+            last_measured: measured[measured.len() - 1].0,
+            warm_up_left_out: measured.len() < self.steps.len(),
             secs_per_iter: secs / measured.len() as f64,
             samples_per_s: per_s(samples),
             tokens_per_s: per_s(tokens),
@@ -157,13 +165,18 @@ impl Throughput {
 impl ThroughputSummary {
     /// The summary line; `total_secs` is the run's wall time.
     pub fn line(&self, total_secs: f64) -> String {
-        let over = if self.measured < self.steps {
+        let steps = if self.first_measured == self.last_measured {
+            format!("step {}", self.first_measured)
+        } else {
+            format!("steps {}-{}", self.first_measured, self.last_measured)
+        };
+        let over = if self.warm_up_left_out {
             format!(
-                "mean of steps 2-{} of this run; step 1 is warm-up and left out",
-                self.steps
+                "mean of {steps}; the run's first step, {}, is warm-up and left out",
+                self.first_measured - 1
             )
         } else {
-            "one step, warm-up included".to_string()
+            format!("{steps} only, warm-up included")
         };
         format!(
             "throughput: {:.1} ms per iteration ({over}) | {:.2} samples/s | {:.0} tokens/s (non-padding) | total {:.1} s",
@@ -274,31 +287,30 @@ mod tests {
     fn throughput_leaves_out_the_warm_up_step() {
         let mut t = Throughput::default();
         assert_eq!(t.summary(), None);
-        t.record(5.0, 2, 100);
+        // A run resumed at iteration 10.
+        t.record(11, 5.0, 2, 100);
         let one = t.summary().unwrap();
-        assert_eq!(
-            (one.measured, one.secs_per_iter, one.tokens_per_s),
-            (1, 5.0, 20.0)
-        );
-        assert!(one.line(5.0).contains("warm-up included"));
-        t.record(1.0, 2, 100);
-        t.record(3.0, 4, 300);
+        assert_eq!((one.secs_per_iter, one.tokens_per_s), (5.0, 20.0));
+        assert!(!one.warm_up_left_out);
+        assert!(one.line(5.0).contains("(step 11 only, warm-up included)"));
+        t.record(12, 1.0, 2, 100);
+        t.record(13, 3.0, 4, 300);
         let s = t.summary().unwrap();
         assert_eq!(
             s,
             ThroughputSummary {
                 steps: 3,
-                measured: 2,
+                first_measured: 12,
+                last_measured: 13,
+                warm_up_left_out: true,
                 secs_per_iter: 2.0,
                 samples_per_s: 1.5,
                 tokens_per_s: 100.0,
             }
         );
-        let line = s.line(9.5);
-        assert!(line.contains("2000.0 ms per iteration"), "{line}");
-        assert!(
-            line.contains("step 1 is warm-up") && line.contains("total 9.5 s"),
-            "{line}"
+        assert_eq!(
+            s.line(9.5),
+            "throughput: 2000.0 ms per iteration (mean of steps 12-13; the run's first step, 11, is warm-up and left out) | 1.50 samples/s | 100 tokens/s (non-padding) | total 9.5 s"
         );
     }
 }
