@@ -8,7 +8,7 @@ use mmc_runtime::checkpoint::load::{load_into, locate, LoadOptions};
 use mmc_runtime::checkpoint::save::{SaveOptions, Saver};
 use mmc_runtime::checkpoint::state::{DataState, RngState, TrainingState};
 use mmc_runtime::data::{DataLoader, DataPosition};
-use mmc_runtime::metrics::{peak_memory_bytes, MetricsWriter, StepMetrics};
+use mmc_runtime::metrics::{peak_memory_bytes, MetricsWriter, StepMetrics, Throughput};
 use mmc_runtime::tensor_batches::TensorBatches;
 use mmc_runtime::{MicroBatch, TrainError, Trainer};
 use std::io::IsTerminal;
@@ -109,6 +109,15 @@ impl Source {
         })
     }
 
+    /// Samples trained on so far, for data.json (packed samples each count); `None` for
+    /// tensor data, whose samples are the rows of each global batch.
+    fn samples_used(&self) -> Option<u64> {
+        match self {
+            Source::Tensors(_) => None,
+            Source::Chat(l) => Some(l.counts().used),
+        }
+    }
+
     /// Optimizer steps in one pass over the data (an estimate for packed chat data).
     fn steps_per_epoch(&self, plan: &Plan) -> u64 {
         match self {
@@ -203,6 +212,28 @@ fn open_source(
         loader.config().sources.len()
     ));
     Ok(Source::Chat(Box::new(loader)))
+}
+
+/// Rows of one global batch: micro-batch rows times micro-batches.
+fn plan_rows_per_step(trainer: &Trainer) -> usize {
+    let s = &trainer.plan().settings;
+    s.micro_batch_size * s.grad_accum_steps
+}
+
+/// The progress bar's message after a step, short enough for the bar to fit an 80-column
+/// terminal: loss, speed, time per iteration and, with MoE layers, the worst layer's max/mean
+/// expert load.
+fn bar_message(m: &StepMetrics) -> String {
+    let per_it = if m.step_ms >= 1e3 {
+        format!("{:.1} s/it", m.step_ms / 1e3)
+    } else {
+        format!("{:.0} ms/it", m.step_ms)
+    };
+    let mut msg = format!("loss {:.4}, {:.0} tok/s, {per_it}", m.loss, m.tokens_per_s);
+    if let Some((_, x)) = m.expert_load.worst() {
+        msg.push_str(&format!(", experts max/mean {x:.2}"));
+    }
+    msg
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
@@ -401,27 +432,32 @@ pub fn run(args: &RunArgs) -> Result<()> {
         trainer.state_bytes() / (1 << 20)
     ));
 
+    // On a terminal a bar (step, loss, speed, ETA) on standard error; otherwise only the
+    // plain step lines. Every line of the run goes through the console, around the bar.
     let bar = if std::io::stderr().is_terminal() {
         let b = ProgressBar::new(train_iters);
         b.set_position(start_iteration);
+        b.reset_eta();
         b.set_style(
-            ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-            )
-            .expect("valid template"),
+            ProgressStyle::with_template("{wide_bar} {pos}/{len} [{elapsed}<{eta}] {msg}")
+                .expect("valid template"),
         );
         b
     } else {
         ProgressBar::hidden()
     };
+    console.set_bar(bar.clone());
+    let rows_per_step = plan_rows_per_step(&trainer);
     let started = Instant::now();
     let mut losses = Vec::with_capacity(train_iters as usize);
+    let mut throughput = Throughput::default();
     // Global batches drawn, and those with no token at all (skipped without a step).
     let (mut empty_batches, mut skipped_micro) = (0u64, 0usize);
     for i in start_iteration..train_iters {
         let step = i + 1;
         let lr = schedule.lr_at(step, train_iters);
         let t0 = Instant::now();
+        let samples_before = source.samples_used();
         let mut in_a_row = 0;
         let (out, tokens) = loop {
             let (micro_batches, tokens) = source
@@ -438,6 +474,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
         };
         skipped_micro += out.skipped_micro_batches;
         let secs = t0.elapsed().as_secs_f64();
+        let samples = match (samples_before, source.samples_used()) {
+            (Some(before), Some(after)) => (after - before) as usize,
+            _ => rows_per_step,
+        };
+        throughput.record(step, secs, samples, tokens);
         let m = StepMetrics {
             step,
             loss: out.loss,
@@ -449,6 +490,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
             tokens_per_s: tokens as f64 / secs.max(1e-9),
             step_ms: secs * 1e3,
             peak_memory_bytes: peak_memory_bytes(),
+            expert_imbalance: out.expert_load.imbalances(),
+            expert_load: out.expert_load,
         };
         if !m.loss.is_finite() {
             bail!("step {step}: the loss is {} (diverged); stopping", m.loss);
@@ -459,35 +502,31 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 .with_context(|| format!("cannot write {}", w.path().display()))?;
         }
         if step % args.log_interval == 0 || step == train_iters {
-            bar.suspend(|| console.out(&m.line(train_iters)));
+            console.out(&m.line(train_iters));
         }
-        bar.set_message(format!("loss {:.4}", m.loss));
+        bar.set_message(bar_message(&m));
         bar.inc(1);
         let signalled = stop.load(Ordering::SeqCst);
         if let Some(saver) = &saver {
             let last = step == train_iters;
             if last || signalled || args.checkpoint.save_interval.is_some_and(|n| step % n == 0) {
                 match saver.save(&trainer, &save_state(&trainer, &source, drawn)) {
-                    Ok(p) => bar.suspend(|| {
-                        console.err(&format!("saved iteration {step} to {}", p.display()))
-                    }),
+                    Ok(p) => console.err(&format!("saved iteration {step} to {}", p.display())),
                     Err(e) if ck.on_save_error == OnSaveError::Continue && !last && !signalled => {
-                        bar.suspend(|| console.err(&format!("warning: {e}; training goes on")))
+                        console.err(&format!("warning: {e}; training goes on"))
                     }
                     Err(e) => return Err(e.into()),
                 }
             }
         }
         if signalled {
-            bar.suspend(|| {
-                console.out(&format!(
-                    "stopping after step {step} on a termination signal (--exit-signal-handler)"
-                ))
-            });
+            console.out(&format!(
+                "stopping after step {step} on a termination signal (--exit-signal-handler)"
+            ));
             break;
         }
     }
-    bar.finish_and_clear();
+    console.clear_bar();
     if skipped_micro > 0 || empty_batches > 0 {
         console.err(&format!(
             "warning: {skipped_micro} micro-batch(es) held only padding and were skipped; {empty_batches} global batch(es) held no token at all and were skipped without a step"
@@ -501,6 +540,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
             first.1,
             last.1
         ));
+    }
+    if let Some(t) = throughput.summary() {
+        console.out(&t.line(started.elapsed().as_secs_f64()));
     }
     if let Source::Chat(l) = &source {
         let c = l.counts();
@@ -517,4 +559,37 @@ pub fn run(args: &RunArgs) -> Result<()> {
         console.out(&format!("loss curve written to {}", p.display()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bar_message;
+    use mmc_runtime::metrics::{ExpertLoad, StepMetrics};
+
+    #[test]
+    fn the_bar_message_is_short_and_names_the_expert_load() {
+        let mut load = ExpertLoad::default();
+        load.add(0, &[30, 10, 0, 0]).unwrap();
+        let mut m = StepMetrics {
+            step: 3,
+            loss: 11.69479,
+            lm_loss: 11.6,
+            aux_loss: 2.0,
+            grad_norm: 1.9,
+            lr: 5e-3,
+            tokens: 160,
+            tokens_per_s: 15.93,
+            step_ms: 10049.0,
+            peak_memory_bytes: 0,
+            expert_imbalance: load.imbalances(),
+            expert_load: load,
+        };
+        assert_eq!(
+            bar_message(&m),
+            "loss 11.6948, 16 tok/s, 10.0 s/it, experts max/mean 3.00"
+        );
+        m.step_ms = 812.4;
+        m.expert_load = ExpertLoad::default();
+        assert_eq!(bar_message(&m), "loss 11.6948, 16 tok/s, 812 ms/it");
+    }
 }

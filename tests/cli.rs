@@ -492,6 +492,7 @@ fn run_trains_from_a_data_json_and_plots_the_loss() {
     let dir = tempfile::tempdir().unwrap();
     let plan = compile("configs/internvl35-tiny.toml", dir.path());
     let svg = dir.path().join("loss.svg");
+    let metrics = dir.path().join("metrics.jsonl");
     let out = mmc()
         .args([
             "run",
@@ -500,12 +501,64 @@ fn run_trains_from_a_data_json_and_plots_the_loss() {
             "configs/demo/data.json",
         ])
         .args(["--train-iters", "2", "--plot", svg.to_str().unwrap()])
+        .args(["--metrics", metrics.to_str().unwrap()])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{err}");
     let log = String::from_utf8(out.stdout).unwrap();
     assert!(log.contains("step 2/2 | loss"), "{log}");
+    // Not a terminal: plain lines, no progress bar (no cursor movement).
+    assert!(!err.contains('\x1b') && !log.contains('\x1b'), "{err}");
+    // Each step's line ends with the worst MoE layer's max/mean expert load.
+    let steps: Vec<&str> = log.lines().filter(|l| l.starts_with("step ")).collect();
+    assert_eq!(steps.len(), 2, "{log}");
+    for l in &steps {
+        assert!(
+            l.contains(" | expert load max/mean ") && l.ends_with(')'),
+            "{l}"
+        );
+    }
+    // The end-of-run throughput summary, without the warm-up step.
+    let summary = log
+        .lines()
+        .find(|l| l.starts_with("throughput: "))
+        .unwrap_or_else(|| panic!("no summary: {log}"));
+    for part in [
+        "ms per iteration (mean of step 2; the run's first step, 1, is warm-up and left out)",
+        "samples/s",
+        "tokens/s (non-padding)",
+        "| total ",
+    ] {
+        assert!(summary.contains(part), "{part}: {summary}");
+    }
+    // The metrics: per step, tokens per expert of both MoE layers (4 experts, top-2), summing
+    // to the step's non-padding tokens x 2, and each layer's max/mean.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for m in &lines {
+        let tokens = m["tokens"].as_u64().unwrap();
+        let load = m["expert_load"].as_object().expect("expert_load");
+        let keys: Vec<&str> = load.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["0", "1"], "{m}");
+        for (layer, counts) in load {
+            let c: Vec<u64> = counts
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .collect();
+            assert_eq!(c.len(), 4, "{m}");
+            assert_eq!(c.iter().sum::<u64>(), tokens * 2, "layer {layer}: {m}");
+            let want = *c.iter().max().unwrap() as f64 * 4.0 / (tokens * 2) as f64;
+            let got = m["expert_imbalance"][layer].as_f64().unwrap();
+            assert!((got - want).abs() < 1e-12, "layer {layer}: {got} vs {want}");
+        }
+    }
     assert!(
         log.contains("data: ") && log.contains("sample(s) trained on"),
         "{log}"

@@ -34,6 +34,9 @@ fn the_compiled_step_follows_the_interpreter() {
                 "step {step}: {what} {y} compiled vs {x} interpreted"
             );
         }
+        // The routing is the same, so the reported expert load is too.
+        assert!(!a.expert_load.0.is_empty(), "the model has MoE layers");
+        assert_eq!(b.expert_load, a.expert_load, "step {step}: expert load");
     }
     let mut worst = (0.0f64, String::new());
     for s in interp.state_specs() {

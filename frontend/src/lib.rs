@@ -9,5 +9,5 @@ pub mod names;
 
 pub use config::{Config, ConfigError, TextConfig};
 pub use dsl::{BuildError, Model, ModelBuilder, Sym};
-pub use models::{forward_graph, ForwardOptions};
+pub use models::{forward_graph, ForwardOptions, EXPERT_LOAD_OUTPUT};
 pub use names::CheckpointLayout;

@@ -81,7 +81,17 @@ fn the_frontend_emits_primitive_ops_only_and_verifies() {
     verify(&g).unwrap();
     assert!(g.nodes().iter().all(|n| n.op.class() != OpClass::Fused));
     let outs: Vec<&str> = g.outputs().iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(outs, ["loss", "lm_loss", "aux_loss", "logits"]);
+    assert_eq!(
+        outs,
+        [
+            "loss",
+            "lm_loss",
+            "aux_loss",
+            "moe_load:0",
+            "moe_load:1",
+            "logits"
+        ]
+    );
 }
 
 #[test]

@@ -10,5 +10,5 @@ pub mod tensor_batches;
 pub mod trainer;
 pub mod weights;
 
-pub use trainer::{MicroBatch, StepOutcome, TrainError, Trainer};
+pub use trainer::{MicroBatch, StepOutcome, TrainError, Trainer, EXPERT_LOAD_OUTPUT};
 pub use weights::{Checkpoint, WeightError};

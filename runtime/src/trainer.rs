@@ -11,6 +11,7 @@
 //! [`Trainer::set_state`] and [`Trainer::parameters`] name and return the per-expert tensors,
 //! so checkpoints are written and read exactly as for an unstacked plan.
 
+use crate::metrics::ExpertLoad;
 use crate::weights::{Checkpoint, ParamSpec, WeightError};
 use mmc_ir::interp::{Arena, Bindings, InterpError, Precision, Stream};
 use mmc_ir::plan::{Init, Plan, StackingError, GRAD_NORM_OUTPUT, LR_INPUT, STEP_INPUT};
@@ -57,14 +58,23 @@ pub enum TrainError {
     /// that does not fit).
     #[error(transparent)]
     Compiled(#[from] crate::compiled::CompiledError),
+    /// An expert-load output ([`EXPERT_LOAD_OUTPUT`]) that is not a layer's counts.
+    #[error("micro-step output `{name}`: {reason}")]
+    ExpertLoadOutput { name: String, reason: String },
 }
+
+/// The prefix of the micro-step outputs that count, per MoE layer, the tokens routed to each
+/// expert (`moe_load:<layer>`, f32 [experts]); the frontend declares them
+/// (`mmc_frontend::EXPERT_LOAD_OUTPUT`, the same string) and [`Trainer::train_step`] sums
+/// them into [`StepOutcome::expert_load`].
+pub const EXPERT_LOAD_OUTPUT: &str = "moe_load:";
 
 /// One micro-batch: the data inputs of the micro-step program, by name.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MicroBatch(pub BTreeMap<String, Tensor>);
 
 /// What one optimizer step reports.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct StepOutcome {
     /// The loss of the global batch (sum over the micro-batches that ran, whose weights are
     /// normalised over the global batch), before this step's update.
@@ -78,6 +88,42 @@ pub struct StepOutcome {
     /// [`Trainer::train_step`]); reported so that a run can say how much of its data was
     /// padding.
     pub skipped_micro_batches: usize,
+    /// Tokens per expert of each MoE layer, summed over the micro-batches that ran (the
+    /// routing of this step's forward, before its update).
+    pub expert_load: ExpertLoad,
+}
+
+/// Adds the expert-load outputs of one micro-step to `load`.
+fn add_expert_load(
+    load: &mut ExpertLoad,
+    out: &BTreeMap<String, Tensor>,
+) -> Result<(), TrainError> {
+    for (name, t) in out.range(EXPERT_LOAD_OUTPUT.to_string()..) {
+        let Some(layer) = name.strip_prefix(EXPERT_LOAD_OUTPUT) else {
+            break;
+        };
+        let bad = |reason: String| TrainError::ExpertLoadOutput {
+            name: name.clone(),
+            reason,
+        };
+        let layer: usize = layer
+            .parse()
+            .map_err(|_| bad("the suffix is not a layer index".into()))?;
+        if t.shape().len() != 1 {
+            return Err(bad(format!("shape {:?}, not [experts]", t.shape())));
+        }
+        let counts = t
+            .to_f64_vec()
+            .into_iter()
+            .map(|c| {
+                (c.is_finite() && c >= 0.0)
+                    .then_some(c.round() as u64)
+                    .ok_or_else(|| bad(format!("a count of {c}")))
+            })
+            .collect::<Result<Vec<u64>, _>>()?;
+        load.add(layer, &counts).map_err(bad)?;
+    }
+    Ok(())
 }
 
 /// Whether a micro-batch holds no non-padding token: `segment_ids` present and all 0. Such a
@@ -510,11 +556,13 @@ impl Trainer {
             });
         }
         let (mut loss, mut lm_loss, mut aux) = (0.0, 0.0, 0.0);
+        let mut expert_load = ExpertLoad::default();
         for mb in &to_run {
             let out = self.run("micro_step", &mb.0)?;
             loss += scalar("loss", &out);
             lm_loss += scalar("lm_loss", &out);
             aux += scalar("aux_loss", &out);
+            add_expert_load(&mut expert_load, &out)?;
         }
         self.step += 1;
         let mut scalars = BTreeMap::new();
@@ -528,6 +576,7 @@ impl Trainer {
             aux_loss: aux / to_run.len().max(1) as f64,
             grad_norm: scalar(GRAD_NORM_OUTPUT, &out),
             skipped_micro_batches: skipped,
+            expert_load,
         })
     }
 
@@ -547,7 +596,39 @@ impl Trainer {
 
 #[cfg(test)]
 mod tests {
-    use super::immediate_updates;
+    use super::{add_expert_load, immediate_updates, TrainError};
+    use crate::metrics::ExpertLoad;
+    use mmc_ir::{Tensor, TensorData};
+    use std::collections::BTreeMap;
+
+    /// The expert-load outputs of micro-steps are summed per layer; other outputs are not
+    /// read, and an output that is not a layer's counts is an error naming it.
+    #[test]
+    fn expert_load_outputs_are_summed_per_layer() {
+        let t = |v: Vec<f32>| Tensor::new(vec![v.len()], TensorData::F32(v)).unwrap();
+        let out = |a: Vec<f32>, b: Vec<f32>| {
+            BTreeMap::from([
+                ("loss".to_string(), t(vec![2.0])),
+                ("moe_load:1".to_string(), t(a)),
+                ("moe_load:10".to_string(), t(b)),
+                ("z".to_string(), t(vec![7.0])),
+            ])
+        };
+        let mut load = ExpertLoad::default();
+        add_expert_load(&mut load, &out(vec![1.0, 3.0], vec![0.0, 4.0, 0.0])).unwrap();
+        add_expert_load(&mut load, &out(vec![2.0, 2.0], vec![1.0, 1.0, 2.0])).unwrap();
+        assert_eq!(
+            load.0,
+            BTreeMap::from([(1, vec![3, 5]), (10, vec![1, 5, 2])])
+        );
+        for (name, v) in [("moe_load:x", vec![1.0]), ("moe_load:2", vec![f32::NAN])] {
+            let bad = BTreeMap::from([(name.to_string(), t(v))]);
+            let e = add_expert_load(&mut load, &bad).unwrap_err();
+            assert!(matches!(e, TrainError::ExpertLoadOutput { .. }), "{e}");
+            assert!(e.to_string().contains(name), "{e}");
+        }
+    }
+
     use mmc_ir::plan::{Program, StateUpdate};
     use mmc_ir::{DType, Graph, Op, ScopeId, Stage, TensorType, UnaryOp};
 

@@ -18,11 +18,18 @@ pub struct ForwardOptions {
     pub aux_loss_scale: Option<f64>,
 }
 
+/// The prefix of the outputs holding an MoE layer's expert load: `moe_load:<layer>`, f32
+/// [experts], the non-padding tokens the router of decoder layer `<layer>` sent to each expert
+/// (each token once per top-k pick). The trainer sums them over a step's micro-batches;
+/// `mmc_runtime::EXPERT_LOAD_OUTPUT` is the same string.
+pub const EXPERT_LOAD_OUTPUT: &str = "moe_load:";
+
 /// Declares the model a config describes as a frontend-stage graph for one micro-batch of
 /// the configured shape: InternVL3.5 when the config has a vision model, else the Qwen3-MoE
 /// causal LM. Inputs: `input_ids`, `position_ids`, `segment_ids`, `labels`, `loss_weights`
 /// (all [micro_batch_size, seq_length]) and for InternVL `pixel_values` [max_tiles, channels,
-/// tile, tile] (f32). Outputs: `loss`, `lm_loss`, `aux_loss` and optionally `logits`.
+/// tile, tile] (f32). Outputs: `loss`, `lm_loss`, `aux_loss`, for each MoE layer `L` its
+/// expert load `moe_load:L` ([`EXPERT_LOAD_OUTPUT`]), and optionally `logits`.
 pub fn forward_graph(cfg: &Config, opts: ForwardOptions) -> Result<Model, BuildError> {
     let compute = match cfg.train.dtype {
         ComputeDType::F32 => DType::F32,
@@ -53,6 +60,9 @@ pub fn forward_graph(cfg: &Config, opts: ForwardOptions) -> Result<Model, BuildE
     b.output("loss", loss);
     b.output("lm_loss", out.lm_loss);
     b.output("aux_loss", out.aux_loss);
+    for (layer, load) in &out.expert_load {
+        b.output(&format!("{EXPERT_LOAD_OUTPUT}{layer}"), *load);
+    }
     if opts.logits {
         b.output("logits", out.logits);
     }

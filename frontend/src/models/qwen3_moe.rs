@@ -39,8 +39,10 @@ impl TextInputs {
     }
 }
 
-/// Router statistics of one MoE layer, for the load-balancing loss.
+/// Router statistics of one MoE layer, for the load-balancing loss and the expert load.
 struct RouterStats {
+    /// The decoder layer's index.
+    layer: usize,
     /// Softmax of the router logits, f32 [tokens, experts].
     probs: Sym,
     /// 1 where an expert is in a token's top-k, f32 [tokens, experts].
@@ -48,7 +50,7 @@ struct RouterStats {
 }
 
 /// What the language model produces.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct LmOutputs {
     /// The training loss: `lm_loss + router_aux_loss_coef * aux_loss` (0-d, f32).
     pub loss: Sym,
@@ -58,6 +60,10 @@ pub struct LmOutputs {
     pub aux_loss: Sym,
     /// [batch, seq, vocab] f32.
     pub logits: Sym,
+    /// Per MoE layer (decoder layer index), the tokens its router sent to each expert: f32
+    /// [experts], counting each non-padding token once per top-k pick (so a layer's counts sum
+    /// to non-padding tokens x top-k). The same counts as the load-balancing loss's `f_e`.
+    pub expert_load: Vec<(usize, Sym)>,
 }
 
 /// The rotary tables for `position_ids`: cos and sin of shape [batch, seq, head_dim], computed
@@ -182,7 +188,12 @@ fn swiglu(b: &mut ModelBuilder, x: Sym, hidden: usize, inter: usize) -> BuildRes
 }
 
 /// The sparse MoE block in dense form (`mlp` of a decoder layer), on x [tokens, hidden].
-fn moe(b: &mut ModelBuilder, cfg: &TextConfig, x: Sym) -> BuildResult<(Sym, RouterStats)> {
+fn moe(
+    b: &mut ModelBuilder,
+    cfg: &TextConfig,
+    layer: usize,
+    x: Sym,
+) -> BuildResult<(Sym, RouterStats)> {
     let t = b.shape(x)[0];
     let (e, k) = (cfg.num_experts, cfg.num_experts_per_tok);
     b.scope("mlp", |b| {
@@ -214,27 +225,38 @@ fn moe(b: &mut ModelBuilder, cfg: &TextConfig, x: Sym) -> BuildResult<(Sym, Rout
             });
         }
         let out = out.map_or_else(|| b.full(0.0, b.dtype(x), &[t, cfg.hidden_size]), Ok)?;
-        Ok((out, RouterStats { probs, chosen }))
+        Ok((
+            out,
+            RouterStats {
+                layer,
+                probs,
+                chosen,
+            },
+        ))
     })
 }
 
 /// HF's `load_balancing_loss_func`, pooled over all MoE layers and restricted to tokens where
 /// `token_mask` [tokens, 1] is 1: `E * sum_e f_e * P_e`, with f_e the share of top-k picks that
-/// went to expert e and P_e its mean router probability.
+/// went to expert e and P_e its mean router probability. Also returns each layer's top-k
+/// picks per expert over those tokens (f32 [experts]), the loss's numerators of `f_e`, which
+/// the trainer reports as the expert load.
 fn load_balancing_loss(
     b: &mut ModelBuilder,
     cfg: &TextConfig,
     stats: &[RouterStats],
     token_mask: Sym,
-) -> BuildResult {
+) -> BuildResult<(Sym, Vec<(usize, Sym)>)> {
     if stats.is_empty() {
-        return b.full(0.0, DType::F32, &[]);
+        return Ok((b.full(0.0, DType::F32, &[])?, Vec::new()));
     }
     let mut chosen_sum: Option<Sym> = None;
     let mut prob_sum: Option<Sym> = None;
+    let mut load = Vec::with_capacity(stats.len());
     for s in stats {
         let c = b.mul(s.chosen, token_mask)?;
         let c = b.sum(c, &[0], false)?;
+        load.push((s.layer, c));
         let p = b.mul(s.probs, token_mask)?;
         let p = b.sum(p, &[0], false)?;
         chosen_sum = Some(match chosen_sum {
@@ -255,7 +277,7 @@ fn load_balancing_loss(
     let p = b.div(prob_sum, rows)?;
     let fp = b.mul(f, p)?;
     let total = b.sum_all(fp)?;
-    b.mul_scalar(total, cfg.num_experts as f64)
+    Ok((b.mul_scalar(total, cfg.num_experts as f64)?, load))
 }
 
 /// The weighted, shifted cross-entropy: position t predicts `labels[t+1]` with weight
@@ -311,7 +333,7 @@ fn decoder(
             let n = b.rms_norm("post_attention_layernorm", x, cfg.rms_norm_eps)?;
             let flat = b.reshape(n, &[bs * s, h])?;
             let m = if cfg.is_moe_layer(layer) {
-                let (m, st) = moe(b, cfg, flat)?;
+                let (m, st) = moe(b, cfg, layer, flat)?;
                 stats.push(st);
                 m
             } else {
@@ -367,7 +389,7 @@ pub fn causal_lm_from_embeds(
     let seg = b.reshape(inputs.segment_ids, &[shape[0] * shape[1], 1])?;
     let real = b.compare_scalar(CmpOp::Ne, seg, 0.0)?;
     let token_mask = b.cast(real, DType::F32)?;
-    let aux_loss = load_balancing_loss(b, cfg, &stats, token_mask)?;
+    let (aux_loss, expert_load) = load_balancing_loss(b, cfg, &stats, token_mask)?;
     let scaled = b.mul_scalar(aux_loss, cfg.router_aux_loss_coef)?;
     let loss = b.add(lm_loss, scaled)?;
     Ok(LmOutputs {
@@ -375,6 +397,7 @@ pub fn causal_lm_from_embeds(
         lm_loss,
         aux_loss,
         logits,
+        expert_load,
     })
 }
 
