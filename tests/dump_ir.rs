@@ -201,9 +201,13 @@ fn the_kernel_stage_prints_kernels_that_compile() {
     let mut kernels = Vec::new();
     for p in &plan.programs {
         for (id, node) in p.graph.iter_nodes() {
-            if let Ok(l) =
-                mmc_codegen::ops::lower_node(&p.graph, node, &format!("{}_k{}", p.name, id.0))
-            {
+            let name = format!("{}_k{}", p.name, id.0);
+            if mmc_codegen::library::for_node(&p.graph, node).is_some() {
+                // A GEMM: a library call, and an epilogue's program as a kernel.
+                if let Ok(k) = mmc_codegen::kernel::Kernel::epilogue(&p.graph, node, name) {
+                    kernels.push(k.into());
+                }
+            } else if let Ok(l) = mmc_codegen::ops::lower_node(&p.graph, node, &name) {
                 kernels.extend(l.launches.into_iter().map(|l| l.kernel));
             }
         }
@@ -212,6 +216,15 @@ fn the_kernel_stage_prints_kernels_that_compile() {
         + text.matches("\nloop kernel ").count()
         + usize::from(text.starts_with("kernel "));
     assert_eq!(printed, kernels.len());
+    assert!(
+        text.contains("library call MatMul"),
+        "GEMMs are library calls"
+    );
+    // Every computing node of both programs has kernels or a library call.
+    for line in text.lines().filter(|l| l.contains("computing nodes have")) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(words[1], words[3], "{line}");
+    }
     assert!(kernels.len() > 1000, "{}", kernels.len());
     let dir = tempfile::tempdir().expect("a temporary folder");
     mmc_codegen::cpu::build_library(
