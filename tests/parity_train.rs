@@ -151,7 +151,17 @@ fn plan(edit: impl FnOnce(&mut Config)) -> Plan {
 }
 
 fn train(plan: Plan, batches: &[MicroBatch]) -> (Trainer, Vec<mmc_runtime::StepOutcome>) {
-    let mut t = Trainer::new(plan).unwrap();
+    train_on(Trainer::new(plan).unwrap(), batches)
+}
+
+/// As [`train`], on the plan compiled to CPU kernels (2 threads).
+fn train_compiled(plan: Plan, batches: &[MicroBatch]) -> (Trainer, Vec<mmc_runtime::StepOutcome>) {
+    let t = mmc::backend::compiled_trainer(plan, 2).unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(t.is_compiled());
+    train_on(t, batches)
+}
+
+fn train_on(mut t: Trainer, batches: &[MicroBatch]) -> (Trainer, Vec<mmc_runtime::StepOutcome>) {
     let outs = batches
         .iter()
         .map(|b| t.train_step(std::slice::from_ref(b), 1e-3).unwrap())
@@ -200,6 +210,32 @@ fn five_adamw_steps_match_torch() {
     let batch = internvl_image_batch();
     let (t, outs) = train(plan(|_| {}), &vec![batch; 5]);
     check_run("AdamW", "adamw.safetensors", &t, &outs);
+}
+
+/// The same five steps on the compiled plan (kernels and GEMM library calls).
+#[test]
+fn five_adamw_steps_match_torch_on_the_compiled_plan() {
+    let batch = internvl_image_batch();
+    let (t, outs) = train_compiled(plan(|_| {}), &vec![batch; 5]);
+    check_run("AdamW (compiled)", "adamw.safetensors", &t, &outs);
+}
+
+/// Text after image, clipped, on the compiled plan.
+#[test]
+fn zero_gradients_and_clipping_match_torch_on_the_compiled_plan() {
+    let (t, outs) = train_compiled(
+        plan(|_| {}),
+        &[internvl_image_batch(), internvl_text_batch()],
+    );
+    check_run(
+        "zero-gradient (compiled)",
+        "zero_grad.safetensors",
+        &t,
+        &outs,
+    );
+    let batch = internvl_image_batch();
+    let (t, outs) = train_compiled(plan(|c| c.train.clip_grad = 0.05), &vec![batch; 3]);
+    check_run("clipped (compiled)", "clip.safetensors", &t, &outs);
 }
 
 #[test]
