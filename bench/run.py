@@ -110,11 +110,13 @@ def run_mmc(args, work: Path, data: str) -> dict:
     if status != 0:
         raise BenchError(f"mmc compile failed (exit status {status})")
     env = dict(os.environ)
-    # The thread count for the runtime's pool (the interpreter is single-threaded).
-    env["RAYON_NUM_THREADS"] = str(args.threads)
-    env["MMC_NUM_THREADS"] = str(args.threads)
+    # The compiled backend takes --threads; the interpreter runs on one thread (its matmuls
+    # on matrixmultiply's threads, which read this variable).
+    env["MATMUL_NUM_THREADS"] = str(args.threads)
+    interpreted = any("interpreter" in a for a in args.mmc_run_arg)
+    threads = [] if interpreted else ["--threads", str(args.threads)]
     cmd = [str(mmc), "run", str(plan), "--data", data, "--train-iters", str(args.warmup + args.steps),
-           "--metrics", str(metrics)] + args.mmc_run_arg
+           "--metrics", str(metrics)] + threads + args.mmc_run_arg
     status, rss, wall = run_with_rss(cmd, env)
     if status != 0:
         raise BenchError(f"mmc run failed (exit status {status})")
