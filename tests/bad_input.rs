@@ -252,23 +252,40 @@ fn a_damaged_or_hand_edited_plan_is_refused_at_load() {
         e.contains("damaged") && e.contains("`micro_batch_size` is 0"),
         "{e}"
     );
-    // One byte of the body changed: the body's checksum does not match.
+    // One byte of a section changed: that section's checksum does not match, and the
+    // message names it (the body, the kernels, the compiled steps).
     let bytes = std::fs::read(&plan).unwrap();
-    let mut flipped_bytes = bytes.clone();
-    flipped_bytes[bytes.len() / 2] ^= 0x04;
-    let flipped = dir.path().join("flipped.bin");
-    std::fs::write(&flipped, &flipped_bytes).unwrap();
-    let e = fails(&["run", flipped.to_str().unwrap(), "--data", data]);
-    assert!(
-        e.contains("damaged") && e.contains("plan body does not match its SHA-256 checksum"),
-        "{e}"
-    );
+    let raw = mmc_ir::plan_file::RawPlanFile::parse(&plan, &bytes).unwrap();
+    let sections: Vec<(String, usize, usize)> = raw
+        .sections
+        .iter()
+        .map(|(kind, b)| {
+            let start = b.as_ptr() as usize - bytes.as_ptr() as usize;
+            (kind.name().to_string(), start, b.len())
+        })
+        .collect();
+    assert_eq!(sections.len(), 3, "a compiled plan: body, library, steps");
+    for (name, start, len) in &sections {
+        let mut flipped_bytes = bytes.clone();
+        flipped_bytes[start + len / 2] ^= 0x04;
+        let flipped = dir.path().join("flipped.bin");
+        std::fs::write(&flipped, &flipped_bytes).unwrap();
+        let e = fails(&["run", flipped.to_str().unwrap(), "--data", data]);
+        assert!(
+            e.contains("damaged")
+                && e.contains(&format!("{name} does not match its SHA-256 checksum")),
+            "{name}: {e}"
+        );
+    }
     // Cut short, or with bytes after its end (a copy that went wrong).
+    let (last, _, _) = sections.last().unwrap();
     let cut = dir.path().join("cut.bin");
     std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
     let e = fails(&["run", cut.to_str().unwrap(), "--data", data]);
     assert!(
-        e.contains("cut short in its plan body section, 100 bytes are missing"),
+        e.contains(&format!(
+            "cut short in its {last} section, 100 bytes are missing"
+        )),
         "{e}"
     );
     let long = dir.path().join("long.bin");
