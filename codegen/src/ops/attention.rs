@@ -296,7 +296,7 @@ fn forward(
         let v = select(bad.val(), cst(f64::NAN, F64), x.val() / o.l.val());
         k.store(bo, row.clone() + idx(c), v.cast(dt));
     }
-    Ok(Lowered::single(g, node, finish(k)?))
+    Ok(Lowered::single(node, finish(k)?))
 }
 
 /// The backward: statistics per query row, a flag per kv head with a NaN row, dq per query

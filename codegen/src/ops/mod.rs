@@ -42,8 +42,7 @@ pub struct Lowered {
 
 impl Lowered {
     /// One kernel over the node's operands then its results (the spec's buffer convention).
-    pub fn single(g: &Graph, node: &Node, kernel: GeneratedKernel) -> Lowered {
-        let _ = g;
+    pub fn single(node: &Node, kernel: GeneratedKernel) -> Lowered {
         let args = (0..node.inputs.len())
             .map(Arg::Input)
             .chain((0..node.outputs.len()).map(Arg::Output))
@@ -74,7 +73,7 @@ pub fn lower_node(g: &Graph, node: &Node, name: &str) -> Result<Lowered, KernelE
         return l;
     }
     let k = Kernel::for_node(g, node, name.to_string())?;
-    Ok(Lowered::single(g, node, k.into()))
+    Ok(Lowered::single(node, k.into()))
 }
 
 /// The symbol of launch `i` of a node named `name`.

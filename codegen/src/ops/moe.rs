@@ -139,7 +139,7 @@ fn expert_offsets(
     let bt = k.read(I64, &top.shape);
     let off = k.write(I64, &[experts + 1]);
     count(&mut k, bt, off, top.numel(), experts);
-    Ok(Lowered::single(g, node, finish(k)?.into()))
+    Ok(Lowered::single(node, finish(k)?.into()))
 }
 
 /// Launches that leave `pos` (the row of each pair in the stable sort by expert) in a scratch

@@ -114,7 +114,7 @@ fn gather(g: &Graph, node: &Node, name: &str, axis: usize) -> Result<Lowered, Ke
     let i = k.var(DType::I64, load(bi, o.clone()).cast(DType::I64));
     let at = (outer.val() * idx(dx) + i.val()) * idx(inner) + col.val();
     k.store(by, o, load_checked(bx, guard(in_range(i.val(), dx), at)));
-    Ok(Lowered::single(g, node, finish(k)?.into()))
+    Ok(Lowered::single(node, finish(k)?.into()))
 }
 
 /// `out = x; out[c with c[axis] = idx[c]] += src[c]`, partitioned by destination, each
@@ -357,7 +357,7 @@ fn pad(g: &Graph, node: &Node, name: &str, low: &[usize]) -> Result<Lowered, Ker
             });
         },
     );
-    Ok(Lowered::single(g, node, finish(k)?.into()))
+    Ok(Lowered::single(node, finish(k)?.into()))
 }
 
 /// Concatenation: one launch per (non-empty) operand, copying it into its slab of the
@@ -403,7 +403,7 @@ fn iota(g: &Graph, node: &Node, name: &str, axis: usize) -> Result<Lowered, Kern
     let by = k.write(d, &y.shape);
     let o = k.item();
     k.store(by, o.clone(), o.idiv(div(inner)).irem(div(dim)).cast(d));
-    Ok(Lowered::single(g, node, finish(k)?.into()))
+    Ok(Lowered::single(node, finish(k)?.into()))
 }
 
 /// Inclusive prefix sums along `axis`: one item per column, floats summed in f64 from the
@@ -431,7 +431,7 @@ fn cumsum(g: &Graph, node: &Node, name: &str, axis: usize) -> Result<Lowered, Ke
         k.set(acc, acc.val() + load(bx, at.clone()).cast(ad));
         k.store(by, at, acc.val().cast(d));
     });
-    Ok(Lowered::single(g, node, finish(k)?.into()))
+    Ok(Lowered::single(node, finish(k)?.into()))
 }
 
 /// Whether `a` goes strictly before `b` in the interpreter's sort order: larger first when
@@ -503,7 +503,7 @@ fn sort(
             k.set(cnt, (cnt.val() + idx(1)).min(idx(k_)));
         });
     });
-    Ok(Lowered::single(g, node, finish(k)?.into()))
+    Ok(Lowered::single(node, finish(k)?.into()))
 }
 
 /// The keys of a [`sort_segments`]: operand `input` of the node (`dtype`, `shape`: i64 or i32)

@@ -244,7 +244,7 @@ fn rms_norm(g: &Graph, node: &Node, name: &str, eps: f64) -> Result<Lowered, Ker
         let w = load(bw, j.clone()).cast(F64);
         r.put(k, by, ls[l], j, w * (v * s[l].val()));
     });
-    Ok(Lowered::single(g, node, finish(k)?.into()))
+    Ok(Lowered::single(node, finish(k)?.into()))
 }
 
 /// (x, w, dy) -> (dx, dw): with `g = w * dy`, `dx = r * g - x * r^3 * mean(g * x)` per row
@@ -388,7 +388,7 @@ fn layer_norm(g: &Graph, node: &Node, name: &str, eps: f64) -> Result<Lowered, K
         let b = load(bb, j.clone()).cast(F64);
         r.put(k, by, ls[l], j, (v - mu.val()) * s.val() * w + b);
     });
-    Ok(Lowered::single(g, node, finish(k)?.into()))
+    Ok(Lowered::single(node, finish(k)?.into()))
 }
 
 /// (x, w, dy) -> (dx, dw, db): with `xh = (x - mean) * r` and `g = w * dy`,
@@ -489,7 +489,7 @@ fn softmax(g: &Graph, node: &Node, name: &str) -> Result<Lowered, KernelError> {
             r.put(k, by, l, j, v);
         });
     }
-    Ok(Lowered::single(g, node, finish(k)?.into()))
+    Ok(Lowered::single(node, finish(k)?.into()))
 }
 
 /// (y, dy) -> dx = y * (dy - sum(dy * y)) per row.
@@ -506,7 +506,7 @@ fn softmax_grad(g: &Graph, node: &Node, name: &str) -> Result<Lowered, KernelErr
         let v = r.at(by, ls[l], j.clone()) * (r.at(bd, ls[l], j.clone()) - s[l].val());
         r.put(k, bdx, ls[l], j, v);
     });
-    Ok(Lowered::single(g, node, finish(k)?.into()))
+    Ok(Lowered::single(node, finish(k)?.into()))
 }
 
 /// `x - (log(sum(exp(x - max))) + max)` per row, one row per item (see [`softmax`]).
@@ -524,7 +524,7 @@ fn log_softmax(g: &Graph, node: &Node, name: &str) -> Result<Lowered, KernelErro
         let v = r.at(bx, l, j.clone()) - lse.val();
         r.put(k, by, l, j, v);
     });
-    Ok(Lowered::single(g, node, finish(k)?.into()))
+    Ok(Lowered::single(node, finish(k)?.into()))
 }
 
 /// (y, dy) -> dx = dy - exp(y) * sum(dy) per row.
@@ -539,5 +539,5 @@ fn log_softmax_grad(g: &Graph, node: &Node, name: &str) -> Result<Lowered, Kerne
         let v = r.at(bd, ls[l], j.clone()) - r.at(by, ls[l], j.clone()).exp() * s[l].val();
         r.put(k, bdx, ls[l], j, v);
     });
-    Ok(Lowered::single(g, node, finish(k)?.into()))
+    Ok(Lowered::single(node, finish(k)?.into()))
 }

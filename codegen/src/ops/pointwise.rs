@@ -57,7 +57,7 @@ fn elementwise(
         let i = k.item();
         k.store(b, i, v.cast(d));
     }
-    Ok(Lowered::single(g, node, finish(k)?.into()))
+    Ok(Lowered::single(node, finish(k)?.into()))
 }
 
 fn one() -> Expr {
@@ -152,5 +152,5 @@ fn rope(g: &Graph, node: &Node, name: &str, transpose: bool) -> Result<Lowered, 
         k.store(by, base.val() + i, y1.cast(d));
         k.store(by, base.val() + hi, y2.cast(d));
     });
-    Ok(Lowered::single(g, node, finish(k)?.into()))
+    Ok(Lowered::single(node, finish(k)?.into()))
 }
