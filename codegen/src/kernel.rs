@@ -141,28 +141,13 @@ impl Kernel {
         };
         let op = node.op.name();
         let operands: Vec<DType> = node.inputs.iter().map(|&v| g.ty(v).dtype).collect();
-        let regs = program
-            .dtypes(&operands)
-            .map_err(|_| KernelError::Unsupported { op })?;
-        if let Some(&dtype) = regs.iter().find(|d| !supported_dtype(**d)) {
-            return Err(KernelError::Dtype { op, dtype });
-        }
+        check_program(&program, &operands, op)?;
         let shape = out_ty.shape.clone();
         let mut buffers = Vec::new();
         let mut loads = Vec::new();
         for (k, &v) in node.inputs.iter().enumerate() {
             let ty = g.ty(v);
-            let index = if ty.shape == shape {
-                Index::Contiguous
-            } else {
-                let s = row_major_strides(&ty.shape);
-                Index::Affine {
-                    base: 0,
-                    strides: (0..shape.len())
-                        .map(|a| if ty.shape[a] == 1 { 0 } else { s[a] })
-                        .collect(),
-                }
-            };
+            let index = broadcast_read(&ty.shape, &shape);
             buffers.push(Buffer {
                 dtype: ty.dtype,
                 shape: ty.shape.clone(),
@@ -206,12 +191,7 @@ impl Kernel {
         }
         let mut operands = vec![product];
         operands.extend(node.inputs[2..].iter().map(|&v| g.ty(v).dtype));
-        let regs = program
-            .dtypes(&operands)
-            .map_err(|_| KernelError::Unsupported { op })?;
-        if let Some(&dtype) = regs.iter().find(|d| !supported_dtype(**d)) {
-            return Err(KernelError::Dtype { op, dtype });
-        }
+        check_program(program, &operands, op)?;
         let shape = out.shape.clone();
         let mut buffers = vec![Buffer {
             dtype: product,
@@ -224,17 +204,7 @@ impl Kernel {
         }];
         for &v in &node.inputs[2..] {
             let ty = g.ty(v);
-            let index = if ty.shape == shape {
-                Index::Contiguous
-            } else {
-                let s = row_major_strides(&ty.shape);
-                Index::Affine {
-                    base: 0,
-                    strides: (0..shape.len())
-                        .map(|a| if ty.shape[a] == 1 { 0 } else { s[a] })
-                        .collect(),
-                }
-            };
+            let index = broadcast_read(&ty.shape, &shape);
             loads.push(Load {
                 buffer: buffers.len(),
                 index,
@@ -326,6 +296,36 @@ impl Kernel {
             reduce,
             program: Program::single(Op::Cast { to: x.dtype }, 1),
         }))
+    }
+}
+
+/// How an element of an iteration space of `shape` reads an operand of shape `from` (the
+/// same shape, or size 1 on the axes it is broadcast over).
+fn broadcast_read(from: &[usize], shape: &[usize]) -> Index {
+    if from == shape {
+        return Index::Contiguous;
+    }
+    let s = row_major_strides(from);
+    Index::Affine {
+        base: 0,
+        strides: (0..shape.len())
+            .map(|a| if from[a] == 1 { 0 } else { s[a] })
+            .collect(),
+    }
+}
+
+/// Checks that `program` types over `operands` and computes only in dtypes kernels take.
+fn check_program(
+    program: &Program,
+    operands: &[DType],
+    op: &'static str,
+) -> Result<(), KernelError> {
+    let regs = program
+        .dtypes(operands)
+        .map_err(|_| KernelError::Unsupported { op })?;
+    match regs.iter().find(|d| !supported_dtype(**d)) {
+        Some(&dtype) => Err(KernelError::Dtype { op, dtype }),
+        None => Ok(()),
     }
 }
 

@@ -208,15 +208,9 @@ impl CompiledRunner {
         for step in &p.steps {
             self.args.clear();
             for a in &step.args {
-                // SAFETY: offsets were planned inside the regions, which are allocated at the
-                // largest program's sizes.
-                self.args.push(unsafe {
-                    match *a {
-                        Loc::Arena(o) => arena.add(o as usize),
-                        Loc::Scratch(o) => scratch.add(o as usize),
-                        Loc::Bound(i) => self.bound[i as usize],
-                    }
-                });
+                // SAFETY: `validate` checked every location against its region at load.
+                self.args
+                    .push(unsafe { resolve(*a, arena, scratch, &self.bound) });
             }
             let result = match &step.callee {
                 // SAFETY: the arguments are the buffers the compiler planned for the kernel.
@@ -237,13 +231,7 @@ impl CompiledRunner {
         for o in &p.outputs {
             let bytes = o.shape.iter().product::<usize>() * o.dtype.size_bytes();
             // SAFETY: as for the step arguments.
-            let src = unsafe {
-                match o.loc {
-                    Loc::Arena(off) => arena.add(off as usize),
-                    Loc::Scratch(off) => scratch.add(off as usize),
-                    Loc::Bound(i) => self.bound[i as usize],
-                }
-            };
+            let src = unsafe { resolve(o.loc, arena, scratch, &self.bound) };
             match o.update {
                 Some(i) => {
                     let dst = self.bound[i as usize];
@@ -263,6 +251,21 @@ impl CompiledRunner {
             }
         }
         Ok(out)
+    }
+}
+
+/// The address of a location.
+///
+/// # Safety
+/// The location lies inside its region (see `validate`) and `bound` holds the run's pointers.
+unsafe fn resolve(loc: Loc, arena: *mut u8, scratch: *mut u8, bound: &[*mut u8]) -> *mut u8 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match loc {
+            Loc::Arena(o) => arena.add(o as usize),
+            Loc::Scratch(o) => scratch.add(o as usize),
+            Loc::Bound(i) => bound[i as usize],
+        }
     }
 }
 
