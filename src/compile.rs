@@ -163,9 +163,7 @@ fn native_plan_file(
             Ok(file)
         }
         Err(e) => match e.downcast_ref::<CpuError>() {
-            Some(CpuError::Compile(
-                why @ (CompileError::Node { .. } | CompileError::Library { .. }),
-            )) => {
+            Some(CpuError::Compile(why @ CompileError::Node { .. })) => {
                 console.out(&format!(
                     "note: no CPU kernels in this plan ({why}); it runs on the interpreter (`mmc run --backend interpreter`)"
                 ));

@@ -319,8 +319,9 @@ pub enum DumpPoint {
     Kernels,
 }
 
-/// The kernel IR of every node of `g` that has a generated kernel, in program order, and a
-/// comment line for each node that has none yet; then the coverage.
+/// The kernel IR of every node of `g` that has a generated kernel, in program order (library
+/// calls as comment lines, so the kernels' text stays whole), and a comment line for each
+/// node that has none yet; then the coverage.
 fn kernels_text(g: &Graph, comment: &str) -> String {
     use mmc_codegen::kernel::KernelError;
     let mut out = String::new();
@@ -330,28 +331,14 @@ fn kernels_text(g: &Graph, comment: &str) -> String {
             continue;
         }
         computed += 1;
-        // GEMMs are library calls (an epilogue's program follows as a kernel).
-        if let Some(call) = mmc_codegen::library::for_node(g, node) {
-            match call {
-                Ok(call) => {
-                    generated += 1;
-                    out.push_str(&format!("{comment} node {}: library call {call:?}\n", id.0));
-                    if let Ok(k) =
-                        mmc_codegen::kernel::Kernel::epilogue(g, node, format!("k{}", id.0))
-                    {
-                        out.push_str(&k.to_string());
-                        out.push('\n');
-                    }
-                }
-                Err(e) => out.push_str(&format!("{comment} node {}: {e}\n", id.0)),
-            }
-            continue;
-        }
         match mmc_codegen::ops::lower_node(g, node, &format!("k{}", id.0)) {
             Ok(lowered) => {
                 generated += 1;
                 for launch in &lowered.launches {
-                    out.push_str(&launch.kernel.to_string());
+                    if let mmc_codegen::ops::Work::Library(_) = launch.work {
+                        out.push_str(&format!("{comment} node {}: ", id.0));
+                    }
+                    out.push_str(&launch.work.to_string());
                     out.push('\n');
                 }
             }
@@ -361,7 +348,7 @@ fn kernels_text(g: &Graph, comment: &str) -> String {
                     id.0
                 ));
             }
-            Err(e @ KernelError::Invalid(_)) => {
+            Err(e @ (KernelError::Invalid(_) | KernelError::Library(_))) => {
                 out.push_str(&format!("{comment} node {}: {e}\n", id.0));
             }
         }

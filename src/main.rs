@@ -110,6 +110,10 @@ enum Command {
         /// Threads of the compiled backend (default: every core).
         #[arg(long)]
         threads: Option<usize>,
+        /// Time every kernel launch and library call of the compiled backend (after the
+        /// first, warm-up step) and print, at the end, the time per op and the slowest steps.
+        #[arg(long)]
+        profile: bool,
     },
     /// Print the IR of a model at a pipeline stage (or after a pass), with a size summary.
     DumpIr {
@@ -301,6 +305,7 @@ fn run(cli: Cli) -> Result<()> {
             plot,
             backend,
             threads,
+            profile,
         } => {
             if threads == Some(0) {
                 bail!("--threads must be at least 1");
@@ -333,6 +338,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 compiled: backend.map(|b| matches!(b, BackendArg::Compiled)),
                 threads,
+                profile,
             })
         }
         Command::Convert(c) => {

@@ -11,6 +11,7 @@ use mmc_runtime::data::{DataLoader, DataPosition};
 use mmc_runtime::metrics::{peak_memory_bytes, MetricsWriter, StepMetrics, Throughput};
 use mmc_runtime::tensor_batches::TensorBatches;
 use mmc_runtime::{MicroBatch, TrainError, Trainer};
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +35,8 @@ pub struct RunArgs {
     pub compiled: Option<bool>,
     /// Threads of the compiled backend (default: every core).
     pub threads: Option<usize>,
+    /// Time every compiled step after the first training step and print where the time went.
+    pub profile: bool,
 }
 
 /// What a failed save does to the run.
@@ -259,8 +262,21 @@ pub fn run(args: &RunArgs) -> Result<()> {
         file.check_target(&args.plan, &host)?;
     } else if args.threads.is_some() {
         bail!("--threads sets the compiled backend's threads; the interpreter runs on one (with multi-threaded matmuls)");
+    } else if args.profile {
+        bail!("--profile times the compiled backend's steps; it has no effect on the interpreter");
     }
     let plan = file.plan.clone();
+    // The op of each node of each program, for the profile.
+    let ops: HashMap<String, Vec<&'static str>> = plan
+        .programs
+        .iter()
+        .map(|p| {
+            (
+                p.name.clone(),
+                p.graph.nodes().iter().map(|n| n.op.name()).collect(),
+            )
+        })
+        .collect();
     let plan_sha = plan_sha256(&args.plan);
     let plan_seed = plan.settings.seed;
 
@@ -479,6 +495,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
             _ => rows_per_step,
         };
         throughput.record(step, secs, samples, tokens);
+        if args.profile && i == start_iteration {
+            // The first step is warm-up (page faults, the pool starting): not profiled.
+            if let Some(r) = trainer.compiled_runner_mut() {
+                r.start_profile();
+            }
+        }
         let m = StepMetrics {
             step,
             loss: out.loss,
@@ -544,6 +566,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
     if let Some(t) = throughput.summary() {
         console.out(&t.line(started.elapsed().as_secs_f64()));
     }
+    if args.profile {
+        match trainer.compiled_runner().map(|r| r.profile()) {
+            Some(times) if !times.is_empty() => console.out(&profile_report(&times, &ops)),
+            _ => console.out("profile: no step after the first (warm-up) one was timed"),
+        }
+    }
     if let Source::Chat(l) = &source {
         let c = l.counts();
         console.out(&format!(
@@ -559,6 +587,56 @@ pub fn run(args: &RunArgs) -> Result<()> {
         console.out(&format!("loss curve written to {}", p.display()));
     }
     Ok(())
+}
+
+/// Where the compiled steps' time went: the total per op (in each program), then the slowest
+/// steps, as `mmc run --profile` prints them.
+fn profile_report(
+    times: &[mmc_runtime::compiled::StepTime],
+    ops: &HashMap<String, Vec<&'static str>>,
+) -> String {
+    let op = |t: &mmc_runtime::compiled::StepTime| {
+        ops.get(&t.program)
+            .and_then(|o| o.get(t.node as usize))
+            .copied()
+            .unwrap_or("?")
+    };
+    let total: f64 = times.iter().map(|t| t.seconds).sum();
+    let runs = times.iter().map(|t| t.runs).max().unwrap_or(1).max(1);
+    let mut by_op: HashMap<(String, &'static str), (f64, usize)> = HashMap::new();
+    for t in times {
+        let e = by_op.entry((t.program.clone(), op(t))).or_default();
+        e.0 += t.seconds;
+        e.1 += 1;
+    }
+    let mut by_op: Vec<_> = by_op.into_iter().collect();
+    by_op.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+    let mut out = format!(
+        "profile: {:.1} ms of compiled steps per run of the programs (mean over {runs} run(s) after the first step)\n",
+        total * 1e3 / runs as f64
+    );
+    out.push_str("  by op (program, op: ms per run, share, steps):\n");
+    for ((program, op), (secs, steps)) in by_op.iter().take(20) {
+        out.push_str(&format!(
+            "    {program:<10} {op:<32} {:>9.2} ms {:>5.1}% {steps:>5}\n",
+            secs * 1e3 / runs as f64,
+            100.0 * secs / total.max(1e-12)
+        ));
+    }
+    out.push_str("  slowest steps (program, step, node, op, callee: ms per run):\n");
+    for t in times.iter().take(12) {
+        out.push_str(&format!(
+            "    {:<10} {:>5} n{:<6} {:<32} {:>9.2} ms  {}\n",
+            t.program,
+            t.step,
+            t.node,
+            op(t),
+            t.seconds * 1e3 / t.runs.max(1) as f64,
+            t.callee
+        ));
+    }
+    out.pop();
+    out
 }
 
 #[cfg(test)]

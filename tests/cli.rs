@@ -412,6 +412,34 @@ fn compile_and_run_train_the_tiny_internvl_for_five_steps() {
     assert!(String::from_utf8(out.stdout)
         .unwrap()
         .contains("step 1/1 | loss 7.4900"));
+    // --profile: the time per op of the steps after the first, on the compiled backend only.
+    let out = mmc()
+        .args(["run", plan.to_str().unwrap(), "--data"])
+        .arg(fixture("internvl35_tiny/inputs.safetensors"))
+        .args(["--train-iters", "3", "--profile", "--threads", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        said.contains("mean over 2 run(s) after the first step")
+            && said.contains("by op (program, op")
+            && said.contains("fused.linear_cross_entropy_grad")
+            && said.contains("slowest steps"),
+        "{said}"
+    );
+    let out = mmc()
+        .args(["run", plan.to_str().unwrap(), "--data"])
+        .arg(fixture("internvl35_tiny/inputs.safetensors"))
+        .args(["--profile", "--backend", "interpreter"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--profile times the compiled backend"));
 }
 
 #[test]

@@ -8,9 +8,9 @@
 //! after it is computed is written straight into the state tensor (no copy, no second buffer);
 //! the others are copied into their state when the program ends.
 
-use crate::kernel::{GeneratedKernel, Kernel, KernelError};
+use crate::kernel::{GeneratedKernel, KernelError};
 pub use crate::native::KernelEntry;
-use crate::ops::{lower_node, Arg};
+use crate::ops::{lower_node, Arg, Work};
 use mmc_ir::arena::ALIGN_BYTES;
 use mmc_ir::plan::Program;
 use mmc_ir::{DType, FusedOp, Op, TensorType, Value};
@@ -103,13 +103,6 @@ pub enum CompileError {
         op: &'static str,
         error: KernelError,
     },
-    #[error("program `{program}`, node {node} (`{op}`): {error}")]
-    Library {
-        program: String,
-        node: u32,
-        op: &'static str,
-        error: crate::library::LibraryError,
-    },
 }
 
 /// The kernels of a whole plan, shared by its programs, and each program's steps. Kernels
@@ -196,39 +189,6 @@ impl Compiler {
                 op: node.op.name(),
                 error,
             };
-            // GEMMs are library calls; an epilogue is the GEMM, then its program in place.
-            if let Some(call) = crate::library::for_node(g, node) {
-                let call = call.map_err(|error| CompileError::Library {
-                    program: p.name.clone(),
-                    node: id.0,
-                    op: node.op.name(),
-                    error,
-                })?;
-                let mut args: Vec<Loc> = node.inputs.iter().map(|&v| at(v)).collect();
-                if matches!(node.op, Op::Fused(FusedOp::MatMulEpilogue { .. })) {
-                    args.truncate(2);
-                }
-                args.extend(node.outputs.iter().map(|&v| at(v)));
-                steps.push(Step {
-                    node: id.0,
-                    callee: Callee::Library(call),
-                    args,
-                });
-                if matches!(node.op, Op::Fused(FusedOp::MatMulEpilogue { .. })) {
-                    let k = Kernel::epilogue(g, node, name).map_err(err)?;
-                    let out = at(node.outputs[0]);
-                    let mut args = vec![out];
-                    args.extend(node.inputs[2..].iter().map(|&v| at(v)));
-                    args.push(out);
-                    let k = self.add_kernel(k.into());
-                    steps.push(Step {
-                        node: id.0,
-                        callee: Callee::Kernel(k),
-                        args,
-                    });
-                }
-                continue;
-            }
             let lowered = lower_node(g, node, &name).map_err(err)?;
             let mut scratch_at = Vec::new();
             for b in &lowered.scratch {
@@ -246,10 +206,13 @@ impl Compiler {
                         Arg::Scratch(i) => Loc::Scratch(scratch_at[i]),
                     })
                     .collect();
-                let k = self.add_kernel(launch.kernel);
+                let callee = match launch.work {
+                    Work::Kernel(k) => Callee::Kernel(self.add_kernel(k)),
+                    Work::Library(call) => Callee::Library(call),
+                };
                 steps.push(Step {
                     node: id.0,
-                    callee: Callee::Kernel(k),
+                    callee,
                     args,
                 });
             }

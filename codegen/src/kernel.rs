@@ -89,6 +89,9 @@ pub enum KernelError {
     /// An op's description that does not type-check: a bug in mmc.
     #[error("internal error in a kernel description: {0}")]
     Invalid(String),
+    /// A GEMM node whose library call cannot be made (a dtype the library lacks, say).
+    #[error(transparent)]
+    Library(#[from] crate::library::LibraryError),
 }
 
 /// Elements per tile of an elementwise kernel: 16 KiB of f32 results, enough to amortise a

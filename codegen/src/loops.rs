@@ -51,6 +51,10 @@ pub enum Expr {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Stmt {
     Set(Var, Expr),
+    /// `var = var + value` for a sum whose order does not matter to the op (a row's
+    /// exponentials, a dot product): the backend may split it into partial sums in any order
+    /// (vectorised), fixed for a kernel and target, so a run still repeats bit for bit.
+    Accumulate(Var, Expr),
     /// `for var in start..end` (i64), in order.
     For {
         var: Var,
@@ -211,7 +215,7 @@ impl LoopKernel {
     fn verify_block(&self, body: &[Stmt]) -> Result<(), String> {
         for s in body {
             match s {
-                Stmt::Set(v, e) => {
+                Stmt::Set(v, e) | Stmt::Accumulate(v, e) => {
                     let want = self.dtype(&Expr::Var(*v))?;
                     let got = self.dtype(e)?;
                     if v.0 == 0 {
@@ -219,6 +223,9 @@ impl LoopKernel {
                     }
                     if want != got {
                         return Err(format!("v{} of type {want} set to a {got}", v.0));
+                    }
+                    if matches!(s, Stmt::Accumulate(..)) && want == DType::Bool {
+                        return Err(format!("a sum into bool v{}", v.0));
                     }
                 }
                 Stmt::For {
@@ -325,6 +332,11 @@ impl LoopBuilder {
 
     pub fn set(&mut self, v: Var, e: Expr) {
         self.push(Stmt::Set(v, e));
+    }
+
+    /// `v += e`, in an order the backend may choose (see [`Stmt::Accumulate`]).
+    pub fn accumulate(&mut self, v: Var, e: Expr) {
+        self.push(Stmt::Accumulate(v, e));
     }
 
     /// `for j in start..end { body(j) }`.
@@ -555,6 +567,7 @@ fn write_block(f: &mut fmt::Formatter<'_>, body: &[Stmt], depth: usize) -> fmt::
     for s in body {
         match s {
             Stmt::Set(v, e) => writeln!(f, "{pad}v{} = {e}", v.0)?,
+            Stmt::Accumulate(v, e) => writeln!(f, "{pad}v{} += {e}", v.0)?,
             Stmt::For {
                 var,
                 start,

@@ -273,7 +273,9 @@ fn linear_cross_entropy_matches_the_interpreter() {
         );
         let mut bwd = ins;
         bwd.push(Tensor::from_f64(DType::F32, vec![], &[0.75]).expect("a scalar"));
-        let dw_tol = if dtype == DType::F32 { 6e-7 } else { F64_TOL };
+        // f32 logits and f32 GEMMs (PyTorch's precision) against the interpreter's f64: a
+        // few units of f32 rounding over 29-term sums of the gradient.
+        let dw_tol = if dtype == DType::F32 { 4e-6 } else { F64_TOL };
         check(
             Op::Fused(FusedOp::LinearCrossEntropyGrad { chunk }),
             &bwd,

@@ -34,7 +34,7 @@ fn exact(op: Op, inputs: &[Tensor]) {
                     .lowered
                     .launches
                     .iter()
-                    .map(|l| l.kernel.to_string())
+                    .map(|l| l.work.to_string())
                     .collect();
                 panic!(
                     "result {i} on {threads} thread(s): {:?}\nthe interpreter's {:?}\n{}",

@@ -252,7 +252,7 @@ fn the_non_reduction_loops_vectorise() {
             .find(|n| !matches!(n.op, Op::Input { .. }))
             .expect("the node");
         let lowered = lower_node(&g, node, "t").expect("lowers");
-        let kernels: Vec<_> = lowered.launches.iter().map(|l| l.kernel.clone()).collect();
+        let kernels: Vec<_> = lowered.kernels().cloned().collect();
         let ir = llvm_ir(&kernels, &CpuTarget::host()).expect("compiles");
         let defs: Vec<&str> = ir.split("define ").skip(1).collect();
         assert_eq!(defs.len(), kernels.len(), "{}", op.name());

@@ -93,6 +93,21 @@ pub struct CompiledRunner {
     pool: rayon::ThreadPool,
     bound: Vec<*mut u8>,
     args: Vec<*mut u8>,
+    /// Per program, per step: nanoseconds and runs, when profiling.
+    profile: Option<Vec<Vec<(u64, u64)>>>,
+}
+
+/// The time one step of a compiled program took, summed over the runs since profiling began:
+/// what `mmc run --profile` prints, by op.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepTime {
+    pub program: String,
+    pub step: usize,
+    pub node: u32,
+    /// A kernel's name or a library call's description.
+    pub callee: String,
+    pub seconds: f64,
+    pub runs: u64,
 }
 
 // SAFETY: the raw pointer tables are rebuilt at each run from the tensors of that run.
@@ -137,7 +152,51 @@ impl CompiledRunner {
             pool,
             bound: Vec::new(),
             args: Vec::new(),
+            profile: None,
         })
+    }
+
+    /// Starts timing every step (a clock read around each, so a little slower): see
+    /// [`CompiledRunner::profile`].
+    pub fn start_profile(&mut self) {
+        self.profile = Some(
+            self.programs
+                .iter()
+                .map(|p| vec![(0, 0); p.steps.len()])
+                .collect(),
+        );
+    }
+
+    /// The time of every step run since [`CompiledRunner::start_profile`], slowest first;
+    /// empty when not profiling.
+    pub fn profile(&self) -> Vec<StepTime> {
+        let Some(prof) = &self.profile else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (p, times) in self.programs.iter().zip(prof) {
+            for (i, (step, &(ns, runs))) in p.steps.iter().zip(times).enumerate() {
+                if runs == 0 {
+                    continue;
+                }
+                out.push(StepTime {
+                    program: p.name.clone(),
+                    step: i,
+                    node: step.node,
+                    callee: match &step.callee {
+                        Callee::Kernel(k) => self.library.kernels().nth(*k as usize).map_or_else(
+                            || format!("kernel {k}"),
+                            |e| format!("kernel {}", e.name),
+                        ),
+                        Callee::Library(call) => call.to_string(),
+                    },
+                    seconds: ns as f64 * 1e-9,
+                    runs,
+                });
+            }
+        }
+        out.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        out
     }
 
     /// Bytes of the activation arena and the scratch region.
@@ -205,7 +264,9 @@ impl CompiledRunner {
             }
         }
         let (arena, scratch) = (self.arena.ptr, self.scratch.ptr);
-        for step in &p.steps {
+        let mut times = self.profile.as_mut().map(|t| &mut t[pi]);
+        for (si, step) in p.steps.iter().enumerate() {
+            let started = times.as_ref().map(|_| std::time::Instant::now());
             self.args.clear();
             for a in &step.args {
                 // SAFETY: `validate` checked every location against its region at load.
@@ -226,6 +287,10 @@ impl CompiledRunner {
                 node: step.node,
                 error,
             })?;
+            if let (Some(t), Some(s)) = (times.as_mut(), started) {
+                t[si].0 += s.elapsed().as_nanos() as u64;
+                t[si].1 += 1;
+            }
         }
         let mut out = BTreeMap::new();
         for o in &p.outputs {
@@ -311,6 +376,7 @@ fn validate(p: &CompiledProgram, kernels: &[KernelEntry]) -> Result<(), String> 
                 }
             }
             Callee::Library(call) => {
+                call.check().map_err(|e| format!("step {n}: {e}"))?;
                 let need = call.buffer_bytes();
                 if need.len() != step.args.len() {
                     return Err(format!(

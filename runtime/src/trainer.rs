@@ -383,6 +383,16 @@ impl Trainer {
         self.compiled.is_some()
     }
 
+    /// The compiled runner, to start its profile (`None` on the interpreter).
+    pub fn compiled_runner_mut(&mut self) -> Option<&mut crate::compiled::CompiledRunner> {
+        self.compiled.as_mut()
+    }
+
+    /// The compiled runner, to read its profile.
+    pub fn compiled_runner(&self) -> Option<&crate::compiled::CompiledRunner> {
+        self.compiled.as_ref()
+    }
+
     /// Bytes of the compiled programs' arena and scratch (0 on the interpreter).
     pub fn compiled_buffer_bytes(&self) -> u64 {
         self.compiled.as_ref().map_or(0, |c| c.buffer_bytes())

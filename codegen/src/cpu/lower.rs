@@ -472,10 +472,24 @@ impl<'ctx> Lower<'_, 'ctx> {
         ))?;
         b(bd.build_conditional_branch(more, body, done))?;
         bd.position_at_end(body);
+        // A reduction over contiguous elements (the usual case: a whole tensor, a row)
+        // reads element `base + j`; others take each coordinate of j apart.
+        let mut contiguous = true;
+        let mut expect = 1;
+        for (&dim, &stride) in r.extent.iter().zip(&r.strides).rev() {
+            if dim != 1 {
+                contiguous &= stride == expect;
+                expect *= dim;
+            }
+        }
         let mut off = base;
         let mut inner = total;
         for (&dim, &stride) in r.extent.iter().zip(&r.strides) {
             inner /= dim.max(1);
+            if contiguous {
+                off = b(bd.build_int_add(base, jv, "off"))?;
+                break;
+            }
             if dim == 1 {
                 continue;
             }
@@ -494,7 +508,19 @@ impl<'ctx> Lower<'_, 'ctx> {
                 b(bd.build_float_ext(x, cx.f64_type(), "w"))?
             };
             match r.kind {
-                ReduceKind::Sum => b(bd.build_float_add(a.into_float_value(), x, "s"))?.into(),
+                ReduceKind::Sum => {
+                    let sum = b(bd.build_float_add(a.into_float_value(), x, "s"))?;
+                    if d != DType::F64 {
+                        // f32 terms summed in f64 and rounded once to f32: the order of the
+                        // f64 sums cannot change the result beyond the final rounding's
+                        // midpoints, so the vectoriser may keep partial sums.
+                        sum.as_instruction()
+                            .ok_or("a sum that is not an instruction")?
+                            .set_fast_math_flags(inkwell::values::FastMathFlags::AllowReassoc)
+                            .map_err(|e| format!("{e:?}"))?;
+                    }
+                    sum.into()
+                }
                 ReduceKind::Max => {
                     let m = self.intrinsic("llvm.maximum", cx.f64_type().into())?;
                     b(bd.build_call(m, &[a.into(), x.into()], "m"))?

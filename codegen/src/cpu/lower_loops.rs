@@ -11,6 +11,7 @@ use crate::loops::{Expr, LoopKernel, Stmt};
 use inkwell::basic_block::BasicBlock;
 use inkwell::context::Context;
 use inkwell::module::Module;
+use inkwell::values::FastMathFlags;
 use inkwell::values::{BasicValueEnum, FunctionValue, IntValue, PointerValue};
 use inkwell::{AddressSpace, IntPredicate};
 use mmc_ir::DType;
@@ -136,6 +137,26 @@ impl<'ctx> Loops<'_, 'ctx> {
             Stmt::Set(v, e) => {
                 let x = self.expr(e)?;
                 b(bd.build_store(self.vars[v.0 as usize], x))?;
+            }
+            Stmt::Accumulate(v, e) => {
+                let d = self.k.vars[v.0 as usize];
+                let slot = self.vars[v.0 as usize];
+                let x = self.expr(e)?;
+                let acc = b(bd.build_load(self.l.reg_type(d), slot, "acc"))?;
+                let sum: BasicValueEnum = if d.is_float() {
+                    let sum =
+                        b(bd.build_float_add(acc.into_float_value(), x.into_float_value(), "sum"))?;
+                    // Reassociable: the vectoriser may keep partial sums.
+                    sum.as_instruction()
+                        .ok_or("a sum that is not an instruction")?
+                        .set_fast_math_flags(FastMathFlags::AllowReassoc)
+                        .map_err(|e| format!("{e:?}"))?;
+                    sum.into()
+                } else {
+                    let sum = b(bd.build_int_add(acc.into_int_value(), x.into_int_value(), "sum"))?;
+                    sum.into()
+                };
+                b(bd.build_store(slot, sum))?;
             }
             Stmt::For {
                 var,

@@ -111,45 +111,72 @@ fn parallelism() -> Parallelism {
     }
 }
 
-/// `dst [m, n] (dense row-major) = lhs [m, k] @ rhs [k, n]`, overwriting dst (zeros when
-/// `k == 0`).
+/// A row-major output: its base, its row stride in elements, and whether the product is
+/// added to what it holds.
+#[derive(Clone, Copy)]
+struct Dst<T> {
+    ptr: *mut T,
+    rs: isize,
+    accumulate: bool,
+}
+
+impl<T> Dst<T> {
+    /// The dense row-major [_, cols] matrix at `ptr`, overwritten.
+    fn rows(ptr: *mut T, cols: usize) -> Self {
+        Dst {
+            ptr,
+            rs: cols as isize,
+            accumulate: false,
+        }
+    }
+}
+
+/// `dst [m, n] = lhs [m, k] @ rhs [k, n]` (or `+=` when it accumulates); with `k == 0` dst is
+/// zeroed (or left as it is).
 ///
 /// # Safety
-/// The operands cover [m, k] and [k, n] readable elements at their strides, `dst` m * n
-/// writable ones that overlap neither.
+/// The operands cover [m, k] and [k, n] readable elements at their strides, `dst` [m, n]
+/// writable ones at its row stride (at least n) that overlap neither.
 unsafe fn product<T: Elem>(
     (m, k, n): (usize, usize, usize),
     lhs: Operand<T>,
     rhs: Operand<T>,
-    dst: *mut T,
+    dst: Dst<T>,
     par: Parallelism,
 ) {
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
-        // SAFETY: dst holds m * n writable elements.
-        unsafe { std::slice::from_raw_parts_mut(dst, m * n).fill(T::ZERO) };
+        if !dst.accumulate {
+            for i in 0..m {
+                // SAFETY: row i of dst holds n writable elements.
+                unsafe {
+                    std::slice::from_raw_parts_mut(dst.ptr.offset(i as isize * dst.rs), n)
+                        .fill(T::ZERO)
+                };
+            }
+        }
         return;
     }
-    // SAFETY: the caller's contract; with `read_dst` false the library computes
-    // dst = beta * lhs @ rhs without reading dst (alpha is unused).
+    // SAFETY: the caller's contract; with `read_dst` the library computes
+    // dst = alpha * dst + beta * lhs @ rhs, without it dst = beta * lhs @ rhs (alpha unused).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst,
+            dst.ptr,
             1,
-            n as isize,
-            false,
+            dst.rs,
+            dst.accumulate,
             lhs.ptr,
             lhs.cs,
             lhs.rs,
             rhs.ptr,
             rhs.cs,
             rhs.rs,
-            T::ZERO,
+            T::ONE,
             T::ONE,
             false,
             false,
@@ -181,7 +208,7 @@ pub(super) unsafe fn matmul<T: Elem>(
             (m, k, n),
             Operand::rows(a.get().add(i * m * k), k),
             Operand::rows(b.get().add(i * k * n), n),
-            out.get().add(i * m * n),
+            Dst::rows(out.get().add(i * m * n), n),
             par,
         )
     };
@@ -203,7 +230,7 @@ pub(super) unsafe fn matmul<T: Elem>(
                         (m, k, n),
                         Operand::rows(a.get().add(i * m * k), k),
                         Operand::rows(b.get().add(i * k * n), n),
-                        out.get().add(i * m * n),
+                        Dst::rows(out.get().add(i * m * n), n),
                     )
                 }
             }
@@ -220,10 +247,10 @@ pub(super) unsafe fn matmul<T: Elem>(
 /// from 208 to 248 GFLOP/s with it, `[2048, 8192] @ [8192, 1024]` from 216 to 223-242.
 const SPLIT_K: usize = 4;
 
-/// `dst = lhs @ rhs` with the contraction cut into one slice per thread of the current pool,
-/// each a single-threaded product into its own partial result, summed at the end: for a
-/// small output over a long contraction, where splitting the output gives each thread too
-/// little of it.
+/// `dst = lhs @ rhs` (or `+=`) with the contraction cut into one slice per thread of the
+/// current pool, each a single-threaded product into its own partial result, summed at the
+/// end: for a small output over a long contraction, where splitting the output gives each
+/// thread too little of it.
 ///
 /// # Safety
 /// As for [`product`].
@@ -231,21 +258,24 @@ unsafe fn split_k<T: Elem>(
     (m, k, n): (usize, usize, usize),
     lhs: Operand<T>,
     rhs: Operand<T>,
-    dst: *mut T,
+    dst: Dst<T>,
 ) {
     let parts = rayon::current_num_threads().min(k).max(1);
     let mut partial = vec![T::ZERO; (parts - 1) * m * n];
-    let (lhs_ptr, rhs_ptr, dst_ptr) = (Shared::new(lhs.ptr), Shared::new(rhs.ptr), Shared(dst));
+    let (lhs_ptr, rhs_ptr, dst_ptr) = (Shared::new(lhs.ptr), Shared::new(rhs.ptr), Shared(dst.ptr));
     let partials = Shared(partial.as_mut_ptr());
     (0..parts).into_par_iter().for_each(|p| {
         let (k0, k1) = (p * k / parts, (p + 1) * k / parts);
         // SAFETY: columns k0..k1 of lhs and rows k0..k1 of rhs are within the operands; part
-        // 0 writes dst, part p > 0 the p-th of the (parts - 1) partial results.
+        // 0 writes dst, part p > 0 the p-th of the (parts - 1) dense partial results.
         unsafe {
             let out = if p == 0 {
-                dst_ptr.get()
+                Dst {
+                    ptr: dst_ptr.get(),
+                    ..dst
+                }
             } else {
-                partials.get().add((p - 1) * m * n)
+                Dst::rows(partials.get().add((p - 1) * m * n), n)
             };
             product(
                 (m, k1 - k0, n),
@@ -262,13 +292,74 @@ unsafe fn split_k<T: Elem>(
             );
         }
     });
-    // SAFETY: dst holds m * n elements, written above, that nothing else holds.
-    let dst = unsafe { std::slice::from_raw_parts_mut(dst, m * n) };
-    let chunk = n.max(4096);
-    dst.par_chunks_mut(chunk).enumerate().for_each(|(c, d)| {
+    let partial = &partial;
+    (0..m).into_par_iter().for_each(|i| {
+        // SAFETY: row i of dst holds n elements, written above; the rows are disjoint (a row
+        // stride of at least n), so each task has its own.
+        let row =
+            unsafe { std::slice::from_raw_parts_mut(dst_ptr.get().offset(i as isize * dst.rs), n) };
         for part in partial.chunks_exact(m * n) {
-            for (x, y) in d.iter_mut().zip(&part[c * chunk..]) {
+            for (x, y) in row.iter_mut().zip(&part[i * n..(i + 1) * n]) {
                 *x += *y;
+            }
+        }
+    });
+}
+
+/// A [`super::Gemm`]: one product over views of its buffers, split over the pool as a
+/// single matmul is (by the library, or along a long contraction).
+///
+/// # Safety
+/// The buffers hold the call's `lens` elements of `T` each, its views checked inside them; dst
+/// overlaps neither input.
+pub(super) unsafe fn strided<T: Elem>(
+    c: &super::Gemm,
+    [lhs, rhs, dst]: [*mut u8; 3],
+    pool: &rayon::ThreadPool,
+) {
+    let (m, k, n) = (c.m, c.k, c.n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let view = |p: *mut u8, v: super::View| Operand {
+        // SAFETY: the view's offset is inside the buffer (checked).
+        ptr: unsafe { p.cast::<T>().add(v.offset) }.cast_const(),
+        rs: v.row_stride as isize,
+        cs: v.col_stride as isize,
+    };
+    let (lhs, rhs) = (view(lhs, c.lhs), view(rhs, c.rhs));
+    let dst = Dst {
+        // SAFETY: as for the operands.
+        ptr: unsafe { dst.cast::<T>().add(c.dst.offset) },
+        rs: c.dst.row_stride as isize,
+        accumulate: c.accumulate,
+    };
+    let (lhs_s, rhs_s, dst_s) = (Shared::new(lhs.ptr), Shared::new(rhs.ptr), Shared(dst.ptr));
+    let threads = pool.current_num_threads();
+    let work = m.saturating_mul(k).saturating_mul(n);
+    on_pool(pool, work, move |pooled| {
+        let (lhs, rhs, dst) = (
+            Operand {
+                ptr: lhs_s.get().cast_const(),
+                ..lhs
+            },
+            Operand {
+                ptr: rhs_s.get().cast_const(),
+                ..rhs
+            },
+            Dst {
+                ptr: dst_s.get(),
+                ..dst
+            },
+        );
+        // SAFETY: the caller's contract.
+        unsafe {
+            if pooled && threads > 1 && k >= SPLIT_K * m.max(n) {
+                split_k((m, k, n), lhs, rhs, dst);
+            } else if pooled {
+                product((m, k, n), lhs, rhs, dst, parallelism());
+            } else {
+                product((m, k, n), lhs, rhs, dst, Parallelism::None);
             }
         }
     });
@@ -332,7 +423,7 @@ pub(super) unsafe fn grouped<T: Elem>(
                     (hi - lo, a, n),
                     Operand::rows(xs.get().add(lo * a), a),
                     Operand::rows(w.get().add(e * a * n), n),
-                    out.get().add(lo * n),
+                    Dst::rows(out.get().add(lo * n), n),
                     par,
                 );
             }
@@ -369,14 +460,14 @@ pub(super) unsafe fn grouped_grad<T: Elem>(
                     (r, n, a),
                     dy_e,
                     Operand::transposed(w.get().add(e * a * n), n),
-                    dxs.get().add(lo * a),
+                    Dst::rows(dxs.get().add(lo * a), a),
                     par,
                 );
                 product(
                     (a, r, n),
                     Operand::transposed(xs.get().add(lo * a), a),
                     dy_e,
-                    dw.get().add(e * a * n),
+                    Dst::rows(dw.get().add(e * a * n), n),
                     par,
                 );
             }

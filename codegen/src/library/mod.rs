@@ -9,6 +9,8 @@
 
 mod gemm;
 
+use std::fmt;
+
 use mmc_ir::{DType, FusedOp, Graph, Node, Op};
 use serde::{Deserialize, Serialize};
 
@@ -63,6 +65,100 @@ pub struct Grouped {
     pub experts: usize,
 }
 
+/// A matrix inside a buffer: the element where it starts and how many elements apart its
+/// rows and its columns are. A chunk of rows, or an operand transposed in place, is a view of
+/// the whole buffer, so a fused op's products read their operands where they lie.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct View {
+    pub offset: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl View {
+    /// The dense row-major matrix of `cols` columns starting at `offset`.
+    pub fn rows(offset: usize, cols: usize) -> View {
+        View {
+            offset,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose, read in place, of the dense row-major matrix of `cols` columns
+    /// starting at `offset`.
+    pub fn transposed(offset: usize, cols: usize) -> View {
+        View {
+            offset,
+            row_stride: 1,
+            col_stride: cols,
+        }
+    }
+
+    /// One past the last element a [rows, cols] matrix of this view touches (`offset` when
+    /// it has no elements), or `None` on overflow.
+    fn end(&self, rows: usize, cols: usize) -> Option<usize> {
+        if rows == 0 || cols == 0 {
+            return Some(self.offset);
+        }
+        let last = (rows - 1)
+            .checked_mul(self.row_stride)?
+            .checked_add((cols - 1).checked_mul(self.col_stride)?)?;
+        self.offset.checked_add(last)?.checked_add(1)
+    }
+}
+
+/// `dst = lhs @ rhs`, or `dst += lhs @ rhs` when `accumulate`, with lhs [m, k], rhs [k, n] and
+/// dst [m, n] views of buffers of `lens` elements: the products inside a fused op (the
+/// cross-entropy's logits and gradients, chunk by chunk). dst is row-major (column stride 1,
+/// rows at least n apart), so its elements are distinct. Buffers: lhs, rhs, dst.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gemm {
+    pub dtype: Float,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub lhs: View,
+    pub rhs: View,
+    pub dst: View,
+    pub lens: [usize; 3],
+    pub accumulate: bool,
+}
+
+impl Gemm {
+    /// Checks that each view lies inside its buffer and that dst's elements are distinct: a
+    /// call that fails this (from a damaged plan) is refused, never run.
+    pub fn check(&self) -> Result<(), LibraryError> {
+        let (m, k, n) = (self.m, self.k, self.n);
+        let views = [
+            ("lhs", self.lhs, m, k),
+            ("rhs", self.rhs, k, n),
+            ("dst", self.dst, m, n),
+        ];
+        for ((what, view, rows, cols), len) in views.into_iter().zip(self.lens) {
+            if view.end(rows, cols).is_none_or(|end| end > len) {
+                return Err(LibraryError::View {
+                    what,
+                    msg: format!("[{rows}, {cols}] at {view:?} does not fit its {len} elements"),
+                });
+            }
+        }
+        if m > 1 && n > 0 && (self.dst.col_stride != 1 || self.dst.row_stride < n) {
+            return Err(LibraryError::View {
+                what: "dst",
+                msg: format!("{:?} is not row-major over {n} columns", self.dst),
+            });
+        }
+        if m == 1 && n > 1 && self.dst.col_stride != 1 {
+            return Err(LibraryError::View {
+                what: "dst",
+                msg: format!("{:?} is not row-major", self.dst),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// One library call of a compiled program.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum LibraryCall {
@@ -75,6 +171,8 @@ pub enum LibraryCall {
     /// `fused.grouped_matmul_grad`: per expert `dxs_e = dy_e w_e^T`, `dw_e = xs_e^T dy_e`
     /// (zero for an expert without rows). Buffers: xs, w, offsets, dy, dxs, dw.
     GroupedMatMulGrad(Grouped),
+    /// A product over views of its buffers, inside a fused op. Buffers: lhs, rhs, dst.
+    Gemm(Gemm),
 }
 
 /// Why a node cannot become a library call, or a call cannot run.
@@ -95,6 +193,8 @@ pub enum LibraryError {
     Shape { op: &'static str, msg: String },
     #[error("the call takes {expected} buffers, got {got}")]
     Buffers { expected: usize, got: usize },
+    #[error("gemm: its {what} {msg}")]
+    View { what: &'static str, msg: String },
     #[error("grouped matmul over {rows} rows: offsets {offsets:?} {why}")]
     Offsets {
         rows: usize,
@@ -227,10 +327,19 @@ impl LibraryCall {
             LibraryCall::MatMul(_) => 3,
             LibraryCall::GroupedMatMul(_) => 4,
             LibraryCall::GroupedMatMulGrad(_) => 6,
+            LibraryCall::Gemm(_) => 3,
         }
     }
 
-    /// The element type of the float buffers.
+    /// Checks what can be checked before the call runs (a [`Gemm`]'s views): what a runner
+    /// does when it loads a plan.
+    pub fn check(&self) -> Result<(), LibraryError> {
+        match self {
+            LibraryCall::Gemm(c) => c.check(),
+            _ => Ok(()),
+        }
+    }
+
     /// The bytes of each buffer the call takes, in buffer order: what a runner checks a
     /// step's buffers against before it replays it.
     pub fn buffer_bytes(&self) -> Vec<u64> {
@@ -255,13 +364,16 @@ impl LibraryCall {
                 e(c.rows * c.inner),
                 e(c.experts * c.inner * c.cols),
             ],
+            LibraryCall::Gemm(c) => c.lens.iter().map(|&n| e(n)).collect(),
         }
     }
 
+    /// The element type of the float buffers.
     pub fn dtype(&self) -> Float {
         match self {
             LibraryCall::MatMul(c) => c.dtype,
             LibraryCall::GroupedMatMul(c) | LibraryCall::GroupedMatMulGrad(c) => c.dtype,
+            LibraryCall::Gemm(c) => c.dtype,
         }
     }
 
@@ -273,11 +385,13 @@ impl LibraryCall {
             LibraryCall::MatMul(c) => 2.0 * (c.batch * c.m) as f64 * (c.k * c.n) as f64,
             LibraryCall::GroupedMatMul(c) => 2.0 * c.rows as f64 * (c.inner * c.cols) as f64,
             LibraryCall::GroupedMatMulGrad(c) => 4.0 * c.rows as f64 * (c.inner * c.cols) as f64,
+            LibraryCall::Gemm(c) => 2.0 * c.m as f64 * (c.k * c.n) as f64,
         }
     }
 
     /// Runs the call on `buffers` (inputs in operand order, then outputs), spreading the work
-    /// over `pool`. Outputs are overwritten whatever they hold. Offsets that do not split the
+    /// over `pool`. Outputs are overwritten whatever they hold (an accumulating [`Gemm`] adds
+    /// to its dst). A [`Gemm`] whose views do not fit is refused. Offsets that do not split the
     /// rows into consecutive groups (not starting at 0, decreasing, or not ending at the row
     /// count) are an error, found before anything is written.
     ///
@@ -286,7 +400,8 @@ impl LibraryCall {
     /// storage of the size the call's fields give (the operand and result types of the node it
     /// was made from) in its dtype (the call's [`Float`]; offsets i64), valid for reads, and
     /// for writes for the outputs, during the call. The outputs must not overlap each other
-    /// or any input; inputs may overlap each other. Nothing else may write these buffers
+    /// or any input; inputs may overlap each other (a [`Gemm`]'s buffers are whole buffers, of
+    /// its `lens` elements, its views inside them). Nothing else may write these buffers
     /// during the call. Each pointer is aligned for its element type.
     pub unsafe fn execute(
         &self,
@@ -308,6 +423,13 @@ impl LibraryCall {
                 }
                 (LibraryCall::MatMul(c), Float::F64) => {
                     gemm::matmul::<f64>(c, b[0].cast(), b[1].cast(), b[2].cast(), pool);
+                }
+                (LibraryCall::Gemm(c), dtype) => {
+                    c.check()?;
+                    match dtype {
+                        Float::F32 => gemm::strided::<f32>(c, [b[0], b[1], b[2]], pool),
+                        Float::F64 => gemm::strided::<f64>(c, [b[0], b[1], b[2]], pool),
+                    }
                 }
                 (LibraryCall::GroupedMatMul(c), dtype) => {
                     let groups = groups(c, b[2].cast())?;
@@ -382,4 +504,52 @@ unsafe fn groups(c: &Grouped, offsets: *const i64) -> Result<Vec<(usize, usize)>
         .windows(2)
         .map(|w| (w[0] as usize, w[1] as usize))
         .collect())
+}
+
+impl fmt::Display for View {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "@{} strides ({}, {})",
+            self.offset, self.row_stride, self.col_stride
+        )
+    }
+}
+
+/// The call as `dump-ir --stage kernels` prints it.
+impl fmt::Display for LibraryCall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = self.dtype().dtype();
+        match self {
+            LibraryCall::MatMul(c) => write!(
+                f,
+                "library matmul {d} {} x [{}, {}] @ [{}, {}]",
+                c.batch, c.m, c.k, c.k, c.n
+            ),
+            LibraryCall::GroupedMatMul(c) => write!(
+                f,
+                "library grouped_matmul {d} [{}, {}] @ {} x [{}, {}]",
+                c.rows, c.inner, c.experts, c.inner, c.cols
+            ),
+            LibraryCall::GroupedMatMulGrad(c) => write!(
+                f,
+                "library grouped_matmul_grad {d} [{}, {}] @ {} x [{}, {}]",
+                c.rows, c.inner, c.experts, c.inner, c.cols
+            ),
+            LibraryCall::Gemm(c) => write!(
+                f,
+                "library gemm {d} [{}, {}] {} @ [{}, {}] {} {} [{}, {}] {}",
+                c.m,
+                c.k,
+                c.lhs,
+                c.k,
+                c.n,
+                c.rhs,
+                if c.accumulate { "+=>" } else { "=>" },
+                c.m,
+                c.n,
+                c.dst
+            ),
+        }
+    }
 }

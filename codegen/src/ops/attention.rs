@@ -17,7 +17,7 @@
 //! and another dk and dv with an item per key row looping over the query rows of the heads
 //! that share its kv head, so no two items write the same element.
 
-use super::{launch_name, Arg, Launch, Lowered};
+use super::{launch_name, Arg, Launch, Lowered, Work};
 use crate::kernel::{Access, Buffer, KernelError};
 use crate::loops::{cst, idx, load, select, Expr, LoopBuilder, Var};
 use mmc_ir::{CmpOp, DType, FusedOp, Graph, Node, Op, TensorType};
@@ -364,7 +364,7 @@ fn backward(
     k.store(bst, at.clone() + idx(1), o.l.val());
     k.store(bst, at + idx(2), delta);
     let stats_launch = Launch {
-        kernel: finish(k)?,
+        work: Work::Kernel(finish(k)?),
         args: with(&[Arg::Scratch(0)]),
     };
 
@@ -381,7 +381,7 @@ fn backward(
     });
     k.store(bfl, k.item(), count.val());
     let flags_launch = Launch {
-        kernel: finish(k)?,
+        work: Work::Kernel(finish(k)?),
         args: vec![Arg::Scratch(0), Arg::Scratch(1)],
     };
 
@@ -430,7 +430,7 @@ fn backward(
         k.store(bdq, row.clone() + idx(c), v.cast(dt));
     }
     let dq_launch = Launch {
-        kernel: finish(k)?,
+        work: Work::Kernel(finish(k)?),
         args: with(&[Arg::Scratch(0), Arg::Output(0)]),
     };
 
@@ -512,7 +512,7 @@ fn backward(
         k.store(bdk, row.clone() + idx(c), x.cast(dt));
     }
     let dkdv_launch = Launch {
-        kernel: finish(k)?,
+        work: Work::Kernel(finish(k)?),
         args: with(&[
             Arg::Scratch(0),
             Arg::Scratch(1),

@@ -2,31 +2,27 @@
 //! time as the interpreter computes it (`ir/src/interp/fused/cross_entropy.rs`): the largest
 //! buffer is one chunk's logits, a [chunk, vocab] scratch, never [rows, vocab].
 //!
-//! Per chunk, a first launch computes the logits `h w^T` of the chunk's rows into the scratch
-//! (a loop kernel for now; the launch is kept apart so that a library GEMM can replace it),
-//! and the launches after it read them back: the per-row loss terms, or the logit gradients
-//! and from them dh and the chunk's share of dw. A row whose target is negative is ignored; a
-//! target at or above the vocabulary size is refused by a checked load (it addresses past the
-//! chunk's logits), as the interpreter refuses it.
+//! The products are library GEMMs over views of the operands (a chunk's rows of h, w read
+//! transposed in place); the loop kernels between them do the row work. Forward, per chunk:
+//! the logits `h w^T` into the scratch, then each row's loss term. Backward, per chunk: the
+//! logits, the logit gradients in place, then `dh = dlogits w` for the chunk's rows and
+//! `dw += dlogits^T h`. A row whose target is negative is ignored; a target at or above the
+//! vocabulary size is refused by a checked load (it addresses past the chunk's logits), as
+//! the interpreter refuses it.
 //!
-//! The scratch: the chunk's logits (f64 for now, [chunk, vocab]), the per-row loss terms
-//! ([rows]) forward, and the f64 sums of the chunk's rows of dh ([chunk, hidden]) backward.
-//!
-//! Everything is computed in f64 and rounded once, except dw, which sums over chunks: its
-//! running sum is stored in dw's dtype after each chunk (as a GEMM accumulating into dw will),
-//! so an f32 dw is rounded once per chunk.
+//! Precision: the logits are in the inputs' dtype (f32 for an f32 model, as PyTorch computes
+//! them), the GEMMs accumulate in it; each row's maximum, exponentials and sums are f64 sums
+//! of f32 terms, and the loss terms f64. dw sums over chunks in its own dtype, rounded once
+//! per chunk.
 
 use super::{launch_name, Arg, Launch, Lowered};
 use crate::kernel::{Access, Buffer, GeneratedKernel, KernelError};
+use crate::library::{Float, Gemm, LibraryCall, View};
 use crate::loops::{cst, idx, load, load_checked, select, Expr, LoopBuilder};
 use mmc_ir::{DType, FusedOp, Graph, Node, Op};
 
 const F64: DType = DType::F64;
 const I64: DType = DType::I64;
-
-/// The dtype of the logits scratch: f64, the interpreter's precision, until the product is a
-/// library GEMM.
-const LOGITS: DType = F64;
 
 /// The lowering of `node` if it is a linear cross-entropy or its backward.
 pub(super) fn lower(g: &Graph, node: &Node, name: &str) -> Option<Result<Lowered, KernelError>> {
@@ -44,6 +40,7 @@ pub(super) fn lower(g: &Graph, node: &Node, name: &str) -> Option<Result<Lowered
 #[derive(Clone, Copy, Debug)]
 struct Dims {
     dtype: DType,
+    float: Float,
     rows: usize,
     hidden: usize,
     vocab: usize,
@@ -53,18 +50,16 @@ struct Dims {
 impl Dims {
     fn of(g: &Graph, node: &Node, chunk: usize) -> Result<Dims, KernelError> {
         let (h, w) = (g.ty(node.inputs[0]), g.ty(node.inputs[1]));
-        let dtype = match h.dtype {
-            DType::F32 | DType::F64 => h.dtype,
-            dtype => {
-                return Err(KernelError::Dtype {
-                    op: node.op.name(),
-                    dtype,
-                })
-            }
+        let Some(float) = Float::of(h.dtype) else {
+            return Err(KernelError::Dtype {
+                op: node.op.name(),
+                dtype: h.dtype,
+            });
         };
         let rows = h.shape[0];
         Ok(Dims {
-            dtype,
+            dtype: h.dtype,
+            float,
             rows,
             hidden: h.shape[1],
             vocab: w.shape[0],
@@ -82,24 +77,62 @@ impl Dims {
     /// The scratch of one chunk's logits.
     fn logits(&self) -> Buffer {
         Buffer {
-            dtype: LOGITS,
+            dtype: self.dtype,
             shape: vec![self.chunk, self.vocab],
             access: Access::Write,
         }
     }
 
-    /// The backward's f64 accumulators of one chunk's rows of dh.
-    fn row_sums(&self) -> Buffer {
-        Buffer {
-            dtype: F64,
-            shape: vec![self.chunk, self.hidden],
-            access: Access::Write,
-        }
+    /// Elements of h (and dh), w (and dw) and the logits scratch.
+    fn lens(&self) -> (usize, usize, usize) {
+        (
+            self.rows * self.hidden,
+            self.vocab * self.hidden,
+            self.chunk * self.vocab,
+        )
     }
 
-    /// Items per tile for items that each do `work` multiply-adds.
-    fn tile(work: usize) -> usize {
-        (32768 / work.max(1)).max(1)
+    /// The product `lhs [m, k] @ rhs [k, n] => dst` over buffers of `lens` elements.
+    fn gemm(
+        &self,
+        (m, k, n): (usize, usize, usize),
+        (lhs, rhs, dst): (View, View, View),
+        lens: [usize; 3],
+        accumulate: bool,
+    ) -> LibraryCall {
+        LibraryCall::Gemm(Gemm {
+            dtype: self.float,
+            m,
+            k,
+            n,
+            lhs,
+            rhs,
+            dst,
+            lens,
+            accumulate,
+        })
+    }
+
+    /// The launch writing the logits `h w^T` of the `n` rows from `r0` into the scratch.
+    fn logits_launch(&self, (r0, n): (usize, usize)) -> Launch {
+        let (hd, v) = (self.hidden, self.vocab);
+        let (lh, lw, ll) = self.lens();
+        let call = self.gemm(
+            (n, hd, v),
+            (
+                View::rows(r0 * hd, hd),
+                View::transposed(0, hd),
+                View::rows(0, v),
+            ),
+            [lh, lw, ll],
+            false,
+        );
+        Launch::library(call, vec![Arg::Input(0), Arg::Input(1), Arg::Scratch(0)])
+    }
+
+    /// Rows per tile of a row loop over the vocabulary: enough rows for about 64 K logits.
+    fn rows_per_tile(&self) -> usize {
+        (65536 / self.vocab.max(1)).max(1)
     }
 }
 
@@ -109,75 +142,20 @@ fn finish(k: LoopBuilder) -> Result<GeneratedKernel, KernelError> {
         .map_err(|e| KernelError::Invalid(e.to_string()))
 }
 
-/// `sum_c a(c) * b(c)` over `c in 0..n` in f64, as a loop in four interleaved partial sums
-/// (independent chains) added as `(s0 + s1) + (s2 + s3)`.
-fn dot_loop(
-    k: &mut LoopBuilder,
-    n: usize,
-    a: impl Fn(Expr) -> Expr,
-    b: impl Fn(Expr) -> Expr,
-) -> Expr {
-    let s: Vec<_> = (0..4).map(|_| k.var(F64, cst(0.0, F64))).collect();
-    k.for_(idx(0), idx(n / 4), |k, c| {
-        for (lane, &acc) in s.iter().enumerate() {
-            let at = c.clone() * idx(4) + idx(lane);
-            k.set(acc, acc.val() + a(at.clone()).cast(F64) * b(at).cast(F64));
-        }
-    });
-    k.for_(idx(n / 4 * 4), idx(n), |k, c| {
-        k.set(s[0], s[0].val() + a(c.clone()).cast(F64) * b(c).cast(F64));
-    });
-    (s[0].val() + s[1].val()) + (s[2].val() + s[3].val())
-}
-
-/// Rows of w per item of the logits launch: a block of w that stays in the L1 cache while
-/// every row of the chunk is multiplied with it.
-const W_BLOCK: usize = 32;
-
-/// The launch writing the logits `h w^T` of the `n` rows from `r0` into the scratch (the launch
-/// a GEMM will replace): one item per block of [`W_BLOCK`] rows of w, looping over the chunk's
-/// rows of h.
-fn logits_launch(a: Dims, name: String, (r0, n): (usize, usize)) -> Result<Launch, KernelError> {
-    let (hd, v) = (a.hidden, a.vocab);
-    let mut k = LoopBuilder::new(name, v.div_ceil(W_BLOCK), 1);
-    let bh = k.read(a.dtype, &[a.rows, hd]);
-    let bw = k.read(a.dtype, &[v, hd]);
-    let bl = k.write(LOGITS, &a.logits().shape);
-    let lo = k.var(I64, k.item() * idx(W_BLOCK));
-    let hi = k.var(I64, (lo.val() + idx(W_BLOCK)).min(idx(v)));
-    k.for_(idx(0), idx(n), |k, r| {
-        let hrow = k.var(I64, (r.clone() + idx(r0)) * idx(hd));
-        let lrow = k.var(I64, r * idx(v));
-        k.for_(lo.val(), hi.val(), |k, j| {
-            let wrow = k.var(I64, j.clone() * idx(hd));
-            let s = dot_loop(
-                k,
-                hd,
-                |c| load(bh, hrow.val() + c),
-                |c| load(bw, wrow.val() + c),
-            );
-            k.store(bl, lrow.val() + j, s.cast(LOGITS));
-        });
-    });
-    Ok(Launch {
-        kernel: finish(k)?,
-        args: vec![Arg::Input(0), Arg::Input(1), Arg::Scratch(0)],
-    })
-}
-
-/// The logsumexp of logits row `row` (`max + log(sum(exp(x - max)))`, the maximum NaN if any
-/// logit is).
-fn logsumexp(k: &mut LoopBuilder, bl: usize, v: usize, row: Expr) -> Expr {
-    let m = k.var(F64, cst(f64::NEG_INFINITY, F64));
-    k.for_(idx(0), idx(v), |k, j| {
-        k.set(m, m.val().max(load(bl, row.clone() + j).cast(F64)));
+/// The logsumexp of the `v` logits of buffer `bl` from element `row` (`max + log(sum(exp(x -
+/// max)))`, the maximum NaN if any logit is): the exponentials in the logits' dtype (f32's
+/// inline exp vectorises), summed in f64 in any order.
+fn logsumexp(k: &mut LoopBuilder, bl: usize, dt: DType, v: usize, row: Expr) -> Expr {
+    let m = k.var(dt, cst(f64::NEG_INFINITY, dt));
+    k.for_(idx(0), idx(v), |k, c| {
+        k.set(m, m.val().max(load(bl, row.clone() + c)));
     });
     let s = k.var(F64, cst(0.0, F64));
-    k.for_(idx(0), idx(v), |k, j| {
-        let x = load(bl, row.clone() + j).cast(F64);
-        k.set(s, s.val() + (x - m.val()).exp());
+    k.for_(idx(0), idx(v), |k, c| {
+        let e = (load(bl, row.clone() + c) - m.val()).exp();
+        k.accumulate(s, e.cast(F64));
     });
-    s.val().log() + m.val()
+    s.val().log() + m.val().cast(F64)
 }
 
 /// The element of the target's logit in row `r` of the chunk's logits, for a target `t >= 0`;
@@ -196,7 +174,7 @@ fn target_at(a: Dims, r: Expr, t: Expr) -> Expr {
 /// [rows] scratch, and a last launch sums them in row order.
 fn forward(g: &Graph, node: &Node, name: &str, chunk: usize) -> Result<Lowered, KernelError> {
     let a = Dims::of(g, node, chunk)?;
-    let v = a.vocab;
+    let (v, dt) = (a.vocab, a.dtype);
     let terms = Buffer {
         dtype: F64,
         shape: vec![a.rows],
@@ -204,35 +182,31 @@ fn forward(g: &Graph, node: &Node, name: &str, chunk: usize) -> Result<Lowered, 
     };
     let mut launches = Vec::new();
     for (r0, n) in a.chunks() {
-        launches.push(logits_launch(
-            a,
-            launch_name(name, launches.len()),
-            (r0, n),
-        )?);
-        let mut k = LoopBuilder::new(launch_name(name, launches.len()), n, Dims::tile(2 * v));
+        launches.push(a.logits_launch((r0, n)));
+        let mut k = LoopBuilder::new(launch_name(name, launches.len()), n, a.rows_per_tile());
         let bt = k.read(I64, &[a.rows]);
         let bwt = k.read(DType::F32, &[a.rows]);
-        let bl = k.read(LOGITS, &a.logits().shape);
+        let bl = k.read(dt, &a.logits().shape);
         let bterm = k.write(F64, &terms.shape);
         let r = k.item();
         let t = k.var(I64, load(bt, r.clone() + idx(r0)));
         let term = k.var(F64, cst(0.0, F64));
         k.if_(t.val().ge(idx(0)), |k| {
-            let lse = logsumexp(k, bl, v, r.clone() * idx(v));
+            let lse = logsumexp(k, bl, dt, v, r.clone() * idx(v));
             let xt = load_checked(bl, target_at(a, r.clone(), t.val())).cast(F64);
             let wt = load(bwt, r.clone() + idx(r0)).cast(F64);
             k.set(term, (lse - xt) * wt);
         });
         k.store(bterm, r + idx(r0), term.val());
-        launches.push(Launch {
-            kernel: finish(k)?,
-            args: vec![
+        launches.push(Launch::kernel(
+            finish(k)?,
+            vec![
                 Arg::Input(2),
                 Arg::Input(3),
                 Arg::Scratch(0),
                 Arg::Scratch(1),
             ],
-        });
+        ));
     }
     let mut k = LoopBuilder::new(launch_name(name, launches.len()), 1, 1);
     let bterm = k.read(F64, &terms.shape);
@@ -242,10 +216,10 @@ fn forward(g: &Graph, node: &Node, name: &str, chunk: usize) -> Result<Lowered, 
         k.set(loss, loss.val() + load(bterm, r));
     });
     k.store(bloss, idx(0), loss.val().cast(DType::F32));
-    launches.push(Launch {
-        kernel: finish(k)?,
-        args: vec![Arg::Scratch(1), Arg::Output(0)],
-    });
+    launches.push(Launch::kernel(
+        finish(k)?,
+        vec![Arg::Scratch(1), Arg::Output(0)],
+    ));
     Ok(Lowered {
         launches,
         scratch: vec![a.logits(), terms],
@@ -254,25 +228,25 @@ fn forward(g: &Graph, node: &Node, name: &str, chunk: usize) -> Result<Lowered, 
 
 /// The gradients (dh, dw) scaled by dloss: per chunk the logits, then in place the logit
 /// gradients `dloss * weight_i * (softmax(logits_i) - onehot(target_i))` (0 for an ignored
-/// row), then `dh = dlogits w` for the chunk's rows and `dw += dlogits^T h`.
+/// row), then `dh = dlogits w` for the chunk's rows and `dw += dlogits^T h` (`=` for the
+/// first chunk).
 fn backward(g: &Graph, node: &Node, name: &str, chunk: usize) -> Result<Lowered, KernelError> {
     let a = Dims::of(g, node, chunk)?;
     let (hd, v, dt) = (a.hidden, a.vocab, a.dtype);
+    let (lh, lw, ll) = a.lens();
     let logits = a.logits().shape;
     let mut launches = Vec::new();
     for (ci, (r0, n)) in a.chunks().enumerate() {
-        launches.push(logits_launch(
-            a,
-            launch_name(name, launches.len()),
-            (r0, n),
-        )?);
+        launches.push(a.logits_launch((r0, n)));
 
-        // The logit gradients of each row, in place.
-        let mut k = LoopBuilder::new(launch_name(name, launches.len()), n, Dims::tile(3 * v));
+        // The logit gradients of each row, in place: the maximum, then `exp(x - max)`
+        // stored while it is summed, then scaled by `dloss * weight / sum` (one exponential
+        // per logit).
+        let mut k = LoopBuilder::new(launch_name(name, launches.len()), n, a.rows_per_tile());
         let bt = k.read(I64, &[a.rows]);
         let bwt = k.read(DType::F32, &[a.rows]);
         let bdl = k.read(DType::F32, &[]);
-        let bl = k.write(LOGITS, &logits);
+        let bl = k.write(dt, &logits);
         let r = k.item();
         let row = k.var(I64, r.clone() * idx(v));
         let t = k.var(I64, load(bt, r.clone() + idx(r0)));
@@ -281,101 +255,74 @@ fn backward(g: &Graph, node: &Node, name: &str, chunk: usize) -> Result<Lowered,
             |k| {
                 let gr = load(bdl, idx(0)).cast(F64) * load(bwt, r.clone() + idx(r0)).cast(F64);
                 let gr = k.var(F64, gr);
-                let lse = logsumexp(k, bl, v, row.val());
-                let lse = k.var(F64, lse);
+                let m = k.var(dt, cst(f64::NEG_INFINITY, dt));
+                k.for_(idx(0), idx(v), |k, j| {
+                    k.set(m, m.val().max(load(bl, row.val() + j)));
+                });
+                let s = k.var(F64, cst(0.0, F64));
                 k.for_(idx(0), idx(v), |k, j| {
                     let at = row.val() + j;
-                    let x = load(bl, at.clone()).cast(F64);
-                    k.store(bl, at, ((x - lse.val()).exp() * gr.val()).cast(LOGITS));
+                    let e = k.var(dt, (load(bl, at.clone()) - m.val()).exp());
+                    k.store(bl, at, e.val());
+                    k.accumulate(s, e.val().cast(F64));
+                });
+                let scale = k.var(dt, (gr.val() / s.val()).cast(dt));
+                k.for_(idx(0), idx(v), |k, j| {
+                    let at = row.val() + j;
+                    k.store(bl, at.clone(), load(bl, at) * scale.val());
                 });
                 let at = k.var(I64, target_at(a, r.clone(), t.val()));
                 let x = load_checked(bl, at.val()).cast(F64);
-                k.store_checked(bl, at.val(), (x - gr.val()).cast(LOGITS));
+                k.store_checked(bl, at.val(), (x - gr.val()).cast(dt));
             },
             |k| {
                 k.for_(idx(0), idx(v), |k, j| {
-                    k.store(bl, row.val() + j, cst(0.0, LOGITS));
+                    k.store(bl, row.val() + j, cst(0.0, dt));
                 });
             },
         );
-        launches.push(Launch {
-            kernel: finish(k)?,
-            args: vec![Arg::Input(2), Arg::Input(3), Arg::Input(4), Arg::Scratch(0)],
-        });
+        launches.push(Launch::kernel(
+            finish(k)?,
+            vec![Arg::Input(2), Arg::Input(3), Arg::Input(4), Arg::Scratch(0)],
+        ));
 
-        // dh of the chunk's rows, one item per row: `sum_j dlogits[r, j] w[j, :]` accumulated
-        // in f64 in the row's slot of a [chunk, hidden] scratch, streaming w's rows in order.
-        let mut k = LoopBuilder::new(launch_name(name, launches.len()), n, 1);
-        let bw = k.read(dt, &[v, hd]);
-        let bl = k.read(LOGITS, &logits);
-        let bacc = k.write(F64, &a.row_sums().shape);
-        let bdh = k.write(dt, &[a.rows, hd]);
-        let acc = k.var(I64, k.item() * idx(hd));
-        k.for_(idx(0), idx(hd), |k, c| {
-            k.store(bacc, acc.val() + c, cst(0.0, F64));
-        });
-        let gj = k.var(F64, cst(0.0, F64));
-        k.for_(idx(0), idx(v), |k, j| {
-            k.set(gj, load(bl, k.item() * idx(v) + j.clone()).cast(F64));
-            let wrow = k.var(I64, j * idx(hd));
-            k.for_(idx(0), idx(hd), |k, c| {
-                let at = acc.val() + c.clone();
-                let w = load(bw, wrow.val() + c).cast(F64);
-                k.store(bacc, at.clone(), load(bacc, at) + gj.val() * w);
-            });
-        });
-        let out = k.var(I64, (k.item() + idx(r0)) * idx(hd));
-        k.for_(idx(0), idx(hd), |k, c| {
-            let x = load(bacc, acc.val() + c.clone());
-            k.store(bdh, out.val() + c, x.cast(dt));
-        });
-        launches.push(Launch {
-            kernel: finish(k)?,
-            args: vec![
-                Arg::Input(1),
-                Arg::Scratch(0),
-                Arg::Scratch(1),
-                Arg::Output(0),
-            ],
-        });
-
-        // dw += the chunk's `dlogits^T h`: one item per element of dw.
-        let mut k = LoopBuilder::new(launch_name(name, launches.len()), v * hd, Dims::tile(n));
-        let bh = k.read(dt, &[a.rows, hd]);
-        let bl = k.read(LOGITS, &logits);
-        let bdw = k.write(dt, &[v, hd]);
-        let item = k.item();
-        let j = k.var(I64, item.clone().idiv(idx(hd.max(1))));
-        let col = k.var(I64, item.irem(idx(hd.max(1))) + idx(r0 * hd));
-        let s = dot_loop(
-            &mut k,
-            n,
-            |r| load(bl, r.clone() * idx(v) + j.val()),
-            |r| load(bh, r * idx(hd) + col.val()),
+        // dh of the chunk's rows: dlogits [n, v] @ w [v, hd].
+        let dh = a.gemm(
+            (n, v, hd),
+            (View::rows(0, v), View::rows(0, hd), View::rows(r0 * hd, hd)),
+            [ll, lw, lh],
+            false,
         );
-        let total = if ci == 0 {
-            s
-        } else {
-            load(bdw, k.item()).cast(F64) + s
-        };
-        k.store(bdw, k.item(), total.cast(dt));
-        launches.push(Launch {
-            kernel: finish(k)?,
-            args: vec![Arg::Input(0), Arg::Scratch(0), Arg::Output(1)],
-        });
+        launches.push(Launch::library(
+            dh,
+            vec![Arg::Scratch(0), Arg::Input(1), Arg::Output(0)],
+        ));
+
+        // dw (+)= dlogits^T [v, n] @ h [n, hd] of the chunk's rows.
+        let dw = a.gemm(
+            (v, n, hd),
+            (
+                View::transposed(0, v),
+                View::rows(r0 * hd, hd),
+                View::rows(0, hd),
+            ),
+            [ll, lh, lw],
+            ci > 0,
+        );
+        launches.push(Launch::library(
+            dw,
+            vec![Arg::Scratch(0), Arg::Input(0), Arg::Output(1)],
+        ));
     }
     if a.rows == 0 {
         // No chunk: dw is zero (dh has no elements).
         let mut k = LoopBuilder::new(launch_name(name, 0), v * hd, 4096);
         let bdw = k.write(dt, &[v, hd]);
         k.store(bdw, k.item(), cst(0.0, dt));
-        launches.push(Launch {
-            kernel: finish(k)?,
-            args: vec![Arg::Output(1)],
-        });
+        launches.push(Launch::kernel(finish(k)?, vec![Arg::Output(1)]));
     }
     Ok(Lowered {
         launches,
-        scratch: vec![a.logits(), a.row_sums()],
+        scratch: vec![a.logits()],
     })
 }

@@ -1,8 +1,9 @@
 //! Node lowering: what each node of a scheduled program becomes in the kernel IR.
 //!
-//! A node lowers to one or more launches of generated kernels (elementwise kernels, or loop
-//! kernels for the fused ops), each over the node's operands, its results and, where an op
-//! needs room of its own (a column reduction's partial sums, say), scratch buffers that the
+//! A node lowers to one or more launches, each of a generated kernel (an elementwise kernel,
+//! or a loop kernel for the fused ops) or of a library call (the GEMMs, and the products
+//! inside fused ops), over the node's operands, its results and, where an op needs room of
+//! its own (a chunk's logits, a column reduction's partial sums), scratch buffers that the
 //! runtime allocates once, beside the arena. Each fused op is described here once, in
 //! target-independent kernel IR; the CPU backend compiles the descriptions with LLVM and an
 //! Ascend backend will lower the same ones.
@@ -15,7 +16,9 @@ mod norms;
 mod pointwise;
 
 use crate::kernel::{Buffer, GeneratedKernel, Kernel, KernelError};
-use mmc_ir::{Graph, Node};
+use crate::library::LibraryCall;
+use mmc_ir::{FusedOp, Graph, Node, Op};
+use std::fmt;
 
 /// A buffer of a launch: one of the node's operands or results, or one of its scratch
 /// buffers.
@@ -26,11 +29,60 @@ pub enum Arg {
     Scratch(usize),
 }
 
-/// One kernel launch of a lowered node, with what each of the kernel's buffers is.
+/// What a launch runs: a generated kernel, or a library routine that the runtime calls.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Work {
+    Kernel(GeneratedKernel),
+    Library(LibraryCall),
+}
+
+impl Work {
+    /// The bytes of each buffer the work takes, in order: what a caller checks its buffers
+    /// against.
+    pub fn buffer_bytes(&self) -> Vec<u64> {
+        match self {
+            Work::Kernel(k) => k
+                .buffers()
+                .iter()
+                .map(|b| (b.shape.iter().product::<usize>() * b.dtype.size_bytes()) as u64)
+                .collect(),
+            Work::Library(c) => c.buffer_bytes(),
+        }
+    }
+}
+
+impl fmt::Display for Work {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Work::Kernel(k) => k.fmt(f),
+            Work::Library(c) => c.fmt(f),
+        }
+    }
+}
+
+/// One launch of a lowered node, with what each of its buffers is.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Launch {
-    pub kernel: GeneratedKernel,
+    pub work: Work,
     pub args: Vec<Arg>,
+}
+
+impl Launch {
+    /// A generated kernel over `args`.
+    pub fn kernel(kernel: impl Into<GeneratedKernel>, args: Vec<Arg>) -> Launch {
+        Launch {
+            work: Work::Kernel(kernel.into()),
+            args,
+        }
+    }
+
+    /// A library call over `args`.
+    pub fn library(call: LibraryCall, args: Vec<Arg>) -> Launch {
+        Launch {
+            work: Work::Library(call),
+            args,
+        }
+    }
 }
 
 /// What a node lowers to: launches, run in order, and the scratch buffers they share.
@@ -48,15 +100,62 @@ impl Lowered {
             .chain((0..node.outputs.len()).map(Arg::Output))
             .collect();
         Lowered {
-            launches: vec![Launch { kernel, args }],
+            launches: vec![Launch::kernel(kernel, args)],
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The generated kernels of the launches, in order.
+    pub fn kernels(&self) -> impl Iterator<Item = &GeneratedKernel> {
+        self.launches.iter().filter_map(|l| match &l.work {
+            Work::Kernel(k) => Some(k),
+            Work::Library(_) => None,
+        })
+    }
+}
+
+/// A GEMM node as a library call over its operands and results; an epilogue's product is
+/// stored in its result, and its program then runs there in place as an elementwise kernel.
+fn library(g: &Graph, node: &Node, name: &str) -> Option<Result<Lowered, KernelError>> {
+    let call = crate::library::for_node(g, node)?;
+    Some(call.map_err(KernelError::from).and_then(|call| {
+        if !matches!(node.op, Op::Fused(FusedOp::MatMulEpilogue { .. })) {
+            return Ok(Lowered::single_call(node, call));
+        }
+        let k = Kernel::epilogue(g, node, launch_name(name, 1))?;
+        let mut args = vec![Arg::Output(0)];
+        args.extend((2..node.inputs.len()).map(Arg::Input));
+        args.push(Arg::Output(0));
+        Ok(Lowered {
+            launches: vec![
+                Launch::library(call, vec![Arg::Input(0), Arg::Input(1), Arg::Output(0)]),
+                Launch::kernel(k, args),
+            ],
+            scratch: Vec::new(),
+        })
+    }))
+}
+
+impl Lowered {
+    /// One library call over the node's operands then its results.
+    fn single_call(node: &Node, call: LibraryCall) -> Lowered {
+        let args = (0..node.inputs.len())
+            .map(Arg::Input)
+            .chain((0..node.outputs.len()).map(Arg::Output))
+            .collect();
+        Lowered {
+            launches: vec![Launch::library(call, args)],
             scratch: Vec::new(),
         }
     }
 }
 
-/// The kernels of `node`; `name` prefixes their symbols (each launch gets `name`, then
+/// The launches of `node`; `name` prefixes their kernels' symbols (each launch gets `name`, then
 /// `name_1`, ...).
 pub fn lower_node(g: &Graph, node: &Node, name: &str) -> Result<Lowered, KernelError> {
+    if let Some(l) = library(g, node, name) {
+        return l;
+    }
     if let Some(l) = norms::lower(g, node, name) {
         return l;
     }

@@ -12,7 +12,7 @@
 //! `top` out of range, where the interpreter reports an error.
 
 use super::movement::{finish, guard, in_range, items_per_tile, sort_segments, supported, Keys};
-use super::{launch_name, Arg, Launch, Lowered};
+use super::{launch_name, Arg, Launch, Lowered, Work};
 use crate::kernel::{Buffer, KernelError};
 use crate::loops::{cst, idx, load, load_checked, Expr, LoopBuilder, LoopKernel, Var};
 use mmc_ir::{DType, FusedOp, Graph, Node, Op};
@@ -73,7 +73,7 @@ fn count(k: &mut LoopBuilder, top: usize, counts: usize, pairs: usize, experts: 
 
 fn launch(kernel: LoopKernel, args: Vec<Arg>) -> Launch {
     Launch {
-        kernel: kernel.into(),
+        work: Work::Kernel(kernel.into()),
         args,
     }
 }

@@ -9,7 +9,7 @@
 //! column's sources are stably sorted by destination and summed run by run), which keeps the
 //! interpreter's summation order; float sums run in f64 and are rounded once.
 
-use super::{launch_name, Arg, Launch, Lowered};
+use super::{launch_name, Arg, Launch, Lowered, Work};
 use crate::kernel::{supported_dtype, KernelError};
 use crate::loops::{cst, idx, load, load_checked, select, Expr, LoopBuilder, LoopKernel};
 use mmc_ir::{BinaryOp, CmpOp, DType, Graph, Node, Op, UnaryOp};
@@ -214,7 +214,7 @@ fn scatter_add_in_place(
     }
     Ok(Lowered {
         launches: vec![Launch {
-            kernel: kernel.into(),
+            work: Work::Kernel(kernel.into()),
             args,
         }],
         scratch,
@@ -240,7 +240,7 @@ fn scatter_add_sorted(
     let (bx, by) = (k.read(d, &x.shape), k.write(d, &x.shape));
     k.store(by, k.item(), load(bx, k.item()));
     l.launches.push(Launch {
-        kernel: finish(k)?.into(),
+        work: Work::Kernel(finish(k)?.into()),
         args: vec![Arg::Input(0), Arg::Output(0)],
     });
     let columns = outer * inner;
@@ -291,7 +291,7 @@ fn scatter_add_sorted(
         k.store_checked(by, dst(cur.val()), acc.val().cast(d));
     });
     l.launches.push(Launch {
-        kernel: finish(k)?.into(),
+        work: Work::Kernel(finish(k)?.into()),
         args: vec![
             Arg::Input(0),
             Arg::Input(1),
@@ -382,7 +382,7 @@ fn concat(g: &Graph, node: &Node, name: &str, axis: usize) -> Result<Lowered, Ke
                 + o.clone().irem(idx(slab));
             k.store(by, to, load(bx, o));
             launches.push(Launch {
-                kernel: finish(k)?.into(),
+                work: Work::Kernel(finish(k)?.into()),
                 args: vec![Arg::Input(i), Arg::Output(0)],
             });
         }
@@ -558,7 +558,7 @@ pub(super) fn sort_segments(
     );
     k.store(a, e, i);
     l.launches.push(Launch {
-        kernel: finish(k)?.into(),
+        work: Work::Kernel(finish(k)?.into()),
         args: vec![Arg::Input(keys.input), Arg::Scratch(first)],
     });
     let (mut src, mut width) = (first, 1usize);
@@ -605,7 +605,7 @@ pub(super) fn sort_segments(
         });
         let dst = 2 * first + 1 - src;
         l.launches.push(Launch {
-            kernel: finish(k)?.into(),
+            work: Work::Kernel(finish(k)?.into()),
             args: vec![Arg::Input(keys.input), Arg::Scratch(src), Arg::Scratch(dst)],
         });
         src = dst;

@@ -9,7 +9,7 @@
 //! block's sums in f64 scratch, visiting the rows in order, so every sum is added in the
 //! interpreter's order and `dw`/`db` are its values bit for bit.
 
-use super::{launch_name, Arg, Launch, Lowered};
+use super::{launch_name, Arg, Launch, Lowered, Work};
 use crate::kernel::{Access, Buffer, KernelError};
 use crate::loops::{cst, idx, load, Expr, LoopBuilder, LoopKernel, Var};
 use mmc_ir::{DType, FusedOp, Graph, Node, Op};
@@ -287,7 +287,7 @@ fn rms_norm_grad(g: &Graph, node: &Node, name: &str, eps: f64) -> Result<Lowered
     Ok(Lowered {
         launches: vec![
             Launch {
-                kernel: rows.into(),
+                work: Work::Kernel(rows.into()),
                 args: vec![
                     Arg::Input(0),
                     Arg::Input(1),
@@ -297,7 +297,7 @@ fn rms_norm_grad(g: &Graph, node: &Node, name: &str, eps: f64) -> Result<Lowered
                 ],
             },
             Launch {
-                kernel: cols.into(),
+                work: Work::Kernel(cols.into()),
                 args: vec![
                     Arg::Input(0),
                     Arg::Input(2),
@@ -436,7 +436,7 @@ fn layer_norm_grad(g: &Graph, node: &Node, name: &str, eps: f64) -> Result<Lower
     Ok(Lowered {
         launches: vec![
             Launch {
-                kernel: rows.into(),
+                work: Work::Kernel(rows.into()),
                 args: vec![
                     Arg::Input(0),
                     Arg::Input(1),
@@ -446,7 +446,7 @@ fn layer_norm_grad(g: &Graph, node: &Node, name: &str, eps: f64) -> Result<Lower
                 ],
             },
             Launch {
-                kernel: cols.into(),
+                work: Work::Kernel(cols.into()),
                 args: vec![
                     Arg::Input(0),
                     Arg::Input(2),

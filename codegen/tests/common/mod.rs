@@ -8,7 +8,7 @@
 use mmc_codegen::cpu::{build_library, CpuTarget};
 use mmc_codegen::kernel::GeneratedKernel;
 use mmc_codegen::native::{KernelLibrary, NativeError};
-use mmc_codegen::ops::{lower_node, Arg, Lowered};
+use mmc_codegen::ops::{lower_node, Arg, Lowered, Work};
 use mmc_ir::{DType, Graph, Interpreter, Op, Precision, ScopeId, Stage, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -119,7 +119,7 @@ pub fn run_compiled(g: &Graph, inputs: &[Tensor], threads: usize) -> Result<Run,
         .expect("a node under test");
     let node = &g.nodes()[id];
     let lowered = lower_node(g, node, "t").unwrap_or_else(|e| panic!("lowers: {e}"));
-    let kernels: Vec<GeneratedKernel> = lowered.launches.iter().map(|l| l.kernel.clone()).collect();
+    let kernels: Vec<GeneratedKernel> = lowered.kernels().cloned().collect();
     let dir = tempfile::tempdir().expect("a temporary folder");
     let so = dir.path().join("node.so");
     let hash = build_library(&kernels, &CpuTarget::host(), &so).unwrap_or_else(|e| panic!("{e}"));
@@ -140,6 +140,7 @@ pub fn run_compiled(g: &Graph, inputs: &[Tensor], threads: usize) -> Result<Run,
         .map(|b| vec![0x5A; b.shape.iter().product::<usize>() * elem_bytes(b.dtype)])
         .collect();
     let pool = pool(threads);
+    let mut next_kernel = 0;
     for (i, launch) in lowered.launches.iter().enumerate() {
         let ptrs: Vec<*mut u8> = launch
             .args
@@ -150,18 +151,26 @@ pub fn run_compiled(g: &Graph, inputs: &[Tensor], threads: usize) -> Result<Run,
                 Arg::Scratch(k) => scratch[k].as_mut_ptr(),
             })
             .collect();
-        // SAFETY: each pointer is a buffer of the size the kernel's buffer says (checked
-        // below by the buffer shapes matching the node's types).
-        for (a, b) in launch.args.iter().zip(launch.kernel.buffers()) {
-            let n: usize = b.shape.iter().product();
+        let need = launch.work.buffer_bytes();
+        assert_eq!(need.len(), launch.args.len(), "launch {i}: buffer count");
+        for (a, n) in launch.args.iter().zip(need) {
             let have = match *a {
                 Arg::Input(k) => ins[k].len(),
                 Arg::Output(k) => outs[k].len(),
                 Arg::Scratch(k) => scratch[k].len(),
             };
-            assert_eq!(have, n * elem_bytes(b.dtype), "launch {i}: buffer size");
+            assert_eq!(have as u64, n, "launch {i}: buffer size");
         }
-        unsafe { lib.launch(i, &ptrs, &pool) }?;
+        // SAFETY: each pointer is a buffer of the size the launch says (checked above); the
+        // library call's outputs are buffers of their own.
+        match &launch.work {
+            Work::Kernel(_) => {
+                unsafe { lib.launch(next_kernel, &ptrs, &pool) }?;
+                next_kernel += 1;
+            }
+            Work::Library(call) => unsafe { call.execute(&ptrs, &pool) }
+                .map_err(|e| NativeError::Library(e.to_string()))?,
+        }
     }
     Ok(Run {
         lowered,
@@ -198,7 +207,7 @@ pub fn check(op: Op, inputs: &[Tensor], tol: f64) {
                     run.lowered
                         .launches
                         .iter()
-                        .map(|l| l.kernel.to_string())
+                        .map(|l| l.work.to_string())
                         .collect::<Vec<_>>()
                         .join("\n")
                 );
