@@ -5,9 +5,9 @@
 //!
 //! A row's vectors of `head_dim` elements (its query, its output accumulator) are scalar
 //! variables of the kernel, one per element, so they live in registers as in a flash kernel;
-//! the loop over keys is a loop of the kernel IR. (That suits small head dims; at 128 the
-//! unrolled rows spill and the kernels are several times slower than the interpreter's GEMM
-//! blocks: the fast path is a later step.) Every score is `(q . k_j) * scale` in f64,
+//! the loop over keys is a loop of the kernel IR. This form is for short sequences (the
+//! vision tiles); from `attention_blocks::MIN_SEQ` keys on, attention runs on library GEMMs
+//! (`attention_blocks.rs`). Every score is `(q . k_j) * scale` in f64,
 //! and a row whose maximum score is not finite (a NaN or infinite score) is all NaN, as in the
 //! interpreter; with these masks every query sees itself, so no row is ever fully masked.
 //!
@@ -17,6 +17,7 @@
 //! and another dk and dv with an item per key row looping over the query rows of the heads
 //! that share its kv head, so no two items write the same element.
 
+use super::attention_blocks as blocks;
 use super::{launch_name, Arg, Launch, Lowered, Work};
 use crate::kernel::{Access, Buffer, KernelError};
 use crate::loops::{cst, idx, load, select, Expr, LoopBuilder, Var};
@@ -30,7 +31,16 @@ const STATS: usize = 3;
 
 /// The lowering of `node` if it is an attention or its backward.
 pub(super) fn lower(g: &Graph, node: &Node, name: &str) -> Option<Result<Lowered, KernelError>> {
+    // Long sequences take the GEMM form (`attention_blocks.rs`).
+    let long =
+        |node: &Node| g.ty(node.inputs[0]).shape.get(2).copied().unwrap_or(0) >= blocks::MIN_SEQ;
     match &node.op {
+        Op::Fused(FusedOp::Attention { scale, causal }) if long(node) => {
+            Some(blocks::forward(g, node, name, (*scale, *causal)))
+        }
+        Op::Fused(FusedOp::AttentionGrad { scale, causal }) if long(node) => {
+            Some(blocks::backward(g, node, name, (*scale, *causal)))
+        }
         Op::Fused(FusedOp::Attention { scale, causal }) => {
             Some(forward(g, node, name, *scale, *causal))
         }

@@ -9,6 +9,7 @@
 //! Ascend backend will lower the same ones.
 
 mod attention;
+mod attention_blocks;
 mod cross_entropy;
 mod moe;
 mod movement;
