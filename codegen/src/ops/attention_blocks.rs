@@ -33,7 +33,7 @@ pub(super) const MIN_SEQ: usize = 64;
 
 /// Score elements per block: the block's [rows, seq] scores stay within 1 MiB of f32 (an L2
 /// cache), at least 16 rows.
-const BLOCK_ELEMENTS: usize = 1 << 18;
+const BLOCK_ELEMENTS: usize = 1 << 20;
 
 /// The sizes of an attention: q [batch, q_heads, seq, d], k and v [batch, kv_heads, seq, d].
 #[derive(Clone, Copy, Debug)]
