@@ -294,6 +294,51 @@ fn a_damaged_or_hand_edited_plan_is_refused_at_load() {
     assert!(e.contains("1 bytes follow its last section"), "{e}");
 }
 
+/// A compiled plan from another CPU (here: this plan with its target rewritten, its sections
+/// and checksums intact) is refused by `mmc run` before any native code loads, naming what
+/// differs; the same plan still runs on the interpreter, which needs no native code.
+#[test]
+fn a_plan_compiled_for_another_cpu_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, data) = tiny_plan(dir.path());
+    let data = data.to_str().unwrap();
+    let mut file = mmc_ir::plan_file::PlanFile::read(&plan).unwrap();
+    assert!(file.native.is_some(), "a compiled plan");
+    let host = file.target.clone();
+    for (target, says) in [
+        (
+            mmc_ir::plan_file::cpu_target("x86_64", "znver4", "+avx2,+fma"),
+            "built for CPU `znver4`",
+        ),
+        (
+            mmc_ir::plan_file::cpu_target("aarch64", "neoverse-v2", "+neon"),
+            "built for aarch64",
+        ),
+    ] {
+        file.target = target.clone();
+        let other = dir.path().join("other.bin");
+        file.write(&other).unwrap();
+        let e = fails(&["run", other.to_str().unwrap(), "--data", data]);
+        assert!(
+            e.contains(&format!("compiled for `{target}`"))
+                && e.contains(&format!("this machine runs `{host}`"))
+                && e.contains(says)
+                && e.contains("recompile it on this machine"),
+            "{e}"
+        );
+        let out = mmc()
+            .args(["run", other.to_str().unwrap(), "--data", data])
+            .args(["--backend", "interpreter", "--train-iters", "1"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// A plan records the checkpoint folder as `mmc compile` found it, relative when the paths it
 /// was given were, and nothing else of the compiling machine's folders: a copy in another
 /// folder runs, and the relative folder is opened from the working directory of `mmc run`.
