@@ -37,6 +37,10 @@ pub enum Expr {
         checked: bool,
     },
     Unary(UnaryOp, Box<Expr>),
+    /// `exp(x)` for a float `x` to within a few units in the last place, for the exponentials
+    /// of a softmax, whose sum is what matters: f32 arithmetic (twice the vector width of the
+    /// exact `exp`, which computes in f64 to round as libm does). f64 takes the exact `exp`.
+    ExpApprox(Box<Expr>),
     Binary(BinaryOp, Box<Expr>, Box<Expr>),
     Compare(CmpOp, Box<Expr>, Box<Expr>),
     Select(Box<Expr>, Box<Expr>, Box<Expr>),
@@ -125,6 +129,13 @@ impl LoopKernel {
                     .ok_or_else(|| format!("no buffer {buffer}"))?;
                 self.index(index)?;
                 b.dtype
+            }
+            Expr::ExpApprox(x) => {
+                let d = self.dtype(x)?;
+                if !d.is_float() {
+                    return Err(format!("exp~ over {d}"));
+                }
+                d
             }
             Expr::Unary(u, x) => {
                 let d = self.dtype(x)?;
@@ -480,6 +491,10 @@ impl Expr {
     pub fn exp(self) -> Expr {
         self.unary(UnaryOp::Exp)
     }
+    /// See [`Expr::ExpApprox`].
+    pub fn exp_approx(self) -> Expr {
+        Expr::ExpApprox(Box::new(self))
+    }
     pub fn log(self) -> Expr {
         self.unary(UnaryOp::Log)
     }
@@ -541,6 +556,7 @@ impl fmt::Display for Expr {
                 checked,
             } => write!(f, "buf{buffer}[{index}]{}", if *checked { "?" } else { "" }),
             Expr::Unary(u, x) => write!(f, "{}({x})", format!("{u:?}").to_lowercase()),
+            Expr::ExpApprox(x) => write!(f, "exp~({x})"),
             Expr::Binary(op, x, y) => {
                 let sym = match op {
                     BinaryOp::Add => "+",

@@ -183,3 +183,85 @@ fn rms_norm_matches_the_interpreter() {
         check(Op::Fused(FusedOp::RmsNorm { eps: 1e-6 }), &[x, w], tol);
     }
 }
+
+/// The approximate f32 exponential (`exp~`, for softmax sums) within 4 units in the last
+/// place of the exact one wherever the result is a normal f32, right at the extremes (0 far
+/// below, infinity above, NaN through), and the accumulation it feeds summed in any order
+/// still gives the sum within f64 rounding.
+#[test]
+fn the_approximate_exp_and_accumulation() {
+    let mut xs: Vec<f32> = (0..20001)
+        .map(|i| -104.0 + i as f32 * (193.0 / 20000.0))
+        .collect();
+    xs.extend([
+        0.0,
+        -0.0,
+        1e-30,
+        -1e-30,
+        88.72,
+        88.73,
+        -87.33,
+        -103.9,
+        -200.0,
+        200.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+    ]);
+    let n = xs.len();
+    let mut k = LoopBuilder::new("exp_approx", n, 1024);
+    let bx = k.read(DType::F32, &[n]);
+    let by = k.write(DType::F32, &[n]);
+    k.store(by, k.item(), load(bx, k.item()).exp_approx());
+    let mut bufs = vec![
+        xs.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
+        vec![0u8; 4 * n],
+    ];
+    run(k.finish().expect("verifies"), &mut bufs, 2).expect("runs");
+    let ys: Vec<f32> = bufs[1]
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    for (&x, &y) in xs.iter().zip(&ys) {
+        let want = (x as f64).exp();
+        if x.is_nan() {
+            assert!(y.is_nan());
+        } else if want > f32::MAX as f64 * (1.0 + 2e-7) {
+            assert_eq!(y, f32::INFINITY, "exp~({x})");
+        } else if want < f32::MIN_POSITIVE as f64 {
+            assert!(
+                (y as f64 - want).abs() <= f32::MIN_POSITIVE as f64,
+                "exp~({x}) = {y}"
+            );
+        } else {
+            let ulp = (want as f32).abs() * f32::EPSILON;
+            assert!(
+                (y as f64 - want).abs() <= 4.0 * ulp as f64,
+                "exp~({x}) = {y}, exp = {want}"
+            );
+        }
+    }
+
+    // A row sum by accumulation: any order, f64 rounding only.
+    let m = 10_007;
+    let vals: Vec<f64> = (0..m)
+        .map(|i| ((i * 37 % 101) as f64 - 50.0) / 7.0)
+        .collect();
+    let mut k = LoopBuilder::new("acc", 1, 1);
+    let bv = k.read(DType::F64, &[m]);
+    let bs = k.write(DType::F64, &[1]);
+    let s = k.var(DType::F64, cst(0.0, DType::F64));
+    k.for_(idx(0), idx(m), |k, j| k.accumulate(s, load(bv, j)));
+    k.store(bs, idx(0), s.val());
+    let mut bufs = vec![
+        vals.iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect::<Vec<u8>>(),
+        vec![0u8; 8],
+    ];
+    run(k.finish().expect("verifies"), &mut bufs, 1).expect("runs");
+    let got = f64::from_le_bytes(bufs[1][..8].try_into().unwrap());
+    let want: f64 = vals.iter().sum();
+    let abs: f64 = vals.iter().map(|v| v.abs()).sum();
+    assert!((got - want).abs() <= abs * 1e-13, "{got} vs {want}");
+}

@@ -211,6 +211,50 @@ impl<'ctx> Lower<'_, 'ctx> {
         Ok(b(bd.build_select(nan, x, y, "exp"))?.into_float_value())
     }
 
+    /// `exp(x)` of an f32 in f32 arithmetic, for [`crate::loops::Expr::ExpApprox`]: `x`
+    /// clamped to [-104, 89] (beyond which the result is 0 or infinity anyway), `exp(x) = 2^n
+    /// exp(r)` with `r = x - n ln 2` by two FMAs with a split ln 2 (|r| <= ln 2 / 2), `exp(r)`
+    /// by its Taylor series to degree 7 (truncation below 6e-9 relative, a tenth of an f32
+    /// unit), and `2^n` as two normal powers of two (`n` reaches -150), so results that are
+    /// subnormal or overflow round as the product does. Within a few units in the last place
+    /// of libm's; NaN stays NaN.
+    pub(super) fn exp_f32_approx(&self, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        let (cx, bd) = (self.cx, self.bd);
+        let f32t = cx.f32_type();
+        let c = |v: f64| f32t.const_float(v);
+        let call = |name: &str, args: &[FloatValue<'ctx>]| -> R<FloatValue<'ctx>> {
+            let f = self.intrinsic(name, f32t.into())?;
+            self.call_intrinsic(f, args)
+        };
+        let lo = call("llvm.maxnum", &[x, c(-104.0)])?;
+        let xc = call("llvm.minnum", &[lo, c(89.0)])?;
+        let t = b(bd.build_float_mul(xc, c(std::f64::consts::LOG2_E), "t"))?;
+        let n = call("llvm.rint", &[t])?;
+        let neg_n = b(bd.build_float_neg(n, "nn"))?;
+        // ln 2 split for f32: the high part has 9 significant bits, so n * hi is exact.
+        let (hi, lo2) = (0.693_359_375, -2.121_944_4e-4);
+        let r = call("llvm.fma", &[neg_n, c(hi), xc])?;
+        let r = call("llvm.fma", &[neg_n, c(lo2), r])?;
+        let mut p = c(1.0 / factorial(7));
+        for k in (0..7).rev() {
+            p = call("llvm.fma", &[p, r, c(1.0 / factorial(k))])?;
+        }
+        let i32t = cx.i32_type();
+        let ni = b(bd.build_float_to_signed_int(n, i32t, "ni"))?;
+        let n1 = b(bd.build_right_shift(ni, i32t.const_int(1, false), true, "n1"))?;
+        let n2 = b(bd.build_int_sub(ni, n1, "n2"))?;
+        let pow2 = |k: inkwell::values::IntValue<'ctx>| -> R<FloatValue<'ctx>> {
+            let e = b(bd.build_int_add(k, i32t.const_int(127, false), "e"))?;
+            let bits = b(bd.build_left_shift(e, i32t.const_int(23, false), "bits"))?;
+            Ok(b(bd.build_bit_cast(bits, f32t, "pow2"))?.into_float_value())
+        };
+        let y = b(bd.build_float_mul(p, pow2(n1)?, "exp"))?;
+        let y = b(bd.build_float_mul(y, pow2(n2)?, "exp"))?;
+        // minnum/maxnum drop a NaN: put it back.
+        let nan = b(bd.build_float_compare(FloatPredicate::UNO, x, x, "nan"))?;
+        Ok(b(bd.build_select(nan, x, y, "exp"))?.into_float_value())
+    }
+
     pub(super) fn intrinsic(&self, name: &str, ty: BasicTypeEnum<'ctx>) -> R<FunctionValue<'ctx>> {
         let i = inkwell::intrinsics::Intrinsic::find(name).ok_or(format!("no {name}"))?;
         i.get_declaration(self.module, &[ty])

@@ -249,6 +249,14 @@ impl<'ctx> Loops<'_, 'ctx> {
                 let x = self.expr(x)?;
                 self.l.unary(*u, d, x)?
             }
+            Expr::ExpApprox(x) => {
+                let x = self.expr(x)?;
+                if d == DType::F32 {
+                    self.l.exp_f32_approx(x.into_float_value())?.into()
+                } else {
+                    self.l.unary(mmc_ir::UnaryOp::Exp, d, x)?
+                }
+            }
             Expr::Binary(op, x, y) => {
                 let (x, y) = (self.expr(x)?, self.expr(y)?);
                 self.l.binary(*op, d, x, y)?

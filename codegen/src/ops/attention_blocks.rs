@@ -9,7 +9,8 @@
 //! over the blocks and the query heads of their kv head).
 //!
 //! The row work is in the inputs' dtype (f32 for an f32 model, as PyTorch computes
-//! attention), with the exponentials' sum in f64; the interpreter's one-row-at-a-time form in
+//! attention; f32 exponentials by the approximate exp, within a few units in the last place),
+//! with the exponentials' sum in f64; the interpreter's one-row-at-a-time form in
 //! `attention.rs` stays for short sequences, where a launch per head would cost more than it
 //! saves.
 //!
@@ -251,7 +252,7 @@ fn softmax_rows(
             k.for_(idx(0), idx(keys), |k, j| {
                 let at = row.val() + j.clone();
                 let x = load(bs, at.clone()) * cst(a.scale, dt);
-                let e = k.var(dt, masked(j, (x - m.val()).exp(), cst(0.0, dt)));
+                let e = k.var(dt, masked(j, (x - m.val()).exp_approx(), cst(0.0, dt)));
                 k.store(bs, at, e.val());
                 k.accumulate(sum, e.val().cast(F64));
             });
