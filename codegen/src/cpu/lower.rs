@@ -179,36 +179,19 @@ impl<'ctx> Lower<'_, 'ctx> {
     fn exp_f32_range(&self, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
         let (cx, bd) = (self.cx, self.bd);
         let f64t = cx.f64_type();
-        let c = |v: f64| f64t.const_float(v);
-        let call = |name: &str, args: &[FloatValue<'ctx>]| -> R<FloatValue<'ctx>> {
-            let f = self.intrinsic(name, f64t.into())?;
-            self.call_intrinsic(f, args)
-        };
-        let lo = call("llvm.maxnum", &[x, c(-104.0)])?;
-        let xc = call("llvm.minnum", &[lo, c(89.0)])?;
-        let t = b(bd.build_float_mul(xc, c(std::f64::consts::LOG2_E), "t"))?;
-        let n = call("llvm.rint", &[t])?;
-        let neg_n = b(bd.build_float_neg(n, "nn"))?;
         // ln 2 split: the high part has its low 32 bits zero, so n * hi is exact.
-        let (hi, lo2) = (
+        let ln2 = (
             f64::from_bits(0x3FE6_2E42_FEE0_0000),
             1.908_214_929_270_587_7e-10,
         );
-        let r = call("llvm.fma", &[neg_n, c(hi), xc])?;
-        let r = call("llvm.fma", &[neg_n, c(lo2), r])?;
-        let mut p = c(1.0 / factorial(13));
-        for k in (0..13).rev() {
-            p = call("llvm.fma", &[p, r, c(1.0 / factorial(k))])?;
-        }
+        let (n, p) = self.exp_reduced(x, f64t, ln2, 13)?;
         let i64t = cx.i64_type();
         let ni = b(bd.build_float_to_signed_int(n, i64t, "ni"))?;
         let e = b(bd.build_int_add(ni, i64t.const_int(1023, false), "e"))?;
         let bits = b(bd.build_left_shift(e, i64t.const_int(52, false), "bits"))?;
         let scale = b(bd.build_bit_cast(bits, f64t, "scale"))?.into_float_value();
         let y = b(bd.build_float_mul(p, scale, "exp"))?;
-        // minnum/maxnum drop a NaN: put it back.
-        let nan = b(bd.build_float_compare(FloatPredicate::UNO, x, x, "nan"))?;
-        Ok(b(bd.build_select(nan, x, y, "exp"))?.into_float_value())
+        self.keep_nan(x, y)
     }
 
     /// `exp(x)` of an f32 in f32 arithmetic, for [`crate::loops::Expr::ExpApprox`]: `x`
@@ -221,24 +204,8 @@ impl<'ctx> Lower<'_, 'ctx> {
     pub(super) fn exp_f32_approx(&self, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
         let (cx, bd) = (self.cx, self.bd);
         let f32t = cx.f32_type();
-        let c = |v: f64| f32t.const_float(v);
-        let call = |name: &str, args: &[FloatValue<'ctx>]| -> R<FloatValue<'ctx>> {
-            let f = self.intrinsic(name, f32t.into())?;
-            self.call_intrinsic(f, args)
-        };
-        let lo = call("llvm.maxnum", &[x, c(-104.0)])?;
-        let xc = call("llvm.minnum", &[lo, c(89.0)])?;
-        let t = b(bd.build_float_mul(xc, c(std::f64::consts::LOG2_E), "t"))?;
-        let n = call("llvm.rint", &[t])?;
-        let neg_n = b(bd.build_float_neg(n, "nn"))?;
         // ln 2 split for f32: the high part has 9 significant bits, so n * hi is exact.
-        let (hi, lo2) = (0.693_359_375, -2.121_944_4e-4);
-        let r = call("llvm.fma", &[neg_n, c(hi), xc])?;
-        let r = call("llvm.fma", &[neg_n, c(lo2), r])?;
-        let mut p = c(1.0 / factorial(7));
-        for k in (0..7).rev() {
-            p = call("llvm.fma", &[p, r, c(1.0 / factorial(k))])?;
-        }
+        let (n, p) = self.exp_reduced(x, f32t, (0.693_359_375, -2.121_944_4e-4), 7)?;
         let i32t = cx.i32_type();
         let ni = b(bd.build_float_to_signed_int(n, i32t, "ni"))?;
         let n1 = b(bd.build_right_shift(ni, i32t.const_int(1, false), true, "n1"))?;
@@ -250,7 +217,41 @@ impl<'ctx> Lower<'_, 'ctx> {
         };
         let y = b(bd.build_float_mul(p, pow2(n1)?, "exp"))?;
         let y = b(bd.build_float_mul(y, pow2(n2)?, "exp"))?;
-        // minnum/maxnum drop a NaN: put it back.
+        self.keep_nan(x, y)
+    }
+
+    /// The range reduction and series shared by the two exps: `x` clamped to [-104, 89],
+    /// `n = rint(x log2 e)`, `r = x - n ln 2` by two FMAs with `ln2 = (hi, lo)` (hi exact
+    /// times any n), and `exp(r)` by its Taylor series to `degree`, in `ft`. Returns (n, exp(r)).
+    fn exp_reduced(
+        &self,
+        x: FloatValue<'ctx>,
+        ft: inkwell::types::FloatType<'ctx>,
+        (hi, lo): (f64, f64),
+        degree: u32,
+    ) -> R<(FloatValue<'ctx>, FloatValue<'ctx>)> {
+        let c = |v: f64| ft.const_float(v);
+        let call = |name: &str, args: &[FloatValue<'ctx>]| -> R<FloatValue<'ctx>> {
+            let f = self.intrinsic(name, ft.into())?;
+            self.call_intrinsic(f, args)
+        };
+        let low = call("llvm.maxnum", &[x, c(-104.0)])?;
+        let xc = call("llvm.minnum", &[low, c(89.0)])?;
+        let t = b(self.bd.build_float_mul(xc, c(std::f64::consts::LOG2_E), "t"))?;
+        let n = call("llvm.rint", &[t])?;
+        let neg_n = b(self.bd.build_float_neg(n, "nn"))?;
+        let r = call("llvm.fma", &[neg_n, c(hi), xc])?;
+        let r = call("llvm.fma", &[neg_n, c(lo), r])?;
+        let mut p = c(1.0 / factorial(degree));
+        for k in (0..degree).rev() {
+            p = call("llvm.fma", &[p, r, c(1.0 / factorial(k))])?;
+        }
+        Ok((n, p))
+    }
+
+    /// `y`, or `x` where `x` is NaN (minnum and maxnum drop a NaN: this puts it back).
+    fn keep_nan(&self, x: FloatValue<'ctx>, y: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        let bd = self.bd;
         let nan = b(bd.build_float_compare(FloatPredicate::UNO, x, x, "nan"))?;
         Ok(b(bd.build_select(nan, x, y, "exp"))?.into_float_value())
     }

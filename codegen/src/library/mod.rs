@@ -321,6 +321,28 @@ fn grouped(
 }
 
 impl LibraryCall {
+    /// The strided product `lhs [m, k] @ rhs [k, n] => dst` (`+=` when `accumulate`) over
+    /// buffers of `lens` elements: what the fused ops' lowerings launch.
+    pub fn gemm(
+        dtype: Float,
+        (m, k, n): (usize, usize, usize),
+        (lhs, rhs, dst): (View, View, View),
+        lens: [usize; 3],
+        accumulate: bool,
+    ) -> LibraryCall {
+        LibraryCall::Gemm(Gemm {
+            dtype,
+            m,
+            k,
+            n,
+            lhs,
+            rhs,
+            dst,
+            lens,
+            accumulate,
+        })
+    }
+
     /// How many buffers [`LibraryCall::execute`] takes: the inputs, then the outputs.
     pub fn buffers(&self) -> usize {
         match self {

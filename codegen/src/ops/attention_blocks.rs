@@ -22,7 +22,7 @@
 
 use super::{launch_name, Arg, Launch, Lowered};
 use crate::kernel::{Access, Buffer, GeneratedKernel, KernelError};
-use crate::library::{Float, Gemm, LibraryCall, View};
+use crate::library::{Float, LibraryCall, View};
 use crate::loops::{cst, idx, load, select, Expr, LoopBuilder};
 use mmc_ir::{BinaryOp, CmpOp, DType, Graph, Node, TensorType};
 
@@ -134,30 +134,11 @@ impl Dims {
         }
     }
 
-    fn gemm(
-        &self,
-        (m, k, n): (usize, usize, usize),
-        (lhs, rhs, dst): (View, View, View),
-        lens: [usize; 3],
-        accumulate: bool,
-    ) -> LibraryCall {
-        LibraryCall::Gemm(Gemm {
-            dtype: self.float,
-            m,
-            k,
-            n,
-            lhs,
-            rhs,
-            dst,
-            lens,
-            accumulate,
-        })
-    }
-
     /// `scores[0..n, 0..keys] = q_block k^T` for the block.
     fn scores(&self, (b, h, i0, n): (usize, usize, usize, usize), q: Arg, k: Arg) -> Launch {
         let d = self.d;
-        let call = self.gemm(
+        let call = LibraryCall::gemm(
+            self.float,
             (n, d, self.keys(i0, n)),
             (
                 View::rows(self.q_at(b, h) + i0 * d, d),
@@ -284,7 +265,8 @@ pub(super) fn forward(
         launches.push(a.scores(blk, Arg::Input(0), Arg::Input(1)));
         let (k, args) = softmax_rows(a, launch_name(name, launches.len()), blk, false)?;
         launches.push(Launch::kernel(k, args));
-        let call = a.gemm(
+        let call = LibraryCall::gemm(
+            a.float,
             (n, a.keys(i0, n), d),
             (
                 View::rows(0, a.seq),
@@ -343,7 +325,8 @@ pub(super) fn backward(
         launches.push(Launch::kernel(k, args));
 
         // dp = do_block v^T into the second scratch.
-        let call = a.gemm(
+        let call = LibraryCall::gemm(
+            a.float,
             (n, d, keys),
             (
                 View::rows(qa, d),
@@ -388,7 +371,8 @@ pub(super) fn backward(
         ));
 
         // dq_block = ds k.
-        let call = a.gemm(
+        let call = LibraryCall::gemm(
+            a.float,
             (n, keys, d),
             (View::rows(0, s), View::rows(kva, d), View::rows(qa, d)),
             [block_len, a.kv_len(), a.q_len()],
@@ -398,36 +382,24 @@ pub(super) fn backward(
             call,
             vec![Arg::Scratch(1), Arg::Input(1), Arg::Output(0)],
         ));
-        // dk += ds^T q_block.
-        let call = a.gemm(
-            (keys, n, d),
-            (
-                View::transposed(0, s),
-                View::rows(qa, d),
-                View::rows(kva, d),
-            ),
-            [block_len, a.q_len(), a.kv_len()],
-            true,
-        );
-        launches.push(Launch::library(
-            call,
-            vec![Arg::Scratch(1), Arg::Input(0), Arg::Output(1)],
-        ));
-        // dv += p^T do_block.
-        let call = a.gemm(
-            (keys, n, d),
-            (
-                View::transposed(0, s),
-                View::rows(qa, d),
-                View::rows(kva, d),
-            ),
-            [block_len, a.q_len(), a.kv_len()],
-            true,
-        );
-        launches.push(Launch::library(
-            call,
-            vec![Arg::Scratch(0), d_out, Arg::Output(2)],
-        ));
+        // dk += ds^T q_block and dv += p^T do_block: the same product over the key rows.
+        for (lhs, rhs, out) in [
+            (Arg::Scratch(1), Arg::Input(0), Arg::Output(1)),
+            (Arg::Scratch(0), d_out, Arg::Output(2)),
+        ] {
+            let call = LibraryCall::gemm(
+                a.float,
+                (keys, n, d),
+                (
+                    View::transposed(0, s),
+                    View::rows(qa, d),
+                    View::rows(kva, d),
+                ),
+                [block_len, a.q_len(), a.kv_len()],
+                true,
+            );
+            launches.push(Launch::library(call, vec![lhs, rhs, out]));
+        }
     }
 
     // A NaN row makes the dv of its whole kv head NaN (the interpreter's rule).

@@ -17,7 +17,7 @@
 
 use super::{launch_name, Arg, Launch, Lowered};
 use crate::kernel::{Access, Buffer, GeneratedKernel, KernelError};
-use crate::library::{Float, Gemm, LibraryCall, View};
+use crate::library::{Float, LibraryCall, View};
 use crate::loops::{cst, idx, load, load_checked, select, Expr, LoopBuilder};
 use mmc_ir::{DType, FusedOp, Graph, Node, Op};
 
@@ -92,32 +92,12 @@ impl Dims {
         )
     }
 
-    /// The product `lhs [m, k] @ rhs [k, n] => dst` over buffers of `lens` elements.
-    fn gemm(
-        &self,
-        (m, k, n): (usize, usize, usize),
-        (lhs, rhs, dst): (View, View, View),
-        lens: [usize; 3],
-        accumulate: bool,
-    ) -> LibraryCall {
-        LibraryCall::Gemm(Gemm {
-            dtype: self.float,
-            m,
-            k,
-            n,
-            lhs,
-            rhs,
-            dst,
-            lens,
-            accumulate,
-        })
-    }
-
     /// The launch writing the logits `h w^T` of the `n` rows from `r0` into the scratch.
     fn logits_launch(&self, (r0, n): (usize, usize)) -> Launch {
         let (hd, v) = (self.hidden, self.vocab);
         let (lh, lw, ll) = self.lens();
-        let call = self.gemm(
+        let call = LibraryCall::gemm(
+            self.float,
             (n, hd, v),
             (
                 View::rows(r0 * hd, hd),
@@ -287,7 +267,8 @@ fn backward(g: &Graph, node: &Node, name: &str, chunk: usize) -> Result<Lowered,
         ));
 
         // dh of the chunk's rows: dlogits [n, v] @ w [v, hd].
-        let dh = a.gemm(
+        let dh = LibraryCall::gemm(
+            a.float,
             (n, v, hd),
             (View::rows(0, v), View::rows(0, hd), View::rows(r0 * hd, hd)),
             [ll, lw, lh],
@@ -299,7 +280,8 @@ fn backward(g: &Graph, node: &Node, name: &str, chunk: usize) -> Result<Lowered,
         ));
 
         // dw (+)= dlogits^T [v, n] @ h [n, hd] of the chunk's rows.
-        let dw = a.gemm(
+        let dw = LibraryCall::gemm(
+            a.float,
             (v, n, hd),
             (
                 View::transposed(0, v),

@@ -96,12 +96,17 @@ pub struct Lowered {
 impl Lowered {
     /// One kernel over the node's operands then its results (the spec's buffer convention).
     pub fn single(node: &Node, kernel: GeneratedKernel) -> Lowered {
+        Lowered::one(node, Work::Kernel(kernel))
+    }
+
+    /// One launch over the node's operands then its results.
+    fn one(node: &Node, work: Work) -> Lowered {
         let args = (0..node.inputs.len())
             .map(Arg::Input)
             .chain((0..node.outputs.len()).map(Arg::Output))
             .collect();
         Lowered {
-            launches: vec![Launch::kernel(kernel, args)],
+            launches: vec![Launch { work, args }],
             scratch: Vec::new(),
         }
     }
@@ -121,7 +126,7 @@ fn library(g: &Graph, node: &Node, name: &str) -> Option<Result<Lowered, KernelE
     let call = crate::library::for_node(g, node)?;
     Some(call.map_err(KernelError::from).and_then(|call| {
         if !matches!(node.op, Op::Fused(FusedOp::MatMulEpilogue { .. })) {
-            return Ok(Lowered::single_call(node, call));
+            return Ok(Lowered::one(node, Work::Library(call)));
         }
         let k = Kernel::epilogue(g, node, launch_name(name, 1))?;
         let mut args = vec![Arg::Output(0)];
@@ -135,20 +140,6 @@ fn library(g: &Graph, node: &Node, name: &str) -> Option<Result<Lowered, KernelE
             scratch: Vec::new(),
         })
     }))
-}
-
-impl Lowered {
-    /// One library call over the node's operands then its results.
-    fn single_call(node: &Node, call: LibraryCall) -> Lowered {
-        let args = (0..node.inputs.len())
-            .map(Arg::Input)
-            .chain((0..node.outputs.len()).map(Arg::Output))
-            .collect();
-        Lowered {
-            launches: vec![Launch::library(call, args)],
-            scratch: Vec::new(),
-        }
-    }
 }
 
 /// The launches of `node`; `name` prefixes their kernels' symbols (each launch gets `name`, then
