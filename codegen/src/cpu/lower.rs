@@ -237,7 +237,9 @@ impl<'ctx> Lower<'_, 'ctx> {
         };
         let low = call("llvm.maxnum", &[x, c(-104.0)])?;
         let xc = call("llvm.minnum", &[low, c(89.0)])?;
-        let t = b(self.bd.build_float_mul(xc, c(std::f64::consts::LOG2_E), "t"))?;
+        let t = b(self
+            .bd
+            .build_float_mul(xc, c(std::f64::consts::LOG2_E), "t"))?;
         let n = call("llvm.rint", &[t])?;
         let neg_n = b(self.bd.build_float_neg(n, "nn"))?;
         let r = call("llvm.fma", &[neg_n, c(hi), xc])?;
