@@ -218,15 +218,7 @@ fn a_nan_query_on_the_gemm_form() {
     bwd.push(random(DType::F32, &[1, 2, 80, 8], 64));
     let op = Op::Fused(FusedOp::AttentionGrad { scale, causal });
     let g = one_node(op, &bwd);
-    let bind: std::collections::HashMap<String, Tensor> = bwd
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (format!("in{i}"), t.clone()))
-        .collect();
-    let want = mmc_ir::Interpreter::new(&g, mmc_ir::Precision::Declared)
-        .expect("verifies")
-        .run(&bind)
-        .expect("runs");
+    let want = common::interpret(&g, &bwd).expect("runs");
     let run = run_compiled(&g, &bwd, 2).expect("runs");
     let mut nan = 0;
     for (i, got) in run.outputs.iter().enumerate() {

@@ -5,26 +5,17 @@
 
 mod common;
 
-use common::{bytes, ints, one_node, random, run_compiled};
+use common::{bytes, interpret, ints, one_node, random, run_compiled};
 use mmc_codegen::native::NativeError;
-use mmc_ir::{DType, FusedOp, Interpreter, Op, Precision, Tensor, TensorData};
+use mmc_ir::{DType, FusedOp, Op, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::collections::HashMap;
 
 /// `op` over `inputs`: every result's bytes equal the interpreter's, on 1 and 2 threads
 /// (stricter than the harness's `check` at tolerance 0: -0.0 is not 0.0).
 fn exact(op: Op, inputs: &[Tensor]) {
     let g = one_node(op, inputs);
-    let bind: HashMap<String, Tensor> = inputs
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (format!("in{i}"), t.clone()))
-        .collect();
-    let want = Interpreter::new(&g, Precision::Declared)
-        .expect("verifies")
-        .run(&bind)
-        .expect("the interpreter runs it");
+    let want = interpret(&g, inputs).expect("the interpreter runs it");
     for threads in [1, 2] {
         let run = run_compiled(&g, inputs, threads).unwrap_or_else(|e| panic!("{e}"));
         for (i, got) in run.outputs.iter().enumerate() {
@@ -50,15 +41,10 @@ fn exact(op: Op, inputs: &[Tensor]) {
 /// The error of running `op` compiled over `inputs` (which the interpreter refuses too).
 fn refused(op: Op, inputs: &[Tensor]) -> NativeError {
     let g = one_node(op, inputs);
-    let bind: HashMap<String, Tensor> = inputs
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (format!("in{i}"), t.clone()))
-        .collect();
-    let interp = Interpreter::new(&g, Precision::Declared)
-        .expect("verifies")
-        .run(&bind);
-    assert!(interp.is_err(), "the interpreter accepts these inputs");
+    assert!(
+        interpret(&g, inputs).is_err(),
+        "the interpreter accepts these inputs"
+    );
     let mut last = None;
     for threads in [1, 2] {
         match run_compiled(&g, inputs, threads) {

@@ -54,18 +54,18 @@ pub(super) fn lower(g: &Graph, node: &Node, name: &str) -> Option<Result<Lowered
 /// The sizes of an attention: q [batch, q_heads, seq, head_dim], k and v
 /// [batch, kv_heads, seq, head_dim]; query head h reads kv head `h / group`.
 #[derive(Clone, Copy, Debug)]
-struct Dims {
-    batch: usize,
-    q_heads: usize,
-    kv_heads: usize,
-    seq: usize,
-    d: usize,
+pub(super) struct Dims {
+    pub(super) batch: usize,
+    pub(super) q_heads: usize,
+    pub(super) kv_heads: usize,
+    pub(super) seq: usize,
+    pub(super) d: usize,
     /// Query heads per kv head.
-    group: usize,
+    pub(super) group: usize,
 }
 
 impl Dims {
-    fn of(q: &TensorType, k: &TensorType) -> Dims {
+    pub(super) fn of(q: &TensorType, k: &TensorType) -> Dims {
         let (q_heads, kv_heads) = (q.shape[1], k.shape[1]);
         Dims {
             batch: q.shape[0],

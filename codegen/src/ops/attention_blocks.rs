@@ -36,17 +36,14 @@ pub(super) const MIN_SEQ: usize = 64;
 /// cache), at least 16 rows.
 const BLOCK_ELEMENTS: usize = 1 << 20;
 
-/// The sizes of an attention: q [batch, q_heads, seq, d], k and v [batch, kv_heads, seq, d].
+/// An attention's sizes (`attention::Dims`: q [batch, q_heads, seq, d], k and v
+/// [batch, kv_heads, seq, d]) and what the GEMM form adds: the dtype, the rows per block and
+/// the op's attributes.
 #[derive(Clone, Copy, Debug)]
 struct Dims {
+    shape: super::attention::Dims,
     dtype: DType,
     float: Float,
-    batch: usize,
-    q_heads: usize,
-    kv_heads: usize,
-    seq: usize,
-    d: usize,
-    group: usize,
     /// Query rows per block.
     rows: usize,
     scale: f64,
@@ -68,16 +65,12 @@ impl Dims {
                 dtype: q.dtype,
             });
         };
-        let seq = q.shape[2];
+        let shape = super::attention::Dims::of(q, k);
+        let seq = shape.seq;
         Ok(Dims {
+            shape,
             dtype: q.dtype,
             float,
-            batch: q.shape[0],
-            q_heads: q.shape[1],
-            kv_heads: k.shape[1],
-            seq,
-            d: q.shape[3],
-            group: q.shape[1] / k.shape[1].max(1),
             rows: (BLOCK_ELEMENTS / seq.max(1)).clamp(16, seq.max(1)),
             scale,
             causal,
@@ -86,18 +79,18 @@ impl Dims {
     }
 
     fn q_len(&self) -> usize {
-        self.batch * self.q_heads * self.seq * self.d
+        self.shape.batch * self.shape.q_heads * self.shape.seq * self.shape.d
     }
 
     fn kv_len(&self) -> usize {
-        self.batch * self.kv_heads * self.seq * self.d
+        self.shape.batch * self.shape.kv_heads * self.shape.seq * self.shape.d
     }
 
     /// The [rows, seq] scratch of one block's scores (or score gradients).
     fn block(&self) -> Buffer {
         Buffer {
             dtype: self.dtype,
-            shape: vec![self.rows, self.seq],
+            shape: vec![self.rows, self.shape.seq],
             access: Access::Write,
         }
     }
@@ -105,10 +98,10 @@ impl Dims {
     /// Every (batch row, query head, first row, rows) block, in order.
     fn blocks(&self) -> Vec<(usize, usize, usize, usize)> {
         let mut out = Vec::new();
-        for b in 0..self.batch {
-            for h in 0..self.q_heads {
-                for i0 in (0..self.seq).step_by(self.rows) {
-                    out.push((b, h, i0, self.rows.min(self.seq - i0)));
+        for b in 0..self.shape.batch {
+            for h in 0..self.shape.q_heads {
+                for i0 in (0..self.shape.seq).step_by(self.rows) {
+                    out.push((b, h, i0, self.rows.min(self.shape.seq - i0)));
                 }
             }
         }
@@ -117,12 +110,12 @@ impl Dims {
 
     /// The first element of query head `h` of batch row `b` (q, o, do, dq).
     fn q_at(&self, b: usize, h: usize) -> usize {
-        (b * self.q_heads + h) * self.seq * self.d
+        (b * self.shape.q_heads + h) * self.shape.seq * self.shape.d
     }
 
     /// The first element of the kv head that query head `h` of batch row `b` reads.
     fn kv_at(&self, b: usize, h: usize) -> usize {
-        (b * self.kv_heads + h / self.group.max(1)) * self.seq * self.d
+        (b * self.shape.kv_heads + h / self.shape.group.max(1)) * self.shape.seq * self.shape.d
     }
 
     /// The keys a block of rows `i0..i0 + n` sees: up to its last row when causal.
@@ -130,22 +123,22 @@ impl Dims {
         if self.causal {
             i0 + n
         } else {
-            self.seq
+            self.shape.seq
         }
     }
 
     /// `scores[0..n, 0..keys] = q_block k^T` for the block.
     fn scores(&self, (b, h, i0, n): (usize, usize, usize, usize), q: Arg, k: Arg) -> Launch {
-        let d = self.d;
+        let d = self.shape.d;
         let call = LibraryCall::gemm(
             self.float,
             (n, d, self.keys(i0, n)),
             (
                 View::rows(self.q_at(b, h) + i0 * d, d),
                 View::transposed(self.kv_at(b, h), d),
-                View::rows(0, self.seq),
+                View::rows(0, self.shape.seq),
             ),
-            [self.q_len(), self.kv_len(), self.rows * self.seq],
+            [self.q_len(), self.kv_len(), self.rows * self.shape.seq],
             false,
         );
         Launch::library(call, vec![q, k, Arg::Scratch(0)])
@@ -174,18 +167,18 @@ fn softmax_rows(
     (b, h, i0, n): (usize, usize, usize, usize),
     flags: bool,
 ) -> Result<(GeneratedKernel, Vec<Arg>), KernelError> {
-    let (dt, s, keys) = (a.dtype, a.seq, a.keys(i0, n));
+    let (dt, s, keys) = (a.dtype, a.shape.seq, a.keys(i0, n));
     let mut k = LoopBuilder::new(name, n, (4096 / keys.max(1)).max(1));
     let mut args = Vec::new();
     let bseg = a.segments.then(|| {
         args.push(Arg::Input(3));
-        k.read(I64, &[a.batch, s])
+        k.read(I64, &[a.shape.batch, s])
     });
     let bs = k.write(dt, &[a.rows, s]);
     args.push(Arg::Scratch(0));
     let bfl = flags.then(|| {
         args.push(Arg::Scratch(2));
-        k.write(I64, &[a.batch * a.q_heads * s])
+        k.write(I64, &[a.shape.batch * a.shape.q_heads * s])
     });
     let r = k.item();
     let i = k.var(I64, r.clone() + idx(i0));
@@ -216,7 +209,7 @@ fn softmax_rows(
         k.set(m, m.val().max(masked(j, x, cst(f64::NEG_INFINITY, dt))));
     });
     let bad = k.var(DType::Bool, not_finite(m.val().cast(F64)));
-    let flag_at = idx((b * a.q_heads + h) * s) + i.val();
+    let flag_at = idx((b * a.shape.q_heads + h) * s) + i.val();
     k.if_else(
         bad.val(),
         |k| {
@@ -258,7 +251,7 @@ pub(super) fn forward(
     attrs: (f64, bool),
 ) -> Result<Lowered, KernelError> {
     let a = Dims::of(g, node, attrs, node.inputs.len() == 4)?;
-    let d = a.d;
+    let d = a.shape.d;
     let mut launches = Vec::new();
     for blk in a.blocks() {
         let (b, h, i0, n) = blk;
@@ -269,11 +262,11 @@ pub(super) fn forward(
             a.float,
             (n, a.keys(i0, n), d),
             (
-                View::rows(0, a.seq),
+                View::rows(0, a.shape.seq),
                 View::rows(a.kv_at(b, h), d),
                 View::rows(a.q_at(b, h) + i0 * d, d),
             ),
-            [a.rows * a.seq, a.kv_len(), a.q_len()],
+            [a.rows * a.shape.seq, a.kv_len(), a.q_len()],
             false,
         );
         launches.push(Launch::library(
@@ -296,11 +289,11 @@ pub(super) fn backward(
     attrs: (f64, bool),
 ) -> Result<Lowered, KernelError> {
     let a = Dims::of(g, node, attrs, node.inputs.len() == 5)?;
-    let (d, s, dt) = (a.d, a.seq, a.dtype);
+    let (d, s, dt) = (a.shape.d, a.shape.seq, a.dtype);
     let d_out = Arg::Input(node.inputs.len() - 1);
     let flags = Buffer {
         dtype: I64,
-        shape: vec![a.batch * a.q_heads * s],
+        shape: vec![a.shape.batch * a.shape.q_heads * s],
         access: Access::Write,
     };
     let block_len = a.rows * s;
@@ -403,18 +396,22 @@ pub(super) fn backward(
     }
 
     // A NaN row makes the dv of its whole kv head NaN (the interpreter's rule).
-    let mut k = LoopBuilder::new(launch_name(name, launches.len()), a.batch * a.kv_heads, 1);
+    let mut k = LoopBuilder::new(
+        launch_name(name, launches.len()),
+        a.shape.batch * a.shape.kv_heads,
+        1,
+    );
     let bfl = k.read(I64, &flags.shape);
     let bdv = k.write(dt, &[a.kv_len()]);
     let bkv = k.item();
     let first = k.var(
         I64,
-        (bkv.clone().idiv(idx(a.kv_heads.max(1))) * idx(a.q_heads)
-            + bkv.clone().irem(idx(a.kv_heads.max(1))) * idx(a.group))
+        (bkv.clone().idiv(idx(a.shape.kv_heads.max(1))) * idx(a.shape.q_heads)
+            + bkv.clone().irem(idx(a.shape.kv_heads.max(1))) * idx(a.shape.group))
             * idx(s),
     );
     let count = k.var(I64, idx(0));
-    k.for_(first.val(), first.val() + idx(a.group * s), |k, r| {
+    k.for_(first.val(), first.val() + idx(a.shape.group * s), |k, r| {
         k.accumulate(count, load(bfl, r));
     });
     k.if_(count.val().cmp(CmpOp::Gt, idx(0)), |k| {

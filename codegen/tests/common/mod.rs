@@ -104,6 +104,21 @@ pub fn one_node(op: Op, inputs: &[Tensor]) -> Graph {
     g
 }
 
+/// The reference interpreter's results of `g` (from [`one_node`]) on `inputs`.
+pub fn interpret(
+    g: &Graph,
+    inputs: &[Tensor],
+) -> Result<mmc_ir::Outputs, mmc_ir::interp::InterpError> {
+    let bind: HashMap<String, Tensor> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (format!("in{i}"), t.clone()))
+        .collect();
+    Interpreter::new(g, Precision::Declared)
+        .expect("verifies")
+        .run(&bind)
+}
+
 /// What the compiled node gave: its results as stored bytes, per thread count.
 pub struct Run {
     pub lowered: Lowered,
@@ -183,15 +198,7 @@ pub fn run_compiled(g: &Graph, inputs: &[Tensor], threads: usize) -> Result<Run,
 /// (NaN where it has NaN, an infinity where it has that infinity).
 pub fn check(op: Op, inputs: &[Tensor], tol: f64) {
     let g = one_node(op, inputs);
-    let bind: HashMap<String, Tensor> = inputs
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (format!("in{i}"), t.clone()))
-        .collect();
-    let want = Interpreter::new(&g, Precision::Declared)
-        .expect("verifies")
-        .run(&bind)
-        .expect("the interpreter runs it");
+    let want = interpret(&g, inputs).expect("the interpreter runs it");
     for threads in [1, 2] {
         let run = run_compiled(&g, inputs, threads).unwrap_or_else(|e| panic!("{e}"));
         for (i, got) in run.outputs.iter().enumerate() {
