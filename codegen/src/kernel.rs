@@ -102,7 +102,7 @@ pub const ELEMENTWISE_TILE: usize = 4096;
 pub fn supported_dtype(d: DType) -> bool {
     matches!(
         d,
-        DType::F32 | DType::F64 | DType::I64 | DType::I32 | DType::Bool
+        DType::F32 | DType::BF16 | DType::F64 | DType::I64 | DType::I32 | DType::Bool
     )
 }
 
@@ -175,9 +175,9 @@ impl Kernel {
     }
 
     /// The epilogue of a `fused.matmul_epilogue` node: its program over the product (`$0`,
-    /// read from the node's own result, where the GEMM stored it) and the extras (read
-    /// broadcast), stored back in place. Buffers: the result (read), the extras, the result
-    /// (written).
+    /// read from where the GEMM stored it: the node's own result, or a scratch when the result
+    /// is of another dtype, as a bf16 product cast to f32) and the extras (read broadcast),
+    /// stored to the result. Buffers: the product (read), the extras, the result (written).
     pub fn epilogue(g: &Graph, node: &Node, name: String) -> Result<Kernel, KernelError> {
         let Op::Fused(FusedOp::MatMulEpilogue { program }) = &node.op else {
             return Err(KernelError::Unsupported { op: node.op.name() });
@@ -185,13 +185,6 @@ impl Kernel {
         let op = node.op.name();
         let out = g.ty(node.outputs[0]);
         let product = g.ty(node.inputs[0]).dtype;
-        if product != out.dtype {
-            // The product would need a buffer of its own dtype (bf16 storage comes later).
-            return Err(KernelError::Dtype {
-                op,
-                dtype: out.dtype,
-            });
-        }
         let mut operands = vec![product];
         operands.extend(node.inputs[2..].iter().map(|&v| g.ty(v).dtype));
         check_program(program, &operands, op)?;

@@ -1,7 +1,7 @@
 //! The generated kernels of flash attention and of the linear cross-entropy, forward and
 //! backward, against the interpreter: causal or not, grouped-query heads, packed samples by
 //! segment ids (with a padding segment 0), sizes that are multiples of neither the vector width
-//! nor the interpreter's 32-row blocks, f32 and f64, chunks that do not divide the rows,
+//! nor the interpreter's 32-row blocks, f32, f64 and bf16, chunks that do not divide the rows,
 //! ignored rows, and out-of-range targets refused.
 //!
 //! Tolerances: both sides compute in f64 and round each result once, so f32 results differ by
@@ -21,12 +21,16 @@ const F64_TOL: f64 = 1e-13;
 /// From 64 keys on, attention runs on f32 GEMMs with f32 row work (PyTorch's precision):
 /// a few units of f32 rounding over the sums of scores and products.
 const F32_GEMM_TOL: f64 = 4e-6;
+/// bf16 results are rounded once from values within the f32 tolerances above of the
+/// interpreter's, so where those straddle a bf16 rounding boundary they differ by one unit
+/// (2^-7 at 1).
+const BF16_TOL: f64 = 1.0 / 128.0;
 
 fn tol(dtype: DType) -> f64 {
-    if dtype == DType::F32 {
-        F32_TOL
-    } else {
-        F64_TOL
+    match dtype {
+        DType::F32 => F32_TOL,
+        DType::BF16 => BF16_TOL,
+        _ => F64_TOL,
     }
 }
 
@@ -63,7 +67,9 @@ impl Attention {
     }
 
     fn tol(&self) -> f64 {
-        if self.dtype == DType::F32 && self.seq >= 64 {
+        if self.dtype == DType::BF16 {
+            BF16_TOL
+        } else if self.dtype == DType::F32 && self.seq >= 64 {
             F32_GEMM_TOL
         } else {
             tol(self.dtype)
@@ -103,7 +109,7 @@ fn packed(seq: usize, samples: &[usize]) -> Vec<i64> {
 
 #[test]
 fn causal_grouped_query_attention_with_packed_samples_matches_the_interpreter() {
-    for dtype in [DType::F32, DType::F64] {
+    for dtype in [DType::F32, DType::F64, DType::BF16] {
         let mut seg = packed(45, &[10, 20, 9]);
         seg.extend(packed(45, &[1, 30, 7]));
         Attention {
@@ -175,7 +181,12 @@ fn bidirectional_attention_matches_the_interpreter() {
 /// 436 and 164 rows, causal blocks seeing only the keys up to their last row.
 #[test]
 fn attention_in_several_blocks_matches_the_interpreter() {
-    for (dtype, causal) in [(DType::F32, true), (DType::F64, true), (DType::F32, false)] {
+    for (dtype, causal) in [
+        (DType::F32, true),
+        (DType::F64, true),
+        (DType::F32, false),
+        (DType::BF16, true),
+    ] {
         let mut seg = packed(600, &[300, 250, 20]);
         seg.extend(packed(600, &[600]));
         Attention {
@@ -349,6 +360,9 @@ fn linear_cross_entropy_matches_the_interpreter() {
         (DType::F64, (10, 6, 21), 4),
         // One chunk larger than the rows.
         (DType::F32, (9, 3, 11), 64),
+        // bf16: f32 logits, dw summed over the 3 chunks in f32; and one chunk.
+        (DType::BF16, (37, 13, 29), 16),
+        (DType::BF16, (9, 3, 11), 64),
     ] {
         let (rows, _, vocab) = dims;
         let ins = cross_entropy_inputs(dtype, dims, targets(rows, vocab), 61);
@@ -361,7 +375,11 @@ fn linear_cross_entropy_matches_the_interpreter() {
         bwd.push(Tensor::from_f64(DType::F32, vec![], &[0.75]).expect("a scalar"));
         // f32 logits and f32 GEMMs (PyTorch's precision) against the interpreter's f64: a
         // few units of f32 rounding over 29-term sums of the gradient.
-        let dw_tol = if dtype == DType::F32 { 4e-6 } else { F64_TOL };
+        let dw_tol = match dtype {
+            DType::F32 => 4e-6,
+            DType::BF16 => BF16_TOL,
+            _ => F64_TOL,
+        };
         check(
             Op::Fused(FusedOp::LinearCrossEntropyGrad { chunk }),
             &bwd,

@@ -1,11 +1,12 @@
 //! The row and pointwise fused ops' kernels (norms, softmax, log-softmax, SwiGLU, GELU, RoPE,
-//! forward and backward) against the interpreter, over f32 and f64, on 1 and 2 threads.
+//! forward and backward) against the interpreter, over f32, f64 and bf16, on 1 and 2 threads.
 //!
 //! The shapes cover a row longer than a tile (4,100 elements), many short rows, odd sizes,
 //! and column sums of more than one column block (the weight gradients). The kernels follow
 //! the interpreter's f64 arithmetic and summation order, so every op but GELU must agree bit
-//! for bit (tolerance 0); GELU's `erf` is the C library's, the interpreter's the `libm`
-//! crate's, which may differ in the last f64 bit.
+//! for bit (tolerance 0; bf16 too, each result rounded through f32 as the interpreter rounds
+//! it); GELU's `erf` is the C library's, the interpreter's the `libm` crate's, which may
+//! differ in the last f64 bit (and so, rarely, by a unit of a bf16 result).
 
 mod common;
 
@@ -14,7 +15,7 @@ use mmc_ir::{DType, FusedOp, Op, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-const DTYPES: [DType; 2] = [DType::F32, DType::F64];
+const DTYPES: [DType; 3] = [DType::F32, DType::F64, DType::BF16];
 
 /// The shapes every row op runs on: a row longer than a tile, many short rows, odd sizes,
 /// more than one column block of the weight gradients (130 > 64 columns), a single element.
@@ -171,7 +172,11 @@ fn swiglu_and_its_grad_match_the_interpreter() {
 /// GELU and its backward out to ±6; `erf` comes from two libraries (see the module doc).
 #[test]
 fn gelu_and_its_grad_match_the_interpreter() {
-    for (d, tol) in [(DType::F32, 1e-7), (DType::F64, 1e-14)] {
+    for (d, tol) in [
+        (DType::F32, 1e-7),
+        (DType::F64, 1e-14),
+        (DType::BF16, 2f64.powi(-7)),
+    ] {
         for (s, shape) in SHAPES.iter().enumerate() {
             let s = s as u64;
             let x = uniform(d, shape, 180 + s, 6.0);

@@ -28,7 +28,8 @@ use std::path::{Path, PathBuf};
 /// its arena layout (`Program::memory`).
 /// 4: a binary container ([`crate::plan_file`]): magic, version, target, a section table with
 /// a SHA-256 per section; the plan body in postcard, an optional native library.
-pub const PLAN_FORMAT_VERSION: u32 = 4;
+/// 5: compiled programs take bf16: GEMM calls over bf16 and a strided GEMM's three dtypes.
+pub const PLAN_FORMAT_VERSION: u32 = 5;
 
 /// The per-step scalar inputs of the apply program: the optimizer step (from 1) and the
 /// learning rate, both f32 scalars.

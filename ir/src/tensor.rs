@@ -78,7 +78,8 @@ impl Tensor {
         Ok(Tensor { shape, data })
     }
 
-    /// A tensor of `dtype` from f64 values, rounded to the dtype (ints truncate toward zero).
+    /// A tensor of `dtype` from f64 values, rounded to the dtype (ints truncate toward zero;
+    /// bf16 through f32, see [`round_bf16`]).
     pub fn from_f64(
         dtype: DType,
         shape: impl Into<Shape>,
@@ -87,7 +88,9 @@ impl Tensor {
         let data = match dtype {
             DType::F64 => TensorData::F64(values.to_vec()),
             DType::F32 => TensorData::F32(values.iter().map(|&x| x as f32).collect()),
-            DType::BF16 => TensorData::BF16(values.iter().map(|&x| bf16::from_f64(x)).collect()),
+            DType::BF16 => {
+                TensorData::BF16(values.iter().map(|&x| bf16::from_f32(x as f32)).collect())
+            }
             DType::F16 => TensorData::F16(values.iter().map(|&x| f16::from_f64(x)).collect()),
             DType::I64 => TensorData::I64(values.iter().map(|&x| x as i64).collect()),
             DType::I32 => TensorData::I32(values.iter().map(|&x| x as i32).collect()),
@@ -290,4 +293,12 @@ pub fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
     } else {
         diff / norm
     }
+}
+
+/// `x` rounded to bf16 as PyTorch rounds a bf16 op's result: to f32, then to the nearest bf16
+/// (ties to even). For `+ - * /` and `sqrt` this is the one correct rounding of the exact
+/// value (f32 carries more than twice bf16's precision), and it is what a kernel computing in
+/// f32 gives, so the interpreter and the compiled kernels agree bit for bit.
+pub fn round_bf16(x: f64) -> f64 {
+    bf16::from_f32(x as f32).to_f64()
 }

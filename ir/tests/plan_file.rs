@@ -58,7 +58,7 @@ fn a_plan_round_trips_with_and_without_a_library() {
     let bytes = p.to_bytes();
     assert_eq!(&bytes[..8], &MAGIC);
     assert_eq!(&bytes[8..12], &PLAN_FORMAT_VERSION.to_le_bytes());
-    assert_eq!(PLAN_FORMAT_VERSION, 4);
+    assert_eq!(PLAN_FORMAT_VERSION, 5);
     let back = read(&bytes).unwrap();
     assert_eq!(back, PlanFile::interpreter(p.clone()));
     assert_eq!(back.to_bytes(), bytes, "writing is deterministic");
@@ -178,13 +178,13 @@ fn what_is_not_a_plan_is_refused() {
 #[test]
 fn a_plan_of_another_format_version_is_refused_naming_both() {
     let bytes = plan().to_bytes();
-    for v in [3u32, 5, 0xffff_ffff] {
+    for v in [4u32, 6, 0xffff_ffff] {
         let mut b = bytes.clone();
         b[8..12].copy_from_slice(&v.to_le_bytes());
         let e = read(&b).unwrap_err().to_string();
         assert!(
             e.contains(&format!("plan format {v},"))
-                && e.contains("reads format 4")
+                && e.contains("reads format 5")
                 && e.contains("recompile"),
             "{e}"
         );
@@ -195,7 +195,7 @@ fn a_plan_of_another_format_version_is_refused_naming_both() {
         .to_string();
     assert!(
         e.contains("plan format 3 (the text format of earlier mmc)")
-            && e.contains("reads format 4"),
+            && e.contains("reads format 5"),
         "{e}"
     );
 }

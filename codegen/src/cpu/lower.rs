@@ -39,10 +39,11 @@ pub(super) struct Lower<'a, 'ctx> {
 }
 
 impl<'ctx> Lower<'_, 'ctx> {
-    /// The register type of `d` (bool as i1).
+    /// The register type of `d` (bool as i1; a bf16 as the f32 of the same value, so its
+    /// arithmetic is f32's, rounded back after each op).
     pub(super) fn reg_type(&self, d: DType) -> BasicTypeEnum<'ctx> {
         match d {
-            DType::F32 => self.cx.f32_type().into(),
+            DType::F32 | DType::BF16 => self.cx.f32_type().into(),
             DType::F64 => self.cx.f64_type().into(),
             DType::I64 => self.cx.i64_type().into(),
             DType::I32 => self.cx.i32_type().into(),
@@ -51,12 +52,63 @@ impl<'ctx> Lower<'_, 'ctx> {
         }
     }
 
-    /// The in-memory type of `d` (bool as one byte).
+    /// The in-memory type of `d` (bool as one byte, bf16 as its 16 bits).
     pub(super) fn mem_type(&self, d: DType) -> BasicTypeEnum<'ctx> {
         match d {
             DType::Bool => self.cx.i8_type().into(),
+            DType::BF16 => self.cx.i16_type().into(),
             d => self.reg_type(d),
         }
+    }
+
+    /// A register of dtype `d` in its in-memory form, to be stored: a bool as a byte, a bf16
+    /// (an f32 that every op has rounded to bf16) as the high half of its bits.
+    pub(super) fn to_mem(&self, d: DType, v: BasicValueEnum<'ctx>) -> R<BasicValueEnum<'ctx>> {
+        let (cx, bd) = (self.cx, self.bd);
+        Ok(match d {
+            DType::Bool => {
+                b(bd.build_int_z_extend(v.into_int_value(), cx.i8_type(), "byte"))?.into()
+            }
+            DType::BF16 => {
+                let bits = b(bd.build_bit_cast(v, cx.i32_type(), "bits"))?.into_int_value();
+                let hi =
+                    b(bd.build_right_shift(bits, cx.i32_type().const_int(16, false), false, "hi"))?;
+                b(bd.build_int_truncate(hi, cx.i16_type(), "bf16"))?.into()
+            }
+            _ => v,
+        })
+    }
+
+    /// `x` (an f32) rounded to the nearest bf16, ties to even, as an f32: what PyTorch and
+    /// the `half` crate do (a NaN stays a NaN, made quiet). Plain integer arithmetic, so it
+    /// vectorises.
+    pub(super) fn round_bf16(&self, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        let (cx, bd) = (self.cx, self.bd);
+        let i32t = cx.i32_type();
+        let c = |v: u64| i32t.const_int(v, false);
+        let bits = b(bd.build_bit_cast(x, i32t, "bits"))?.into_int_value();
+        let lsb = b(bd.build_right_shift(bits, c(16), false, "lsb"))?;
+        let lsb = b(bd.build_and(lsb, c(1), "lsb"))?;
+        let up = b(bd.build_int_add(bits, c(0x7fff), "up"))?;
+        let up = b(bd.build_int_add(up, lsb, "up"))?;
+        let quiet = b(bd.build_or(bits, c(0x0040_0000), "quiet"))?;
+        let nan = b(bd.build_float_compare(FloatPredicate::UNO, x, x, "nan"))?;
+        let r = b(bd.build_select(nan, quiet, up, "r"))?.into_int_value();
+        let r = b(bd.build_and(r, c(0xffff_0000), "r"))?;
+        Ok(b(bd.build_bit_cast(r, cx.f32_type(), "bf16"))?.into_float_value())
+    }
+
+    /// `v` rounded to bf16 when `d` is bf16 (an op's f32 result), as it is otherwise.
+    pub(super) fn round_bf16_if(
+        &self,
+        d: DType,
+        v: BasicValueEnum<'ctx>,
+    ) -> R<BasicValueEnum<'ctx>> {
+        Ok(if d == DType::BF16 {
+            self.round_bf16(v.into_float_value())?.into()
+        } else {
+            v
+        })
     }
 
     pub(super) fn float_type(&self, d: DType) -> FloatType<'ctx> {
@@ -130,6 +182,12 @@ impl<'ctx> Lower<'_, 'ctx> {
                 UnaryOp::Not => b(self.bd.build_not(x, "not"))?.into(),
                 other => return Err(format!("{other:?} on integers")),
             });
+        }
+        if d == DType::BF16 {
+            // f32's result rounded to bf16: for the basic ops one correct rounding (f32 has
+            // more than twice bf16's precision), for the others as the interpreter rounds.
+            let r = self.unary(u, DType::F32, x)?;
+            return self.round_bf16_if(d, r);
         }
         let x = x.into_float_value();
         let ft = self.float_type(d);
@@ -304,6 +362,10 @@ impl<'ctx> Lower<'_, 'ctx> {
                 other => return Err(format!("{other:?} on integers")),
             });
         }
+        if d == DType::BF16 {
+            let r = self.binary(op, DType::F32, x, y)?;
+            return self.round_bf16_if(d, r);
+        }
         let (x, y) = (x.into_float_value(), y.into_float_value());
         Ok(match op {
             BinaryOp::Add => b(self.bd.build_float_add(x, y, "add"))?.into(),
@@ -379,6 +441,17 @@ impl<'ctx> Lower<'_, 'ctx> {
         x: BasicValueEnum<'ctx>,
     ) -> R<BasicValueEnum<'ctx>> {
         let bd = self.bd;
+        if to == DType::BF16 && from != DType::BF16 {
+            // Through f32, as the interpreter rounds to bf16.
+            let r = self.cast(from, DType::F32, x)?;
+            return self.round_bf16_if(to, r);
+        }
+        // A bf16 register is the f32 of the same value.
+        let from = if from == DType::BF16 {
+            DType::F32
+        } else {
+            from
+        };
         Ok(match (from.is_float(), to.is_float()) {
             (true, true) => {
                 let x = x.into_float_value();
@@ -462,7 +535,14 @@ impl<'ctx> Lower<'_, 'ctx> {
         // SAFETY (of the generated code): idx < the buffer's element count by construction.
         let p = unsafe { b(self.bd.build_gep(mt, buf, &[idx], "p")) }?;
         let v = b(self.bd.build_load(mt, p, "v"))?;
-        Ok(if d == DType::Bool {
+        Ok(if d == DType::BF16 {
+            let i32t = self.cx.i32_type();
+            let w = b(self.bd.build_int_z_extend(v.into_int_value(), i32t, "w"))?;
+            let bits = b(self
+                .bd
+                .build_left_shift(w, i32t.const_int(16, false), "bits"))?;
+            b(self.bd.build_bit_cast(bits, self.cx.f32_type(), "f"))?
+        } else if d == DType::Bool {
             let byte = v.into_int_value();
             b(self
                 .bd
@@ -594,7 +674,8 @@ impl<'ctx> Lower<'_, 'ctx> {
         bd.position_at_end(done);
         let a = acc.as_basic_value();
         Ok(if d.is_float() && d != DType::F64 {
-            b(bd.build_float_trunc(a.into_float_value(), self.float_type(d), "r"))?.into()
+            let r = b(bd.build_float_trunc(a.into_float_value(), self.float_type(d), "r"))?;
+            self.round_bf16_if(d, r.into())?
         } else {
             a
         })
@@ -603,6 +684,10 @@ impl<'ctx> Lower<'_, 'ctx> {
     pub(super) fn constant(&self, value: f64, d: DType) -> BasicValueEnum<'ctx> {
         match d {
             DType::F32 => self.cx.f32_type().const_float(value as f32 as f64).into(),
+            DType::BF16 => {
+                let v = half::bf16::from_f32(value as f32).to_f64();
+                self.cx.f32_type().const_float(v).into()
+            }
             DType::F64 => self.cx.f64_type().const_float(value).into(),
             DType::Bool => self
                 .cx
@@ -724,12 +809,7 @@ fn lower_kernel<'ctx>(cx: &'ctx Context, module: &Module<'ctx>, k: &Kernel) -> R
     }
     let out = k.buffers.len() - 1;
     let od = k.buffers[out].dtype;
-    let result = *regs.last().ok_or("an empty program")?;
-    let result = if od == DType::Bool {
-        b(bd.build_int_z_extend(result.into_int_value(), cx.i8_type(), "byte"))?.into()
-    } else {
-        result
-    };
+    let result = l.to_mem(od, *regs.last().ok_or("an empty program")?)?;
     // SAFETY (of the generated code): i < the result's element count.
     let p = unsafe { b(bd.build_gep(l.mem_type(od), bufs[out], &[iv], "o")) }?;
     b(bd.build_store(p, result))?;

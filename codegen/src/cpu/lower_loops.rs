@@ -151,7 +151,7 @@ impl<'ctx> Loops<'_, 'ctx> {
                         .ok_or("a sum that is not an instruction")?
                         .set_fast_math_flags(FastMathFlags::AllowReassoc)
                         .map_err(|e| format!("{e:?}"))?;
-                    sum.into()
+                    self.l.round_bf16_if(d, sum.into())?
                 } else {
                     let sum = b(bd.build_int_add(acc.into_int_value(), x.into_int_value(), "sum"))?;
                     sum.into()
@@ -197,12 +197,7 @@ impl<'ctx> Loops<'_, 'ctx> {
                 let i = self.index(*buffer, index, *checked)?;
                 let d = self.k.buffers[*buffer].dtype;
                 let v = self.expr(value)?;
-                let v = if d == DType::Bool {
-                    b(bd.build_int_z_extend(v.into_int_value(), self.l.cx.i8_type(), "byte"))?
-                        .into()
-                } else {
-                    v
-                };
+                let v = self.l.to_mem(d, v)?;
                 // SAFETY (of the generated code): the index is in range, checked when it
                 // comes from data and by the op's description otherwise.
                 let p =
@@ -251,8 +246,9 @@ impl<'ctx> Loops<'_, 'ctx> {
             }
             Expr::ExpApprox(x) => {
                 let x = self.expr(x)?;
-                if d == DType::F32 {
-                    self.l.exp_f32_approx(x.into_float_value())?.into()
+                if d == DType::F32 || d == DType::BF16 {
+                    let y = self.l.exp_f32_approx(x.into_float_value())?;
+                    self.l.round_bf16_if(d, y.into())?
                 } else {
                     self.l.unary(mmc_ir::UnaryOp::Exp, d, x)?
                 }

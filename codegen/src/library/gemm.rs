@@ -14,22 +14,68 @@
 
 use super::{Grouped, MatMul};
 use gemm::Parallelism;
+use half::bf16;
 use rayon::prelude::*;
+use std::any::TypeId;
+use std::cell::RefCell;
 
-/// The element types of the calls.
-pub(super) trait Elem: Copy + Send + Sync + std::ops::AddAssign + 'static {
+/// The element types of the calls: f32 and f64, which the library multiplies as they are,
+/// and bf16, stored as bf16 and multiplied in f32 (see [`via_f32`]).
+pub(super) trait Elem: Copy + Send + Sync + 'static {
     const ZERO: Self;
     const ONE: Self;
+    /// Whether the library multiplies this type itself (f32, f64): partial products of a
+    /// split contraction can then be summed in it.
+    const NATIVE: bool;
+    fn to_f32(self) -> f32;
+    /// Rounded to nearest, ties to even.
+    fn from_f32(x: f32) -> Self;
+    fn add(self, y: Self) -> Self;
 }
 
 impl Elem for f32 {
     const ZERO: f32 = 0.0;
     const ONE: f32 = 1.0;
+    const NATIVE: bool = true;
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(x: f32) -> f32 {
+        x
+    }
+    fn add(self, y: f32) -> f32 {
+        self + y
+    }
 }
 
 impl Elem for f64 {
     const ZERO: f64 = 0.0;
     const ONE: f64 = 1.0;
+    const NATIVE: bool = true;
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    fn from_f32(x: f32) -> f64 {
+        f64::from(x)
+    }
+    fn add(self, y: f64) -> f64 {
+        self + y
+    }
+}
+
+impl Elem for bf16 {
+    const ZERO: bf16 = bf16::ZERO;
+    const ONE: bf16 = bf16::ONE;
+    const NATIVE: bool = false;
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn from_f32(x: f32) -> bf16 {
+        bf16::from_f32(x)
+    }
+    fn add(self, y: bf16) -> bf16 {
+        bf16::from_f32(self.to_f32() + y.to_f32())
+    }
 }
 
 /// A read-only matrix operand: its base and its row and column strides, in elements.
@@ -41,6 +87,40 @@ struct Operand<T> {
 }
 
 impl<T> Operand<T> {
+    /// The operand a view of the buffer at `p` describes.
+    ///
+    /// # Safety
+    /// The view's offset is inside the buffer.
+    unsafe fn view(p: *mut u8, v: super::View) -> Self {
+        Operand {
+            // SAFETY: the caller's contract.
+            ptr: unsafe { p.cast::<T>().add(v.offset) }.cast_const(),
+            rs: v.row_stride as isize,
+            cs: v.col_stride as isize,
+        }
+    }
+
+    /// The same operand read as another type (of the same layout).
+    fn cast<U>(self) -> Operand<U> {
+        Operand {
+            ptr: self.ptr.cast(),
+            rs: self.rs,
+            cs: self.cs,
+        }
+    }
+
+    /// The operand from its element (i, j) on.
+    ///
+    /// # Safety
+    /// Element (i, j) is inside the operand.
+    unsafe fn at(self, i: usize, j: usize) -> Self {
+        Operand {
+            // SAFETY: the caller's contract.
+            ptr: unsafe { self.ptr.offset(i as isize * self.rs + j as isize * self.cs) },
+            ..self
+        }
+    }
+
     /// The dense row-major [rows, cols] matrix at `ptr`.
     fn rows(ptr: *const T, cols: usize) -> Self {
         Operand {
@@ -121,6 +201,14 @@ struct Dst<T> {
 }
 
 impl<T> Dst<T> {
+    fn cast<U>(self) -> Dst<U> {
+        Dst {
+            ptr: self.ptr.cast(),
+            rs: self.rs,
+            accumulate: self.accumulate,
+        }
+    }
+
     /// The dense row-major [_, cols] matrix at `ptr`, overwritten.
     fn rows(ptr: *mut T, cols: usize) -> Self {
         Dst {
@@ -132,16 +220,17 @@ impl<T> Dst<T> {
 }
 
 /// `dst [m, n] = lhs [m, k] @ rhs [k, n]` (or `+=` when it accumulates); with `k == 0` dst is
-/// zeroed (or left as it is).
+/// zeroed (or left as it is). Operands of one type the library multiplies (f32, f64) go to it
+/// as they are; any bf16 takes [`via_f32`].
 ///
 /// # Safety
 /// The operands cover [m, k] and [k, n] readable elements at their strides, `dst` [m, n]
 /// writable ones at its row stride (at least n) that overlap neither.
-unsafe fn product<T: Elem>(
+unsafe fn product<A: Elem, B: Elem, C: Elem>(
     (m, k, n): (usize, usize, usize),
-    lhs: Operand<T>,
-    rhs: Operand<T>,
-    dst: Dst<T>,
+    lhs: Operand<A>,
+    rhs: Operand<B>,
+    dst: Dst<C>,
     par: Parallelism,
 ) {
     if m == 0 || n == 0 {
@@ -153,14 +242,42 @@ unsafe fn product<T: Elem>(
                 // SAFETY: row i of dst holds n writable elements.
                 unsafe {
                     std::slice::from_raw_parts_mut(dst.ptr.offset(i as isize * dst.rs), n)
-                        .fill(T::ZERO)
+                        .fill(C::ZERO)
                 };
             }
         }
         return;
     }
-    // SAFETY: the caller's contract; with `read_dst` the library computes
-    // dst = alpha * dst + beta * lhs @ rhs, without it dst = beta * lhs @ rhs (alpha unused).
+    let same = TypeId::of::<A>() == TypeId::of::<C>() && TypeId::of::<B>() == TypeId::of::<C>();
+    if !(same && C::NATIVE) {
+        // SAFETY: the caller's contract.
+        unsafe { via_f32((m, k, n), lhs, rhs, dst, par) };
+        return;
+    }
+    // SAFETY: A, B and C are one type (checked above), so the casts change nothing; the
+    // caller's contract; with `read_dst` the library computes dst = alpha * dst + beta * lhs
+    // @ rhs, without it dst = beta * lhs @ rhs (alpha unused).
+    unsafe {
+        if TypeId::of::<C>() == TypeId::of::<f32>() {
+            native::<f32>((m, k, n), lhs.cast(), rhs.cast(), dst.cast(), par);
+        } else {
+            native::<f64>((m, k, n), lhs.cast(), rhs.cast(), dst.cast(), par);
+        }
+    }
+}
+
+/// The library's own product over f32 or f64.
+///
+/// # Safety
+/// As for [`product`], with k > 0.
+unsafe fn native<T: Elem>(
+    (m, k, n): (usize, usize, usize),
+    lhs: Operand<T>,
+    rhs: Operand<T>,
+    dst: Dst<T>,
+    par: Parallelism,
+) {
+    // SAFETY: the caller's contract.
     unsafe {
         gemm::gemm(
             m,
@@ -183,6 +300,155 @@ unsafe fn product<T: Elem>(
             false,
             par,
         );
+    }
+}
+
+/// Rows and columns of an output tile of [`via_f32`], and the contraction's block: the f32
+/// scratch is a [TILE, TILE] tile of dst and [TILE, DEPTH] and [DEPTH, TILE] blocks of the
+/// operands (6 MiB), and each operand element is converted once per tile of the other's.
+const TILE: usize = 1024;
+const DEPTH: usize = 256;
+
+thread_local! {
+    /// Each thread's f32 scratch for [`via_f32`], kept between calls.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A product with bf16 operands or result, in f32: the library's f32 kernels on f32 copies
+/// of operand blocks, accumulating in f32 over the whole contraction, each result rounded
+/// once to dst's type. bf16 storage with f32 accumulation, as PyTorch's CPU bf16 matmul; this
+/// CPU has no bf16 multiply instructions (no AVX-512 BF16), and the conversion costs one pass
+/// over each operand block per tile. f32 operands are read in place; a block keeps its
+/// operand's layout (row- or column-major) so the copy reads contiguously.
+///
+/// # Safety
+/// As for [`product`], with k > 0.
+unsafe fn via_f32<A: Elem, B: Elem, C: Elem>(
+    (m, k, n): (usize, usize, usize),
+    lhs: Operand<A>,
+    rhs: Operand<B>,
+    dst: Dst<C>,
+    par: Parallelism,
+) {
+    let direct_dst = TypeId::of::<C>() == TypeId::of::<f32>();
+    SCRATCH.with_borrow_mut(|scratch| {
+        let need = TILE * TILE + 2 * TILE * DEPTH;
+        if scratch.len() < need {
+            scratch.resize(need, 0.0);
+        }
+        let (ct, rest) = scratch.split_at_mut(TILE * TILE);
+        let (at, bt) = rest.split_at_mut(TILE * DEPTH);
+        for i0 in (0..m).step_by(TILE) {
+            let mt = TILE.min(m - i0);
+            for j0 in (0..n).step_by(TILE) {
+                let nt = TILE.min(n - j0);
+                // SAFETY: the tile is inside dst.
+                let dtile = unsafe { dst.ptr.offset(i0 as isize * dst.rs + j0 as isize) };
+                let out = if direct_dst {
+                    Dst {
+                        ptr: dtile.cast::<f32>(),
+                        rs: dst.rs,
+                        accumulate: dst.accumulate,
+                    }
+                } else {
+                    if dst.accumulate {
+                        for i in 0..mt {
+                            // SAFETY: row i of the tile holds nt readable elements.
+                            let row = unsafe {
+                                std::slice::from_raw_parts(dtile.offset(i as isize * dst.rs), nt)
+                            };
+                            for (c, x) in ct[i * nt..(i + 1) * nt].iter_mut().zip(row) {
+                                *c = x.to_f32();
+                            }
+                        }
+                    }
+                    Dst {
+                        ptr: ct.as_mut_ptr(),
+                        rs: nt as isize,
+                        accumulate: dst.accumulate,
+                    }
+                };
+                for p0 in (0..k).step_by(DEPTH) {
+                    let kt = DEPTH.min(k - p0);
+                    // SAFETY: the blocks are inside the operands.
+                    let (a, b) = unsafe {
+                        (
+                            f32_block(lhs.at(i0, p0), (mt, kt), at),
+                            f32_block(rhs.at(p0, j0), (kt, nt), bt),
+                        )
+                    };
+                    let out = Dst {
+                        accumulate: out.accumulate || p0 > 0,
+                        ..out
+                    };
+                    // SAFETY: the blocks are [mt, kt] and [kt, nt], the tile [mt, nt].
+                    unsafe { native::<f32>((mt, kt, nt), a, b, out, par) };
+                }
+                if !direct_dst {
+                    for i in 0..mt {
+                        // SAFETY: row i of the tile holds nt writable elements.
+                        let row = unsafe {
+                            std::slice::from_raw_parts_mut(dtile.offset(i as isize * dst.rs), nt)
+                        };
+                        for (x, c) in row.iter_mut().zip(&ct[i * nt..(i + 1) * nt]) {
+                            *x = C::from_f32(*c);
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The [rows, cols] block at `src` as f32: `src` itself when it is f32, else copied into
+/// `buf` in its layout (row-major when its columns are adjacent, column-major when its rows
+/// are).
+///
+/// # Safety
+/// `src` covers [rows, cols] readable elements at its strides; `buf` holds rows * cols.
+unsafe fn f32_block<T: Elem>(
+    src: Operand<T>,
+    (rows, cols): (usize, usize),
+    buf: &mut [f32],
+) -> Operand<f32> {
+    if TypeId::of::<T>() == TypeId::of::<f32>() {
+        return src.cast();
+    }
+    let by_rows = src.cs == 1 || src.rs != 1;
+    let (outer, inner, os, is) = if by_rows {
+        (rows, cols, src.rs, src.cs)
+    } else {
+        (cols, rows, src.cs, src.rs)
+    };
+    for o in 0..outer {
+        let line = &mut buf[o * inner..(o + 1) * inner];
+        // SAFETY: line o of the block holds `inner` elements `is` apart.
+        unsafe {
+            let p = src.ptr.offset(o as isize * os);
+            if is == 1 {
+                let s = std::slice::from_raw_parts(p, inner);
+                for (d, x) in line.iter_mut().zip(s) {
+                    *d = x.to_f32();
+                }
+            } else {
+                for (j, d) in line.iter_mut().enumerate() {
+                    *d = (*p.offset(j as isize * is)).to_f32();
+                }
+            }
+        }
+    }
+    if by_rows {
+        Operand {
+            ptr: buf.as_ptr(),
+            rs: cols as isize,
+            cs: 1,
+        }
+    } else {
+        Operand {
+            ptr: buf.as_ptr(),
+            rs: 1,
+            cs: rows as isize,
+        }
     }
 }
 
@@ -222,7 +488,7 @@ pub(super) unsafe fn matmul<T: Elem>(
             (0..batch)
                 .into_par_iter()
                 .for_each(|i| one(i, Parallelism::None));
-        } else if threads > 1 && k >= SPLIT_K * m.max(n) {
+        } else if T::NATIVE && threads > 1 && k >= SPLIT_K * m.max(n) {
             for i in 0..batch {
                 // SAFETY: as for `one`.
                 unsafe {
@@ -300,19 +566,20 @@ unsafe fn split_k<T: Elem>(
             unsafe { std::slice::from_raw_parts_mut(dst_ptr.get().offset(i as isize * dst.rs), n) };
         for part in partial.chunks_exact(m * n) {
             for (x, y) in row.iter_mut().zip(&part[i * n..(i + 1) * n]) {
-                *x += *y;
+                *x = x.add(*y);
             }
         }
     });
 }
 
 /// A [`super::Gemm`]: one product over views of its buffers, split over the pool as a
-/// single matmul is (by the library, or along a long contraction).
+/// single matmul is (by the library, or along a long contraction when the three types are
+/// one the library multiplies).
 ///
 /// # Safety
-/// The buffers hold the call's `lens` elements of `T` each, its views checked inside them; dst
-/// overlaps neither input.
-pub(super) unsafe fn strided<T: Elem>(
+/// The buffers hold the call's `lens` elements of A, B and C, its views checked inside them;
+/// dst overlaps neither input.
+pub(super) unsafe fn strided<A: Elem, B: Elem, C: Elem>(
     c: &super::Gemm,
     [lhs, rhs, dst]: [*mut u8; 3],
     pool: &rayon::ThreadPool,
@@ -321,22 +588,23 @@ pub(super) unsafe fn strided<T: Elem>(
     if m == 0 || n == 0 {
         return;
     }
-    let view = |p: *mut u8, v: super::View| Operand {
-        // SAFETY: the view's offset is inside the buffer (checked).
-        ptr: unsafe { p.cast::<T>().add(v.offset) }.cast_const(),
-        rs: v.row_stride as isize,
-        cs: v.col_stride as isize,
+    // SAFETY: the views' offsets are inside their buffers (checked).
+    let (lhs, rhs) = unsafe {
+        (
+            Operand::<A>::view(lhs, c.lhs),
+            Operand::<B>::view(rhs, c.rhs),
+        )
     };
-    let (lhs, rhs) = (view(lhs, c.lhs), view(rhs, c.rhs));
     let dst = Dst {
         // SAFETY: as for the operands.
-        ptr: unsafe { dst.cast::<T>().add(c.dst.offset) },
+        ptr: unsafe { dst.cast::<C>().add(c.dst.offset) },
         rs: c.dst.row_stride as isize,
         accumulate: c.accumulate,
     };
     let (lhs_s, rhs_s, dst_s) = (Shared::new(lhs.ptr), Shared::new(rhs.ptr), Shared(dst.ptr));
     let threads = pool.current_num_threads();
     let work = m.saturating_mul(k).saturating_mul(n);
+    let same = TypeId::of::<A>() == TypeId::of::<C>() && TypeId::of::<B>() == TypeId::of::<C>();
     on_pool(pool, work, move |pooled| {
         let (lhs, rhs, dst) = (
             Operand {
@@ -352,10 +620,10 @@ pub(super) unsafe fn strided<T: Elem>(
                 ..dst
             },
         );
-        // SAFETY: the caller's contract.
+        // SAFETY: the caller's contract; with `same`, A and B are C.
         unsafe {
-            if pooled && threads > 1 && k >= SPLIT_K * m.max(n) {
-                split_k((m, k, n), lhs, rhs, dst);
+            if pooled && same && C::NATIVE && threads > 1 && k >= SPLIT_K * m.max(n) {
+                split_k::<C>((m, k, n), lhs.cast(), rhs.cast(), dst);
             } else if pooled {
                 product((m, k, n), lhs, rhs, dst, parallelism());
             } else {

@@ -11,15 +11,18 @@ mod gemm;
 
 use std::fmt;
 
+use half::bf16;
 use mmc_ir::{DType, FusedOp, Graph, Node, Op};
 use serde::{Deserialize, Serialize};
 
 /// The float types the GEMM calls take. f32 accumulates in f32 and f64 in f64, as the
-/// precision contract says; bf16 needs another route (the `gemm` crate has none).
+/// precision contract says; bf16 is stored as bf16 and accumulated in f32 (its products run
+/// on the f32 kernels over converted blocks: this CPU has no bf16 multiply instructions).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Float {
     F32,
     F64,
+    BF16,
 }
 
 impl Float {
@@ -28,6 +31,7 @@ impl Float {
         match dtype {
             DType::F32 => Some(Float::F32),
             DType::F64 => Some(Float::F64),
+            DType::BF16 => Some(Float::BF16),
             _ => None,
         }
     }
@@ -37,6 +41,16 @@ impl Float {
         match self {
             Float::F32 => DType::F32,
             Float::F64 => DType::F64,
+            Float::BF16 => DType::BF16,
+        }
+    }
+
+    /// The type products over this one accumulate in (f32 for bf16): what a fused op keeps
+    /// a partial result in across calls.
+    pub fn accumulator(self) -> Float {
+        match self {
+            Float::BF16 => Float::F32,
+            f => f,
         }
     }
 }
@@ -111,10 +125,12 @@ impl View {
 /// `dst = lhs @ rhs`, or `dst += lhs @ rhs` when `accumulate`, with lhs [m, k], rhs [k, n] and
 /// dst [m, n] views of buffers of `lens` elements: the products inside a fused op (the
 /// cross-entropy's logits and gradients, chunk by chunk). dst is row-major (column stride 1,
-/// rows at least n apart), so its elements are distinct. Buffers: lhs, rhs, dst.
+/// rows at least n apart), so its elements are distinct. Buffers: lhs, rhs, dst, of the
+/// three `dtypes`: f64 with f64 only; f32 and bf16 mix (a bf16 model's f32 logits times its
+/// bf16 weights), accumulating in f32.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Gemm {
-    pub dtype: Float,
+    pub dtypes: [Float; 3],
     pub m: usize,
     pub k: usize,
     pub n: usize,
@@ -130,6 +146,13 @@ impl Gemm {
     /// call that fails this (from a damaged plan) is refused, never run.
     pub fn check(&self) -> Result<(), LibraryError> {
         let (m, k, n) = (self.m, self.k, self.n);
+        let wide = self.dtypes.iter().filter(|&&d| d == Float::F64).count();
+        if wide != 0 && wide != 3 {
+            return Err(LibraryError::View {
+                what: "dtypes",
+                msg: format!("{:?} mix f64 with narrower types", self.dtypes),
+            });
+        }
         let views = [
             ("lhs", self.lhs, m, k),
             ("rhs", self.rhs, k, n),
@@ -178,17 +201,8 @@ pub enum LibraryCall {
 /// Why a node cannot become a library call, or a call cannot run.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum LibraryError {
-    #[error("`{op}` on {dtype} has no library call (f32 and f64 only)")]
+    #[error("`{op}` on {dtype} has no library call (f32, f64 and bf16 only)")]
     Dtype { op: &'static str, dtype: DType },
-    #[error(
-        "`{op}`: the epilogue's result is {result}, not the product's {product}, so the product \
-         cannot be stored in its output"
-    )]
-    EpilogueDtype {
-        op: &'static str,
-        product: DType,
-        result: DType,
-    },
     #[error("`{op}`: {msg}")]
     Shape { op: &'static str, msg: String },
     #[error("the call takes {expected} buffers, got {got}")]
@@ -204,25 +218,13 @@ pub enum LibraryError {
 }
 
 /// The library call of `node`: `Some` for the GEMM ops (`matmul`, `fused.grouped_matmul`, its
-/// gradient, and the product of `fused.matmul_epilogue`), `None` for every other op, which a
-/// generated kernel computes.
+/// gradient, and the product of `fused.matmul_epilogue`, in its operands' dtype), `None` for
+/// every other op, which a generated kernel computes.
 pub fn for_node(g: &Graph, node: &Node) -> Option<Result<LibraryCall, LibraryError>> {
     let op = node.op.name();
     match &node.op {
         Op::MatMul => Some(matmul(g, node, op)),
-        Op::Fused(FusedOp::MatMulEpilogue { .. }) => Some(matmul(g, node, op).and_then(|call| {
-            let result = g.ty(node.outputs[0]).dtype;
-            let product = g.ty(node.inputs[0]).dtype;
-            if result == product {
-                Ok(call)
-            } else {
-                Err(LibraryError::EpilogueDtype {
-                    op,
-                    product,
-                    result,
-                })
-            }
-        })),
+        Op::Fused(FusedOp::MatMulEpilogue { .. }) => Some(matmul(g, node, op)),
         Op::Fused(FusedOp::GroupedMatMul) => {
             Some(grouped(g, node, op, 3, 1).map(LibraryCall::GroupedMatMul))
         }
@@ -324,14 +326,14 @@ impl LibraryCall {
     /// The strided product `lhs [m, k] @ rhs [k, n] => dst` (`+=` when `accumulate`) over
     /// buffers of `lens` elements: what the fused ops' lowerings launch.
     pub fn gemm(
-        dtype: Float,
+        dtypes: [Float; 3],
         (m, k, n): (usize, usize, usize),
         (lhs, rhs, dst): (View, View, View),
         lens: [usize; 3],
         accumulate: bool,
     ) -> LibraryCall {
         LibraryCall::Gemm(Gemm {
-            dtype,
+            dtypes,
             m,
             k,
             n,
@@ -365,37 +367,37 @@ impl LibraryCall {
     /// The bytes of each buffer the call takes, in buffer order: what a runner checks a
     /// step's buffers against before it replays it.
     pub fn buffer_bytes(&self) -> Vec<u64> {
-        let e = |n: usize| (n * self.dtype().dtype().size_bytes()) as u64;
+        let e = |n: usize, f: Float| (n * f.dtype().size_bytes()) as u64;
         match self {
             LibraryCall::MatMul(c) => vec![
-                e(c.batch * c.m * c.k),
-                e(c.batch * c.k * c.n),
-                e(c.batch * c.m * c.n),
+                e(c.batch * c.m * c.k, c.dtype),
+                e(c.batch * c.k * c.n, c.dtype),
+                e(c.batch * c.m * c.n, c.dtype),
             ],
             LibraryCall::GroupedMatMul(c) => vec![
-                e(c.rows * c.inner),
-                e(c.experts * c.inner * c.cols),
+                e(c.rows * c.inner, c.dtype),
+                e(c.experts * c.inner * c.cols, c.dtype),
                 ((c.experts + 1) * 8) as u64,
-                e(c.rows * c.cols),
+                e(c.rows * c.cols, c.dtype),
             ],
             LibraryCall::GroupedMatMulGrad(c) => vec![
-                e(c.rows * c.inner),
-                e(c.experts * c.inner * c.cols),
+                e(c.rows * c.inner, c.dtype),
+                e(c.experts * c.inner * c.cols, c.dtype),
                 ((c.experts + 1) * 8) as u64,
-                e(c.rows * c.cols),
-                e(c.rows * c.inner),
-                e(c.experts * c.inner * c.cols),
+                e(c.rows * c.cols, c.dtype),
+                e(c.rows * c.inner, c.dtype),
+                e(c.experts * c.inner * c.cols, c.dtype),
             ],
-            LibraryCall::Gemm(c) => c.lens.iter().map(|&n| e(n)).collect(),
+            LibraryCall::Gemm(c) => c.lens.iter().zip(c.dtypes).map(|(&n, f)| e(n, f)).collect(),
         }
     }
 
-    /// The element type of the float buffers.
+    /// The element type of the float buffers (of a [`Gemm`], its output's).
     pub fn dtype(&self) -> Float {
         match self {
             LibraryCall::MatMul(c) => c.dtype,
             LibraryCall::GroupedMatMul(c) | LibraryCall::GroupedMatMulGrad(c) => c.dtype,
-            LibraryCall::Gemm(c) => c.dtype,
+            LibraryCall::Gemm(c) => c.dtypes[2],
         }
     }
 
@@ -439,45 +441,55 @@ impl LibraryCall {
         let b = buffers;
         // SAFETY: the caller's contract, with the buffer count just checked.
         unsafe {
-            match (self, self.dtype()) {
-                (LibraryCall::MatMul(c), Float::F32) => {
-                    gemm::matmul::<f32>(c, b[0].cast(), b[1].cast(), b[2].cast(), pool);
-                }
-                (LibraryCall::MatMul(c), Float::F64) => {
-                    gemm::matmul::<f64>(c, b[0].cast(), b[1].cast(), b[2].cast(), pool);
-                }
-                (LibraryCall::Gemm(c), dtype) => {
+            match self {
+                LibraryCall::MatMul(c) => match c.dtype {
+                    Float::F32 => {
+                        gemm::matmul::<f32>(c, b[0].cast(), b[1].cast(), b[2].cast(), pool)
+                    }
+                    Float::F64 => {
+                        gemm::matmul::<f64>(c, b[0].cast(), b[1].cast(), b[2].cast(), pool)
+                    }
+                    Float::BF16 => {
+                        gemm::matmul::<bf16>(c, b[0].cast(), b[1].cast(), b[2].cast(), pool)
+                    }
+                },
+                LibraryCall::Gemm(c) => {
                     c.check()?;
-                    match dtype {
-                        Float::F32 => gemm::strided::<f32>(c, [b[0], b[1], b[2]], pool),
-                        Float::F64 => gemm::strided::<f64>(c, [b[0], b[1], b[2]], pool),
+                    let b = [b[0], b[1], b[2]];
+                    use Float::{BF16 as H, F32 as S, F64 as D};
+                    match c.dtypes {
+                        [D, D, D] => gemm::strided::<f64, f64, f64>(c, b, pool),
+                        [S, S, S] => gemm::strided::<f32, f32, f32>(c, b, pool),
+                        [S, S, H] => gemm::strided::<f32, f32, bf16>(c, b, pool),
+                        [S, H, S] => gemm::strided::<f32, bf16, f32>(c, b, pool),
+                        [S, H, H] => gemm::strided::<f32, bf16, bf16>(c, b, pool),
+                        [H, S, S] => gemm::strided::<bf16, f32, f32>(c, b, pool),
+                        [H, S, H] => gemm::strided::<bf16, f32, bf16>(c, b, pool),
+                        [H, H, S] => gemm::strided::<bf16, bf16, f32>(c, b, pool),
+                        [H, H, H] => gemm::strided::<bf16, bf16, bf16>(c, b, pool),
+                        // Refused by `check`.
+                        _ => unreachable!("f64 mixed with narrower types passed the check"),
                     }
                 }
-                (LibraryCall::GroupedMatMul(c), dtype) => {
+                LibraryCall::GroupedMatMul(c) => {
                     let groups = groups(c, b[2].cast())?;
-                    match dtype {
-                        Float::F32 => gemm::grouped::<f32>(
-                            c,
-                            &groups,
-                            b[0].cast(),
-                            b[1].cast(),
-                            b[3].cast(),
-                            pool,
-                        ),
-                        Float::F64 => gemm::grouped::<f64>(
-                            c,
-                            &groups,
-                            b[0].cast(),
-                            b[1].cast(),
-                            b[3].cast(),
-                            pool,
-                        ),
+                    let (xs, w, out) = (b[0], b[1], b[3]);
+                    match c.dtype {
+                        Float::F32 => {
+                            gemm::grouped::<f32>(c, &groups, xs.cast(), w.cast(), out.cast(), pool)
+                        }
+                        Float::F64 => {
+                            gemm::grouped::<f64>(c, &groups, xs.cast(), w.cast(), out.cast(), pool)
+                        }
+                        Float::BF16 => {
+                            gemm::grouped::<bf16>(c, &groups, xs.cast(), w.cast(), out.cast(), pool)
+                        }
                     }
                 }
-                (LibraryCall::GroupedMatMulGrad(c), dtype) => {
+                LibraryCall::GroupedMatMulGrad(c) => {
                     let groups = groups(c, b[2].cast())?;
                     let [xs, w, _, dy, dxs, dw] = [b[0], b[1], b[2], b[3], b[4], b[5]];
-                    match dtype {
+                    match c.dtype {
                         Float::F32 => gemm::grouped_grad::<f32>(
                             c,
                             &groups,
@@ -486,6 +498,13 @@ impl LibraryCall {
                             pool,
                         ),
                         Float::F64 => gemm::grouped_grad::<f64>(
+                            c,
+                            &groups,
+                            [xs.cast(), w.cast(), dy.cast()],
+                            [dxs.cast(), dw.cast()],
+                            pool,
+                        ),
+                        Float::BF16 => gemm::grouped_grad::<bf16>(
                             c,
                             &groups,
                             [xs.cast(), w.cast(), dy.cast()],
@@ -560,10 +579,12 @@ impl fmt::Display for LibraryCall {
             ),
             LibraryCall::Gemm(c) => write!(
                 f,
-                "library gemm {d} [{}, {}] {} @ [{}, {}] {} {} [{}, {}] {}",
+                "library gemm {} [{}, {}] {} @ {} [{}, {}] {} {} {d} [{}, {}] {}",
+                c.dtypes[0].dtype(),
                 c.m,
                 c.k,
                 c.lhs,
+                c.dtypes[1].dtype(),
                 c.k,
                 c.n,
                 c.rhs,

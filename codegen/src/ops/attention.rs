@@ -97,7 +97,7 @@ impl Dims {
 fn float(g: &Graph, node: &Node) -> Result<DType, KernelError> {
     let d = g.ty(node.outputs[0]).dtype;
     match d {
-        DType::F32 | DType::F64 => Ok(d),
+        DType::F32 | DType::F64 | DType::BF16 => Ok(d),
         dtype => Err(KernelError::Dtype {
             op: node.op.name(),
             dtype,

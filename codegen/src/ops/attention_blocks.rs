@@ -44,6 +44,9 @@ struct Dims {
     shape: super::attention::Dims,
     dtype: DType,
     float: Float,
+    /// The scores' and probabilities' type, and of the sums over blocks (dk, dv): the
+    /// products' accumulator (f32 for a bf16 model).
+    acc: Float,
     /// Query rows per block.
     rows: usize,
     scale: f64,
@@ -71,6 +74,7 @@ impl Dims {
             shape,
             dtype: q.dtype,
             float,
+            acc: float.accumulator(),
             rows: (BLOCK_ELEMENTS / seq.max(1)).clamp(16, seq.max(1)),
             scale,
             causal,
@@ -89,7 +93,7 @@ impl Dims {
     /// The [rows, seq] scratch of one block's scores (or score gradients).
     fn block(&self) -> Buffer {
         Buffer {
-            dtype: self.dtype,
+            dtype: self.acc.dtype(),
             shape: vec![self.rows, self.shape.seq],
             access: Access::Write,
         }
@@ -131,7 +135,7 @@ impl Dims {
     fn scores(&self, (b, h, i0, n): (usize, usize, usize, usize), q: Arg, k: Arg) -> Launch {
         let d = self.shape.d;
         let call = LibraryCall::gemm(
-            self.float,
+            [self.float, self.float, self.acc],
             (n, d, self.keys(i0, n)),
             (
                 View::rows(self.q_at(b, h) + i0 * d, d),
@@ -167,7 +171,7 @@ fn softmax_rows(
     (b, h, i0, n): (usize, usize, usize, usize),
     flags: bool,
 ) -> Result<(GeneratedKernel, Vec<Arg>), KernelError> {
-    let (dt, s, keys) = (a.dtype, a.shape.seq, a.keys(i0, n));
+    let (dt, s, keys) = (a.acc.dtype(), a.shape.seq, a.keys(i0, n));
     let mut k = LoopBuilder::new(name, n, (4096 / keys.max(1)).max(1));
     let mut args = Vec::new();
     let bseg = a.segments.then(|| {
@@ -259,7 +263,7 @@ pub(super) fn forward(
         let (k, args) = softmax_rows(a, launch_name(name, launches.len()), blk, false)?;
         launches.push(Launch::kernel(k, args));
         let call = LibraryCall::gemm(
-            a.float,
+            [a.acc, a.float, a.float],
             (n, a.keys(i0, n), d),
             (
                 View::rows(0, a.shape.seq),
@@ -289,7 +293,15 @@ pub(super) fn backward(
     attrs: (f64, bool),
 ) -> Result<Lowered, KernelError> {
     let a = Dims::of(g, node, attrs, node.inputs.len() == 5)?;
-    let (d, s, dt) = (a.shape.d, a.shape.seq, a.dtype);
+    let (d, s, dt) = (a.shape.d, a.shape.seq, a.acc.dtype());
+    // dk and dv sum over blocks in the outputs, or, for a bf16 model, in f32 scratch rounded
+    // to bf16 once at the end.
+    let sums = a.acc != a.float;
+    let (dk_at, dv_at) = if sums {
+        (Arg::Scratch(3), Arg::Scratch(4))
+    } else {
+        (Arg::Output(1), Arg::Output(2))
+    };
     let d_out = Arg::Input(node.inputs.len() - 1);
     let flags = Buffer {
         dtype: I64,
@@ -304,10 +316,7 @@ pub(super) fn backward(
     let (bdk, bdv) = (k.write(dt, &[a.kv_len()]), k.write(dt, &[a.kv_len()]));
     k.store(bdk, k.item(), cst(0.0, dt));
     k.store(bdv, k.item(), cst(0.0, dt));
-    launches.push(Launch::kernel(
-        finish(k)?,
-        vec![Arg::Output(1), Arg::Output(2)],
-    ));
+    launches.push(Launch::kernel(finish(k)?, vec![dk_at, dv_at]));
 
     for blk in a.blocks() {
         let (b, h, i0, n) = blk;
@@ -319,7 +328,7 @@ pub(super) fn backward(
 
         // dp = do_block v^T into the second scratch.
         let call = LibraryCall::gemm(
-            a.float,
+            [a.float, a.float, a.acc],
             (n, d, keys),
             (
                 View::rows(qa, d),
@@ -365,7 +374,7 @@ pub(super) fn backward(
 
         // dq_block = ds k.
         let call = LibraryCall::gemm(
-            a.float,
+            [a.acc, a.float, a.float],
             (n, keys, d),
             (View::rows(0, s), View::rows(kva, d), View::rows(qa, d)),
             [block_len, a.kv_len(), a.q_len()],
@@ -377,11 +386,11 @@ pub(super) fn backward(
         ));
         // dk += ds^T q_block and dv += p^T do_block: the same product over the key rows.
         for (lhs, rhs, out) in [
-            (Arg::Scratch(1), Arg::Input(0), Arg::Output(1)),
-            (Arg::Scratch(0), d_out, Arg::Output(2)),
+            (Arg::Scratch(1), Arg::Input(0), dk_at),
+            (Arg::Scratch(0), d_out, dv_at),
         ] {
             let call = LibraryCall::gemm(
-                a.float,
+                [a.acc, a.float, a.acc],
                 (keys, n, d),
                 (
                     View::transposed(0, s),
@@ -420,13 +429,25 @@ pub(super) fn backward(
             k.store(bdv, base.val() + e, cst(f64::NAN, dt));
         });
     });
-    launches.push(Launch::kernel(
-        finish(k)?,
-        vec![Arg::Scratch(2), Arg::Output(2)],
-    ));
+    launches.push(Launch::kernel(finish(k)?, vec![Arg::Scratch(2), dv_at]));
 
-    Ok(Lowered {
-        launches,
-        scratch: vec![a.block(), a.block(), flags],
-    })
+    let mut scratch = vec![a.block(), a.block(), flags];
+    if sums {
+        let sum = Buffer {
+            dtype: dt,
+            shape: vec![a.kv_len()],
+            access: Access::Write,
+        };
+        let mut k = LoopBuilder::new(launch_name(name, launches.len()), a.kv_len(), 4096);
+        let (sk, sv) = (k.read(dt, &sum.shape), k.read(dt, &sum.shape));
+        let (bdk, bdv) = (k.write(a.dtype, &sum.shape), k.write(a.dtype, &sum.shape));
+        k.store(bdk, k.item(), load(sk, k.item()).cast(a.dtype));
+        k.store(bdv, k.item(), load(sv, k.item()).cast(a.dtype));
+        launches.push(Launch::kernel(
+            finish(k)?,
+            vec![dk_at, dv_at, Arg::Output(1), Arg::Output(2)],
+        ));
+        scratch.extend([sum.clone(), sum]);
+    }
+    Ok(Lowered { launches, scratch })
 }

@@ -11,9 +11,11 @@
 //! the interpreter refuses it.
 //!
 //! Precision: the logits are in the inputs' dtype (f32 for an f32 model, as PyTorch computes
-//! them), the GEMMs accumulate in it; each row's maximum and exponentials are in it too (f32
-//! by the approximate exp), their sums and the loss terms f64. dw sums over chunks in its own dtype, rounded once
-//! per chunk.
+//! them), f32 for a bf16 model (the GEMMs accumulate in f32, and the logits are not rounded
+//! to bf16, as the interpreter's fused op does not round them); each row's maximum and
+//! exponentials are in the logits' dtype too (f32 by the approximate exp), their sums and the
+//! loss terms f64. dw sums over chunks in its own dtype, rounded once per chunk; for a bf16
+//! model over more than one chunk it sums in an f32 scratch, rounded to bf16 once at the end.
 
 use super::{launch_name, Arg, Launch, Lowered};
 use crate::kernel::{Access, Buffer, GeneratedKernel, KernelError};
@@ -41,6 +43,8 @@ pub(super) fn lower(g: &Graph, node: &Node, name: &str) -> Option<Result<Lowered
 struct Dims {
     dtype: DType,
     float: Float,
+    /// The logits' type (the products' accumulator: f32 for bf16).
+    logit: Float,
     rows: usize,
     hidden: usize,
     vocab: usize,
@@ -60,6 +64,7 @@ impl Dims {
         Ok(Dims {
             dtype: h.dtype,
             float,
+            logit: float.accumulator(),
             rows,
             hidden: h.shape[1],
             vocab: w.shape[0],
@@ -77,7 +82,7 @@ impl Dims {
     /// The scratch of one chunk's logits.
     fn logits(&self) -> Buffer {
         Buffer {
-            dtype: self.dtype,
+            dtype: self.logit.dtype(),
             shape: vec![self.chunk, self.vocab],
             access: Access::Write,
         }
@@ -97,7 +102,7 @@ impl Dims {
         let (hd, v) = (self.hidden, self.vocab);
         let (lh, lw, ll) = self.lens();
         let call = LibraryCall::gemm(
-            self.float,
+            [self.float, self.float, self.logit],
             (n, hd, v),
             (
                 View::rows(r0 * hd, hd),
@@ -154,7 +159,7 @@ fn target_at(a: Dims, r: Expr, t: Expr) -> Expr {
 /// [rows] scratch, and a last launch sums them in row order.
 fn forward(g: &Graph, node: &Node, name: &str, chunk: usize) -> Result<Lowered, KernelError> {
     let a = Dims::of(g, node, chunk)?;
-    let (v, dt) = (a.vocab, a.dtype);
+    let (v, dt) = (a.vocab, a.logit.dtype());
     let terms = Buffer {
         dtype: F64,
         shape: vec![a.rows],
@@ -212,9 +217,25 @@ fn forward(g: &Graph, node: &Node, name: &str, chunk: usize) -> Result<Lowered, 
 /// first chunk).
 fn backward(g: &Graph, node: &Node, name: &str, chunk: usize) -> Result<Lowered, KernelError> {
     let a = Dims::of(g, node, chunk)?;
-    let (hd, v, dt) = (a.hidden, a.vocab, a.dtype);
+    let (hd, v, dt) = (a.hidden, a.vocab, a.logit.dtype());
     let (lh, lw, ll) = a.lens();
     let logits = a.logits().shape;
+    // dw's sum over chunks: in dw itself, or in an f32 scratch for a bf16 model.
+    let dw_sum = if a.logit != a.float && a.chunks().count() > 1 {
+        Some(Buffer {
+            dtype: a.logit.dtype(),
+            shape: vec![v, hd],
+            access: Access::Write,
+        })
+    } else {
+        None
+    };
+    let dw_arg = if dw_sum.is_some() {
+        Arg::Scratch(1)
+    } else {
+        Arg::Output(1)
+    };
+    let dw_float = if dw_sum.is_some() { a.logit } else { a.float };
     let mut launches = Vec::new();
     for (ci, (r0, n)) in a.chunks().enumerate() {
         launches.push(a.logits_launch((r0, n)));
@@ -268,7 +289,7 @@ fn backward(g: &Graph, node: &Node, name: &str, chunk: usize) -> Result<Lowered,
 
         // dh of the chunk's rows: dlogits [n, v] @ w [v, hd].
         let dh = LibraryCall::gemm(
-            a.float,
+            [a.logit, a.float, a.float],
             (n, v, hd),
             (View::rows(0, v), View::rows(0, hd), View::rows(r0 * hd, hd)),
             [ll, lw, lh],
@@ -281,7 +302,7 @@ fn backward(g: &Graph, node: &Node, name: &str, chunk: usize) -> Result<Lowered,
 
         // dw (+)= dlogits^T [v, n] @ h [n, hd] of the chunk's rows.
         let dw = LibraryCall::gemm(
-            a.float,
+            [a.logit, a.float, dw_float],
             (v, n, hd),
             (
                 View::transposed(0, v),
@@ -293,18 +314,28 @@ fn backward(g: &Graph, node: &Node, name: &str, chunk: usize) -> Result<Lowered,
         );
         launches.push(Launch::library(
             dw,
-            vec![Arg::Scratch(0), Arg::Input(0), Arg::Output(1)],
+            vec![Arg::Scratch(0), Arg::Input(0), dw_arg],
         ));
+    }
+    let mut scratch = vec![a.logits()];
+    if let Some(sum) = dw_sum {
+        // dw rounded once from its f32 sum.
+        let mut k = LoopBuilder::new(launch_name(name, launches.len()), v * hd, 4096);
+        let bs = k.read(sum.dtype, &sum.shape);
+        let bdw = k.write(a.dtype, &[v, hd]);
+        k.store(bdw, k.item(), load(bs, k.item()).cast(a.dtype));
+        launches.push(Launch::kernel(
+            finish(k)?,
+            vec![Arg::Scratch(1), Arg::Output(1)],
+        ));
+        scratch.push(sum);
     }
     if a.rows == 0 {
         // No chunk: dw is zero (dh has no elements).
         let mut k = LoopBuilder::new(launch_name(name, 0), v * hd, 4096);
-        let bdw = k.write(dt, &[v, hd]);
-        k.store(bdw, k.item(), cst(0.0, dt));
+        let bdw = k.write(a.dtype, &[v, hd]);
+        k.store(bdw, k.item(), cst(0.0, a.dtype));
         launches.push(Launch::kernel(finish(k)?, vec![Arg::Output(1)]));
     }
-    Ok(Lowered {
-        launches,
-        scratch: vec![a.logits()],
-    })
+    Ok(Lowered { launches, scratch })
 }

@@ -121,7 +121,8 @@ impl Lowered {
 }
 
 /// A GEMM node as a library call over its operands and results; an epilogue's product is
-/// stored in its result, and its program then runs there in place as an elementwise kernel.
+/// stored in its result (or, when the result is of another dtype, in a scratch of the
+/// product's), and its program then runs over it as an elementwise kernel.
 fn library(g: &Graph, node: &Node, name: &str) -> Option<Result<Lowered, KernelError>> {
     let call = crate::library::for_node(g, node)?;
     Some(call.map_err(KernelError::from).and_then(|call| {
@@ -129,15 +130,27 @@ fn library(g: &Graph, node: &Node, name: &str) -> Option<Result<Lowered, KernelE
             return Ok(Lowered::one(node, Work::Library(call)));
         }
         let k = Kernel::epilogue(g, node, launch_name(name, 1))?;
-        let mut args = vec![Arg::Output(0)];
+        let out = g.ty(node.outputs[0]);
+        let product = g.ty(node.inputs[0]).dtype;
+        let (at, scratch) = if product == out.dtype {
+            (Arg::Output(0), Vec::new())
+        } else {
+            let b = crate::kernel::Buffer {
+                dtype: product,
+                shape: out.shape.clone(),
+                access: crate::kernel::Access::Write,
+            };
+            (Arg::Scratch(0), vec![b])
+        };
+        let mut args = vec![at];
         args.extend((2..node.inputs.len()).map(Arg::Input));
         args.push(Arg::Output(0));
         Ok(Lowered {
             launches: vec![
-                Launch::library(call, vec![Arg::Input(0), Arg::Input(1), Arg::Output(0)]),
+                Launch::library(call, vec![Arg::Input(0), Arg::Input(1), at]),
                 Launch::kernel(k, args),
             ],
-            scratch: Vec::new(),
+            scratch,
         })
     }))
 }

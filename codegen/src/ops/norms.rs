@@ -43,11 +43,12 @@ pub(super) fn lower(g: &Graph, node: &Node, name: &str) -> Option<Result<Lowered
     })
 }
 
-/// The float dtype of `node`'s results (f32 or f64; others have no kernels yet).
+/// The float dtype of `node`'s results: f32, f64 or bf16 (the kernels compute in f64 and
+/// round once); f16 has no kernels yet.
 pub(super) fn float(g: &Graph, node: &Node) -> Result<DType, KernelError> {
     let d = g.ty(node.outputs[0]).dtype;
     match d {
-        DType::F32 | DType::F64 => Ok(d),
+        DType::F32 | DType::F64 | DType::BF16 => Ok(d),
         dtype => Err(KernelError::Dtype {
             op: node.op.name(),
             dtype,

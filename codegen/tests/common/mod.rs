@@ -69,6 +69,10 @@ pub fn values(d: DType, b: &[u8]) -> Vec<f64> {
             .chunks(4)
             .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f64)
             .collect(),
+        DType::BF16 => b
+            .chunks(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
         DType::Bool => b.iter().map(|&x| x as f64).collect(),
         other => panic!("no test values for {other}"),
     }

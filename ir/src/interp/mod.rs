@@ -16,7 +16,7 @@ use crate::op::{BinaryOp, CmpOp, Op, ReduceKind, UnaryOp};
 use crate::tensor::{Tensor, TensorData};
 use crate::verify::{verify, VerifyError};
 use crate::{DType, Shape, TensorType};
-use half::{bf16, f16};
+use half::f16;
 use kernels::{strides, view_buf, Buf};
 use std::collections::{BTreeMap, HashMap};
 
@@ -280,7 +280,9 @@ impl<'g> Interpreter<'g> {
         }
         match dtype {
             DType::F32 => v.iter_mut().for_each(|x| *x = *x as f32 as f64),
-            DType::BF16 => v.iter_mut().for_each(|x| *x = bf16::from_f64(*x).to_f64()),
+            DType::BF16 => v
+                .iter_mut()
+                .for_each(|x| *x = crate::tensor::round_bf16(*x)),
             DType::F16 => v.iter_mut().for_each(|x| *x = f16::from_f64(*x).to_f64()),
             _ => {}
         }
