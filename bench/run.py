@@ -8,7 +8,8 @@ Same model (an mmc model TOML), same batch geometry, same thread count, in one r
 
 It builds mmc (`cargo build --release`), runs `mmc compile` and `mmc run --train-iters W+N
 --metrics m.jsonl` (its peak RSS from the kernel's rusage of that process), reads mmc's
-per-step `step_ms`, runs bench/torch_step.py once per PyTorch mode (each in a fresh process, so
+per-step `step_ms` (with `--mmc-bf16`, also for the config with `dtype = "bf16"`, against
+PyTorch's bf16 autocast mode), runs bench/torch_step.py once per PyTorch mode (each in a fresh process, so
 that each has its own peak RSS), measures the machine's matmul GFLOP/s and torch.matmul on the
 model's GEMM shapes, and prints one table. Both sides skip W warm-up steps (`--warmup`, 1) and
 report the median of the N after them.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -98,15 +100,26 @@ def run_with_rss(cmd: list[str], env: dict | None = None) -> tuple[int, int, flo
     return p.returncode, usage.ru_maxrss * 1024, time.perf_counter() - t0
 
 
-def run_mmc(args, work: Path, data: str) -> dict:
-    """`mmc compile` + `mmc run`; mmc's per-step times and peak RSS."""
+def bf16_config(config: str, work: Path) -> str:
+    """A copy of the model TOML `config` in `work` with `dtype = "bf16"` (mmc's bf16 compute)."""
+    text = Path(config).read_text()
+    new, n = re.subn(r'(?m)^dtype\s*=\s*"f32"', 'dtype = "bf16"', text)
+    if n != 1:
+        raise BenchError(f'{config}: expected one `dtype = "f32"` line to turn into bf16, found {n}')
+    out = work / "config-bf16.toml"
+    out.write_text(new)
+    return str(out)
+
+
+def run_mmc(args, work: Path, data: str, config: str, mode: str = "mmc") -> dict:
+    """`mmc compile` + `mmc run` of `config`; mmc's per-step times and peak RSS."""
     mmc = REPO / "target" / "release" / "mmc"
     if not args.skip_build:
         run_checked(["cargo", "build", "--release", "--bin", "mmc"], "cargo build", cwd=REPO)
     if not mmc.exists():
         raise BenchError(f"{mmc} does not exist (run without --skip-build)")
-    plan, metrics = work / "plan.bin", work / "metrics.jsonl"
-    status, compile_rss, compile_s = run_with_rss([str(mmc), "compile", args.config, "-o", str(plan)])
+    plan, metrics = work / f"{mode}-plan.bin", work / f"{mode}-metrics.jsonl"
+    status, compile_rss, compile_s = run_with_rss([str(mmc), "compile", config, "-o", str(plan)])
     if status != 0:
         raise BenchError(f"mmc compile failed (exit status {status})")
     env = dict(os.environ)
@@ -126,7 +139,7 @@ def run_mmc(args, work: Path, data: str) -> dict:
     step_ms = [float(r["step_ms"]) for r in rows]
     measured = step_ms[args.warmup:]
     return {
-        "mode": "mmc",
+        "mode": mode,
         "step_ms": [round(x, 1) for x in measured],
         "warmup_ms": [round(x, 1) for x in step_ms[: args.warmup]],
         "median_ms": round(statistics.median(measured), 1),
@@ -160,8 +173,9 @@ def table(rows: list[list[str]]) -> str:
 
 
 def report(args, s, flops, results: dict, peak_gflops, gemms) -> str:
-    cols = [c for c in ("mmc",) + MODES if c in results]
+    cols = [c for c in ("mmc", "mmc-bf16") + MODES if c in results]
     eager = results.get("eager", {})
+    autocast = results.get("bf16", {})
     out = [f"config: {args.config}  (tokens/step {s.tokens_per_step}, tiles/micro-batch {s.tiles}, "
            f"threads {args.threads}, {args.steps} measured steps after {args.warmup} warm-up)",
            f"step FLOPs (matmuls, fwd+bwd): {flops['total'] / 1e9:.1f} GFLOP "
@@ -178,8 +192,12 @@ def report(args, s, flops, results: dict, peak_gflops, gemms) -> str:
 
     row("median step", lambda r: f"{r['median_ms']:.0f} ms" if "median_ms" in r else r.get("error", "-"))
     row("step / eager", lambda r: fmt_ratio(r.get("median_ms"), eager.get("median_ms")))
+    if autocast:
+        row("step / bf16", lambda r: fmt_ratio(r.get("median_ms"), autocast.get("median_ms")))
     row("peak RSS", lambda r: fmt_gb(r.get("peak_rss_bytes")))
     row("RSS / eager", lambda r: fmt_ratio(r.get("peak_rss_bytes"), eager.get("peak_rss_bytes")))
+    if autocast:
+        row("RSS / bf16", lambda r: fmt_ratio(r.get("peak_rss_bytes"), autocast.get("peak_rss_bytes")))
     row("tokens/s", lambda r: f"{s.tokens_per_step / r['median_ms'] * 1e3:.0f}" if "median_ms" in r else "-")
     row("GFLOP/s", lambda r: f"{flops['total'] / r['median_ms'] / 1e6:.1f}" if "median_ms" in r else "-")
     row("of measured peak", lambda r: f"{flops['total'] / r['median_ms'] / 1e6 / peak_gflops:.1%}"
@@ -212,6 +230,9 @@ def main() -> int:
     ap.add_argument("--torch-only", action="store_true", help="skip mmc (PyTorch, GEMMs and peak only)")
     ap.add_argument("--no-gemm", action="store_true", help="skip the GEMM microbenchmark")
     ap.add_argument("--skip-build", action="store_true", help="use target/release/mmc as it is")
+    ap.add_argument("--mmc-bf16", action="store_true",
+                    help='also run mmc with dtype = "bf16" (column mmc-bf16; compare with the bf16 autocast mode)')
+    ap.add_argument("--mmc-bf16-only", action="store_true", help="run mmc with bf16 only (not the config's f32)")
     ap.add_argument("--mmc-run-arg", action="append", default=[], help="extra argument for `mmc run` (repeatable)")
     ap.add_argument("--work-dir", type=Path, help="where plan, metrics and batch go (default: a temporary folder)")
     ap.add_argument("--json", type=Path, help="also write every result as JSON to this file")
@@ -245,7 +266,10 @@ def main() -> int:
                 data = str(work / "batch.safetensors")
                 run_checked([py, str(HERE / "torch_step.py"), "--config", args.config, "--write-batch", data],
                             "writing the synthetic batch")
-            results["mmc"] = run_mmc(args, work, data)
+            if not args.mmc_bf16_only:
+                results["mmc"] = run_mmc(args, work, data, args.config)
+            if args.mmc_bf16 or args.mmc_bf16_only:
+                results["mmc-bf16"] = run_mmc(args, work, data, bf16_config(args.config, work), "mmc-bf16")
         common = ["--config", args.config, "--steps", str(args.steps), "--warmup", str(args.warmup),
                   "--threads", str(args.threads)]
         if modes:

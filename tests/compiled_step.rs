@@ -8,10 +8,32 @@ mod common;
 use common::{fixture, internvl_image_batch, internvl_text_batch};
 use mmc::driver::compile_plan;
 use mmc_frontend::Config;
+use mmc_ir::plan::StateKind;
 use mmc_ir::relative_error;
 use mmc_runtime::Trainer;
 
 const TOL: f64 = 1e-5;
+
+/// The largest relative error of the compiled trainer's state tensors of the kinds `keep`
+/// takes against the interpreter's, and its tensor.
+fn worst_state(
+    interp: &Trainer,
+    compiled: &Trainer,
+    keep: impl Fn(&StateKind) -> bool,
+) -> (f64, String) {
+    let mut worst = (0.0f64, String::new());
+    for s in interp.state_specs().iter().filter(|s| keep(&s.kind)) {
+        let (x, y) = (
+            interp.state(&s.name).unwrap(),
+            compiled.state(&s.name).unwrap(),
+        );
+        let e = relative_error(&y, &x);
+        if e > worst.0 {
+            worst = (e, s.name.clone());
+        }
+    }
+    worst
+}
 
 #[test]
 fn the_compiled_step_follows_the_interpreter() {
@@ -39,17 +61,7 @@ fn the_compiled_step_follows_the_interpreter() {
         assert!(!a.expert_load.0.is_empty(), "the model has MoE layers");
         assert_eq!(b.expert_load, a.expert_load, "step {step}: expert load");
     }
-    let mut worst = (0.0f64, String::new());
-    for s in interp.state_specs() {
-        let (x, y) = (
-            interp.state(&s.name).unwrap(),
-            compiled.state(&s.name).unwrap(),
-        );
-        let e = relative_error(&y, &x);
-        if e > worst.0 {
-            worst = (e, s.name.clone());
-        }
-    }
+    let worst = worst_state(&interp, &compiled, |_| true);
     println!("worst relative state error {:.2e} ({})", worst.0, worst.1);
     assert!(
         worst.0 <= TOL,
@@ -61,12 +73,15 @@ fn the_compiled_step_follows_the_interpreter() {
 
 /// bf16 compute (f32 master weights and optimizer state): the compiled step's kernels compute
 /// what the interpreter does, rounding every bf16 result the same way, but its GEMMs
-/// accumulate in f32 where the interpreter accumulates in f64, so a product on a bf16 rounding
-/// boundary can differ by one unit (2^-8 relative), and the difference carries through the
-/// step (AdamW's normalised update turns a small gradient's difference into a full step).
-/// Measured over three steps: losses within 1.4e-4 relative, gradient norms within 1.9e-4,
-/// parameters within 2.1e-3. The tolerances are about three times that; kernels that
-/// rounded bf16 by truncation instead give 5.7e-3, 2.6e-2 and 1.0e-2, and fail each.
+/// accumulate in f32 where the interpreter accumulates in f64, so a product within f32's
+/// error of a bf16 rounding boundary rounds the other way, a unit (2^-8) off, and the step
+/// carries that on; AdamW's normalised update turns a small gradient's difference into a
+/// full-size step, so the later steps drift further. Measured with two GEMM blockings (which
+/// flip different roundings): the first step's loss within 3.6e-5 and gradient norm within
+/// 1.3e-4; over three steps losses within 3.0e-4, gradient norms within 5.1e-3, parameters
+/// within 4.8e-3. Kernels that rounded bf16 by truncation instead are off by 2.6e-2 in the
+/// first gradient norm, and fail there. (`codegen/tests/bf16.rs` checks the rounding of each
+/// kernel bit for bit; this test is for the whole step.)
 #[test]
 fn the_compiled_bf16_step_follows_the_interpreter() {
     let mut cfg = Config::load(&fixture("internvl35_tiny/model_ogv.toml")).expect("the fixture");
@@ -79,10 +94,16 @@ fn the_compiled_bf16_step_follows_the_interpreter() {
     for step in 0..3 {
         let a = interp.train_step(&batches, 1e-3).expect("interpreted");
         let b = compiled.train_step(&batches, 1e-3).expect("compiled");
+        // (loss, gradient norm) tolerances: tight before any update, looser after.
+        let (loss_tol, norm_tol) = if step == 0 {
+            (2e-4, 1e-3)
+        } else {
+            (1.5e-3, 1.5e-2)
+        };
         for (what, x, y, tol) in [
-            ("loss", a.loss, b.loss, 5e-4),
-            ("lm loss", a.lm_loss, b.lm_loss, 5e-4),
-            ("grad norm", a.grad_norm, b.grad_norm, 2e-3),
+            ("loss", a.loss, b.loss, loss_tol),
+            ("lm loss", a.lm_loss, b.lm_loss, loss_tol),
+            ("grad norm", a.grad_norm, b.grad_norm, norm_tol),
         ] {
             assert!(
                 (x - y).abs() <= tol * x.abs().max(1e-6),
@@ -90,26 +111,15 @@ fn the_compiled_bf16_step_follows_the_interpreter() {
             );
         }
     }
-    let mut worst = (0.0f64, String::new());
-    for s in interp.state_specs() {
-        if !matches!(s.kind, mmc_ir::plan::StateKind::Parameter { .. }) {
-            continue;
-        }
-        let (x, y) = (
-            interp.state(&s.name).unwrap(),
-            compiled.state(&s.name).unwrap(),
-        );
-        let e = relative_error(&y, &x);
-        if e > worst.0 {
-            worst = (e, s.name.clone());
-        }
-    }
+    let worst = worst_state(&interp, &compiled, |kind| {
+        matches!(kind, StateKind::Parameter { .. })
+    });
     println!(
         "worst relative parameter error {:.2e} ({})",
         worst.0, worst.1
     );
     assert!(
-        worst.0 <= 5e-3,
+        worst.0 <= 8e-3,
         "parameter `{}`: relative error {:.2e}",
         worst.1,
         worst.0

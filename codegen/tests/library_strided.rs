@@ -355,10 +355,10 @@ fn views_outside_their_buffers_are_refused_unwritten() {
 
 #[test]
 fn converted_products_span_several_tiles_and_blocks() {
-    // More rows, columns and contraction than one tile (1024) and block (256) of the bf16
-    // path, so its tiles, its blocks and their f32 accumulation all take part; transposed
-    // and row-major operands, accumulating and not.
-    for (mkn, accumulate) in [((1100, 600, 70), false), ((20, 300, 1030), true)] {
+    // More rows, columns and contraction than one tile (1024) and block (2048) of the bf16
+    // path, so its tiles, its lhs bands, its blocks and their f32 accumulation all take part;
+    // transposed and row-major operands, accumulating and not.
+    for (mkn, accumulate) in [((1100, 600, 70), false), ((20, 2100, 1030), true)] {
         let (m, k, n) = mkn;
         check(
             Problem {

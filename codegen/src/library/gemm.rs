@@ -305,9 +305,13 @@ unsafe fn native<T: Elem>(
 
 /// Rows and columns of an output tile of [`via_f32`], and the contraction's block: the f32
 /// scratch is a [TILE, TILE] tile of dst and [TILE, DEPTH] and [DEPTH, TILE] blocks of the
-/// operands (6 MiB), and each operand element is converted once per tile of the other's.
+/// operands (20 MiB a thread). A contraction of at most DEPTH (the models' hidden sizes) is
+/// one block, so a band of lhs rows is converted once for all its tiles and each rhs element
+/// once per band. Measured inside a training step on the bf16 LM head `[441, 512] @ [512,
+/// 151936]` (2 threads, AVX2): 74-81 GFLOP/s with blocks of 256 (lhs converted again for
+/// every tile), 88-105 this way, against 115-128 for the same product in f32.
 const TILE: usize = 1024;
-const DEPTH: usize = 256;
+const DEPTH: usize = 2048;
 
 thread_local! {
     /// Each thread's f32 scratch for [`via_f32`], kept between calls.
@@ -340,6 +344,9 @@ unsafe fn via_f32<A: Elem, B: Elem, C: Elem>(
         let (at, bt) = rest.split_at_mut(TILE * DEPTH);
         for i0 in (0..m).step_by(TILE) {
             let mt = TILE.min(m - i0);
+            // One block deep: the band's lhs block, converted once for all its tiles.
+            // SAFETY: the block is inside lhs.
+            let band = (k <= DEPTH).then(|| unsafe { f32_block(lhs.at(i0, 0), (mt, k), at) });
             for j0 in (0..n).step_by(TILE) {
                 let nt = TILE.min(n - j0);
                 // SAFETY: the tile is inside dst.
@@ -373,7 +380,10 @@ unsafe fn via_f32<A: Elem, B: Elem, C: Elem>(
                     // SAFETY: the blocks are inside the operands.
                     let (a, b) = unsafe {
                         (
-                            f32_block(lhs.at(i0, p0), (mt, kt), at),
+                            match band {
+                                Some(a) => a,
+                                None => f32_block(lhs.at(i0, p0), (mt, kt), at),
+                            },
                             f32_block(rhs.at(p0, j0), (kt, nt), bt),
                         )
                     };
