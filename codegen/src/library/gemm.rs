@@ -335,7 +335,7 @@ unsafe fn via_f32<A: Elem, B: Elem, C: Elem>(
     par: Parallelism,
 ) {
     let direct_dst = TypeId::of::<C>() == TypeId::of::<f32>();
-    SCRATCH.with_borrow_mut(|scratch| {
+    let run = |scratch: &mut Vec<f32>| {
         let need = TILE * TILE + 2 * TILE * DEPTH;
         if scratch.len() < need {
             scratch.resize(need, 0.0);
@@ -407,6 +407,12 @@ unsafe fn via_f32<A: Elem, B: Elem, C: Elem>(
                 }
             }
         }
+    };
+    // A thread that waits inside the library's parallel product may run another task that
+    // multiplies bf16 too: it then takes a scratch of its own.
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => run(&mut scratch),
+        Err(_) => run(&mut Vec::new()),
     });
 }
 
