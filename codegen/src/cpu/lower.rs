@@ -684,10 +684,12 @@ impl<'ctx> Lower<'_, 'ctx> {
     pub(super) fn constant(&self, value: f64, d: DType) -> BasicValueEnum<'ctx> {
         match d {
             DType::F32 => self.cx.f32_type().const_float(value as f32 as f64).into(),
-            DType::BF16 => {
-                let v = half::bf16::from_f32(value as f32).to_f64();
-                self.cx.f32_type().const_float(v).into()
-            }
+            // Rounded by the interpreter's own rule.
+            DType::BF16 => self
+                .cx
+                .f32_type()
+                .const_float(mmc_ir::tensor::round_bf16(value))
+                .into(),
             DType::F64 => self.cx.f64_type().const_float(value).into(),
             DType::Bool => self
                 .cx

@@ -21,7 +21,7 @@ use std::cell::RefCell;
 
 /// The element types of the calls: f32 and f64, which the library multiplies as they are,
 /// and bf16, stored as bf16 and multiplied in f32 (see [`via_f32`]).
-pub(super) trait Elem: Copy + Send + Sync + 'static {
+pub(super) trait Elem: Copy + Send + Sync + std::ops::AddAssign + 'static {
     const ZERO: Self;
     const ONE: Self;
     /// Whether the library multiplies this type itself (f32, f64): partial products of a
@@ -30,7 +30,6 @@ pub(super) trait Elem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     /// Rounded to nearest, ties to even.
     fn from_f32(x: f32) -> Self;
-    fn add(self, y: Self) -> Self;
 }
 
 impl Elem for f32 {
@@ -42,9 +41,6 @@ impl Elem for f32 {
     }
     fn from_f32(x: f32) -> f32 {
         x
-    }
-    fn add(self, y: f32) -> f32 {
-        self + y
     }
 }
 
@@ -58,9 +54,6 @@ impl Elem for f64 {
     fn from_f32(x: f32) -> f64 {
         f64::from(x)
     }
-    fn add(self, y: f64) -> f64 {
-        self + y
-    }
 }
 
 impl Elem for bf16 {
@@ -72,9 +65,6 @@ impl Elem for bf16 {
     }
     fn from_f32(x: f32) -> bf16 {
         bf16::from_f32(x)
-    }
-    fn add(self, y: bf16) -> bf16 {
-        bf16::from_f32(self.to_f32() + y.to_f32())
     }
 }
 
@@ -582,7 +572,7 @@ unsafe fn split_k<T: Elem>(
             unsafe { std::slice::from_raw_parts_mut(dst_ptr.get().offset(i as isize * dst.rs), n) };
         for part in partial.chunks_exact(m * n) {
             for (x, y) in row.iter_mut().zip(&part[i * n..(i + 1) * n]) {
-                *x = x.add(*y);
+                *x += *y;
             }
         }
     });

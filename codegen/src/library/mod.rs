@@ -223,8 +223,7 @@ pub enum LibraryError {
 pub fn for_node(g: &Graph, node: &Node) -> Option<Result<LibraryCall, LibraryError>> {
     let op = node.op.name();
     match &node.op {
-        Op::MatMul => Some(matmul(g, node, op)),
-        Op::Fused(FusedOp::MatMulEpilogue { .. }) => Some(matmul(g, node, op)),
+        Op::MatMul | Op::Fused(FusedOp::MatMulEpilogue { .. }) => Some(matmul(g, node, op)),
         Op::Fused(FusedOp::GroupedMatMul) => {
             Some(grouped(g, node, op, 3, 1).map(LibraryCall::GroupedMatMul))
         }
