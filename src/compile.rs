@@ -143,6 +143,24 @@ fn native_plan_file(
     match mmc::backend::compile_native(plan, &target) {
         Ok(native) => {
             let kernels = native.kernels.len();
+            // The runtime allocates the largest arena and scratch region once for all programs.
+            let arena = native
+                .programs
+                .iter()
+                .map(|p| p.arena_bytes)
+                .max()
+                .unwrap_or(0);
+            let scratch = native
+                .programs
+                .iter()
+                .map(|p| p.scratch_bytes)
+                .max()
+                .unwrap_or(0);
+            let each: Vec<String> = native
+                .programs
+                .iter()
+                .map(|p| format!("{} {:.3} GB", p.name, p.arena_bytes as f64 / 1e9))
+                .collect();
             let file = PlanFile {
                 plan: plan.clone(),
                 target: mmc::backend::target_name(&target),
@@ -156,9 +174,12 @@ fn native_plan_file(
                 ),
             };
             console.out(&format!(
-                "kernels: {kernels} compiled for {} in {:.1} s",
+                "kernels: {kernels} compiled for {} in {:.1} s; arena {:.3} GB ({}) and kernel scratch {:.3} GB, shared by the programs",
                 file.target,
-                started.elapsed().as_secs_f64()
+                started.elapsed().as_secs_f64(),
+                arena as f64 / 1e9,
+                each.join(", "),
+                scratch as f64 / 1e9
             ));
             Ok(file)
         }

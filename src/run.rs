@@ -618,7 +618,7 @@ fn profile_report(
     out.push_str("  by op (program, op: ms per run, share, steps):\n");
     for ((program, op), (secs, steps)) in by_op.iter().take(20) {
         out.push_str(&format!(
-            "    {program:<10} {op:<32} {:>9.2} ms {:>5.1}% {steps:>5}\n",
+            "    {program:<10} {op:<38} {:>9.2} ms {:>5.1}% {steps:>5}\n",
             secs * 1e3 / runs as f64,
             100.0 * secs / total.max(1e-12)
         ));
@@ -626,7 +626,7 @@ fn profile_report(
     out.push_str("  slowest steps (program, step, node, op, callee: ms per run):\n");
     for t in times.iter().take(12) {
         out.push_str(&format!(
-            "    {:<10} {:>5} n{:<6} {:<32} {:>9.2} ms  {}\n",
+            "    {:<10} {:>5} n{:<6} {:<38} {:>9.2} ms  {}\n",
             t.program,
             t.step,
             t.node,

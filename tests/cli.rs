@@ -428,7 +428,7 @@ fn compile_and_run_train_the_tiny_internvl_for_five_steps() {
     assert!(
         said.contains("mean over 2 run(s) after the first step")
             && said.contains("by op (program, op")
-            && said.contains("fused.linear_cross_entropy_grad")
+            && said.contains("fused.linear_cross_entropy_with_grad")
             && said.contains("slowest steps"),
         "{said}"
     );

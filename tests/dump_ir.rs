@@ -192,8 +192,7 @@ fn the_kernel_stage_prints_kernels_that_compile() {
         [
             "fused.attention",
             "fused.attention_grad",
-            "fused.linear_cross_entropy",
-            "fused.linear_cross_entropy_grad"
+            "fused.linear_cross_entropy_with_grad"
         ]
     );
     let mut kernels = Vec::new();

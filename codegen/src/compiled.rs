@@ -14,7 +14,7 @@ use crate::ops::{lower_node, Arg, Work};
 use mmc_ir::arena::ALIGN_BYTES;
 use mmc_ir::plan::Program;
 use mmc_ir::{DType, FusedOp, Op, TensorType, Value};
-use mmc_passes::memory::plan_memory_streaming;
+use mmc_passes::memory::plan_memory_outside;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
@@ -141,7 +141,8 @@ impl Compiler {
             v.sort_unstable();
             v
         };
-        let memory = plan_memory_streaming(g, DType::size_bytes, &streamed);
+        // The direct updates live in their state tensors, not in the arena.
+        let memory = plan_memory_outside(g, DType::size_bytes, &streamed, &streamed);
         let mut bound: Vec<(String, DType, Vec<usize>)> = Vec::new();
         let mut bound_index: HashMap<String, u32> = HashMap::new();
         let mut bind = |name: &str, ty: &TensorType| -> u32 {
@@ -190,12 +191,16 @@ impl Compiler {
                 error,
             };
             let lowered = lower_node(g, node, &name).map_err(err)?;
+            // Steps run one at a time and a node's scratch lives only during its own steps,
+            // so every node lays its scratch out from the start of one shared region.
             let mut scratch_at = Vec::new();
+            let mut node_scratch = 0u64;
             for b in &lowered.scratch {
-                scratch_at.push(scratch_bytes);
+                scratch_at.push(node_scratch);
                 let n: usize = b.shape.iter().product();
-                scratch_bytes += align((n * b.dtype.size_bytes().max(1)) as u64);
+                node_scratch += align((n * b.dtype.size_bytes().max(1)) as u64);
             }
+            scratch_bytes = scratch_bytes.max(node_scratch);
             for launch in lowered.launches {
                 let args = launch
                     .args
@@ -205,9 +210,11 @@ impl Compiler {
                         Arg::Output(i) => at(node.outputs[i]),
                         Arg::Scratch(i) => Loc::Scratch(scratch_at[i]),
                     })
-                    .collect();
+                    .collect::<Vec<Loc>>();
                 let callee = match launch.work {
-                    Work::Kernel(k) => Callee::Kernel(self.add_kernel(k)),
+                    // A copy onto itself does nothing.
+                    Work::Copy(_) if args[0] == args[1] => continue,
+                    Work::Kernel(k) | Work::Copy(k) => Callee::Kernel(self.add_kernel(k)),
                     Work::Library(call) => Callee::Library(call),
                 };
                 steps.push(Step {
@@ -245,7 +252,7 @@ impl Compiler {
 /// state, from a value no other update or output takes, computed by a node other than a
 /// parameter or input, after every read of the state, or at its last read by an elementwise
 /// kernel that reads the state element by element (which reads each element before it writes
-/// it).
+/// it) or by an op that sums onto it (a scatter-add's base, a cross-entropy's dw base).
 fn direct_updates(p: &Program) -> HashMap<Value, String> {
     let g = &p.graph;
     let mut last_read: HashMap<&str, usize> = HashMap::new();
@@ -295,17 +302,22 @@ fn direct_updates(p: &Program) -> HashMap<Value, String> {
             None => true,
             Some(&r) if r < def => true,
             Some(&r) if r == def => {
-                // Read by its own node: only an elementwise kernel reading it contiguously.
-                let elementwise = matches!(
-                    node.op,
-                    Op::Unary(_) | Op::Binary(_) | Op::Fused(FusedOp::Elementwise { .. })
-                );
-                elementwise
-                    && node
-                        .inputs
+                // Read by its own node: an elementwise kernel reading it contiguously, or an
+                // accumulating op reading it only as the base its result sums onto (copied
+                // into the result, a copy dropped in place, before any sum).
+                let reads: Vec<usize> = (0..node.inputs.len())
+                    .filter(|&i| params.contains(&node.inputs[i]))
+                    .collect();
+                match node.op {
+                    Op::Unary(_) | Op::Binary(_) | Op::Fused(FusedOp::Elementwise { .. }) => reads
                         .iter()
-                        .filter(|x| params.contains(x))
-                        .all(|x| g.ty(*x).shape == g.ty(v).shape)
+                        .all(|&i| g.ty(node.inputs[i]).shape == g.ty(v).shape),
+                    Op::ScatterAdd { .. } => reads == [0],
+                    Op::Fused(FusedOp::LinearCrossEntropyWithGrad { .. }) => {
+                        reads == [5] && d.index == 2
+                    }
+                    _ => false,
+                }
             }
             Some(_) => false,
         };

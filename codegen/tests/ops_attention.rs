@@ -385,6 +385,23 @@ fn linear_cross_entropy_matches_the_interpreter() {
             &bwd,
             dw_tol,
         );
+        // Both at once: the loss from the logits the gradients are made of; then with a
+        // base that dw sums onto (an accumulator).
+        check(
+            Op::Fused(FusedOp::LinearCrossEntropyWithGrad { chunk }),
+            &bwd,
+            dw_tol.max(tol(dtype)),
+        );
+        let w = &bwd[1];
+        let base: Vec<f64> = (0..w.numel())
+            .map(|i| (i % 11) as f64 * 0.25 - 1.0)
+            .collect();
+        bwd.push(Tensor::from_f64(dtype, w.shape().to_vec(), &base).expect("sizes agree"));
+        check(
+            Op::Fused(FusedOp::LinearCrossEntropyWithGrad { chunk }),
+            &bwd,
+            dw_tol.max(tol(dtype)),
+        );
     }
 }
 
@@ -402,6 +419,7 @@ fn out_of_range_targets_are_refused() {
         for (op, ins) in [
             (FusedOp::LinearCrossEntropy { chunk: 4 }, &ins),
             (FusedOp::LinearCrossEntropyGrad { chunk: 4 }, &bwd),
+            (FusedOp::LinearCrossEntropyWithGrad { chunk: 4 }, &bwd),
         ] {
             let g = one_node(Op::Fused(op), ins);
             for threads in [1, 2] {

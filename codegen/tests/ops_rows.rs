@@ -270,3 +270,23 @@ fn the_non_reduction_loops_vectorise() {
         }
     }
 }
+
+/// The sum of squares over several blocks of 65,536 (a partial last block), one block, a
+/// single element and none, against the interpreter's f64 sum; and a NaN propagates.
+#[test]
+fn sum_squares_matches_the_interpreter() {
+    for dtype in DTYPES {
+        for (i, shape) in [vec![3, 70001], vec![257, 3], vec![1], vec![0, 4]]
+            .into_iter()
+            .enumerate()
+        {
+            let x = uniform(dtype, &shape, 90 + i as u64, 2.0);
+            // f32 result of an f64 sum: one rounding; the partial sums reorder f64 additions.
+            check(Op::Fused(FusedOp::SumSquares), &[x], 1e-7);
+        }
+    }
+    let mut v = vec![0.5; 100_000];
+    v[77_777] = f64::NAN;
+    let x = tensor(DType::F32, &[100_000], &v);
+    check(Op::Fused(FusedOp::SumSquares), &[x], 0.0);
+}

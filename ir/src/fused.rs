@@ -47,6 +47,10 @@ pub enum FusedOp {
     GroupedMatMul,
     /// The weighted sum of each token's expert outputs, back in token order (ys, top, weights).
     MoeUnpermute,
+    /// `sum(x * x)` over every element into a scalar of x's dtype, squared and summed in
+    /// f64 and rounded once (x): the optimizer's gradient norm, without the parameter-sized
+    /// tensor of squares that `mul` then `reduce_sum` store.
+    SumSquares,
     /// A chain of elementwise ops as one pass over memory: `program` over operands that have
     /// `shape`'s rank and on every axis its size or 1 (read broadcast), one result of `shape`.
     /// Formed after autodiff, over forward, backward and optimizer chains alike.
@@ -76,6 +80,13 @@ pub enum FusedOp {
     /// Backward of [`FusedOp::LinearCrossEntropy`], chunked like it:
     /// (h, w, target, weight, dloss) -> (dh, dw).
     LinearCrossEntropyGrad { chunk: usize },
+    /// [`FusedOp::LinearCrossEntropy`] and its backward in one pass over each chunk's logits,
+    /// so the logits are computed once instead of twice: (h, w, target, weight, dloss
+    /// [, dw_base]) -> (loss, dh, dw). Formed after autodiff when dloss does not depend on the
+    /// loss, as in a training step, whose loss gradient is fixed before the loss is known.
+    /// With `dw_base` (w's type) the result is `dw_base + dw`: the step's gradient
+    /// accumulator, summed into in place instead of through a [vocab, hidden] temporary.
+    LinearCrossEntropyWithGrad { chunk: usize },
     /// Backward of [`FusedOp::GroupedMatMul`]: (xs, w, offsets, dy) -> (dxs, dw).
     GroupedMatMulGrad,
     /// Backward of [`FusedOp::MoePermute`]: (dxs, top) -> dx.
@@ -104,6 +115,7 @@ pub fn all() -> Vec<FusedOp> {
         ExpertOffsets { experts: 1 },
         GroupedMatMul,
         MoeUnpermute,
+        SumSquares,
         Elementwise {
             program: Program::single(crate::Op::Unary(crate::UnaryOp::Neg), 1),
             shape: vec![2, 4],
@@ -123,6 +135,7 @@ pub fn all() -> Vec<FusedOp> {
             causal: true,
         },
         LinearCrossEntropyGrad { chunk: 1024 },
+        LinearCrossEntropyWithGrad { chunk: 1024 },
         GroupedMatMulGrad,
         MoePermuteGrad,
         MoeUnpermuteGrad,
@@ -147,6 +160,7 @@ impl FusedOp {
             ExpertOffsets { .. } => "fused.expert_offsets",
             GroupedMatMul => "fused.grouped_matmul",
             MoeUnpermute => "fused.moe_unpermute",
+            SumSquares => "fused.sum_squares",
             Elementwise { .. } => "fused.elementwise",
             MatMulEpilogue { .. } => "fused.matmul_epilogue",
             RmsNormGrad { .. } => "fused.rms_norm_grad",
@@ -158,13 +172,15 @@ impl FusedOp {
             RopeGrad => "fused.rope_grad",
             AttentionGrad { .. } => "fused.attention_grad",
             LinearCrossEntropyGrad { .. } => "fused.linear_cross_entropy_grad",
+            LinearCrossEntropyWithGrad { .. } => "fused.linear_cross_entropy_with_grad",
             GroupedMatMulGrad => "fused.grouped_matmul_grad",
             MoePermuteGrad => "fused.moe_permute_grad",
             MoeUnpermuteGrad => "fused.moe_unpermute_grad",
         }
     }
 
-    /// Whether this op is the backward of another fused op.
+    /// Whether this op is the backward of another fused op (or holds one, as
+    /// [`FusedOp::LinearCrossEntropyWithGrad`] does): it has no derivative of its own.
     pub fn is_backward(&self) -> bool {
         use FusedOp::*;
         matches!(
@@ -178,6 +194,7 @@ impl FusedOp {
                 | RopeGrad
                 | AttentionGrad { .. }
                 | LinearCrossEntropyGrad { .. }
+                | LinearCrossEntropyWithGrad { .. }
                 | GroupedMatMulGrad
                 | MoePermuteGrad
                 | MoeUnpermuteGrad
@@ -195,7 +212,9 @@ impl FusedOp {
                 ("scale", Attr::Float(*scale)),
                 ("causal", Attr::Bool(*causal)),
             ],
-            LinearCrossEntropy { chunk } | LinearCrossEntropyGrad { chunk } => {
+            LinearCrossEntropy { chunk }
+            | LinearCrossEntropyGrad { chunk }
+            | LinearCrossEntropyWithGrad { chunk } => {
                 vec![("chunk", Attr::Int(*chunk as i64))]
             }
             MoePermute { experts } | ExpertOffsets { experts } => {
@@ -210,7 +229,7 @@ impl FusedOp {
             ],
             MatMulEpilogue { program } => vec![("body", Attr::Str(program.to_string()))],
             Softmax | LogSoftmax | SwiGlu | Gelu | Rope | GroupedMatMul | MoeUnpermute
-            | SoftmaxGrad | LogSoftmaxGrad | SwiGluGrad | GeluGrad | RopeGrad
+            | SumSquares | SoftmaxGrad | LogSoftmaxGrad | SwiGluGrad | GeluGrad | RopeGrad
             | GroupedMatMulGrad | MoePermuteGrad | MoeUnpermuteGrad => vec![],
         }
     }
@@ -250,6 +269,9 @@ impl FusedOp {
                     chunk: attrs.usize("chunk")?,
                 },
                 LinearCrossEntropyGrad { .. } => LinearCrossEntropyGrad {
+                    chunk: attrs.usize("chunk")?,
+                },
+                LinearCrossEntropyWithGrad { .. } => LinearCrossEntropyWithGrad {
                     chunk: attrs.usize("chunk")?,
                 },
                 MoePermute { .. } => MoePermute {
@@ -368,6 +390,14 @@ impl FusedOp {
                     [top.shape[0], ys.shape[1]]
                 )])
             }
+            SumSquares => {
+                t.arity(1)?;
+                let x = inputs[0];
+                t.check(x.dtype.is_float(), || {
+                    format!("x must be a float tensor, got {x}")
+                })?;
+                Ok(smallvec![TensorType::scalar(x.dtype)])
+            }
             Elementwise { program, shape } => {
                 let dtype = t.program(program, inputs)?;
                 for x in inputs {
@@ -441,14 +471,35 @@ impl FusedOp {
                 ])
             }
             LinearCrossEntropyGrad { chunk } => {
-                t.arity(5)?;
-                t.check(*chunk > 0, || "chunk must be positive".into())?;
-                t.cross_entropy_operands(&inputs[..4])?;
-                let dl = inputs[4];
-                t.check(*dl == TensorType::scalar(DType::F32), || {
-                    format!("the loss gradient must be an f32 scalar, got {dl}")
-                })?;
+                t.cross_entropy_grad_operands(*chunk, inputs)?;
                 Ok(smallvec![inputs[0].clone(), inputs[1].clone()])
+            }
+            LinearCrossEntropyWithGrad { chunk } => {
+                // An optional sixth operand, the base dw sums onto.
+                let (ins, base) = match inputs {
+                    [ins @ .., base] if inputs.len() == 6 => (ins, Some(*base)),
+                    _ => (inputs, None),
+                };
+                t.check(ins.len() == 5, || {
+                    format!(
+                        "takes h, w, target, weight, dloss and an optional dw base, got {} operands",
+                        inputs.len()
+                    )
+                })?;
+                t.cross_entropy_grad_operands(*chunk, ins)?;
+                if let Some(base) = base {
+                    t.check(base == inputs[1], || {
+                        format!(
+                            "dw_base {base} must have the head weight's type {}",
+                            inputs[1]
+                        )
+                    })?;
+                }
+                Ok(smallvec![
+                    TensorType::scalar(DType::F32),
+                    inputs[0].clone(),
+                    inputs[1].clone()
+                ])
             }
             GroupedMatMulGrad => {
                 t.arity(4)?;
@@ -626,6 +677,22 @@ impl Typer<'_> {
         })?;
         self.check(*weight == TensorType::new(DType::F32, [rows]), || {
             format!("weights must be f32 [{rows}], got {weight}")
+        })
+    }
+
+    /// The operands of a cross-entropy's backward: the forward's, then an f32 scalar dloss.
+    fn cross_entropy_grad_operands(
+        &self,
+        chunk: usize,
+        ins: &[&TensorType],
+    ) -> Result<(), TypeError> {
+        let got = ins.len();
+        self.check(got == 5, || format!("takes 5 operand(s), got {got}"))?;
+        self.check(chunk > 0, || "chunk must be positive".into())?;
+        self.cross_entropy_operands(&ins[..4])?;
+        let dl = ins[4];
+        self.check(*dl == TensorType::scalar(DType::F32), || {
+            format!("the loss gradient must be an f32 scalar, got {dl}")
         })
     }
 

@@ -85,16 +85,24 @@ impl Tensor {
         shape: impl Into<Shape>,
         values: &[f64],
     ) -> Result<Self, TensorError> {
+        Self::from_f64_iter(dtype, shape, values.iter().copied())
+    }
+
+    /// [`Tensor::from_f64`] from an iterator, rounding each value as it comes: a large
+    /// tensor (an initialised weight) is built without an f64 copy of it first.
+    pub fn from_f64_iter(
+        dtype: DType,
+        shape: impl Into<Shape>,
+        values: impl Iterator<Item = f64>,
+    ) -> Result<Self, TensorError> {
         let data = match dtype {
-            DType::F64 => TensorData::F64(values.to_vec()),
-            DType::F32 => TensorData::F32(values.iter().map(|&x| x as f32).collect()),
-            DType::BF16 => {
-                TensorData::BF16(values.iter().map(|&x| bf16::from_f32(x as f32)).collect())
-            }
-            DType::F16 => TensorData::F16(values.iter().map(|&x| f16::from_f64(x)).collect()),
-            DType::I64 => TensorData::I64(values.iter().map(|&x| x as i64).collect()),
-            DType::I32 => TensorData::I32(values.iter().map(|&x| x as i32).collect()),
-            DType::Bool => TensorData::Bool(values.iter().map(|&x| x != 0.0).collect()),
+            DType::F64 => TensorData::F64(values.collect()),
+            DType::F32 => TensorData::F32(values.map(|x| x as f32).collect()),
+            DType::BF16 => TensorData::BF16(values.map(|x| bf16::from_f32(x as f32)).collect()),
+            DType::F16 => TensorData::F16(values.map(f16::from_f64).collect()),
+            DType::I64 => TensorData::I64(values.map(|x| x as i64).collect()),
+            DType::I32 => TensorData::I32(values.map(|x| x as i32).collect()),
+            DType::Bool => TensorData::Bool(values.map(|x| x != 0.0).collect()),
         };
         Tensor::new(shape, data)
     }

@@ -458,7 +458,7 @@ fn every_fused_op_graph() -> Graph {
         match op {
             RmsNorm { .. } => vec![x, w],
             LayerNorm { .. } => vec![x, w, b],
-            Softmax | LogSoftmax | Gelu => vec![x],
+            Softmax | LogSoftmax | Gelu | SumSquares => vec![x],
             SwiGlu | SoftmaxGrad | LogSoftmaxGrad | GeluGrad => vec![x, x],
             Rope | RopeGrad => vec![x, cos, sin],
             Attention { .. } => vec![q, kv, kv, seg],
@@ -470,7 +470,9 @@ fn every_fused_op_graph() -> Graph {
             RmsNormGrad { .. } | LayerNormGrad { .. } => vec![x, w, x],
             SwiGluGrad => vec![x, x, x],
             AttentionGrad { .. } => vec![q, kv, kv, seg, q],
-            LinearCrossEntropyGrad { .. } => vec![x, head, target, weight, dloss],
+            LinearCrossEntropyGrad { .. } | LinearCrossEntropyWithGrad { .. } => {
+                vec![x, head, target, weight, dloss]
+            }
             GroupedMatMulGrad => vec![x, ew, off, gy],
             MoeUnpermuteGrad => vec![x, top, top_w, x],
             Elementwise { .. } => vec![x],

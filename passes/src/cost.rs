@@ -138,6 +138,13 @@ pub fn fused_flops_by_name(mnemonic: &str, ins: &[&TensorType], outs: &[&TensorT
             let v = dim(1, 0);
             2 * rows * v * k + 3 * rows * v
         }
+        "fused.linear_cross_entropy_grad" | "fused.linear_cross_entropy_with_grad" => {
+            // The logits, dh = dlogits w and dw = dlogits^T h (2 n v k each), the softmax
+            // and its scaling (5 per logit).
+            let (rows, k) = (dim(0, 0), dim(0, 1));
+            let v = dim(1, 0);
+            6 * rows * v * k + 5 * rows * v
+        }
         "fused.grouped_matmul" => {
             // xs [n, a] against w [E, a, c]: each row meets one expert.
             let (rows, a) = (dim(0, 0), dim(0, 1));
@@ -149,6 +156,7 @@ pub fn fused_flops_by_name(mnemonic: &str, ins: &[&TensorType], outs: &[&TensorT
         }
         "fused.moe_permute" | "fused.moe_permute_grad" | "fused.expert_offsets" => 0,
         "fused.moe_unpermute" => 2 * n(0),
+        "fused.sum_squares" => 2 * n(0),
         _ => {
             ins.iter().map(|t| t.numel() as u64).sum::<u64>()
                 + outs.iter().map(|t| t.numel() as u64).sum::<u64>()

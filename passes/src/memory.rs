@@ -121,9 +121,27 @@ pub fn plan_memory_streaming(
     elem_bytes: impl Fn(DType) -> usize,
     streamed: &[u32],
 ) -> MemoryPlan {
+    plan_memory_outside(graph, elem_bytes, streamed, &[])
+}
+
+/// [`plan_memory_streaming`] with the values `outside` (ascending value ids) taking no room in
+/// the arena: a backend that writes them straight into their state tensor (a state updated
+/// in place) needs no slot for them.
+pub fn plan_memory_outside(
+    graph: &Graph,
+    elem_bytes: impl Fn(DType) -> usize,
+    streamed: &[u32],
+    outside: &[u32],
+) -> MemoryPlan {
     let elem = ElemBytes::from_fn(elem_bytes);
     let ends = live_ends(graph, streamed);
-    let bytes = |v: Value| elem.value_bytes(graph, v);
+    let bytes = |v: Value| {
+        if outside.binary_search(&v.0).is_ok() {
+            0
+        } else {
+            elem.value_bytes(graph, v)
+        }
+    };
     // An overwrite is always taken when legal: the result needs a buffer of that size anyway,
     // and the operand's dies here.
     let buffers = Buffers::build(graph, &ends, bytes, |_, legal| {

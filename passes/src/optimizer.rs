@@ -7,7 +7,7 @@
 
 use crate::emit::{EmitResult, Emitter, PassError};
 use mmc_ir::plan::{Program, StateUpdate, APPLY_PROGRAM, GRAD_NORM_OUTPUT, LR_INPUT, STEP_INPUT};
-use mmc_ir::{BinaryOp, DType, Graph, Op, Stage, TensorType, UnaryOp, Value};
+use mmc_ir::{BinaryOp, DType, FusedOp, Graph, Op, Stage, TensorType, UnaryOp, Value};
 
 /// State names of the optimizer, derived from a parameter's name.
 pub fn grad_acc(param: &str) -> String {
@@ -117,8 +117,7 @@ pub fn apply_program(params: &[OptimizedParam], opt: &AdamW) -> Result<Program, 
     // Global L2 norm of all gradients, before clipping.
     let mut total = scalar(&mut e, 0.0)?;
     for s in &slots {
-        let sq = e.mul(s.grad, s.grad)?;
-        let part = e.sum_all(sq)?;
+        let part = e.op(Op::Fused(FusedOp::SumSquares), &[s.grad])?;
         total = e.add(total, part)?;
     }
     let norm = e.unary(UnaryOp::Sqrt, total)?;
@@ -155,12 +154,15 @@ pub fn apply_program(params: &[OptimizedParam], opt: &AdamW) -> Result<Program, 
     let mut updates = Vec::new();
     for (p, s) in params.iter().zip(&slots) {
         let shape = &p.ty.shape;
-        let grad = match clip {
+        // The clipped gradient, emitted once per reader (the two moments) rather than shared,
+        // so that elementwise fusion puts it inside each moment's kernel instead of storing a
+        // clipped copy of the gradient (a parameter-sized temporary).
+        let clipped = |e: &mut Emitter| match clip {
             Some(c) => {
-                let cb = scalar_to(&mut e, c, shape)?;
-                e.mul(s.grad, cb)?
+                let cb = scalar_to(e, c, shape)?;
+                e.mul(s.grad, cb)
             }
-            None => s.grad,
+            None => Ok(s.grad),
         };
         let mut param = s.p;
         if let (true, Some(d)) = (p.decay, decay) {
@@ -168,11 +170,13 @@ pub fn apply_program(params: &[OptimizedParam], opt: &AdamW) -> Result<Program, 
             param = e.mul(param, db)?;
         }
         // exp_avg.lerp_(grad, 1 - beta1)
+        let grad = clipped(&mut e)?;
         let diff = e.sub(grad, s.m)?;
         let step_m = e.scale(diff, 1.0 - opt.beta1)?;
         let m = e.add(s.m, step_m)?;
         // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         let v_decayed = e.scale(s.v, opt.beta2)?;
+        let grad = clipped(&mut e)?;
         let g2 = e.mul(grad, grad)?;
         let g2 = e.scale(g2, 1.0 - opt.beta2)?;
         let v = e.add(v_decayed, g2)?;
@@ -187,7 +191,7 @@ pub fn apply_program(params: &[OptimizedParam], opt: &AdamW) -> Result<Program, 
         let ss = scalar_to(&mut e, step_size, shape)?;
         let delta = e.mul(ratio, ss)?;
         let new_p = e.sub(param, delta)?;
-        let zeros = e.konst(0.0, grad)?;
+        let zeros = e.konst(0.0, s.grad)?;
         for (state, value) in [
             (p.name.clone(), new_p),
             (adam_m(&p.name), m),

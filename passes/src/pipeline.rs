@@ -236,6 +236,40 @@ impl Pass for FuseElementwise {
     }
 }
 
+/// Accumulation fusion ([`crate::fuse_accumulate`]): gradients summed onto their
+/// accumulators by the ops that make them, so no parameter-sized gradient is stored.
+pub struct FuseAccumulate;
+
+impl Pass for FuseAccumulate {
+    fn name(&self) -> &'static str {
+        "fuse-accumulate"
+    }
+    fn run(&self, g: Graph, notes: &mut Vec<String>) -> Result<Graph, BoxError> {
+        let (g, fused) = crate::fuse_accumulate::fuse_accumulate(&g)?;
+        notes.push(format!(
+            "{fused} gradient(s) summed onto their accumulator by the op that makes them"
+        ));
+        Ok(g)
+    }
+}
+
+/// Loss-gradient fusion ([`crate::fuse_loss_grad`]): each cross-entropy with its backward, so
+/// a training step computes the LM head's logits once.
+pub struct FuseLossGrad;
+
+impl Pass for FuseLossGrad {
+    fn name(&self) -> &'static str {
+        "fuse-loss-grad"
+    }
+    fn run(&self, g: Graph, notes: &mut Vec<String>) -> Result<Graph, BoxError> {
+        let (g, merged) = crate::fuse_loss_grad::fuse_loss_grad(&g)?;
+        notes.push(format!(
+            "{merged} cross-entropy forward(s) merged with their backward"
+        ));
+        Ok(g)
+    }
+}
+
 /// Scheduling ([`crate::schedule`]): a topological order with a lower peak of live bytes,
 /// counted as the interpreter stores values (8-byte words); the program is then `scheduled`.
 pub struct Schedule;
@@ -587,6 +621,8 @@ pub fn cpu(settings: Settings) -> Pipeline {
                     trainable: step.trainable.clone(),
                 }),
                 Box::new(Simplify),
+                // Then the loss with its gradient, whose seed simplify has folded.
+                Box::new(FuseLossGrad),
             ],
         },
         step,
@@ -595,6 +631,12 @@ pub fn cpu(settings: Settings) -> Pipeline {
             Box::new(Only {
                 program: MICRO_STEP_PROGRAM,
                 pass: Recompute { mode: recompute },
+            }),
+            // Gradients summed onto their accumulators where the op making them can, before
+            // elementwise fusion takes the remaining sums into kernels.
+            Box::new(Only {
+                program: MICRO_STEP_PROGRAM,
+                pass: FuseAccumulate,
             }),
             // Elementwise chains into kernels, once the backward and recomputed nodes exist.
             Box::new(EachGraph(FuseElementwise)),
@@ -905,14 +947,14 @@ impl fmt::Display for PipelineReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{:<10} {:<12} {:<11} {:>21} {:>10}",
+            "{:<10} {:<16} {:<11} {:>21} {:>10}",
             "stage", "pass", "program", "nodes before -> after", "time"
         )?;
         for r in &self.records {
             let nodes = format!("{} -> {}", r.nodes_before, r.nodes_after);
             writeln!(
                 f,
-                "{:<10} {:<12} {:<11} {:>21} {:>10}{}",
+                "{:<10} {:<16} {:<11} {:>21} {:>10}{}",
                 r.stage.name(),
                 r.pass,
                 r.program.as_deref().unwrap_or("-"),
@@ -1054,9 +1096,11 @@ mod tests {
                 "simplify",
                 "autodiff",
                 "simplify",
+                "fuse-loss-grad",
                 "optimizer",
                 "optimizer",
                 "recompute",
+                "fuse-accumulate",
                 "fuse-elementwise",
                 "fuse-elementwise",
                 "schedule",
@@ -1295,7 +1339,7 @@ mod tests {
         let ran: Vec<(&str, Option<&str>)> = report
             .records
             .iter()
-            .skip(8)
+            .skip(9)
             .map(|r| (r.pass, r.program.as_deref()))
             .collect();
         assert_eq!(

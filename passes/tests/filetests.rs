@@ -20,7 +20,8 @@ use mmc_ir::text::{parse, print};
 use mmc_ir::{relative_error, verify, DType, Graph, Interpreter, Precision, Tensor};
 use mmc_passes::fuse::FuseLimits;
 use mmc_passes::pipeline::{
-    Autodiff, BoxError, Fuse, FuseElementwise, Pass, Recompute, Schedule, Simplify,
+    Autodiff, BoxError, Fuse, FuseAccumulate, FuseElementwise, FuseLossGrad, Pass, Recompute,
+    Schedule, Simplify,
 };
 use mmc_passes::RecomputeMode;
 use rand::{Rng, SeedableRng};
@@ -49,6 +50,8 @@ const PASSES: &[(&str, PassFn)] = &[
     }),
     ("schedule", || Box::new(Schedule)),
     ("fuse-elementwise", || Box::new(FuseElementwise)),
+    ("fuse-loss-grad", || Box::new(FuseLossGrad)),
+    ("fuse-accumulate", || Box::new(FuseAccumulate)),
     ("autodiff", || {
         Box::new(Autodiff {
             loss: "loss".into(),

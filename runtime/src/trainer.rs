@@ -323,9 +323,12 @@ impl Trainer {
         }
         for s in &plan.state {
             let n = s.ty.numel();
-            let values = match &s.init {
+            // Each value rounded to the state's dtype as it is drawn: no f64 copy of a
+            // vocabulary-sized weight is ever held.
+            let (dtype, shape) = (s.ty.dtype, s.ty.shape.clone());
+            let t = match &s.init {
                 Init::Checkpoint(_) => continue,
-                Init::Const(c) => vec![*c; n],
+                Init::Const(c) => Tensor::from_f64_iter(dtype, shape, std::iter::repeat_n(*c, n)),
                 Init::Normal { std } => {
                     let normal = Normal::new(0.0, *std).map_err(|e| TrainError::BadInit {
                         name: s.name.clone(),
@@ -335,11 +338,11 @@ impl Trainer {
                         plan.settings.seed,
                         &s.name,
                     ));
-                    (0..n).map(|_| normal.sample(&mut rng)).collect()
+                    let draws = (0..n).map(|_| normal.sample(&mut rng));
+                    Tensor::from_f64_iter(dtype, shape, draws)
                 }
-            };
-            let t = Tensor::from_f64(s.ty.dtype, s.ty.shape.clone(), &values)
-                .expect("sizes come from the type");
+            }
+            .expect("sizes come from the type");
             state.insert(s.name.clone(), t);
         }
         // Each stack from its parts, initialised (or loaded) above as an unstacked plan would.

@@ -6,7 +6,9 @@
 //! transposed in place); the loop kernels between them do the row work. Forward, per chunk:
 //! the logits `h w^T` into the scratch, then each row's loss term. Backward, per chunk: the
 //! logits, the logit gradients in place, then `dh = dlogits w` for the chunk's rows and
-//! `dw += dlogits^T h`. A row whose target is negative is ignored; a target at or above the
+//! `dw += dlogits^T h`. Both at once (`fused.linear_cross_entropy_with_grad`, a training
+//! step's loss) are the backward with each row's loss term taken from the logits before they
+//! become gradients: one logits GEMM per chunk instead of two. A row whose target is negative is ignored; a target at or above the
 //! vocabulary size is refused by a checked load (it addresses past the chunk's logits), as
 //! the interpreter refuses it.
 //!
@@ -26,12 +28,15 @@ use mmc_ir::{DType, FusedOp, Graph, Node, Op};
 const F64: DType = DType::F64;
 const I64: DType = DType::I64;
 
-/// The lowering of `node` if it is a linear cross-entropy or its backward.
+/// The lowering of `node` if it is a linear cross-entropy, its backward, or both at once.
 pub(super) fn lower(g: &Graph, node: &Node, name: &str) -> Option<Result<Lowered, KernelError>> {
     match &node.op {
         Op::Fused(FusedOp::LinearCrossEntropy { chunk }) => Some(forward(g, node, name, *chunk)),
         Op::Fused(FusedOp::LinearCrossEntropyGrad { chunk }) => {
-            Some(backward(g, node, name, *chunk))
+            Some(backward(g, node, name, *chunk, false))
+        }
+        Op::Fused(FusedOp::LinearCrossEntropyWithGrad { chunk }) => {
+            Some(backward(g, node, name, *chunk, true))
         }
         _ => None,
     }
@@ -154,17 +159,44 @@ fn target_at(a: Dims, r: Expr, t: Expr) -> Expr {
     )
 }
 
+/// The [rows] f64 scratch of each row's loss term.
+fn terms(a: Dims) -> Buffer {
+    Buffer {
+        dtype: F64,
+        shape: vec![a.rows],
+        access: Access::Write,
+    }
+}
+
+/// The launch summing the loss terms of scratch `terms` in row order into the f32 scalar
+/// output `loss`.
+fn sum_terms(
+    a: Dims,
+    name: &str,
+    at: usize,
+    terms: usize,
+    loss: usize,
+) -> Result<Launch, KernelError> {
+    let mut k = LoopBuilder::new(launch_name(name, at), 1, 1);
+    let bterm = k.read(F64, &[a.rows]);
+    let bloss = k.write(DType::F32, &[]);
+    let sum = k.var(F64, cst(0.0, F64));
+    k.for_(idx(0), idx(a.rows), |k, r| {
+        k.set(sum, sum.val() + load(bterm, r));
+    });
+    k.store(bloss, idx(0), sum.val().cast(DType::F32));
+    Ok(Launch::kernel(
+        finish(k)?,
+        vec![Arg::Scratch(terms), Arg::Output(loss)],
+    ))
+}
+
 /// `sum_i weight_i * (logsumexp(h_i w^T) - (h_i w^T)[target_i])` over the rows whose target is
 /// not negative, into an f32 scalar: per chunk the logits, then the loss terms per row into a
 /// [rows] scratch, and a last launch sums them in row order.
 fn forward(g: &Graph, node: &Node, name: &str, chunk: usize) -> Result<Lowered, KernelError> {
     let a = Dims::of(g, node, chunk)?;
     let (v, dt) = (a.vocab, a.logit.dtype());
-    let terms = Buffer {
-        dtype: F64,
-        shape: vec![a.rows],
-        access: Access::Write,
-    };
     let mut launches = Vec::new();
     for (r0, n) in a.chunks() {
         launches.push(a.logits_launch((r0, n)));
@@ -172,7 +204,7 @@ fn forward(g: &Graph, node: &Node, name: &str, chunk: usize) -> Result<Lowered, 
         let bt = k.read(I64, &[a.rows]);
         let bwt = k.read(DType::F32, &[a.rows]);
         let bl = k.read(dt, &a.logits().shape);
-        let bterm = k.write(F64, &terms.shape);
+        let bterm = k.write(F64, &[a.rows]);
         let r = k.item();
         let t = k.var(I64, load(bt, r.clone() + idx(r0)));
         let term = k.var(F64, cst(0.0, F64));
@@ -193,73 +225,91 @@ fn forward(g: &Graph, node: &Node, name: &str, chunk: usize) -> Result<Lowered, 
             ],
         ));
     }
-    let mut k = LoopBuilder::new(launch_name(name, launches.len()), 1, 1);
-    let bterm = k.read(F64, &terms.shape);
-    let bloss = k.write(DType::F32, &[]);
-    let loss = k.var(F64, cst(0.0, F64));
-    k.for_(idx(0), idx(a.rows), |k, r| {
-        k.set(loss, loss.val() + load(bterm, r));
-    });
-    k.store(bloss, idx(0), loss.val().cast(DType::F32));
-    launches.push(Launch::kernel(
-        finish(k)?,
-        vec![Arg::Scratch(1), Arg::Output(0)],
-    ));
+    launches.push(sum_terms(a, name, launches.len(), 1, 0)?);
     Ok(Lowered {
         launches,
-        scratch: vec![a.logits(), terms],
+        scratch: vec![a.logits(), terms(a)],
     })
 }
 
-/// The gradients (dh, dw) scaled by dloss: per chunk the logits, then in place the logit
-/// gradients `dloss * weight_i * (softmax(logits_i) - onehot(target_i))` (0 for an ignored
-/// row), then `dh = dlogits w` for the chunk's rows and `dw += dlogits^T h` (`=` for the
-/// first chunk).
-fn backward(g: &Graph, node: &Node, name: &str, chunk: usize) -> Result<Lowered, KernelError> {
+/// The gradients (dh, dw) scaled by dloss, and with `with_loss` the loss before them (as
+/// [`forward`] computes it, from the same logits) and dw added to its base when the node has
+/// one: per chunk the logits, then per row its
+/// loss term and in place the logit gradients `dloss * weight_i * (softmax(logits_i) -
+/// onehot(target_i))` (0 for an ignored row), then `dh = dlogits w` for the chunk's rows and
+/// `dw += dlogits^T h` (`=` for the first chunk).
+fn backward(
+    g: &Graph,
+    node: &Node,
+    name: &str,
+    chunk: usize,
+    with_loss: bool,
+) -> Result<Lowered, KernelError> {
     let a = Dims::of(g, node, chunk)?;
     let (hd, v, dt) = (a.hidden, a.vocab, a.logit.dtype());
     let (lh, lw, ll) = a.lens();
     let logits = a.logits().shape;
+    let mut scratch = vec![a.logits()];
+    // The results: the loss first when it is computed.
+    let (dh_out, dw_out) = if with_loss { (1, 2) } else { (0, 1) };
+    let terms_at = with_loss.then(|| {
+        scratch.push(terms(a));
+        scratch.len() - 1
+    });
     // dw's sum over chunks: in dw itself, or in an f32 scratch for a bf16 model.
-    let dw_sum = if a.logit != a.float && a.chunks().count() > 1 {
-        Some(Buffer {
+    let dw_sum = (a.logit != a.float && a.chunks().count() > 1).then(|| {
+        scratch.push(Buffer {
             dtype: a.logit.dtype(),
             shape: vec![v, hd],
             access: Access::Write,
-        })
-    } else {
-        None
+        });
+        scratch.len() - 1
+    });
+    let (dw_arg, dw_float) = match dw_sum {
+        Some(s) => (Arg::Scratch(s), a.logit),
+        None => (Arg::Output(dw_out), a.float),
     };
-    let dw_arg = if dw_sum.is_some() {
-        Arg::Scratch(1)
-    } else {
-        Arg::Output(1)
-    };
-    let dw_float = if dw_sum.is_some() { a.logit } else { a.float };
     let mut launches = Vec::new();
+    // A base of dw (an accumulator) is copied where dw sums, and every chunk adds to it; the
+    // copy is dropped when dw is the base itself, updated in place.
+    let base = with_loss && node.inputs.len() == 6;
+    if base {
+        let mut k = LoopBuilder::new(launch_name(name, launches.len()), v * hd, 4096);
+        let bb = k.read(a.dtype, &[v, hd]);
+        let bd = k.write(dw_float.dtype(), &[v, hd]);
+        k.store(bd, k.item(), load(bb, k.item()).cast(dw_float.dtype()));
+        let k = finish(k)?;
+        launches.push(match dw_sum {
+            Some(_) => Launch::kernel(k, vec![Arg::Input(5), dw_arg]),
+            None => Launch::copy(k, [Arg::Input(5), dw_arg]),
+        });
+    }
     for (ci, (r0, n)) in a.chunks().enumerate() {
         launches.push(a.logits_launch((r0, n)));
 
         // The logit gradients of each row, in place: the maximum, then `exp(x - max)`
-        // stored while it is summed, then scaled by `dloss * weight / sum` (one exponential
-        // per logit).
+        // stored while it is summed (the loss term read from them first), then scaled by
+        // `dloss * weight / sum` (one exponential per logit).
         let mut k = LoopBuilder::new(launch_name(name, launches.len()), n, a.rows_per_tile());
         let bt = k.read(I64, &[a.rows]);
         let bwt = k.read(DType::F32, &[a.rows]);
         let bdl = k.read(DType::F32, &[]);
         let bl = k.write(dt, &logits);
+        let bterm = terms_at.map(|_| k.write(F64, &[a.rows]));
         let r = k.item();
         let row = k.var(I64, r.clone() * idx(v));
         let t = k.var(I64, load(bt, r.clone() + idx(r0)));
         k.if_else(
             t.val().ge(idx(0)),
             |k| {
-                let gr = load(bdl, idx(0)).cast(F64) * load(bwt, r.clone() + idx(r0)).cast(F64);
-                let gr = k.var(F64, gr);
+                let wt = k.var(F64, load(bwt, r.clone() + idx(r0)).cast(F64));
+                let gr = k.var(F64, load(bdl, idx(0)).cast(F64) * wt.val());
                 let m = k.var(dt, cst(f64::NEG_INFINITY, dt));
                 k.for_(idx(0), idx(v), |k, j| {
                     k.set(m, m.val().max(load(bl, row.val() + j)));
                 });
+                let at = k.var(I64, target_at(a, r.clone(), t.val()));
+                let xt = k.var(F64, load_checked(bl, at.val()).cast(F64));
                 let s = k.var(F64, cst(0.0, F64));
                 k.for_(idx(0), idx(v), |k, j| {
                     let at = row.val() + j;
@@ -267,25 +317,30 @@ fn backward(g: &Graph, node: &Node, name: &str, chunk: usize) -> Result<Lowered,
                     k.store(bl, at, e.val());
                     k.accumulate(s, e.val().cast(F64));
                 });
+                if let Some(bterm) = bterm {
+                    let lse = s.val().log() + m.val().cast(F64);
+                    k.store(bterm, r.clone() + idx(r0), (lse - xt.val()) * wt.val());
+                }
                 let scale = k.var(dt, (gr.val() / s.val()).cast(dt));
                 k.for_(idx(0), idx(v), |k, j| {
                     let at = row.val() + j;
                     k.store(bl, at.clone(), load(bl, at) * scale.val());
                 });
-                let at = k.var(I64, target_at(a, r.clone(), t.val()));
                 let x = load_checked(bl, at.val()).cast(F64);
                 k.store_checked(bl, at.val(), (x - gr.val()).cast(dt));
             },
             |k| {
+                if let Some(bterm) = bterm {
+                    k.store(bterm, r.clone() + idx(r0), cst(0.0, F64));
+                }
                 k.for_(idx(0), idx(v), |k, j| {
                     k.store(bl, row.val() + j, cst(0.0, dt));
                 });
             },
         );
-        launches.push(Launch::kernel(
-            finish(k)?,
-            vec![Arg::Input(2), Arg::Input(3), Arg::Input(4), Arg::Scratch(0)],
-        ));
+        let mut args = vec![Arg::Input(2), Arg::Input(3), Arg::Input(4), Arg::Scratch(0)];
+        args.extend(terms_at.map(Arg::Scratch));
+        launches.push(Launch::kernel(finish(k)?, args));
 
         // dh of the chunk's rows: dlogits [n, v] @ w [v, hd].
         let dh = LibraryCall::gemm(
@@ -297,7 +352,7 @@ fn backward(g: &Graph, node: &Node, name: &str, chunk: usize) -> Result<Lowered,
         );
         launches.push(Launch::library(
             dh,
-            vec![Arg::Scratch(0), Arg::Input(1), Arg::Output(0)],
+            vec![Arg::Scratch(0), Arg::Input(1), Arg::Output(dh_out)],
         ));
 
         // dw (+)= dlogits^T [v, n] @ h [n, hd] of the chunk's rows.
@@ -310,32 +365,33 @@ fn backward(g: &Graph, node: &Node, name: &str, chunk: usize) -> Result<Lowered,
                 View::rows(0, hd),
             ),
             [ll, lh, lw],
-            ci > 0,
+            base || ci > 0,
         );
         launches.push(Launch::library(
             dw,
             vec![Arg::Scratch(0), Arg::Input(0), dw_arg],
         ));
     }
-    let mut scratch = vec![a.logits()];
     if let Some(sum) = dw_sum {
         // dw rounded once from its f32 sum.
         let mut k = LoopBuilder::new(launch_name(name, launches.len()), v * hd, 4096);
-        let bs = k.read(sum.dtype, &sum.shape);
+        let bs = k.read(a.logit.dtype(), &[v, hd]);
         let bdw = k.write(a.dtype, &[v, hd]);
         k.store(bdw, k.item(), load(bs, k.item()).cast(a.dtype));
         launches.push(Launch::kernel(
             finish(k)?,
-            vec![Arg::Scratch(1), Arg::Output(1)],
+            vec![Arg::Scratch(sum), Arg::Output(dw_out)],
         ));
-        scratch.push(sum);
     }
-    if a.rows == 0 {
+    if a.rows == 0 && !base {
         // No chunk: dw is zero (dh has no elements).
-        let mut k = LoopBuilder::new(launch_name(name, 0), v * hd, 4096);
+        let mut k = LoopBuilder::new(launch_name(name, launches.len()), v * hd, 4096);
         let bdw = k.write(a.dtype, &[v, hd]);
         k.store(bdw, k.item(), cst(0.0, a.dtype));
-        launches.push(Launch::kernel(finish(k)?, vec![Arg::Output(1)]));
+        launches.push(Launch::kernel(finish(k)?, vec![Arg::Output(dw_out)]));
+    }
+    if let Some(terms) = terms_at {
+        launches.push(sum_terms(a, name, launches.len(), terms, 0)?);
     }
     Ok(Lowered { launches, scratch })
 }

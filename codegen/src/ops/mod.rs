@@ -35,6 +35,10 @@ pub enum Arg {
 pub enum Work {
     Kernel(GeneratedKernel),
     Library(LibraryCall),
+    /// A kernel copying its first buffer into its second, dropped when the two are one
+    /// place: an op that sums into a copy of its operand (an accumulator) then sums in place
+    /// when the accumulator is updated in place.
+    Copy(GeneratedKernel),
 }
 
 impl Work {
@@ -42,7 +46,7 @@ impl Work {
     /// against.
     pub fn buffer_bytes(&self) -> Vec<u64> {
         match self {
-            Work::Kernel(k) => k
+            Work::Kernel(k) | Work::Copy(k) => k
                 .buffers()
                 .iter()
                 .map(|b| (b.shape.iter().product::<usize>() * b.dtype.size_bytes()) as u64)
@@ -55,7 +59,7 @@ impl Work {
 impl fmt::Display for Work {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Work::Kernel(k) => k.fmt(f),
+            Work::Kernel(k) | Work::Copy(k) => k.fmt(f),
             Work::Library(c) => c.fmt(f),
         }
     }
@@ -74,6 +78,14 @@ impl Launch {
         Launch {
             work: Work::Kernel(kernel.into()),
             args,
+        }
+    }
+
+    /// A copy kernel from `args[0]` to `args[1]`, dropped where they are one place.
+    pub fn copy(kernel: impl Into<GeneratedKernel>, args: [Arg; 2]) -> Launch {
+        Launch {
+            work: Work::Copy(kernel.into()),
+            args: args.to_vec(),
         }
     }
 
@@ -114,7 +126,7 @@ impl Lowered {
     /// The generated kernels of the launches, in order.
     pub fn kernels(&self) -> impl Iterator<Item = &GeneratedKernel> {
         self.launches.iter().filter_map(|l| match &l.work {
-            Work::Kernel(k) => Some(k),
+            Work::Kernel(k) | Work::Copy(k) => Some(k),
             Work::Library(_) => None,
         })
     }

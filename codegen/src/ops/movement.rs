@@ -239,10 +239,10 @@ fn scatter_add_sorted(
     let mut k = LoopBuilder::new(launch_name(name, 0), x.numel(), TILE_WORK);
     let (bx, by) = (k.read(d, &x.shape), k.write(d, &x.shape));
     k.store(by, k.item(), load(bx, k.item()));
-    l.launches.push(Launch {
-        work: Work::Kernel(finish(k)?.into()),
-        args: vec![Arg::Input(0), Arg::Output(0)],
-    });
+    // Dropped when the result is x itself (an accumulator updated in place): each run below
+    // reads its destination before it writes it.
+    l.launches
+        .push(Launch::copy(finish(k)?, [Arg::Input(0), Arg::Output(0)]));
     let columns = outer * inner;
     // Source `i` of column `seg` (outer index, then inner).
     let source = move |seg: Expr, i: Expr| {

@@ -6,8 +6,8 @@
 //! branches, so LLVM vectorises them.
 
 use super::norms::{finish, float, rows_per_tile};
-use super::{launch_name, Lowered};
-use crate::kernel::{KernelError, ELEMENTWISE_TILE};
+use super::{launch_name, Arg, Launch, Lowered};
+use crate::kernel::{Access, Buffer, KernelError, ELEMENTWISE_TILE};
 use crate::loops::{cst, idx, load, Expr, LoopBuilder};
 use mmc_ir::{DType, FusedOp, Graph, Node, Op, UnaryOp};
 use std::f64::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
@@ -26,6 +26,7 @@ pub(super) fn lower(g: &Graph, node: &Node, name: &str) -> Option<Result<Lowered
         FusedOp::GeluGrad => elementwise(g, node, name, gelu_grad),
         FusedOp::Rope => rope(g, node, name, false),
         FusedOp::RopeGrad => rope(g, node, name, true),
+        FusedOp::SumSquares => sum_squares(g, node, name),
         _ => return None,
     })
 }
@@ -58,6 +59,51 @@ fn elementwise(
         k.store(b, i, v.cast(d));
     }
     Ok(Lowered::single(node, finish(k)?.into()))
+}
+
+/// Elements per item of the sum of squares: enough to amortise an item, few enough that a
+/// parameter splits over the threads.
+const SUM_BLOCK: usize = 1 << 16;
+
+/// `fused.sum_squares`: each item sums the squares of one block in f64 into a scratch of
+/// partial sums, which a last launch adds in block order and rounds once.
+fn sum_squares(g: &Graph, node: &Node, name: &str) -> Result<Lowered, KernelError> {
+    let d = float(g, node)?;
+    let x = g.ty(node.inputs[0]);
+    let n = x.numel();
+    let blocks = n.div_ceil(SUM_BLOCK).max(1);
+    let partials = Buffer {
+        dtype: F64,
+        shape: vec![blocks],
+        access: Access::Write,
+    };
+    let mut k = LoopBuilder::new(launch_name(name, 0), blocks, 1);
+    let bx = k.read(d, &x.shape);
+    let bp = k.write(F64, &partials.shape);
+    let start = k.var(DType::I64, k.item() * idx(SUM_BLOCK));
+    let end = k.var(DType::I64, (start.val() + idx(SUM_BLOCK)).min(idx(n)));
+    let sum = k.var(F64, cst(0.0, F64));
+    k.for_(start.val(), end.val(), |k, j| {
+        let v = load(bx, j).cast(F64);
+        k.accumulate(sum, v.clone() * v);
+    });
+    let i = k.item();
+    k.store(bp, i, sum.val());
+    let first = Launch::kernel(finish(k)?, vec![Arg::Input(0), Arg::Scratch(0)]);
+
+    let mut k = LoopBuilder::new(launch_name(name, 1), 1, 1);
+    let bp = k.read(F64, &partials.shape);
+    let by = k.write(d, &[]);
+    let total = k.var(F64, cst(0.0, F64));
+    k.for_(idx(0), idx(blocks), |k, b| {
+        k.set(total, total.val() + load(bp, b));
+    });
+    k.store(by, idx(0), total.val().cast(d));
+    let last = Launch::kernel(finish(k)?, vec![Arg::Scratch(0), Arg::Output(0)]);
+    Ok(Lowered {
+        launches: vec![first, last],
+        scratch: vec![partials],
+    })
 }
 
 fn one() -> Expr {

@@ -183,7 +183,7 @@ pub fn run_compiled(g: &Graph, inputs: &[Tensor], threads: usize) -> Result<Run,
         // SAFETY: each pointer is a buffer of the size the launch says (checked above); the
         // library call's outputs are buffers of their own.
         match &launch.work {
-            Work::Kernel(_) => {
+            Work::Kernel(_) | Work::Copy(_) => {
                 unsafe { lib.launch(next_kernel, &ptrs, &pool) }?;
                 next_kernel += 1;
             }

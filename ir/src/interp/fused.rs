@@ -55,6 +55,7 @@ pub(super) fn eval(op: &FusedOp, a: &[&Val], out: &[&TensorType]) -> Result<Vec<
             let hidden = a[0].ty.shape[1];
             vec![f(moe::permute(a[0].f(), pairs(a[1]), hidden, *experts)?)]
         }
+        SumSquares => vec![f(vec![a[0].f().iter().map(|&x| x * x).sum()])],
         ExpertOffsets { experts } => vec![Buf::I(moe::expert_offsets(pairs(a[0]), *experts)?)],
         GroupedMatMul => {
             let g = grouped_args(a);
@@ -115,6 +116,15 @@ pub(super) fn eval(op: &FusedOp, a: &[&Val], out: &[&TensorType]) -> Result<Vec<
             let p = ce_args(a, *chunk);
             let (dh, dw) = cross_entropy::backward(&p, a[4].f()[0])?;
             vec![f(dh), f(dw)]
+        }
+        LinearCrossEntropyWithGrad { chunk } => {
+            let p = ce_args(a, *chunk);
+            let loss = cross_entropy::forward(&p)?;
+            let (dh, mut dw) = cross_entropy::backward(&p, a[4].f()[0])?;
+            if let Some(base) = a.get(5) {
+                dw.iter_mut().zip(base.f()).for_each(|(d, b)| *d += b);
+            }
+            vec![f(vec![loss]), f(dh), f(dw)]
         }
         GroupedMatMulGrad => {
             let g = grouped_args(a);

@@ -51,6 +51,9 @@ pub(super) fn vjp_fused(
         | GroupedMatMulGrad
         | MoePermuteGrad
         | MoeUnpermuteGrad => return Err(AutodiffError::BackwardOp { op: op.name() }),
+        LinearCrossEntropyWithGrad { .. } | SumSquares => {
+            return Err(AutodiffError::AfterAutodiff { op: op.name() })
+        }
         Elementwise { .. } | MatMulEpilogue { .. } => {
             return Err(AutodiffError::AfterAutodiff { op: op.name() })
         }
@@ -72,6 +75,7 @@ pub(super) fn operand_name(op: &FusedOp, i: usize) -> &'static str {
         ExpertOffsets { .. } => &["top"],
         GroupedMatMul => &["xs", "w", "offsets"],
         MoeUnpermute => &["ys", "top", "weights"],
+        SumSquares => &["x"],
         RmsNormGrad { .. } | LayerNormGrad { .. } => &["x", "w", "dy"],
         SoftmaxGrad | LogSoftmaxGrad => &["y", "dy"],
         SwiGluGrad => &["gate", "up", "dy"],
@@ -79,6 +83,7 @@ pub(super) fn operand_name(op: &FusedOp, i: usize) -> &'static str {
         RopeGrad => &["dy", "cos", "sin"],
         AttentionGrad { .. } => &["q", "k", "v", "segment_ids", "do"],
         LinearCrossEntropyGrad { .. } => &["h", "w", "target", "weight", "dloss"],
+        LinearCrossEntropyWithGrad { .. } => &["h", "w", "target", "weight", "dloss", "dw_base"],
         GroupedMatMulGrad => &["xs", "w", "offsets", "dy"],
         MoePermuteGrad => &["dxs", "top"],
         MoeUnpermuteGrad => &["ys", "top", "weights", "dout"],

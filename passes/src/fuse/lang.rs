@@ -748,12 +748,15 @@ mod tests {
         ops.extend(
             mmc_ir::fused::all()
                 .into_iter()
-                // Elementwise programs form after autodiff, outside the e-graph.
+                // Elementwise programs form after autodiff, outside the e-graph, and the
+                // optimizer alone emits the sum of squares.
                 .filter(|f| {
                     !f.is_backward()
                         && !matches!(
                             f,
-                            FusedOp::Elementwise { .. } | FusedOp::MatMulEpilogue { .. }
+                            FusedOp::Elementwise { .. }
+                                | FusedOp::MatMulEpilogue { .. }
+                                | FusedOp::SumSquares
                         )
                 })
                 .map(Op::Fused),
