@@ -1,10 +1,5 @@
 //! The `mmc` command line: parses arguments and calls the crates. No logic lives here.
 
-/// mimalloc keeps freed pages for reuse: the interpreter allocates and frees tensors of
-/// hundreds of megabytes every step, which the system allocator returns to the OS each time.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 mod compile;
 mod console;
 mod plot;

@@ -14,6 +14,7 @@
 //! so results agree to rounding, not bit for bit.
 
 use crate::emit::PassError;
+use crate::rebuild::{ancestors, Rebuild};
 use mmc_ir::{BinaryOp, FusedOp, Graph, NodeId, Op, Value};
 use std::collections::HashMap;
 
@@ -65,82 +66,32 @@ pub fn fuse_accumulate(g: &Graph) -> Result<(Graph, usize), PassError> {
     }
 
     let dropped: Vec<NodeId> = fused.values().map(|&(add, _)| add).collect();
-    let mut out = Graph::new(g.stage);
-    let mut map: Vec<Option<Value>> = vec![None; g.num_values()];
-    let mut emitted = vec![false; g.nodes().len()];
-    let err = |source| PassError {
-        pass: "fuse-accumulate",
-        source,
-    };
-    let mapped = |map: &[Option<Value>], vs: &[Value]| -> Vec<Value> {
-        vs.iter()
-            .map(|v| map[v.0 as usize].expect("an operand is defined before its reader"))
-            .collect()
-    };
-    let emit =
-        |out: &mut Graph, map: &mut Vec<Option<Value>>, id: NodeId, op: Op, ins: &[Value]| {
-            let node = g.node(id);
-            let scope = out.intern_scope(g.scope_name(node.scope));
-            let new = out.add_node(op, &mapped(map, ins), scope).map_err(err)?;
-            for (&old, &v) in node.outputs.iter().zip(&out.node(new).outputs) {
-                map[old.0 as usize] = Some(v);
-            }
-            Ok::<_, PassError>(new)
-        };
+    let mut r = Rebuild::new(g, "fuse-accumulate");
     for (id, node) in g.iter_nodes() {
-        if emitted[id.0 as usize] || dropped.contains(&id) {
+        if r.done(id) || dropped.contains(&id) {
             continue;
         }
         let Some(&(add, acc)) = fused.get(&id) else {
-            emit(&mut out, &mut map, id, node.op.clone(), &node.inputs)?;
-            emitted[id.0 as usize] = true;
+            r.copy(id)?;
             continue;
         };
-        for a in ancestors(g, acc) {
-            if !emitted[a.0 as usize] {
-                let n = g.node(a);
-                emit(&mut out, &mut map, a, n.op.clone(), &n.inputs)?;
-                emitted[a.0 as usize] = true;
-            }
-        }
+        r.copy_ancestors(acc)?;
         let mut ins = node.inputs.to_vec();
-        match node.op {
-            Op::ScatterAdd { .. } => ins[0] = acc,
-            _ => ins.push(acc),
-        }
-        let new = emit(&mut out, &mut map, id, node.op.clone(), &ins)?;
-        // The add's result is now the op's.
-        let sum = g.node(add).outputs[0];
         let result = match node.op {
-            Op::ScatterAdd { .. } => 0,
-            _ => 2,
+            Op::ScatterAdd { .. } => {
+                ins[0] = acc;
+                0
+            }
+            _ => {
+                ins.push(acc);
+                2
+            }
         };
-        map[sum.0 as usize] = Some(out.node(new).outputs[result]);
-        emitted[id.0 as usize] = true;
+        let new = r.emit(id, node.op.clone(), &ins)?;
+        // The add's result is now the op's.
+        let sum = r.out.node(new).outputs[result];
+        r.set(g.node(add).outputs[0], sum);
+        r.skip(add);
     }
-    for (name, v) in g.outputs() {
-        out.add_output(
-            name.clone(),
-            map[v.0 as usize].expect("every value is mapped"),
-        );
-    }
-    Ok((crate::simplify::dce(&out), fused.len()))
-}
-
-/// The nodes `v` depends on, itself included, in program order.
-pub(crate) fn ancestors(g: &Graph, v: Value) -> Vec<NodeId> {
-    let mut seen = vec![false; g.nodes().len()];
-    let mut stack = vec![g.value_data(v).expect("a value of this graph").node];
-    while let Some(id) = stack.pop() {
-        if std::mem::replace(&mut seen[id.0 as usize], true) {
-            continue;
-        }
-        for &x in &g.node(id).inputs {
-            stack.push(g.value_data(x).expect("a value of this graph").node);
-        }
-    }
-    (0..seen.len())
-        .filter(|&i| seen[i])
-        .map(|i| NodeId(i as u32))
-        .collect()
+    Ok((crate::simplify::dce(&r.finish()), fused.len()))
 }

@@ -11,7 +11,7 @@
 //! every reader keeps its value.
 
 use crate::emit::PassError;
-use crate::fuse_accumulate::ancestors;
+use crate::rebuild::{ancestors, Rebuild};
 use mmc_ir::{FusedOp, Graph, NodeId, Op, Value};
 use std::collections::HashMap;
 
@@ -52,71 +52,32 @@ pub fn fuse_loss_grad(g: &Graph) -> Result<(Graph, usize), PassError> {
         merged_backward[id.0 as usize] = true;
     }
 
-    let mut out = Graph::new(g.stage);
-    let mut map: Vec<Option<Value>> = vec![None; g.num_values()];
-    let mut emitted = vec![false; g.nodes().len()];
-    let err = |source| PassError {
-        pass: "fuse-loss-grad",
-        source,
-    };
-    let mapped = |map: &[Option<Value>], vs: &[Value]| -> Vec<Value> {
-        vs.iter()
-            .map(|v| map[v.0 as usize].expect("an operand is defined before its reader"))
-            .collect()
-    };
-    let copy = |out: &mut Graph, map: &mut Vec<Option<Value>>, id: NodeId| {
-        let node = g.node(id);
-        let scope = out.intern_scope(g.scope_name(node.scope));
-        let new = out
-            .add_node(node.op.clone(), &mapped(map, &node.inputs), scope)
-            .map_err(err)?;
-        for (&old, &v) in node.outputs.iter().zip(&out.node(new).outputs) {
-            map[old.0 as usize] = Some(v);
-        }
-        Ok::<_, PassError>(())
-    };
+    let mut r = Rebuild::new(g, "fuse-loss-grad");
     for (id, node) in g.iter_nodes() {
-        if emitted[id.0 as usize] || merged_backward[id.0 as usize] {
+        if r.done(id) || merged_backward[id.0 as usize] {
             continue;
         }
         let Some(&b) = pairs.get(&id) else {
-            copy(&mut out, &mut map, id)?;
-            emitted[id.0 as usize] = true;
+            r.copy(id)?;
             continue;
         };
         // The loss gradient's producers first (none of them reads the loss), then the fused
         // node with the forward's operands and the gradient.
         let backward = g.node(b);
-        let dloss = backward.inputs[4];
-        for a in ancestors(g, dloss) {
-            if !emitted[a.0 as usize] {
-                copy(&mut out, &mut map, a)?;
-                emitted[a.0 as usize] = true;
-            }
-        }
+        r.copy_ancestors(backward.inputs[4])?;
         let Op::Fused(FusedOp::LinearCrossEntropy { chunk }) = node.op else {
             unreachable!("pairs start at a forward cross-entropy");
         };
-        let scope = out.intern_scope(g.scope_name(node.scope));
-        let fused = out
-            .add_node(
-                Op::Fused(FusedOp::LinearCrossEntropyWithGrad { chunk }),
-                &mapped(&map, &backward.inputs),
-                scope,
-            )
-            .map_err(err)?;
-        let results = out.node(fused).outputs.clone();
-        map[node.outputs[0].0 as usize] = Some(results[0]);
+        let fused = r.emit(
+            id,
+            Op::Fused(FusedOp::LinearCrossEntropyWithGrad { chunk }),
+            &backward.inputs,
+        )?;
+        let results = r.out.node(fused).outputs.clone();
         for (&old, &v) in backward.outputs.iter().zip(&results[1..]) {
-            map[old.0 as usize] = Some(v);
+            r.set(old, v);
         }
-        emitted[id.0 as usize] = true;
+        r.skip(b);
     }
-    for (name, v) in g.outputs() {
-        out.add_output(
-            name.clone(),
-            map[v.0 as usize].expect("every value is mapped"),
-        );
-    }
-    Ok((out, pairs.len()))
+    Ok((r.finish(), pairs.len()))
 }

@@ -11,6 +11,7 @@ pub mod fuse_loss_grad;
 pub mod memory;
 pub mod optimizer;
 pub mod pipeline;
+pub mod rebuild;
 pub mod recompute;
 pub mod schedule;
 pub mod simplify;

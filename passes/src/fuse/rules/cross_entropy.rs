@@ -19,7 +19,7 @@
 //! forward without the logits, where nothing of [tokens, vocab] is left.
 //!
 //! `chunk` ([`chunk_rows`]) is the number of rows the fused op (and its backward) processes at a
-//! time: as many as keep one [chunk, vocab] f32 block of logits within 256 MiB.
+//! time: as many as keep one [chunk, vocab] f32 block of logits within 128 MiB.
 
 use super::{attr_of, pat, tensor_of, var, Cond, FuseRewrite};
 use crate::fuse::guard::union_if_typed;
@@ -27,15 +27,17 @@ use crate::fuse::lang::{AttrValue, Fuse, FuseGraph, Ints, TensorAnalysis};
 use egg::{rewrite, Applier, Id, Pattern, PatternAst, Subst, Symbol};
 use mmc_ir::{DType, TensorType};
 
-/// The most bytes one chunk of f32 logits may take inside the fused op: 256 MiB. The chunk's
-/// rows are the M of its GEMMs: measured at 2 threads on the LM head of the real vocabulary
-/// (hidden 512), 110 rows (64 MiB) ran at 238 GFLOP/s, 441 rows (256 MiB) at 299, the
-/// whole 1,024 at 318; PyTorch holds all [tokens, vocab] logits and their gradient.
-pub const CHUNK_BYTES: usize = 256 << 20;
+/// The most bytes one chunk of f32 logits may take inside the fused op: 128 MiB. The chunk's
+/// rows are the M of its GEMMs, so fewer rows cost GEMM speed and save memory: measured at 2
+/// threads on the LM head of the real vocabulary (hidden 512), 110 rows (64 MiB) ran at 238
+/// GFLOP/s, 441 rows (256 MiB) at 299, the whole 1,024 at 318. 220 rows (128 MiB) keep most of
+/// the speed at half the scratch, which on the vocabulary benchmark is the largest buffer
+/// after the state; PyTorch holds all [tokens, vocab] logits and their gradient.
+pub const CHUNK_BYTES: usize = 128 << 20;
 
 /// Rows per chunk of `fused.linear_cross_entropy` for `rows` tokens and a vocabulary of
 /// `vocab`: as many as keep a [chunk, vocab] f32 block within [`CHUNK_BYTES`], at least 1 and
-/// at most `rows`. The real 151,936-token vocabulary gives 441 rows (about 255.6 MiB).
+/// at most `rows`. The real 151,936-token vocabulary gives 220 rows (about 127.5 MiB).
 pub fn chunk_rows(rows: usize, vocab: usize) -> usize {
     let fit = CHUNK_BYTES / (vocab.max(1) * 4);
     fit.min(rows).max(1)
