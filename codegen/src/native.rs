@@ -165,27 +165,8 @@ impl KernelLibrary {
             unsafe { f(args.0, 0, tiles as i64) }
         } else {
             let per = tiles.div_ceil(threads);
-            let codes: Vec<std::sync::atomic::AtomicI64> = (0..threads).map(|_| 0.into()).collect();
-            let f = *f;
-            pool.scope(|s| {
-                for (t, code) in codes.iter().enumerate() {
-                    let (begin, end) = (t * per, ((t + 1) * per).min(tiles));
-                    if begin >= end {
-                        continue;
-                    }
-                    s.spawn(move |_| {
-                        let a = args;
-                        // SAFETY: the caller's contract; threads run disjoint tiles.
-                        let c = unsafe { f(a.0, begin as i64, end as i64) };
-                        code.store(c, std::sync::atomic::Ordering::Relaxed);
-                    });
-                }
-            });
-            codes
-                .iter()
-                .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
-                .find(|&c| c != 0)
-                .unwrap_or(0)
+            // SAFETY: the caller's contract; the parts run disjoint tiles.
+            pool.install(|| unsafe { run_parts(*f, args, (0, tiles), per, threads) })
         };
         match status {
             0 => Ok(()),
@@ -203,5 +184,40 @@ impl KernelLibrary {
                 }
             }
         }
+    }
+}
+
+/// Runs `f` over tiles `range` split into `parts` ranges of `per` tiles (the last shorter),
+/// halving by `rayon::join` so the parts run on the pool's threads without a heap allocation
+/// per launch (a spawned job would box itself); the first non-zero status wins.
+///
+/// # Safety
+/// As for [`KernelLibrary::launch`]: `args` are the kernel's buffers.
+unsafe fn run_parts(
+    f: KernelFn,
+    args: Buffers,
+    range: (usize, usize),
+    per: usize,
+    parts: usize,
+) -> i64 {
+    let (begin, end) = range;
+    if begin >= end {
+        return 0;
+    }
+    if parts <= 1 {
+        // SAFETY: the caller's contract.
+        return unsafe { f(args.0, begin as i64, end as i64) };
+    }
+    let half = parts / 2;
+    let mid = (begin + half * per).min(end);
+    // SAFETY: the two halves cover disjoint tiles.
+    let (a, b) = rayon::join(
+        || unsafe { run_parts(f, args, (begin, mid), per, half) },
+        || unsafe { run_parts(f, args, (mid, end), per, parts - half) },
+    );
+    if a != 0 {
+        a
+    } else {
+        b
     }
 }
