@@ -1,5 +1,8 @@
 //! The small optimizer-like program the compiled-runner tests replay, and its runner.
 
+// Each test binary that includes this module uses part of it.
+#![allow(dead_code)]
+
 use mmc_codegen::compiled::Compiler;
 use mmc_ir::plan::{Program, StateUpdate};
 use mmc_ir::{BinaryOp, DType, Graph, Op, ReduceKind, ScopeId, Stage};
@@ -16,7 +19,12 @@ fn add(g: &mut Graph, op: Op, ins: &[Value]) -> Value {
 /// `m' = 0.9 m + w * x`, `w' = w - 0.1 m'`, `v' = v + 1` computed before `v` is read again,
 /// `loss = sum(w' * w') + sum(v)`.
 pub fn program() -> Program {
-    let t = TensorType::new(DType::F32, vec![3, 1037]);
+    program_of(3)
+}
+
+/// [`program`] over tensors of `rows` x 1037 (more than one tile of a kernel from 4 rows on).
+pub fn program_of(rows: usize) -> Program {
+    let t = TensorType::new(DType::F32, vec![rows, 1037]);
     let mut g = Graph::new(Stage::Optimizer);
     let w = add(
         &mut g,
@@ -100,10 +108,15 @@ pub fn program() -> Program {
 }
 
 pub fn tensor(seed: u64) -> Tensor {
-    let v: Vec<f64> = (0..3 * 1037)
+    tensor_of(3, seed)
+}
+
+/// A [`tensor`] of `rows` x 1037.
+pub fn tensor_of(rows: usize, seed: u64) -> Tensor {
+    let v: Vec<f64> = (0..rows * 1037)
         .map(|i| ((i as u64 * 7919 + seed * 31) % 1000) as f64 / 500.0 - 1.0)
         .collect();
-    Tensor::from_f64(DType::F32, vec![3, 1037], &v).expect("sizes")
+    Tensor::from_f64(DType::F32, vec![rows, 1037], &v).expect("sizes")
 }
 
 pub fn compiled(p: &Program, dir: &std::path::Path, threads: usize) -> CompiledRunner {
