@@ -143,19 +143,8 @@ fn native_plan_file(
     match mmc::backend::compile_native(plan, &target) {
         Ok(native) => {
             let kernels = native.kernels.len();
-            // The runtime allocates the largest arena and scratch region once for all programs.
-            let arena = native
-                .programs
-                .iter()
-                .map(|p| p.arena_bytes)
-                .max()
-                .unwrap_or(0);
-            let scratch = native
-                .programs
-                .iter()
-                .map(|p| p.scratch_bytes)
-                .max()
-                .unwrap_or(0);
+            // What the runtime allocates, once for all programs.
+            let (arena, scratch) = mmc_codegen::compiled::shared_regions(&native.programs);
             let each: Vec<String> = native
                 .programs
                 .iter()
@@ -174,7 +163,7 @@ fn native_plan_file(
                 ),
             };
             console.out(&format!(
-                "kernels: {kernels} compiled for {} in {:.1} s; arena {:.3} GB ({}) and kernel scratch {:.3} GB, shared by the programs",
+                "kernels: {kernels} compiled for {} in {:.1} s; compiled arena {:.3} GB ({}; state updates written in place take none) and kernel scratch {:.3} GB, shared by the programs",
                 file.target,
                 started.elapsed().as_secs_f64(),
                 arena as f64 / 1e9,

@@ -81,6 +81,14 @@ pub struct CompiledSteps {
     pub kernels: Vec<KernelEntry>,
 }
 
+/// The bytes of the activation arena and of the scratch region that `programs` share: the
+/// programs run one at a time, so each region is the largest any of them needs.
+pub fn shared_regions(programs: &[CompiledProgram]) -> (u64, u64) {
+    programs.iter().fold((0, 0), |(a, s), p| {
+        (a.max(p.arena_bytes), s.max(p.scratch_bytes))
+    })
+}
+
 impl CompiledSteps {
     /// The section's bytes (postcard).
     pub fn to_bytes(&self) -> Vec<u8> {

@@ -135,8 +135,7 @@ impl CompiledRunner {
         }
         // SAFETY: the caller's contract.
         let library = unsafe { KernelLibrary::load(library, sha256, kernels) }?;
-        let arena = programs.iter().map(|p| p.arena_bytes).max().unwrap_or(0);
-        let scratch = programs.iter().map(|p| p.scratch_bytes).max().unwrap_or(0);
+        let (arena, scratch) = mmc_codegen::compiled::shared_regions(&programs);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
             .build()

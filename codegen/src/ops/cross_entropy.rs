@@ -8,9 +8,10 @@
 //! logits, the logit gradients in place, then `dh = dlogits w` for the chunk's rows and
 //! `dw += dlogits^T h`. Both at once (`fused.linear_cross_entropy_with_grad`, a training
 //! step's loss) are the backward with each row's loss term taken from the logits before they
-//! become gradients: one logits GEMM per chunk instead of two. A row whose target is negative is ignored; a target at or above the
-//! vocabulary size is refused by a checked load (it addresses past the chunk's logits), as
-//! the interpreter refuses it.
+//! become gradients: one logits GEMM per chunk instead of two; with a dw base (an
+//! accumulator) dw sums onto a copy of it, a copy dropped when dw is the base itself. A row
+//! whose target is negative is ignored; a target at or above the vocabulary size is refused
+//! by a checked load (it addresses past the chunk's logits), as the interpreter refuses it.
 //!
 //! Precision: the logits are in the inputs' dtype (f32 for an f32 model, as PyTorch computes
 //! them), f32 for a bf16 model (the GEMMs accumulate in f32, and the logits are not rounded
@@ -272,7 +273,7 @@ fn backward(
     let mut launches = Vec::new();
     // A base of dw (an accumulator) is copied where dw sums, and every chunk adds to it; the
     // copy is dropped when dw is the base itself, updated in place.
-    let base = with_loss && node.inputs.len() == 6;
+    let base = node.inputs.len() == 6;
     if base {
         let mut k = LoopBuilder::new(launch_name(name, launches.len()), v * hd, 4096);
         let bb = k.read(a.dtype, &[v, hd]);

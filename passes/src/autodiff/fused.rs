@@ -51,12 +51,10 @@ pub(super) fn vjp_fused(
         | GroupedMatMulGrad
         | MoePermuteGrad
         | MoeUnpermuteGrad => return Err(AutodiffError::BackwardOp { op: op.name() }),
-        LinearCrossEntropyWithGrad { .. } | SumSquares => {
-            return Err(AutodiffError::AfterAutodiff { op: op.name() })
-        }
-        Elementwise { .. } | MatMulEpilogue { .. } => {
-            return Err(AutodiffError::AfterAutodiff { op: op.name() })
-        }
+        LinearCrossEntropyWithGrad { .. }
+        | SumSquares
+        | Elementwise { .. }
+        | MatMulEpilogue { .. } => return Err(AutodiffError::AfterAutodiff { op: op.name() }),
     })
 }
 
