@@ -11,7 +11,7 @@
 //! pool at once: the most the cores can multiply-add, which no GEMM reaches. `--json` prints
 //! one JSON object per line (for bench/gemm.py) instead of the table.
 
-use mmc_codegen::library::{Float, Grouped, LibraryCall, MatMul};
+use mmc_codegen::library::{Float, Grouped, LibraryCall, MatMul, Workspace};
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -169,11 +169,16 @@ fn print(args: &Args, r: &Record, peak: f64) {
     }
 }
 
-/// Runs a call on host buffers.
-fn run(call: &LibraryCall, bufs: &mut [&mut [u8]], pool: &rayon::ThreadPool) {
+/// Runs a call on host buffers with its workspace.
+fn run(call: &LibraryCall, bufs: &mut [&mut [u8]], ws: &mut Workspace, pool: &rayon::ThreadPool) {
     let ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
     // SAFETY: the buffers were sized from the call's fields by the caller.
-    unsafe { call.execute(&ptrs, pool) }.expect("a valid call");
+    unsafe { call.execute(&ptrs, ws, pool) }.expect("a valid call");
+}
+
+/// The workspace of `call` on `pool`, allocated once before it is timed (as the runtime does).
+fn workspace(call: &LibraryCall, pool: &rayon::ThreadPool) -> Workspace {
+    Workspace::new(call.workspace_bytes(pool.current_num_threads())).expect("a workspace")
 }
 
 fn bytes(v: &mut [f32]) -> &mut [u8] {
@@ -194,21 +199,66 @@ fn dense(args: &Args, pool: &rayon::ThreadPool) -> Vec<Record> {
             n,
         });
         let dims = format!("{m} x {k} x {n}");
+        let mut ws = workspace(&call, pool);
         let t = time(|| {
             run(
                 &call,
                 &mut [bytes(&mut a), bytes(&mut b), bytes(&mut c)],
+                &mut ws,
                 pool,
             )
         });
         out.push(Record {
             name: name.clone(),
-            imp: "mmc (gemm)",
+            imp: "mmc",
             dims: dims.clone(),
             flops: call.flops(),
             secs: t,
         });
         if args.compare {
+            // The `gemm` crate's own driver over the same micro-kernels (it allocates its
+            // packing buffers in each call).
+            let threads = pool.current_num_threads();
+            let t = time(|| {
+                pool.install(|| {
+                    // SAFETY: dense row-major a [m, k], b [k, n], c [m, n]; the crate's
+                    // column-major view of the row-major product is its transpose.
+                    unsafe {
+                        gemm::gemm(
+                            n,
+                            m,
+                            k,
+                            c.as_mut_ptr(),
+                            n as isize,
+                            1,
+                            false,
+                            b.as_ptr(),
+                            n as isize,
+                            1,
+                            a.as_ptr(),
+                            k as isize,
+                            1,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            if threads > 1 {
+                                gemm::Parallelism::Rayon(threads)
+                            } else {
+                                gemm::Parallelism::None
+                            },
+                        )
+                    }
+                })
+            });
+            out.push(Record {
+                name: name.clone(),
+                imp: "gemm crate",
+                dims: dims.clone(),
+                flops: call.flops(),
+                secs: t,
+            });
             let t = time(|| {
                 // SAFETY: dense row-major a [m, k], b [k, n], c [m, n].
                 unsafe {
@@ -267,21 +317,24 @@ fn grouped(args: &Args, pool: &rayon::ThreadPool) -> Vec<Record> {
         let (mut dxs, mut dw) = (vec![0f32; rows * inner], vec![0f32; experts * inner * cols]);
         let dims = format!("{experts} x [{per} x {inner} x {cols}]");
         let fwd = LibraryCall::GroupedMatMul(g.clone());
+        let mut ws = workspace(&fwd, pool);
         let t = time(|| {
             run(
                 &fwd,
                 &mut [bytes(&mut xs), bytes(&mut w), off, bytes(&mut y)],
+                &mut ws,
                 pool,
             )
         });
         out.push(Record {
             name: name.clone(),
-            imp: "mmc (gemm)",
+            imp: "mmc",
             dims: dims.clone(),
             flops: fwd.flops(),
             secs: t,
         });
         let bwd = LibraryCall::GroupedMatMulGrad(g);
+        let mut ws = workspace(&bwd, pool);
         let t = time(|| {
             run(
                 &bwd,
@@ -293,12 +346,13 @@ fn grouped(args: &Args, pool: &rayon::ThreadPool) -> Vec<Record> {
                     bytes(&mut dxs),
                     bytes(&mut dw),
                 ],
+                &mut ws,
                 pool,
             )
         });
         out.push(Record {
             name: format!("{name} grad"),
-            imp: "mmc (gemm)",
+            imp: "mmc",
             dims,
             flops: bwd.flops(),
             secs: t,

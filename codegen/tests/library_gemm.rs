@@ -11,7 +11,7 @@
 //! absolute values, so the bound is per element and tight (a wrong row or a wrong offset
 //! misses it by orders of magnitude, as two tests below check).
 
-use mmc_codegen::library::{self, Float, Grouped, LibraryCall, LibraryError, MatMul};
+use mmc_codegen::library::{self, Float, Grouped, LibraryCall, LibraryError, MatMul, Workspace};
 use mmc_ir::elementwise::Program;
 use mmc_ir::{
     BinaryOp, DType, FusedOp, Graph, Interpreter, Op, Precision, ScopeId, Stage, Tensor,
@@ -178,7 +178,8 @@ fn pool(threads: usize) -> rayon::ThreadPool {
 fn execute(call: &LibraryCall, bufs: &mut [Buf], threads: usize) -> Result<(), LibraryError> {
     let ptrs: Vec<*mut u8> = bufs.iter_mut().map(Buf::ptr).collect();
     // SAFETY: the buffers were made from the node's operand and result types, aligned to 8.
-    unsafe { call.execute(&ptrs, &pool(threads)) }
+    let mut ws = Workspace::new(call.workspace_bytes(threads)).expect("a workspace");
+    unsafe { call.execute(&ptrs, &mut ws, &pool(threads)) }
 }
 
 fn decode(dtype: DType, bytes: &[u8]) -> Vec<f64> {

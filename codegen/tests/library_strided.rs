@@ -10,7 +10,7 @@
 //! Tolerance: the dot-product bound `gamma(k) (|A| |B|)_ij` (plus the rounding of the sum
 //! with what an accumulating output held), as in `library_gemm.rs`.
 
-use mmc_codegen::library::{Float, Gemm, LibraryCall, LibraryError, View};
+use mmc_codegen::library::{Float, Gemm, LibraryCall, LibraryError, View, Workspace};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -116,7 +116,8 @@ fn run(
     let before = b[2].clone();
     let ptrs: Vec<*mut u8> = b.iter_mut().map(|v| v.as_mut_ptr().cast()).collect();
     // SAFETY: the buffers hold the call's lens elements of its dtypes, 8-byte aligned.
-    let r = unsafe { call_.execute(&ptrs, &pool(threads)) };
+    let mut ws = Workspace::new(call_.workspace_bytes(threads)).expect("a workspace");
+    let r = unsafe { call_.execute(&ptrs, &mut ws, &pool(threads)) };
     let changed = b[2] != before;
     r.map_err(|e| (e, changed))?;
     Ok(load(&b[2], bufs[2].len(), call.dtypes[2]))

@@ -1,11 +1,13 @@
-//! Replays compiled programs: kernel launches and library calls over one activation arena
-//! and one scratch region, both allocated once, with state and data tensors bound in place.
+//! Replays compiled programs: kernel launches and library calls over one activation arena,
+//! one scratch region and one library workspace, all allocated once, with state and data
+//! tensors bound in place.
 //!
 //! Nothing is allocated per step but the small tensors of a program's non-state outputs
 //! (the loss, the gradient norm); the pointer tables are reused, and the threads are one
 //! persistent pool.
 
 use mmc_codegen::compiled::{Callee, CompiledProgram, Loc};
+use mmc_codegen::library::Workspace;
 use mmc_codegen::native::{KernelEntry, KernelLibrary, NativeError};
 use mmc_ir::Tensor;
 use std::alloc::{alloc_zeroed, dealloc, Layout};
@@ -90,6 +92,8 @@ pub struct CompiledRunner {
     programs: Vec<CompiledProgram>,
     arena: Region,
     scratch: Region,
+    /// Where the library calls pack their operands, sized for the largest call on the pool.
+    workspace: Workspace,
     pool: rayon::ThreadPool,
     bound: Vec<*mut u8>,
     args: Vec<*mut u8>,
@@ -115,7 +119,7 @@ unsafe impl Send for CompiledRunner {}
 
 impl CompiledRunner {
     /// Loads the kernel library at `library` (refused unless its SHA-256 is `sha256`) and
-    /// allocates the largest arena and scratch region of `programs` once.
+    /// allocates the largest arena, scratch region and library workspace of `programs` once.
     ///
     /// # Safety
     /// The library is native code that will run in this process: it must be the one compiled
@@ -143,11 +147,22 @@ impl CompiledRunner {
                 threads,
                 message: e.to_string(),
             })?;
+        let threads = pool.current_num_threads();
+        let workspace = programs
+            .iter()
+            .flat_map(|p| &p.steps)
+            .filter_map(|s| match &s.callee {
+                Callee::Library(call) => Some(call.workspace_bytes(threads)),
+                Callee::Kernel(_) => None,
+            })
+            .max()
+            .unwrap_or(0);
         Ok(CompiledRunner {
             library,
             programs,
             arena: Region::new(arena)?,
             scratch: Region::new(scratch)?,
+            workspace: Workspace::new(workspace).ok_or(CompiledError::Alloc(workspace as u64))?,
             pool,
             bound: Vec::new(),
             args: Vec::new(),
@@ -198,9 +213,14 @@ impl CompiledRunner {
         out
     }
 
-    /// Bytes of the activation arena and the scratch region.
+    /// Bytes of the activation arena, the scratch region and the library workspace.
     pub fn buffer_bytes(&self) -> u64 {
-        (self.arena.bytes + self.scratch.bytes) as u64
+        (self.arena.bytes + self.scratch.bytes + self.workspace.bytes()) as u64
+    }
+
+    /// Bytes of the library workspace alone.
+    pub fn workspace_bytes(&self) -> u64 {
+        self.workspace.bytes() as u64
     }
 
     /// Runs program `name` over `state` (read and updated in place) and `data` (read);
@@ -278,8 +298,10 @@ impl CompiledRunner {
                     self.library.launch(*k as usize, &self.args, &self.pool)
                 },
                 // SAFETY: as for kernels; the call checks its data-dependent offsets itself.
-                Callee::Library(call) => unsafe { call.execute(&self.args, &self.pool) }
-                    .map_err(|e| NativeError::Library(e.to_string())),
+                Callee::Library(call) => {
+                    unsafe { call.execute(&self.args, &mut self.workspace, &self.pool) }
+                        .map_err(|e| NativeError::Library(e.to_string()))
+                }
             };
             result.map_err(|error| CompiledError::Step {
                 program: p.name.clone(),

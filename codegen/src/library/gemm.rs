@@ -1,10 +1,11 @@
-//! The GEMMs behind [`super::LibraryCall`], on the `gemm` crate: its AVX-512 (x86-v4) and
-//! AVX2 kernels are picked at run time from the CPU's features, it takes any strides (so the
-//! transposed operands of the grouped gradient are read in place, never copied), and it
-//! parallelises on the rayon pool it is called in. It beat `matrixmultiply` on every shape of
-//! the model (the README's "GEMM library calls" table).
+//! The GEMMs behind [`super::LibraryCall`]: how each call is cut into products and spread
+//! over the pool. Each product runs the packed loop nest of [`super::packed`] on the `gemm`
+//! crate's micro-kernels, with its packed blocks in the workspace the runtime allocated once;
+//! any strides are taken (so the transposed operands of the grouped gradient are read in
+//! place, never copied). The micro-kernels beat `matrixmultiply` on every shape of the model
+//! (the README's "GEMM library calls" table).
 //!
-//! Parallelism: one GEMM is split by the library over every thread of the pool, or, for a
+//! Parallelism: one GEMM is split over every thread of the pool by its output, or, for a
 //! small output over a long contraction, cut along the contraction into one single-threaded
 //! product per thread whose partial results are summed; a batch of small matrices is spread
 //! one matrix per task instead when that divides evenly. The experts
@@ -12,12 +13,11 @@
 //! of the rows (an uneven routing), which run first, each over the whole pool. Products too
 //! small to share run on the calling thread.
 
+use super::packed::{self, Need, Parts};
 use super::{Grouped, MatMul};
-use gemm::Parallelism;
 use half::bf16;
 use rayon::prelude::*;
 use std::any::TypeId;
-use std::cell::RefCell;
 
 /// The element types of the calls: f32 and f64, which the library multiplies as they are,
 /// and bf16, stored as bf16 and multiplied in f32 (see [`via_f32`]).
@@ -28,6 +28,7 @@ pub(super) trait Elem: Copy + Send + Sync + std::ops::AddAssign + 'static {
     /// split contraction can then be summed in it.
     const NATIVE: bool;
     fn to_f32(self) -> f32;
+    fn to_f64(self) -> f64;
     /// Rounded to nearest, ties to even.
     fn from_f32(x: f32) -> Self;
 }
@@ -38,6 +39,9 @@ impl Elem for f32 {
     const NATIVE: bool = true;
     fn to_f32(self) -> f32 {
         self
+    }
+    fn to_f64(self) -> f64 {
+        f64::from(self)
     }
     fn from_f32(x: f32) -> f32 {
         x
@@ -51,6 +55,9 @@ impl Elem for f64 {
     fn to_f32(self) -> f32 {
         self as f32
     }
+    fn to_f64(self) -> f64 {
+        self
+    }
     fn from_f32(x: f32) -> f64 {
         f64::from(x)
     }
@@ -63,6 +70,9 @@ impl Elem for bf16 {
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
     }
+    fn to_f64(self) -> f64 {
+        bf16::to_f64(self)
+    }
     fn from_f32(x: f32) -> bf16 {
         bf16::from_f32(x)
     }
@@ -70,10 +80,10 @@ impl Elem for bf16 {
 
 /// A read-only matrix operand: its base and its row and column strides, in elements.
 #[derive(Clone, Copy)]
-struct Operand<T> {
-    ptr: *const T,
-    rs: isize,
-    cs: isize,
+pub(super) struct Operand<T> {
+    pub ptr: *const T,
+    pub rs: isize,
+    pub cs: isize,
 }
 
 impl<T> Operand<T> {
@@ -158,12 +168,12 @@ impl<T> Shared<T> {
     }
 }
 
-/// Multiply-adds below which a call runs on the calling thread, not in the pool: the `gemm`
-/// crate's own threading threshold, under which it would use one thread anyway, so handing
-/// the work to the pool would only add a wake-up.
+/// Multiply-adds below which a call runs on the calling thread, not in the pool: handing so
+/// little work to the pool would cost more in wake-ups than it saves (the `gemm` crate's own
+/// threading threshold).
 const INLINE_WORK: usize = 48 * 48 * 256;
 
-/// Runs `f` in `pool`, or on the calling thread (one thread's parallelism) for `work`
+/// Runs `f` in `pool`, or on the calling thread (`f(false)`: one thread) for `work`
 /// multiply-adds below [`INLINE_WORK`].
 fn on_pool(pool: &rayon::ThreadPool, work: usize, f: impl FnOnce(bool) + Send) {
     if work < INLINE_WORK {
@@ -173,21 +183,13 @@ fn on_pool(pool: &rayon::ThreadPool, work: usize, f: impl FnOnce(bool) + Send) {
     }
 }
 
-/// The parallelism for one GEMM on the current pool.
-fn parallelism() -> Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => Parallelism::None,
-        n => Parallelism::Rayon(n),
-    }
-}
-
 /// A row-major output: its base, its row stride in elements, and whether the product is
 /// added to what it holds.
 #[derive(Clone, Copy)]
-struct Dst<T> {
-    ptr: *mut T,
-    rs: isize,
-    accumulate: bool,
+pub(super) struct Dst<T> {
+    pub ptr: *mut T,
+    pub rs: isize,
+    pub accumulate: bool,
 }
 
 impl<T> Dst<T> {
@@ -210,18 +212,21 @@ impl<T> Dst<T> {
 }
 
 /// `dst [m, n] = lhs [m, k] @ rhs [k, n]` (or `+=` when it accumulates); with `k == 0` dst is
-/// zeroed (or left as it is). Operands of one type the library multiplies (f32, f64) go to it
-/// as they are; any bf16 takes [`via_f32`].
+/// zeroed (or left as it is). f32 and f64 results are multiplied in their type by the packed
+/// loop nest, a bf16 operand converted as it is packed; a bf16 result takes [`via_f32`].
+/// Over the current pool when `parallel`.
 ///
 /// # Safety
 /// The operands cover [m, k] and [k, n] readable elements at their strides, `dst` [m, n]
-/// writable ones at its row stride (at least n) that overlap neither.
+/// writable ones at its row stride (at least n) that overlap neither; `parts` has room for
+/// [`Need::product`] of these sizes; f64 is never mixed with another type.
 unsafe fn product<A: Elem, B: Elem, C: Elem>(
     (m, k, n): (usize, usize, usize),
     lhs: Operand<A>,
     rhs: Operand<B>,
     dst: Dst<C>,
-    par: Parallelism,
+    parallel: bool,
+    parts: Parts,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -238,82 +243,22 @@ unsafe fn product<A: Elem, B: Elem, C: Elem>(
         }
         return;
     }
-    let same = TypeId::of::<A>() == TypeId::of::<C>() && TypeId::of::<B>() == TypeId::of::<C>();
-    if !(same && C::NATIVE) {
-        // SAFETY: the caller's contract.
-        unsafe { via_f32((m, k, n), lhs, rhs, dst, par) };
-        return;
-    }
-    // SAFETY: A, B and C are one type (checked above), so the casts change nothing; the
-    // caller's contract; with `read_dst` the library computes dst = alpha * dst + beta * lhs
-    // @ rhs, without it dst = beta * lhs @ rhs (alpha unused).
+    // SAFETY: the caller's contract; the casts are to C's own type.
     unsafe {
         if TypeId::of::<C>() == TypeId::of::<f32>() {
-            native::<f32>((m, k, n), lhs.cast(), rhs.cast(), dst.cast(), par);
+            packed::product::<A, B, f32>((m, k, n), lhs, rhs, dst.cast(), parallel, parts);
+        } else if TypeId::of::<C>() == TypeId::of::<f64>() {
+            packed::product::<A, B, f64>((m, k, n), lhs, rhs, dst.cast(), parallel, parts);
         } else {
-            native::<f64>((m, k, n), lhs.cast(), rhs.cast(), dst.cast(), par);
+            via_f32((m, k, n), lhs, rhs, dst, parallel, parts);
         }
     }
 }
 
-/// The library's own product over f32 or f64.
-///
-/// # Safety
-/// As for [`product`], with k > 0.
-unsafe fn native<T: Elem>(
-    (m, k, n): (usize, usize, usize),
-    lhs: Operand<T>,
-    rhs: Operand<T>,
-    dst: Dst<T>,
-    par: Parallelism,
-) {
-    // SAFETY: the caller's contract.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.ptr,
-            1,
-            dst.rs,
-            dst.accumulate,
-            lhs.ptr,
-            lhs.cs,
-            lhs.rs,
-            rhs.ptr,
-            rhs.cs,
-            rhs.rs,
-            T::ONE,
-            T::ONE,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-}
-
-/// Rows and columns of an output tile of [`via_f32`], and the contraction's block: the f32
-/// scratch is a [TILE, TILE] tile of dst and [TILE, DEPTH] and [DEPTH, TILE] blocks of the
-/// operands (20 MiB a thread). A contraction of at most DEPTH (the models' hidden sizes) is
-/// one block, so a band of lhs rows is converted once for all its tiles and each rhs element
-/// once per band. Measured inside a training step on the bf16 LM head `[441, 512] @ [512,
-/// 151936]` (2 threads, AVX2): 74-81 GFLOP/s with blocks of 256 (lhs converted again for
-/// every tile), 88-105 this way, against 115-128 for the same product in f32.
-const TILE: usize = 1024;
-const DEPTH: usize = 2048;
-
-thread_local! {
-    /// Each thread's f32 scratch for [`via_f32`], kept between calls.
-    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// A product with bf16 operands or result, in f32: the library's f32 kernels on f32 copies
-/// of operand blocks, accumulating in f32 over the whole contraction, each result rounded
-/// once to dst's type. bf16 storage with f32 accumulation, as PyTorch's CPU bf16 matmul; this
-/// CPU has no bf16 multiply instructions (no AVX-512 BF16), and the conversion costs one pass
-/// over each operand block per tile. f32 operands are read in place; a block keeps its
-/// operand's layout (row- or column-major) so the copy reads contiguously.
+/// A product into bf16 (or another type the kernels do not multiply): each tile of dst is
+/// computed in the f32 tile of the thread's workspace slot, accumulating in f32 over the
+/// whole contraction, and rounded once to dst's type. bf16 storage with f32 accumulation, as
+/// PyTorch's CPU bf16 matmul; this CPU has no bf16 multiply instructions (no AVX-512 BF16).
 ///
 /// # Safety
 /// As for [`product`], with k > 0.
@@ -322,139 +267,83 @@ unsafe fn via_f32<A: Elem, B: Elem, C: Elem>(
     lhs: Operand<A>,
     rhs: Operand<B>,
     dst: Dst<C>,
-    par: Parallelism,
+    parallel: bool,
+    parts: Parts,
 ) {
-    let direct_dst = TypeId::of::<C>() == TypeId::of::<f32>();
-    let run = |scratch: &mut Vec<f32>| {
-        let need = TILE * TILE + 2 * TILE * DEPTH;
-        if scratch.len() < need {
-            scratch.resize(need, 0.0);
-        }
-        let (ct, rest) = scratch.split_at_mut(TILE * TILE);
-        let (at, bt) = rest.split_at_mut(TILE * DEPTH);
-        for i0 in (0..m).step_by(TILE) {
-            let mt = TILE.min(m - i0);
-            // One block deep: the band's lhs block, converted once for all its tiles.
-            // SAFETY: the block is inside lhs.
-            let band = (k <= DEPTH).then(|| unsafe { f32_block(lhs.at(i0, 0), (mt, k), at) });
-            for j0 in (0..n).step_by(TILE) {
-                let nt = TILE.min(n - j0);
-                // SAFETY: the tile is inside dst.
-                let dtile = unsafe { dst.ptr.offset(i0 as isize * dst.rs + j0 as isize) };
-                let out = if direct_dst {
-                    Dst {
-                        ptr: dtile.cast::<f32>(),
-                        rs: dst.rs,
-                        accumulate: dst.accumulate,
-                    }
-                } else {
-                    if dst.accumulate {
-                        for i in 0..mt {
-                            // SAFETY: row i of the tile holds nt readable elements.
-                            let row = unsafe {
-                                std::slice::from_raw_parts(dtile.offset(i as isize * dst.rs), nt)
-                            };
-                            for (c, x) in ct[i * nt..(i + 1) * nt].iter_mut().zip(row) {
-                                *c = x.to_f32();
-                            }
+    let tile = parts.slot().tile;
+    for i0 in (0..m).step_by(packed::TILE_ROWS) {
+        let mt = packed::TILE_ROWS.min(m - i0);
+        for j0 in (0..n).step_by(packed::TILE_COLS) {
+            let nt = packed::TILE_COLS.min(n - j0);
+            // SAFETY: the tile is inside dst; the slot's tile holds TILE_ROWS x TILE_COLS
+            // f32s, of which this uses [mt, nt] densely; the blocks are inside the operands.
+            unsafe {
+                let dtile = dst.ptr.offset(i0 as isize * dst.rs + j0 as isize);
+                let ct = std::slice::from_raw_parts_mut(tile, mt * nt);
+                if dst.accumulate {
+                    for (i, c) in ct.chunks_exact_mut(nt).enumerate() {
+                        let row = std::slice::from_raw_parts(dtile.offset(i as isize * dst.rs), nt);
+                        for (c, x) in c.iter_mut().zip(row) {
+                            *c = x.to_f32();
                         }
                     }
-                    Dst {
-                        ptr: ct.as_mut_ptr(),
-                        rs: nt as isize,
-                        accumulate: dst.accumulate,
-                    }
-                };
-                for p0 in (0..k).step_by(DEPTH) {
-                    let kt = DEPTH.min(k - p0);
-                    // SAFETY: the blocks are inside the operands.
-                    let (a, b) = unsafe {
-                        (
-                            match band {
-                                Some(a) => a,
-                                None => f32_block(lhs.at(i0, p0), (mt, kt), at),
-                            },
-                            f32_block(rhs.at(p0, j0), (kt, nt), bt),
-                        )
-                    };
-                    let out = Dst {
-                        accumulate: out.accumulate || p0 > 0,
-                        ..out
-                    };
-                    // SAFETY: the blocks are [mt, kt] and [kt, nt], the tile [mt, nt].
-                    unsafe { native::<f32>((mt, kt, nt), a, b, out, par) };
                 }
-                if !direct_dst {
-                    for i in 0..mt {
-                        // SAFETY: row i of the tile holds nt writable elements.
-                        let row = unsafe {
-                            std::slice::from_raw_parts_mut(dtile.offset(i as isize * dst.rs), nt)
-                        };
-                        for (x, c) in row.iter_mut().zip(&ct[i * nt..(i + 1) * nt]) {
-                            *x = C::from_f32(*c);
-                        }
+                let out = Dst {
+                    ptr: tile,
+                    rs: nt as isize,
+                    accumulate: dst.accumulate,
+                };
+                packed::product::<A, B, f32>(
+                    (mt, k, nt),
+                    lhs.at(i0, 0),
+                    rhs.at(0, j0),
+                    out,
+                    parallel,
+                    parts,
+                );
+                for (i, c) in ct.chunks_exact(nt).enumerate() {
+                    let row = std::slice::from_raw_parts_mut(dtile.offset(i as isize * dst.rs), nt);
+                    for (x, c) in row.iter_mut().zip(c) {
+                        *x = C::from_f32(*c);
                     }
                 }
             }
         }
-    };
-    // A thread that waits inside the library's parallel product may run another task that
-    // multiplies bf16 too: it then takes a scratch of its own.
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut scratch) => run(&mut scratch),
-        Err(_) => run(&mut Vec::new()),
-    });
+    }
 }
 
-/// The [rows, cols] block at `src` as f32: `src` itself when it is f32, else copied into
-/// `buf` in its layout (row-major when its columns are adjacent, column-major when its rows
-/// are).
-///
-/// # Safety
-/// `src` covers [rows, cols] readable elements at its strides; `buf` holds rows * cols.
-unsafe fn f32_block<T: Elem>(
-    src: Operand<T>,
-    (rows, cols): (usize, usize),
-    buf: &mut [f32],
-) -> Operand<f32> {
-    if TypeId::of::<T>() == TypeId::of::<f32>() {
-        return src.cast();
-    }
-    let by_rows = src.cs == 1 || src.rs != 1;
-    let (outer, inner, os, is) = if by_rows {
-        (rows, cols, src.rs, src.cs)
+/// What a product of `(m, k, n)` in `C` needs of the workspace: its packed blocks, in the
+/// type it is multiplied in, and the f32 tile of a bf16 result.
+fn product_need<C: Elem>(mkn: (usize, usize, usize)) -> Need {
+    if TypeId::of::<C>() == TypeId::of::<f64>() {
+        Need::product::<f64>(mkn, false)
     } else {
-        (cols, rows, src.cs, src.rs)
-    };
-    for o in 0..outer {
-        let line = &mut buf[o * inner..(o + 1) * inner];
-        // SAFETY: line o of the block holds `inner` elements `is` apart.
-        unsafe {
-            let p = src.ptr.offset(o as isize * os);
-            if is == 1 {
-                let s = std::slice::from_raw_parts(p, inner);
-                for (d, x) in line.iter_mut().zip(s) {
-                    *d = x.to_f32();
-                }
-            } else {
-                for (j, d) in line.iter_mut().enumerate() {
-                    *d = (*p.offset(j as isize * is)).to_f32();
-                }
-            }
-        }
+        Need::product::<f32>(mkn, TypeId::of::<C>() != TypeId::of::<f32>())
     }
-    if by_rows {
-        Operand {
-            ptr: buf.as_ptr(),
-            rs: cols as isize,
-            cs: 1,
-        }
+}
+
+/// Whether a product of `(m, k, n)` over `threads` threads, of types the kernels multiply
+/// (`native`), cuts its contraction ([`split_k`]).
+fn splits_k(native: bool, threads: usize, (m, k, n): (usize, usize, usize)) -> bool {
+    native && threads > 1 && k >= SPLIT_K * m.max(n)
+}
+
+/// The partial results [`split_k`] keeps on `threads` threads, in bytes.
+fn split_k_need(threads: usize, (m, _, n): (usize, usize, usize), size: usize) -> Need {
+    Need {
+        partials: (threads - 1) * m * n * size,
+        ..Need::default()
+    }
+}
+
+/// What a [`MatMul`] needs of the workspace on `threads` threads.
+pub(super) fn matmul_need<T: Elem>(c: &MatMul, threads: usize) -> Need {
+    let mkn = (c.m, c.k, c.n);
+    let need = product_need::<T>(mkn);
+    if splits_k(T::NATIVE, threads, mkn) {
+        need.max(split_k_need(threads, mkn, size_of::<T>()))
     } else {
-        Operand {
-            ptr: buf.as_ptr(),
-            rs: 1,
-            cs: rows as isize,
-        }
+        need
     }
 }
 
@@ -462,39 +351,39 @@ unsafe fn f32_block<T: Elem>(
 ///
 /// # Safety
 /// `a`, `b` and `out` hold `batch` matrices of [m, k], [k, n] and [m, n]; out overlaps
-/// neither input.
+/// neither input; `parts` has room for [`matmul_need`] on `pool`.
 pub(super) unsafe fn matmul<T: Elem>(
     c: &MatMul,
     a: *const T,
     b: *const T,
     out: *mut T,
     pool: &rayon::ThreadPool,
+    parts: Parts,
 ) {
     let &MatMul { batch, m, k, n, .. } = c;
     let threads = pool.current_num_threads();
     let (a, b, out) = (Shared::new(a), Shared::new(b), Shared::new(out));
-    // SAFETY (both arms): matrix `i` of each buffer starts `i` matrices in and the matrices
+    // SAFETY (all arms): matrix `i` of each buffer starts `i` matrices in and the matrices
     // of out are disjoint, so the tasks write disjoint memory.
-    let one = move |i: usize, par| unsafe {
+    let one = move |i: usize, parallel| unsafe {
         product(
             (m, k, n),
             Operand::rows(a.get().add(i * m * k), k),
             Operand::rows(b.get().add(i * k * n), n),
             Dst::rows(out.get().add(i * m * n), n),
-            par,
+            parallel,
+            parts,
         )
     };
     let work = batch.saturating_mul(m).saturating_mul(k).saturating_mul(n);
     on_pool(pool, work, |pooled| {
         if !pooled {
             for i in 0..batch {
-                one(i, Parallelism::None);
+                one(i, false);
             }
         } else if batch > 1 && threads > 1 && (batch % threads == 0 || batch >= 4 * threads) {
-            (0..batch)
-                .into_par_iter()
-                .for_each(|i| one(i, Parallelism::None));
-        } else if T::NATIVE && threads > 1 && k >= SPLIT_K * m.max(n) {
+            (0..batch).into_par_iter().for_each(|i| one(i, false));
+        } else if splits_k(T::NATIVE, threads, (m, k, n)) {
             for i in 0..batch {
                 // SAFETY: as for `one`.
                 unsafe {
@@ -503,12 +392,13 @@ pub(super) unsafe fn matmul<T: Elem>(
                         Operand::rows(a.get().add(i * m * k), k),
                         Operand::rows(b.get().add(i * k * n), n),
                         Dst::rows(out.get().add(i * m * n), n),
+                        parts,
                     )
                 }
             }
         } else {
             for i in 0..batch {
-                one(i, parallelism());
+                one(i, true);
             }
         }
     });
@@ -520,26 +410,26 @@ pub(super) unsafe fn matmul<T: Elem>(
 const SPLIT_K: usize = 4;
 
 /// `dst = lhs @ rhs` (or `+=`) with the contraction cut into one slice per thread of the
-/// current pool, each a single-threaded product into its own partial result, summed at the
-/// end: for a small output over a long contraction, where splitting the output gives each
-/// thread too little of it.
+/// current pool, each a single-threaded product into its own partial result (the first into
+/// dst, the others into the workspace), summed at the end: for a small output over a long
+/// contraction, where splitting the output gives each thread too little of it.
 ///
 /// # Safety
-/// As for [`product`].
+/// As for [`product`], with `parts` holding [`split_k_need`] too.
 unsafe fn split_k<T: Elem>(
     (m, k, n): (usize, usize, usize),
     lhs: Operand<T>,
     rhs: Operand<T>,
     dst: Dst<T>,
+    parts: Parts,
 ) {
-    let parts = rayon::current_num_threads().min(k).max(1);
-    let mut partial = vec![T::ZERO; (parts - 1) * m * n];
+    let threads = rayon::current_num_threads().min(k).max(1);
     let (lhs_ptr, rhs_ptr, dst_ptr) = (Shared::new(lhs.ptr), Shared::new(rhs.ptr), Shared(dst.ptr));
-    let partials = Shared(partial.as_mut_ptr());
-    (0..parts).into_par_iter().for_each(|p| {
-        let (k0, k1) = (p * k / parts, (p + 1) * k / parts);
+    let partials = Shared(parts.partials::<T>());
+    (0..threads).into_par_iter().for_each(|p| {
+        let (k0, k1) = (p * k / threads, (p + 1) * k / threads);
         // SAFETY: columns k0..k1 of lhs and rows k0..k1 of rhs are within the operands; part
-        // 0 writes dst, part p > 0 the p-th of the (parts - 1) dense partial results.
+        // 0 writes dst, part p > 0 the p-th of the (threads - 1) dense partial results.
         unsafe {
             let out = if p == 0 {
                 Dst {
@@ -560,35 +450,52 @@ unsafe fn split_k<T: Elem>(
                     ..rhs
                 },
                 out,
-                Parallelism::None,
+                false,
+                parts,
             );
         }
     });
-    let partial = &partial;
     (0..m).into_par_iter().for_each(|i| {
         // SAFETY: row i of dst holds n elements, written above; the rows are disjoint (a row
-        // stride of at least n), so each task has its own.
-        let row =
-            unsafe { std::slice::from_raw_parts_mut(dst_ptr.get().offset(i as isize * dst.rs), n) };
-        for part in partial.chunks_exact(m * n) {
-            for (x, y) in row.iter_mut().zip(&part[i * n..(i + 1) * n]) {
-                *x += *y;
+        // stride of at least n), so each task has its own; the partials hold (threads - 1)
+        // dense [m, n] results, written above.
+        unsafe {
+            let row = std::slice::from_raw_parts_mut(dst_ptr.get().offset(i as isize * dst.rs), n);
+            for p in 1..threads {
+                let part =
+                    std::slice::from_raw_parts(partials.get().add((p - 1) * m * n + i * n), n);
+                for (x, y) in row.iter_mut().zip(part) {
+                    *x += *y;
+                }
             }
         }
     });
 }
 
+/// What a [`super::Gemm`] of types A, B, C needs of the workspace on `threads` threads.
+pub(super) fn strided_need<A: Elem, B: Elem, C: Elem>(c: &super::Gemm, threads: usize) -> Need {
+    let mkn = (c.m, c.k, c.n);
+    let need = product_need::<C>(mkn);
+    let same = TypeId::of::<A>() == TypeId::of::<C>() && TypeId::of::<B>() == TypeId::of::<C>();
+    if splits_k(same && C::NATIVE, threads, mkn) {
+        need.max(split_k_need(threads, mkn, size_of::<C>()))
+    } else {
+        need
+    }
+}
+
 /// A [`super::Gemm`]: one product over views of its buffers, split over the pool as a
-/// single matmul is (by the library, or along a long contraction when the three types are
-/// one the library multiplies).
+/// single matmul is (by its output, or along a long contraction when the three types are
+/// one the kernels multiply).
 ///
 /// # Safety
 /// The buffers hold the call's `lens` elements of A, B and C, its views checked inside them;
-/// dst overlaps neither input.
+/// dst overlaps neither input; `parts` has room for [`strided_need`] on `pool`.
 pub(super) unsafe fn strided<A: Elem, B: Elem, C: Elem>(
     c: &super::Gemm,
     [lhs, rhs, dst]: [*mut u8; 3],
     pool: &rayon::ThreadPool,
+    parts: Parts,
 ) {
     let (m, k, n) = (c.m, c.k, c.n);
     if m == 0 || n == 0 {
@@ -628,12 +535,10 @@ pub(super) unsafe fn strided<A: Elem, B: Elem, C: Elem>(
         );
         // SAFETY: the caller's contract; with `same`, A and B are C.
         unsafe {
-            if pooled && same && C::NATIVE && threads > 1 && k >= SPLIT_K * m.max(n) {
-                split_k::<C>((m, k, n), lhs.cast(), rhs.cast(), dst);
-            } else if pooled {
-                product((m, k, n), lhs, rhs, dst, parallelism());
+            if pooled && splits_k(same && C::NATIVE, threads, (m, k, n)) {
+                split_k::<C>((m, k, n), lhs.cast(), rhs.cast(), dst, parts);
             } else {
-                product((m, k, n), lhs, rhs, dst, Parallelism::None);
+                product((m, k, n), lhs, rhs, dst, pooled, parts);
             }
         }
     });
@@ -644,52 +549,70 @@ fn work(c: &Grouped) -> usize {
     c.rows.saturating_mul(c.inner).saturating_mul(c.cols)
 }
 
-/// Runs `f(e, lo, hi, parallelism)` for every expert `e` with rows `lo..hi`: in the pool
-/// (`pooled`), an expert with more than one thread's share of the rows runs over the whole
-/// pool, one after the other, and the others are spread one expert per task (measured faster
-/// than splitting each expert's GEMM over the threads: 32 experts of 256 rows, 1.1-1.3x);
-/// otherwise all run on the calling thread.
+/// What a grouped matmul (its gradient when `grad`) needs of the workspace: an expert may
+/// have every row.
+pub(super) fn grouped_need<T: Elem>(c: &Grouped, grad: bool) -> Need {
+    let (r, a, n) = (c.rows, c.inner, c.cols);
+    if grad {
+        product_need::<T>((r, n, a)).max(product_need::<T>((a, r, n)))
+    } else {
+        product_need::<T>((r, a, n))
+    }
+}
+
+/// Runs `f(e, lo, hi, parallel)` for every expert `e` with rows `lo..hi` (from the checked
+/// `offsets`): in the pool (`pooled`), an expert with more than one thread's share of the
+/// rows runs over the whole pool, one after the other, and the others are spread one expert
+/// per task (measured faster than splitting each expert's GEMM over the threads: 32 experts
+/// of 256 rows, 1.1-1.3x); otherwise all run on the calling thread.
 fn for_experts(
-    groups: &[(usize, usize)],
+    offsets: &[i64],
     rows: usize,
     pooled: bool,
-    f: impl Fn(usize, usize, usize, Parallelism) + Sync,
+    f: impl Fn(usize, usize, usize, bool) + Sync,
 ) {
+    let group = |e: usize| (offsets[e] as usize, offsets[e + 1] as usize);
+    let experts = offsets.len().saturating_sub(1);
     let threads = rayon::current_num_threads();
     if !pooled || threads <= 1 {
-        for (e, &(lo, hi)) in groups.iter().enumerate() {
-            f(e, lo, hi, Parallelism::None);
+        for e in 0..experts {
+            let (lo, hi) = group(e);
+            f(e, lo, hi, false);
         }
         return;
     }
-    let big = |&(lo, hi): &(usize, usize)| (hi - lo) * threads > rows;
-    for (e, g) in groups.iter().enumerate().filter(|(_, g)| big(g)) {
-        f(e, g.0, g.1, parallelism());
+    let big = |(lo, hi): (usize, usize)| (hi - lo) * threads > rows;
+    for e in (0..experts).filter(|&e| big(group(e))) {
+        let (lo, hi) = group(e);
+        f(e, lo, hi, true);
     }
-    groups
-        .par_iter()
-        .enumerate()
-        .filter(|(_, g)| !big(g))
-        .for_each(|(e, &(lo, hi))| f(e, lo, hi, Parallelism::None));
+    (0..experts)
+        .into_par_iter()
+        .filter(|&e| !big(group(e)))
+        .for_each(|e| {
+            let (lo, hi) = group(e);
+            f(e, lo, hi, false)
+        });
 }
 
-/// A grouped matmul over the checked row ranges `groups`.
+/// A grouped matmul over the checked `offsets`.
 ///
 /// # Safety
 /// xs [rows, inner], w [experts, inner, cols] and out [rows, cols] as [`Grouped`] says, with
-/// `groups` consecutive ranges within the rows; out overlaps neither input.
+/// `offsets` splitting the rows into consecutive ranges; out overlaps neither input; `parts`
+/// has room for [`grouped_need`] on `pool`.
 pub(super) unsafe fn grouped<T: Elem>(
     c: &Grouped,
-    groups: &[(usize, usize)],
-    xs: *const T,
-    w: *const T,
+    offsets: &[i64],
+    [xs, w]: [*const T; 2],
     out: *mut T,
     pool: &rayon::ThreadPool,
+    parts: Parts,
 ) {
     let (a, n) = (c.inner, c.cols);
     let (xs, w, out) = (Shared::new(xs), Shared::new(w), Shared::new(out));
     on_pool(pool, work(c), |pooled| {
-        for_experts(groups, c.rows, pooled, |e, lo, hi, par| {
+        for_experts(offsets, c.rows, pooled, |e, lo, hi, parallel| {
             // SAFETY: rows lo..hi are within xs and out, expert e within w; the experts'
             // rows of out are disjoint.
             unsafe {
@@ -698,7 +621,8 @@ pub(super) unsafe fn grouped<T: Elem>(
                     Operand::rows(xs.get().add(lo * a), a),
                     Operand::rows(w.get().add(e * a * n), n),
                     Dst::rows(out.get().add(lo * n), n),
-                    par,
+                    parallel,
+                    parts,
                 );
             }
         })
@@ -710,20 +634,22 @@ pub(super) unsafe fn grouped<T: Elem>(
 ///
 /// # Safety
 /// `[xs, w, dy]` and `[dxs, dw]` as [`Grouped`] says (dy and dxs like the rows of the
-/// output and of xs, dw like w), `groups` consecutive ranges within the rows; the outputs
-/// overlap each other and the inputs nowhere.
+/// output and of xs, dw like w), `offsets` splitting the rows into consecutive ranges; the
+/// outputs overlap each other and the inputs nowhere; `parts` has room for [`grouped_need`]
+/// of the gradient on `pool`.
 pub(super) unsafe fn grouped_grad<T: Elem>(
     c: &Grouped,
-    groups: &[(usize, usize)],
+    offsets: &[i64],
     [xs, w, dy]: [*const T; 3],
     [dxs, dw]: [*mut T; 2],
     pool: &rayon::ThreadPool,
+    parts: Parts,
 ) {
     let (a, n) = (c.inner, c.cols);
     let [xs, w, dy] = [xs, w, dy].map(Shared::new);
     let [dxs, dw] = [dxs, dw].map(Shared);
     on_pool(pool, 2 * work(c), |pooled| {
-        for_experts(groups, c.rows, pooled, |e, lo, hi, par| {
+        for_experts(offsets, c.rows, pooled, |e, lo, hi, parallel| {
             let r = hi - lo;
             // SAFETY: rows lo..hi are within xs, dy and dxs, expert e within w and dw, and
             // the experts' parts of dxs and dw are disjoint; an expert without rows gets
@@ -735,14 +661,16 @@ pub(super) unsafe fn grouped_grad<T: Elem>(
                     dy_e,
                     Operand::transposed(w.get().add(e * a * n), n),
                     Dst::rows(dxs.get().add(lo * a), a),
-                    par,
+                    parallel,
+                    parts,
                 );
                 product(
                     (a, r, n),
                     Operand::transposed(xs.get().add(lo * a), a),
                     dy_e,
                     Dst::rows(dw.get().add(e * a * n), n),
-                    par,
+                    parallel,
+                    parts,
                 );
             }
         })

@@ -8,6 +8,10 @@
 //! [`LibraryCall::execute`].
 
 mod gemm;
+mod packed;
+
+use packed::Need;
+pub use packed::Workspace;
 
 use std::fmt;
 
@@ -209,6 +213,12 @@ pub enum LibraryError {
     Buffers { expected: usize, got: usize },
     #[error("gemm: its {what} {msg}")]
     View { what: &'static str, msg: String },
+    #[error("the call needs a workspace of {need} bytes on {threads} threads, but it has {have}")]
+    Workspace {
+        need: usize,
+        have: usize,
+        threads: usize,
+    },
     #[error("grouped matmul over {rows} rows: offsets {offsets:?} {why}")]
     Offsets {
         rows: usize,
@@ -412,8 +422,46 @@ impl LibraryCall {
         }
     }
 
+    /// What the call needs of the workspace on `threads` threads.
+    fn need(&self, threads: usize) -> Need {
+        match self {
+            LibraryCall::MatMul(c) => match c.dtype {
+                Float::F32 => gemm::matmul_need::<f32>(c, threads),
+                Float::F64 => gemm::matmul_need::<f64>(c, threads),
+                Float::BF16 => gemm::matmul_need::<bf16>(c, threads),
+            },
+            LibraryCall::Gemm(c) => {
+                use Float::{BF16 as H, F32 as S, F64 as D};
+                match c.dtypes {
+                    [S, S, S] => gemm::strided_need::<f32, f32, f32>(c, threads),
+                    [D, D, D] => gemm::strided_need::<f64, f64, f64>(c, threads),
+                    // Mixed or bf16 types: never a split contraction; the result's type
+                    // decides the rest.
+                    [_, _, S] => gemm::strided_need::<bf16, f32, f32>(c, threads),
+                    [_, _, H] => gemm::strided_need::<f32, f32, bf16>(c, threads),
+                    [_, _, D] => gemm::strided_need::<f64, f64, f64>(c, threads),
+                }
+            }
+            LibraryCall::GroupedMatMul(c) | LibraryCall::GroupedMatMulGrad(c) => {
+                let grad = matches!(self, LibraryCall::GroupedMatMulGrad(_));
+                match c.dtype {
+                    Float::F32 => gemm::grouped_need::<f32>(c, grad),
+                    Float::F64 => gemm::grouped_need::<f64>(c, grad),
+                    Float::BF16 => gemm::grouped_need::<bf16>(c, grad),
+                }
+            }
+        }
+    }
+
+    /// The bytes of workspace the call packs its operands into on a pool of `threads`: a
+    /// runner allocates the largest over its calls once, so that no call allocates.
+    pub fn workspace_bytes(&self, threads: usize) -> usize {
+        self.need(threads).bytes(threads)
+    }
+
     /// Runs the call on `buffers` (inputs in operand order, then outputs), spreading the work
-    /// over `pool`. Outputs are overwritten whatever they hold (an accumulating [`Gemm`] adds
+    /// over `pool` and packing its operands into `workspace` (refused when that is smaller
+    /// than [`LibraryCall::workspace_bytes`] for the pool). Outputs are overwritten whatever they hold (an accumulating [`Gemm`] adds
     /// to its dst). A [`Gemm`] whose views do not fit is refused. Offsets that do not split the
     /// rows into consecutive groups (not starting at 0, decreasing, or not ending at the row
     /// count) are an error, found before anything is written.
@@ -429,6 +477,7 @@ impl LibraryCall {
     pub unsafe fn execute(
         &self,
         buffers: &[*mut u8],
+        workspace: &mut Workspace,
         pool: &rayon::ThreadPool,
     ) -> Result<(), LibraryError> {
         if buffers.len() != self.buffers() {
@@ -437,19 +486,29 @@ impl LibraryCall {
                 got: buffers.len(),
             });
         }
+        let threads = pool.current_num_threads();
+        let need = self.need(threads);
+        if need.bytes(threads) > workspace.bytes() {
+            return Err(LibraryError::Workspace {
+                need: need.bytes(threads),
+                have: workspace.bytes(),
+                threads,
+            });
+        }
+        let ws = workspace.parts(need, threads);
         let b = buffers;
         // SAFETY: the caller's contract, with the buffer count just checked.
         unsafe {
             match self {
                 LibraryCall::MatMul(c) => match c.dtype {
                     Float::F32 => {
-                        gemm::matmul::<f32>(c, b[0].cast(), b[1].cast(), b[2].cast(), pool)
+                        gemm::matmul::<f32>(c, b[0].cast(), b[1].cast(), b[2].cast(), pool, ws)
                     }
                     Float::F64 => {
-                        gemm::matmul::<f64>(c, b[0].cast(), b[1].cast(), b[2].cast(), pool)
+                        gemm::matmul::<f64>(c, b[0].cast(), b[1].cast(), b[2].cast(), pool, ws)
                     }
                     Float::BF16 => {
-                        gemm::matmul::<bf16>(c, b[0].cast(), b[1].cast(), b[2].cast(), pool)
+                        gemm::matmul::<bf16>(c, b[0].cast(), b[1].cast(), b[2].cast(), pool, ws)
                     }
                 },
                 LibraryCall::Gemm(c) => {
@@ -457,58 +516,76 @@ impl LibraryCall {
                     let b = [b[0], b[1], b[2]];
                     use Float::{BF16 as H, F32 as S, F64 as D};
                     match c.dtypes {
-                        [D, D, D] => gemm::strided::<f64, f64, f64>(c, b, pool),
-                        [S, S, S] => gemm::strided::<f32, f32, f32>(c, b, pool),
-                        [S, S, H] => gemm::strided::<f32, f32, bf16>(c, b, pool),
-                        [S, H, S] => gemm::strided::<f32, bf16, f32>(c, b, pool),
-                        [S, H, H] => gemm::strided::<f32, bf16, bf16>(c, b, pool),
-                        [H, S, S] => gemm::strided::<bf16, f32, f32>(c, b, pool),
-                        [H, S, H] => gemm::strided::<bf16, f32, bf16>(c, b, pool),
-                        [H, H, S] => gemm::strided::<bf16, bf16, f32>(c, b, pool),
-                        [H, H, H] => gemm::strided::<bf16, bf16, bf16>(c, b, pool),
+                        [D, D, D] => gemm::strided::<f64, f64, f64>(c, b, pool, ws),
+                        [S, S, S] => gemm::strided::<f32, f32, f32>(c, b, pool, ws),
+                        [S, S, H] => gemm::strided::<f32, f32, bf16>(c, b, pool, ws),
+                        [S, H, S] => gemm::strided::<f32, bf16, f32>(c, b, pool, ws),
+                        [S, H, H] => gemm::strided::<f32, bf16, bf16>(c, b, pool, ws),
+                        [H, S, S] => gemm::strided::<bf16, f32, f32>(c, b, pool, ws),
+                        [H, S, H] => gemm::strided::<bf16, f32, bf16>(c, b, pool, ws),
+                        [H, H, S] => gemm::strided::<bf16, bf16, f32>(c, b, pool, ws),
+                        [H, H, H] => gemm::strided::<bf16, bf16, bf16>(c, b, pool, ws),
                         // Refused by `check`.
                         _ => unreachable!("f64 mixed with narrower types passed the check"),
                     }
                 }
                 LibraryCall::GroupedMatMul(c) => {
-                    let groups = groups(c, b[2].cast())?;
+                    let off = offsets(c, b[2].cast())?;
                     let (xs, w, out) = (b[0], b[1], b[3]);
                     match c.dtype {
-                        Float::F32 => {
-                            gemm::grouped::<f32>(c, &groups, xs.cast(), w.cast(), out.cast(), pool)
-                        }
-                        Float::F64 => {
-                            gemm::grouped::<f64>(c, &groups, xs.cast(), w.cast(), out.cast(), pool)
-                        }
-                        Float::BF16 => {
-                            gemm::grouped::<bf16>(c, &groups, xs.cast(), w.cast(), out.cast(), pool)
-                        }
+                        Float::F32 => gemm::grouped::<f32>(
+                            c,
+                            off,
+                            [xs.cast(), w.cast()],
+                            out.cast(),
+                            pool,
+                            ws,
+                        ),
+                        Float::F64 => gemm::grouped::<f64>(
+                            c,
+                            off,
+                            [xs.cast(), w.cast()],
+                            out.cast(),
+                            pool,
+                            ws,
+                        ),
+                        Float::BF16 => gemm::grouped::<bf16>(
+                            c,
+                            off,
+                            [xs.cast(), w.cast()],
+                            out.cast(),
+                            pool,
+                            ws,
+                        ),
                     }
                 }
                 LibraryCall::GroupedMatMulGrad(c) => {
-                    let groups = groups(c, b[2].cast())?;
+                    let off = offsets(c, b[2].cast())?;
                     let [xs, w, _, dy, dxs, dw] = [b[0], b[1], b[2], b[3], b[4], b[5]];
                     match c.dtype {
                         Float::F32 => gemm::grouped_grad::<f32>(
                             c,
-                            &groups,
+                            off,
                             [xs.cast(), w.cast(), dy.cast()],
                             [dxs.cast(), dw.cast()],
                             pool,
+                            ws,
                         ),
                         Float::F64 => gemm::grouped_grad::<f64>(
                             c,
-                            &groups,
+                            off,
                             [xs.cast(), w.cast(), dy.cast()],
                             [dxs.cast(), dw.cast()],
                             pool,
+                            ws,
                         ),
                         Float::BF16 => gemm::grouped_grad::<bf16>(
                             c,
-                            &groups,
+                            off,
                             [xs.cast(), w.cast(), dy.cast()],
                             [dxs.cast(), dw.cast()],
                             pool,
+                            ws,
                         ),
                     }
                 }
@@ -518,12 +595,12 @@ impl LibraryCall {
     }
 }
 
-/// The row range of each expert from the `experts + 1` offsets at `offsets`: they must start
-/// at 0, never decrease and end at the row count (the interpreter's rule).
+/// The `experts + 1` offsets at `offsets`, checked: they must start at 0, never decrease and
+/// end at the row count (the interpreter's rule), so expert e has rows `off[e]..off[e + 1]`.
 ///
 /// # Safety
-/// `offsets` points to `c.experts + 1` readable i64s.
-unsafe fn groups(c: &Grouped, offsets: *const i64) -> Result<Vec<(usize, usize)>, LibraryError> {
+/// `offsets` points to `c.experts + 1` readable i64s, unchanged while the slice lives.
+unsafe fn offsets<'a>(c: &Grouped, offsets: *const i64) -> Result<&'a [i64], LibraryError> {
     // SAFETY: the caller's contract.
     let off = unsafe { std::slice::from_raw_parts(offsets, c.experts + 1) };
     let err = |why| LibraryError::Offsets {
@@ -540,10 +617,7 @@ unsafe fn groups(c: &Grouped, offsets: *const i64) -> Result<Vec<(usize, usize)>
     if off[c.experts] != c.rows as i64 {
         return Err(err("do not end at the row count"));
     }
-    Ok(off
-        .windows(2)
-        .map(|w| (w[0] as usize, w[1] as usize))
-        .collect())
+    Ok(off)
 }
 
 impl fmt::Display for View {

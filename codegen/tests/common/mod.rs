@@ -7,6 +7,7 @@
 
 use mmc_codegen::cpu::{build_library, CpuTarget};
 use mmc_codegen::kernel::GeneratedKernel;
+use mmc_codegen::library::Workspace;
 use mmc_codegen::native::{KernelLibrary, NativeError};
 use mmc_codegen::ops::{lower_node, Arg, Lowered, Work};
 use mmc_ir::{DType, Graph, Interpreter, Op, Precision, ScopeId, Stage, Tensor, TensorData};
@@ -187,8 +188,11 @@ pub fn run_compiled(g: &Graph, inputs: &[Tensor], threads: usize) -> Result<Run,
                 unsafe { lib.launch(next_kernel, &ptrs, &pool) }?;
                 next_kernel += 1;
             }
-            Work::Library(call) => unsafe { call.execute(&ptrs, &pool) }
-                .map_err(|e| NativeError::Library(e.to_string()))?,
+            Work::Library(call) => {
+                let mut ws = Workspace::new(call.workspace_bytes(threads)).expect("a workspace");
+                unsafe { call.execute(&ptrs, &mut ws, &pool) }
+                    .map_err(|e| NativeError::Library(e.to_string()))?
+            }
         }
     }
     Ok(Run {

@@ -130,11 +130,28 @@ pub fn compiled(p: &Program, dir: &std::path::Path, threads: usize) -> CompiledR
         .map(|o| o.name.as_str())
         .collect();
     assert_eq!(in_place, vec!["w_new", "m_new"], "{:?}", cp.outputs);
-    let so = dir.join("k.so");
+    load(&c, cp, dir, threads)
+}
+
+/// Compiles any program and loads it on `threads` threads.
+pub fn compiled_any(p: &Program, dir: &std::path::Path, threads: usize) -> CompiledRunner {
+    let mut c = Compiler::default();
+    let cp = c.program(p).expect("compiles");
+    load(&c, cp, dir, threads)
+}
+
+/// Builds the kernels of `c` into a library in `dir` and loads `cp` over it.
+fn load(
+    c: &Compiler,
+    cp: mmc_codegen::compiled::CompiledProgram,
+    dir: &std::path::Path,
+    threads: usize,
+) -> CompiledRunner {
+    let so = dir.join(format!("{}.so", cp.name));
     let hash =
         mmc_codegen::cpu::build_library(&c.kernels, &mmc_codegen::cpu::CpuTarget::host(), &so)
             .expect("builds");
     let entries = c.kernels.iter().map(Into::into).collect();
-    // SAFETY: just built from these programs.
+    // SAFETY: just built from this program.
     unsafe { CompiledRunner::new(&so, &hash, entries, vec![cp], threads) }.expect("loads")
 }
