@@ -553,6 +553,35 @@ fn wrong_buffer_count_is_refused() {
     );
 }
 
+/// A workspace smaller than the call needs (a runner that sized it for fewer threads, or for
+/// another plan) is refused before anything is packed into it.
+#[test]
+fn a_short_workspace_is_refused() {
+    let call = LibraryCall::MatMul(MatMul {
+        dtype: Float::F32,
+        batch: 1,
+        m: 300,
+        k: 200,
+        n: 100,
+    });
+    let need = call.workspace_bytes(2);
+    assert!(need > 0, "a packed product needs a workspace");
+    assert!(need >= call.workspace_bytes(1));
+    let mut bufs = [300 * 200, 200 * 100, 300 * 100].map(|n| Buf::filled(4 * n, 0));
+    let ptrs: Vec<*mut u8> = bufs.iter_mut().map(Buf::ptr).collect();
+    let mut ws = Workspace::new(call.workspace_bytes(1)).expect("a workspace");
+    // SAFETY: the buffers have the call's sizes.
+    let got = unsafe { call.execute(&ptrs, &mut ws, &pool(2)) };
+    assert_eq!(
+        got,
+        Err(LibraryError::Workspace {
+            need,
+            have: call.workspace_bytes(1),
+            threads: 2
+        })
+    );
+}
+
 /// A call is plain data: it survives a round trip through a serialised plan.
 #[test]
 fn calls_serialise() {
