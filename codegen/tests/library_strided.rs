@@ -356,8 +356,9 @@ fn views_outside_their_buffers_are_refused_unwritten() {
 
 #[test]
 fn converted_products_span_several_tiles_and_blocks() {
-    // More rows, columns and contraction than one tile (1024) and block (2048) of the bf16
-    // path, so its tiles, its lhs bands, its blocks and their f32 accumulation all take part;
+    // More rows and columns than one f32 tile (256 x 1024) of the bf16 path and more
+    // contraction than one packed block (512 deep on the CPUs measured), so its tiles, its blocks and
+    // their f32 accumulation all take part;
     // transposed and row-major operands, accumulating and not.
     for (mkn, accumulate) in [((1100, 600, 70), false), ((20, 2100, 1030), true)] {
         let (m, k, n) = mkn;

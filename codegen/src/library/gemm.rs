@@ -258,7 +258,8 @@ unsafe fn product<A: Elem, B: Elem, C: Elem>(
 /// A product into bf16 (or another type the kernels do not multiply): each tile of dst is
 /// computed in the f32 tile of the thread's workspace slot, accumulating in f32 over the
 /// whole contraction, and rounded once to dst's type. bf16 storage with f32 accumulation, as
-/// PyTorch's CPU bf16 matmul; this CPU has no bf16 multiply instructions (no AVX-512 BF16).
+/// PyTorch's CPU bf16 matmul, on any x86 CPU (bf16 multiply instructions, AVX-512 BF16 or
+/// AMX, are not used yet).
 ///
 /// # Safety
 /// As for [`product`], with k > 0.
@@ -322,29 +323,31 @@ fn product_need<C: Elem>(mkn: (usize, usize, usize)) -> Need {
     }
 }
 
-/// Whether a product of `(m, k, n)` over `threads` threads, of types the kernels multiply
-/// (`native`), cuts its contraction ([`split_k`]).
-fn splits_k(native: bool, threads: usize, (m, k, n): (usize, usize, usize)) -> bool {
-    native && threads > 1 && k >= SPLIT_K * m.max(n)
+/// Whether a product of `(m, k, n)` in types A, B, C over `threads` threads cuts its
+/// contraction ([`split_k`]): only when the three types are one the kernels multiply.
+fn splits_k<A: Elem, B: Elem, C: Elem>(threads: usize, (m, k, n): (usize, usize, usize)) -> bool {
+    let same = TypeId::of::<A>() == TypeId::of::<C>() && TypeId::of::<B>() == TypeId::of::<C>();
+    same && C::NATIVE && threads > 1 && k >= SPLIT_K * m.max(n)
 }
 
-/// The partial results [`split_k`] keeps on `threads` threads, in bytes.
-fn split_k_need(threads: usize, (m, _, n): (usize, usize, usize), size: usize) -> Need {
-    Need {
-        partials: (threads - 1) * m * n * size,
-        ..Need::default()
+/// What a product of `(m, k, n)` in types A, B, C needs of the workspace on `threads`
+/// threads: its packed blocks, and the partial results when it cuts its contraction.
+fn call_need<A: Elem, B: Elem, C: Elem>(threads: usize, mkn: (usize, usize, usize)) -> Need {
+    let need = product_need::<C>(mkn);
+    if splits_k::<A, B, C>(threads, mkn) {
+        let (m, _, n) = mkn;
+        need.max(Need {
+            partials: (threads - 1) * m * n * size_of::<C>(),
+            ..Need::default()
+        })
+    } else {
+        need
     }
 }
 
 /// What a [`MatMul`] needs of the workspace on `threads` threads.
 pub(super) fn matmul_need<T: Elem>(c: &MatMul, threads: usize) -> Need {
-    let mkn = (c.m, c.k, c.n);
-    let need = product_need::<T>(mkn);
-    if splits_k(T::NATIVE, threads, mkn) {
-        need.max(split_k_need(threads, mkn, size_of::<T>()))
-    } else {
-        need
-    }
+    call_need::<T, T, T>(threads, (c.m, c.k, c.n))
 }
 
 /// A batched matmul.
@@ -383,7 +386,7 @@ pub(super) unsafe fn matmul<T: Elem>(
             }
         } else if batch > 1 && threads > 1 && (batch % threads == 0 || batch >= 4 * threads) {
             (0..batch).into_par_iter().for_each(|i| one(i, false));
-        } else if splits_k(T::NATIVE, threads, (m, k, n)) {
+        } else if splits_k::<T, T, T>(threads, (m, k, n)) {
             for i in 0..batch {
                 // SAFETY: as for `one`.
                 unsafe {
@@ -415,7 +418,7 @@ const SPLIT_K: usize = 4;
 /// contraction, where splitting the output gives each thread too little of it.
 ///
 /// # Safety
-/// As for [`product`], with `parts` holding [`split_k_need`] too.
+/// As for [`product`], with `parts` holding the partial results of [`call_need`] too.
 unsafe fn split_k<T: Elem>(
     (m, k, n): (usize, usize, usize),
     lhs: Operand<T>,
@@ -474,14 +477,7 @@ unsafe fn split_k<T: Elem>(
 
 /// What a [`super::Gemm`] of types A, B, C needs of the workspace on `threads` threads.
 pub(super) fn strided_need<A: Elem, B: Elem, C: Elem>(c: &super::Gemm, threads: usize) -> Need {
-    let mkn = (c.m, c.k, c.n);
-    let need = product_need::<C>(mkn);
-    let same = TypeId::of::<A>() == TypeId::of::<C>() && TypeId::of::<B>() == TypeId::of::<C>();
-    if splits_k(same && C::NATIVE, threads, mkn) {
-        need.max(split_k_need(threads, mkn, size_of::<C>()))
-    } else {
-        need
-    }
+    call_need::<A, B, C>(threads, (c.m, c.k, c.n))
 }
 
 /// A [`super::Gemm`]: one product over views of its buffers, split over the pool as a
@@ -517,7 +513,6 @@ pub(super) unsafe fn strided<A: Elem, B: Elem, C: Elem>(
     let (lhs_s, rhs_s, dst_s) = (Shared::new(lhs.ptr), Shared::new(rhs.ptr), Shared(dst.ptr));
     let threads = pool.current_num_threads();
     let work = m.saturating_mul(k).saturating_mul(n);
-    let same = TypeId::of::<A>() == TypeId::of::<C>() && TypeId::of::<B>() == TypeId::of::<C>();
     on_pool(pool, work, move |pooled| {
         let (lhs, rhs, dst) = (
             Operand {
@@ -533,9 +528,9 @@ pub(super) unsafe fn strided<A: Elem, B: Elem, C: Elem>(
                 ..dst
             },
         );
-        // SAFETY: the caller's contract; with `same`, A and B are C.
+        // SAFETY: the caller's contract; a split contraction means A and B are C.
         unsafe {
-            if pooled && splits_k(same && C::NATIVE, threads, (m, k, n)) {
+            if pooled && splits_k::<A, B, C>(threads, (m, k, n)) {
                 split_k::<C>((m, k, n), lhs.cast(), rhs.cast(), dst, parts);
             } else {
                 product((m, k, n), lhs, rhs, dst, pooled, parts);

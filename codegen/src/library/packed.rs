@@ -160,8 +160,8 @@ impl Blocking {
     }
 }
 
-/// Bytes of the f32 tile a product into bf16 accumulates in ([`super::gemm`]'s `via_f32`):
-/// [`TILE_ROWS`, `TILE_COLS`].
+/// Rows and columns of the f32 tile a product into bf16 accumulates in ([`super::gemm`]'s
+/// `via_f32`).
 pub(super) const TILE_ROWS: usize = 256;
 pub(super) const TILE_COLS: usize = 1024;
 
